@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs talkingmachines into ./.venv on a fresh machine (Python 3.11, network access to PyPI only).
+#   ./install.sh            the package and its pinned runtime dependencies
+#   ./install.sh --test     plus the test tools
+# Idempotent: re-running only installs what changed.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+want_test=0
+for arg in "$@"; do
+  case "$arg" in
+    --test) want_test=1 ;;
+    -h|--help) sed -n '2,5p' "$0"; exit 0 ;;
+    *) echo "install.sh: unknown option '$arg' (use --test or --help)" >&2; exit 2 ;;
+  esac
+done
+
+PY=${PYTHON:-python3}
+if ! "$PY" -c 'import sys; sys.exit(0 if (3, 11) <= sys.version_info[:2] < (3, 13) else 1)'; then
+  echo "install.sh: Python 3.11 or 3.12 is required ($("$PY" --version 2>&1) found); set PYTHON=/path/to/python3.11" >&2
+  exit 1
+fi
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install --quiet --upgrade pip
+extras=""
+[ "$want_test" = 1 ] && extras="[test]"
+echo "install.sh: installing talkingmachines${extras} and pinned dependencies into .venv (torch is large; a few minutes)"
+.venv/bin/python -m pip install --quiet --progress-bar off -e ".${extras}"
+echo "install.sh: done — $(.venv/bin/python -c 'import torch; print("torch", torch.__version__)')"
