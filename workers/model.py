@@ -1,0 +1,482 @@
+"""The Wan 2.1 DiT (T2V and I2V) with TalkingMachines audio cross-attention, in one file.
+
+Structure and module names follow Wan 2.1's `wan/modules/model.py` exactly (see wan.md §1), so a public
+state dict loads with `load_state_dict` and no renaming: `patch_embedding`, `text_embedding`,
+`time_embedding`, `time_projection`, `blocks.{i}.{modulation, self_attn, norm3, cross_attn, ffn}`, `head`,
+`img_emb` (I2V), plus the audio layers documented in workers/audio.py (`audio_proj`,
+`blocks.{i}.cross_attn.{k_audio, v_audio, norm_k_audio}`).
+
+Differences from the original forward, all needed for streaming and none changing the math:
+- timesteps may be per latent frame (`t` `[B, F]`), the modulation broadcast per frame (causal students);
+- RoPE positions are explicit per token (`frame_positions`, `prefix_frame_positions`);
+- self-attention can take a pre-RoPE key/value prefix (the cached chunks) and return the keys/values of the
+  current tokens (`kv_out`), and can take a boolean mask (the full-sequence reference of sparse attention);
+- text/image cross-attention keys/values can be precomputed once per session (`cross_attention_kv`).
+Modulation, time embedding and head run in float32 whatever the weight dtype, as in Wan.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from proto.model_config import ModelConfig
+from workers.attention import attention
+from workers.audio import AudioConditioning, AudioProjection, frame_local_audio_attention
+from workers.rope import apply_rope, grid_positions, rope_cos_sin
+
+KV = tuple[torch.Tensor, torch.Tensor]
+Rope = tuple[torch.Tensor, torch.Tensor]
+
+
+def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:
+    """Wan's timestep embedding `[N, dim]` (float64, [cos | sin]) of timesteps `t` `[N]` in 0..1000."""
+    half = dim // 2
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    args = t.to(torch.float64)[:, None] * freqs[None, :]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+
+
+def _linear_f32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """`layer(x)` computed in float32 regardless of the layer's dtype (Wan's fp32 autocast regions)."""
+    return F.linear(x.float(), layer.weight.float(), None if layer.bias is None else layer.bias.float())
+
+
+class WanRMSNorm(nn.Module):
+    """RMSNorm over the last dim, computed in float32, times a learned weight `[dim]`."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class WanLayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 (affine or not), result cast back to the input dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).type_as(x)
+
+
+class WanSelfAttention(nn.Module):
+    """Self-attention with RMSNorm on q/k over the full width and 3-D RoPE.
+
+    The core is split so sequence parallelism can wrap it: `project` gives q, k, v `[B, L, H, D]` after the
+    q/k norms and before RoPE (the layout the KV cache stores); `attend` prepends a cached prefix, applies
+    RoPE and calls `workers.attention.attention`.
+    """
+
+    def __init__(self, dim: int, num_heads: int, eps: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = WanRMSNorm(dim, eps)
+        self.norm_k = WanRMSNorm(dim, eps)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x `[B, L, dim]` → q, k, v `[B, L, H, D]` (q, k normed, not rotated)."""
+        b, length, _ = x.shape
+        shape = (b, length, self.num_heads, self.head_dim)
+        q = self.norm_q(self.q(x)).view(shape)
+        k = self.norm_k(self.k(x)).view(shape)
+        v = self.v(x).view(shape)
+        return q, k, v
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        rope_q: Rope,
+        rope_k: Rope,
+        prefix: KV | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Attention of q `[B, Lq, H, D]` over [prefix ; k] (all pre-RoPE) → `[B, Lq, H, D]`.
+
+        rope_q: cos/sin `[Lq, D/2]`; rope_k: cos/sin `[Lp + Lq, D/2]` for the concatenated keys.
+        """
+        if prefix is not None:
+            k = torch.cat([prefix[0], k], dim=1)
+            v = torch.cat([prefix[1], v], dim=1)
+        return attention(apply_rope(q, *rope_q), apply_rope(k, *rope_k), v, mask=mask)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope_q: Rope,
+        rope_k: Rope,
+        prefix: KV | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, KV]:
+        """x `[B, L, dim]` → (output `[B, L, dim]`, pre-RoPE (k, v) `[B, L, H, D]` of x for caching)."""
+        q, k, v = self.project(x)
+        out = self.attend(q, k, v, rope_q, rope_k, prefix, mask)
+        return self.o(out.flatten(2)), (k, v)
+
+
+class WanCrossAttention(nn.Module):
+    """Text cross-attention, plus the I2V image branch (`k_img`, `v_img`, `norm_k_img`) and the audio branch
+    (`k_audio`, `v_audio`, `norm_k_audio`) when configured. Branches have separate softmaxes, summed
+    before `o`.
+    """
+
+    def __init__(
+        self, dim: int, num_heads: int, eps: float, image: bool, audio_token_dim: int | None
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = WanRMSNorm(dim, eps)
+        self.norm_k = WanRMSNorm(dim, eps)
+        self.has_image = image
+        if image:
+            self.k_img = nn.Linear(dim, dim)
+            self.v_img = nn.Linear(dim, dim)
+            self.norm_k_img = WanRMSNorm(dim, eps)
+        self.has_audio = audio_token_dim is not None
+        if audio_token_dim is not None:
+            self.k_audio = nn.Linear(audio_token_dim, dim)
+            self.v_audio = nn.Linear(audio_token_dim, dim)
+            self.norm_k_audio = WanRMSNorm(dim, eps)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.num_heads, self.head_dim))
+
+    def context_kv(self, text: torch.Tensor, image: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Keys/values of the embedded text `[B, Lt, dim]` (and image `[B, Li, dim]`), each `[B, L, H, D]`.
+
+        They depend only on the session's prompt and reference image, so streaming computes them once.
+        """
+        kv = {"k": self._heads(self.norm_k(self.k(text))), "v": self._heads(self.v(text))}
+        if self.has_image:
+            if image is None:
+                raise ValueError("this i2v cross-attention needs CLIP image features (clip_fea), got None")
+            kv["k_img"] = self._heads(self.norm_k_img(self.k_img(image)))
+            kv["v_img"] = self._heads(self.v_img(image))
+        return kv
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        kv: dict[str, torch.Tensor],
+        audio_tokens: torch.Tensor | None = None,
+        face_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x `[B, L, dim]`, kv from `context_kv`; audio_tokens `[B, C, F, N, token_dim]` (L = F·S) and
+        face_mask `[B, C, L]` or None → `[B, L, dim]`."""
+        q = self._heads(self.norm_q(self.q(x)))
+        out = attention(q, kv["k"], kv["v"])
+        if self.has_image:
+            out = out + attention(q, kv["k_img"], kv["v_img"])
+        if audio_tokens is not None:
+            if not self.has_audio:
+                raise ValueError(
+                    "audio conditioning was given but this model has no audio layers (ModelConfig.audio)"
+                )
+            k_audio = self._heads(self.norm_k_audio(self.k_audio(audio_tokens)))
+            v_audio = self._heads(self.v_audio(audio_tokens))
+            out = out + frame_local_audio_attention(q, k_audio, v_audio, face_mask)
+        return self.o(out.flatten(2))
+
+
+class WanAttentionBlock(nn.Module):
+    """Modulated self-attention → cross-attention (norm3, no gate) → modulated FFN (wan.md §1.3)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        dim = config.dim
+        self.norm1 = WanLayerNorm(dim, eps=config.eps, elementwise_affine=False)
+        self.self_attn = WanSelfAttention(dim, config.num_heads, config.eps)
+        self.norm3 = WanLayerNorm(dim, eps=config.eps, elementwise_affine=True)
+        self.cross_attn = WanCrossAttention(
+            dim,
+            config.num_heads,
+            config.eps,
+            image=config.has_image_branch,
+            audio_token_dim=config.audio.token_dim if config.audio is not None else None,
+        )
+        self.norm2 = WanLayerNorm(dim, eps=config.eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(
+            nn.Linear(dim, config.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(config.ffn_dim, dim)
+        )
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        e0: torch.Tensor,
+        rope_q: Rope,
+        rope_k: Rope,
+        cross_kv: dict[str, torch.Tensor],
+        audio_tokens: torch.Tensor | None = None,
+        face_mask: torch.Tensor | None = None,
+        prefix: KV | None = None,
+        mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, KV]:
+        """x `[B, F·S, dim]`, e0 `[B, F, 6, dim]` (float32) → (x, pre-RoPE self-attention (k, v))."""
+        b, length, dim = x.shape
+        frames = e0.shape[1]
+        m = (self.modulation.float()[:, None] + e0).unbind(dim=2)  # 6 × [B, F, dim]
+
+        def modulate(t: torch.Tensor, scale: int, shift: int) -> torch.Tensor:
+            out = (
+                t.float().view(b, frames, length // frames, dim) * (1 + m[scale][:, :, None])
+                + m[shift][:, :, None]
+            )
+            return out.view(b, length, dim).type_as(x)
+
+        def gated(res: torch.Tensor, y: torch.Tensor, gate: int) -> torch.Tensor:
+            g = y.float().view(b, frames, length // frames, dim) * m[gate][:, :, None]
+            return (res.float() + g.view(b, length, dim)).type_as(res)
+
+        y, kv = self.self_attn(modulate(self.norm1(x), 1, 0), rope_q, rope_k, prefix, mask)
+        x = gated(x, y, 2)
+        x = x + self.cross_attn(self.norm3(x), cross_kv, audio_tokens, face_mask)
+        x = gated(x, self.ffn(modulate(self.norm2(x), 4, 3)), 5)
+        return x, kv
+
+
+class Head(nn.Module):
+    """Output head: LayerNorm (no affine), 2-way modulation by the time embedding, Linear(dim → 64)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.norm = WanLayerNorm(config.dim, eps=config.eps, elementwise_affine=False)
+        self.head = nn.Linear(config.dim, config.patch_out_dim)
+        self.modulation = nn.Parameter(torch.randn(1, 2, config.dim) / config.dim**0.5)
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """x `[B, F·S, dim]`, e `[B, F, dim]` (float32) → `[B, F·S, patch_out_dim]` float32."""
+        b, length, dim = x.shape
+        frames = e.shape[1]
+        shift, scale = (self.modulation.float()[:, None] + e[:, :, None]).unbind(dim=2)
+        h = (
+            self.norm(x).float().view(b, frames, length // frames, dim) * (1 + scale[:, :, None])
+            + shift[:, :, None]
+        )
+        return _linear_f32(self.head, h.view(b, length, dim))
+
+
+class MLPProj(nn.Module):
+    """I2V image embedding: LayerNorm → Linear → GELU → Linear → LayerNorm over CLIP features."""
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Sequential(
+            nn.LayerNorm(in_dim),
+            nn.Linear(in_dim, in_dim),
+            nn.GELU(),
+            nn.Linear(in_dim, out_dim),
+            nn.LayerNorm(out_dim),
+        )
+
+    def forward(self, clip_fea: torch.Tensor) -> torch.Tensor:
+        return self.proj(clip_fea)
+
+
+class WanModel(nn.Module):
+    """Wan 2.1 DiT predicting the flow velocity v = ε − x0 for latents `[B, 16, F, H/8, W/8]`.
+
+    Build on the meta device for counting or streamed loading: `with torch.device("meta"): WanModel(cfg)`.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        dim = config.dim
+        self.patch_embedding = nn.Conv3d(
+            config.in_dim, dim, kernel_size=config.patch_size, stride=config.patch_size
+        )
+        self.text_embedding = nn.Sequential(
+            nn.Linear(config.text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim)
+        )
+        self.time_embedding = nn.Sequential(nn.Linear(config.freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.blocks = nn.ModuleList([WanAttentionBlock(config) for _ in range(config.num_layers)])
+        self.head = Head(config)
+        if config.has_image_branch:
+            self.img_emb = MLPProj(config.clip_dim, dim)
+        if config.audio is not None:
+            self.audio_proj = AudioProjection(config.audio)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, zero_head: bool = True, zero_audio: bool = True) -> None:
+        """Wan's initialisation: Xavier-uniform Linear weights with zero biases, N(0, 0.02) text/time MLPs, a
+        zero output head; audio k/v projections zero so a fresh audio path leaves the output unchanged.
+
+        `zero_head=False` / `zero_audio=False` give random (Xavier) head and audio k/v weights, for tests that
+        need a non-trivial output from an untrained model.
+        """
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        nn.init.xavier_uniform_(self.patch_embedding.weight.flatten(1))
+        nn.init.zeros_(self.patch_embedding.bias)
+        for seq in (self.text_embedding, self.time_embedding):
+            for module in seq:
+                if isinstance(module, nn.Linear):
+                    nn.init.normal_(module.weight, std=0.02)
+        if zero_head:
+            nn.init.zeros_(self.head.head.weight)
+        if zero_audio and self.config.audio is not None:
+            for block in self.blocks:
+                for layer in (block.cross_attn.k_audio, block.cross_attn.v_audio):
+                    nn.init.zeros_(layer.weight)
+                    nn.init.zeros_(layer.bias)
+
+    def embed_text(self, context: torch.Tensor) -> torch.Tensor:
+        """umT5 features `[B, Lt ≤ text_len, text_dim]` → zero-padded to text_len → `[B, text_len, dim]`."""
+        _, length, width = context.shape
+        cfg = self.config
+        if width != cfg.text_dim or length > cfg.text_len:
+            raise ValueError(
+                f"text context has shape {tuple(context.shape)}; "
+                f"expected [B, ≤{cfg.text_len}, {cfg.text_dim}] "
+                f"for preset {cfg.name!r}"
+            )
+        padded = F.pad(context, (0, 0, 0, cfg.text_len - length))
+        return self.text_embedding(padded.to(self.text_embedding[0].weight.dtype))
+
+    def cross_attention_kv(
+        self, context: torch.Tensor, clip_fea: torch.Tensor | None = None
+    ) -> list[dict[str, torch.Tensor]]:
+        """Per-block text (and image) cross-attention keys/values, computed once per session.
+
+        context: umT5 features `[B, Lt, text_dim]`; clip_fea: CLIP features `[B, clip_tokens, clip_dim]`
+        (i2v only).
+        """
+        text = self.embed_text(context)
+        image = None
+        if self.config.has_image_branch:
+            if clip_fea is None:
+                raise ValueError(
+                    f"preset {self.config.name!r} is i2v and needs clip_fea [B, 257, 1280]-shaped input"
+                )
+            image = self.img_emb(clip_fea.to(self.img_emb.proj[1].weight.dtype))
+        return [block.cross_attn.context_kv(text, image) for block in self.blocks]
+
+    def time_embed(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """t `[B, F]` → (e `[B, F, dim]`, e0 `[B, F, 6, dim]`), float32."""
+        b, f = t.shape
+        sin = sinusoidal_embedding(self.config.freq_dim, t.reshape(-1)).float()
+        e = _linear_f32(self.time_embedding[2], F.silu(_linear_f32(self.time_embedding[0], sin)))
+        e0 = _linear_f32(self.time_projection[1], F.silu(e))
+        return e.view(b, f, -1), e0.view(b, f, 6, -1)
+
+    def unpatchify(self, out: torch.Tensor, frames: int, height: int, width: int) -> torch.Tensor:
+        """Tokens `[B, F·h·w, pt·ph·pw·C]` (channel fastest) → `[B, C, F·pt, h·ph, w·pw]`."""
+        pt, ph, pw = self.config.patch_size
+        c = self.config.out_dim
+        x = out.view(out.shape[0], frames, height, width, pt, ph, pw, c)
+        x = torch.einsum("bfhwpqrc->bcfphqwr", x)
+        return x.reshape(out.shape[0], c, frames * pt, height * ph, width * pw)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        *,
+        cross_kv: list[dict[str, torch.Tensor]] | None = None,
+        context: torch.Tensor | None = None,
+        clip_fea: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
+        audio: AudioConditioning | None = None,
+        frame_positions: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        prefix_kv: list[KV] | None = None,
+        prefix_frame_positions: torch.Tensor | None = None,
+        kv_out: list[KV] | None = None,
+    ) -> torch.Tensor:
+        """Velocity prediction `[B, 16, F, H, W]` (float32) for noisy latents x `[B, 16, F, H, W]`.
+
+        t: timesteps in [0, 1000], `[B]` (shared) or `[B, F]` (per latent frame).
+        cross_kv: from `cross_attention_kv`; otherwise computed from `context` (+ `clip_fea` for i2v).
+        y: I2V conditioning `[B, 20, F, H, W]` (4 mask + 16 image-latent channels), required for i2v.
+        audio: per-frame audio inputs (needs ModelConfig.audio); None = no audio branch.
+        frame_positions: temporal RoPE positions `[F]` of x's latent frames (default 0..F−1).
+        attn_mask: boolean self-attention mask `[Lq, Lp + Lq]`, True = may attend (sdpa/math backends).
+        prefix_kv / prefix_frame_positions: per block cached pre-RoPE (k, v) `[B, Lp, H, D]` prepended to the
+            keys, and the temporal positions `[Fp]` they take in this call.
+        kv_out: if given, receives each block's pre-RoPE (k, v) `[B, F·h·w, H, D]` of x's tokens, in
+            block order.
+        """
+        cfg = self.config
+        b, _, frames, height, width = x.shape
+        if cfg.has_image_branch:
+            y_shape = (b, cfg.in_dim - cfg.out_dim, frames, height, width)
+            if y is None or y.shape != y_shape:
+                raise ValueError(
+                    f"i2v preset {cfg.name!r} needs y of shape {y_shape}, "
+                    f"got {None if y is None else tuple(y.shape)}"
+                )
+            x = torch.cat([x, y.to(x.dtype)], dim=1)
+        elif y is not None:
+            raise ValueError(f"preset {cfg.name!r} is t2v and takes no y conditioning")
+        if cross_kv is None:
+            if context is None:
+                raise ValueError("WanModel.forward needs cross_kv or context")
+            cross_kv = self.cross_attention_kv(context, clip_fea)
+
+        h = self.patch_embedding(x.to(self.patch_embedding.weight.dtype))
+        grid = h.shape[2:]
+        h = h.flatten(2).transpose(1, 2)
+
+        if t.ndim == 1:
+            t = t[:, None].expand(b, grid[0])
+        if t.shape != (b, grid[0]):
+            raise ValueError(f"timesteps must be [B] or [B, F] = {(b, grid[0])}, got {tuple(t.shape)}")
+        e, e0 = self.time_embed(t)
+
+        if frame_positions is None:
+            frame_positions = torch.arange(grid[0], device=x.device)
+        pos_q = grid_positions(frame_positions, grid[1], grid[2])
+        rope_q = rope_cos_sin(cfg, pos_q)
+        if prefix_kv is not None:
+            if prefix_frame_positions is None or len(prefix_kv) != len(self.blocks):
+                raise ValueError("prefix_kv needs one (k, v) per block and prefix_frame_positions")
+            pos_k = torch.cat([grid_positions(prefix_frame_positions, grid[1], grid[2]), pos_q])
+            rope_k = rope_cos_sin(cfg, pos_k)
+        else:
+            rope_k = rope_q
+
+        audio_tokens = face_mask = None
+        if audio is not None:
+            if cfg.audio is None:
+                raise ValueError(f"preset {cfg.name!r} has no audio layers; pass audio=None")
+            audio_tokens = audio.tokens
+            if audio_tokens is None:
+                audio_tokens = self.audio_proj(audio.features, audio.speaking)
+            face_mask = audio.face_mask
+
+        for i, block in enumerate(self.blocks):
+            prefix = None if prefix_kv is None else prefix_kv[i]
+            h, kv = block(h, e0, rope_q, rope_k, cross_kv[i], audio_tokens, face_mask, prefix, attn_mask)
+            if kv_out is not None:
+                kv_out.append(kv)
+
+        out = self.head(h, e)
+        return self.unpatchify(out, *grid)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Total number of parameter elements (works on the meta device)."""
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,316 @@
+"""Sparse-causal streaming of the DiT: chunk t attends to c_0, c_{t−1} and itself, endlessly, in fixed memory.
+
+API (one engine per model, one `SessionState` per stream):
+
+    engine = StreamingDiT(model, stream_cfg)
+    state = engine.open_session(context, clip_fea)          # text/image cross-attention K/V, computed once
+    x0 = engine.denoise_chunk(state, 0, y=y_chunk, audio=audio_chunk, noise=noise)   # [16, F, h, w]
+    x0 = engine.denoise_chunk(state, 1, ...)                 # chunks must come in order
+    engine.close_session(state)                              # frees the caches
+
+Cache modes (StreamConfig.cache_mode):
+- `per-step`: the chunk's keys/values at denoising step s are kept as KV_s; chunk t at step s attends to
+  KV_s of c_0 and c_{t−1}. The timestep is shared by all chunks, as in training, so this equals a
+  full-sequence forward over every chunk's step-s latents with the sparse block mask. A chunk costs exactly
+  len(steps) forward passes.
+- `clean-context`: every step attends to clean keys/values of c_0 and c_{t−1}; after the last step one
+  extra pass at t = 0 on the predicted x0 writes this chunk's clean keys/values (CausVid / Self-Forcing).
+
+Positions (StreamConfig.position_mode), in latent frames, F = chunk frames, T = training clip frames:
+- `absolute`: chunk t at F·t … F·t + F − 1;
+- `window`: chunk t at min(F·t, T − F) …, i.e. its training-clip position while inside the clip and the
+  clip's last chunk afterwards. c_0 is always at 0 … F − 1 and c_{t−1} right before the current chunk, so the
+  stream never leaves the trained range. Cached keys are un-rotated and get these positions at use.
+
+The full-sequence references the streaming engine must reproduce (the correctness anchor) are here too:
+`sparse_causal_mask`, `clean_context_mask`, `full_sequence_denoise` and `teacher_forced_denoise`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from proto.stream_config import StreamConfig
+from workers.audio import AudioConditioning
+from workers.kv_cache import FIRST, PREVIOUS, ChunkKVCache
+from workers.model import WanModel
+from workers.sampler import denoising_schedule, predict_x0, renoise
+
+
+@dataclass
+class SessionState:
+    """Per-stream state: cross-attention K/V (per block), the self-attention cache, the next chunk index."""
+
+    cross_kv: list[dict[str, torch.Tensor]]
+    cache: ChunkKVCache
+    next_chunk: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of cached tensors held by the session (constant across chunks)."""
+        cross = sum(t.numel() * t.element_size() for kv in self.cross_kv for t in kv.values())
+        return cross + self.cache.nbytes
+
+
+class StreamingDiT:
+    """Runs a `WanModel` chunk by chunk with sparse causal attention and a fixed-size KV cache."""
+
+    def __init__(self, model: WanModel, stream: StreamConfig) -> None:
+        self.model = model
+        self.stream = stream
+        self.timesteps, self.sigmas = denoising_schedule(
+            stream.denoising_steps, stream.timestep_shift, stream.warp_denoising_steps
+        )
+
+    @property
+    def passes_per_chunk(self) -> int:
+        """Forward passes per chunk: len(steps), plus the σ = 0 refresh in clean-context mode."""
+        return len(self.timesteps) + (1 if self.stream.cache_mode == "clean-context" else 0)
+
+    def chunk_positions(self, chunk_index: int) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, ...]]:
+        """(temporal positions `[F]` of chunk `chunk_index`, positions `[k·F]` of its cached context chunks or
+        None, their cache roles)."""
+        f = self.stream.chunk_latent_frames
+        if self.stream.position_mode == "absolute":
+            start = f * chunk_index
+        else:
+            start = min(f * chunk_index, self.stream.train_latent_frames - f)
+        current = torch.arange(start, start + f)
+        if chunk_index == 0:
+            return current, None, ()
+        first = torch.arange(f)
+        if chunk_index == 1:
+            return current, first, (FIRST,)
+        return current, torch.cat([first, torch.arange(start - f, start)]), (FIRST, PREVIOUS)
+
+    def open_session(self, context: torch.Tensor, clip_fea: torch.Tensor | None = None) -> SessionState:
+        """Start a stream. context: umT5 features `[Lt, text_dim]`; clip_fea `[clip_tokens, clip_dim]`."""
+        model = self.model
+        cfg = model.config
+        param = next(model.parameters())
+        with torch.no_grad():
+            cross_kv = model.cross_attention_kv(
+                context[None].to(param.device), None if clip_fea is None else clip_fea[None].to(param.device)
+            )
+        slots = len(self.timesteps) if self.stream.cache_mode == "per-step" else 1
+        cache = ChunkKVCache(
+            num_layers=cfg.num_layers,
+            num_slots=slots,
+            batch=1,
+            tokens=self.stream.tokens_per_chunk,
+            heads=cfg.num_heads,
+            head_dim=cfg.head_dim,
+            dtype=param.dtype,
+            device=param.device,
+        )
+        return SessionState(cross_kv=cross_kv, cache=cache)
+
+    def reset_session(self, state: SessionState) -> None:
+        """Restart at chunk 0 with the same prompt and image (the cache is overwritten in place)."""
+        state.next_chunk = 0
+
+    def close_session(self, state: SessionState) -> None:
+        """Release the session's tensors; the state cannot be used afterwards."""
+        state.cross_kv = []
+        state.cache.k = state.cache.v = torch.empty(0)
+        state.next_chunk = -1
+
+    def _forward(
+        self,
+        state: SessionState,
+        x: torch.Tensor,
+        t: float,
+        slot: int,
+        chunk_index: int,
+        y: torch.Tensor | None,
+        audio: AudioConditioning | None,
+        kv_out: list | None,
+    ) -> torch.Tensor:
+        current, context_pos, roles = self.chunk_positions(chunk_index)
+        prefix = state.cache.prefix(slot, roles) if roles else None
+        return self.model(
+            x[None],
+            torch.tensor([t], device=x.device, dtype=torch.float64),
+            cross_kv=state.cross_kv,
+            y=None if y is None else y[None],
+            audio=audio,
+            frame_positions=current.to(x.device),
+            prefix_kv=prefix,
+            prefix_frame_positions=None if context_pos is None else context_pos.to(x.device),
+            kv_out=kv_out,
+        )[0]
+
+    def _store(self, state: SessionState, slot: int, chunk_index: int, kvs: list) -> None:
+        state.cache.store(slot, PREVIOUS, kvs)
+        if chunk_index == 0:
+            state.cache.store(slot, FIRST, kvs)
+
+    @torch.no_grad()
+    def denoise_chunk(
+        self,
+        state: SessionState,
+        chunk_index: int,
+        *,
+        y: torch.Tensor | None = None,
+        audio: AudioConditioning | None = None,
+        noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Denoise chunk `chunk_index` (must be the session's next chunk) and return its x0 `[16, F, h, w]`.
+
+        y: I2V conditioning of this chunk `[20, F, h, w]` (i2v models).
+        audio: the chunk's audio inputs with batch 1 (features `[1, C, F + window − 1, ...]`, speaking
+            `[1, C, F]`, face_mask `[1, C, F·h·w]`), or None.
+        noise: `[S, 16, F, h, w]`: noise[0] is the initial x_T, noise[s] the fresh ε that re-noises to step s;
+            drawn from `generator` when None.
+        """
+        if chunk_index != state.next_chunk:
+            raise ValueError(
+                f"chunk {chunk_index} requested but the session expects chunk {state.next_chunk}; chunks are "
+                "causal and must be denoised in order (reset_session to restart)"
+            )
+        param = next(self.model.parameters())
+        shape = (len(self.timesteps), *self.stream.latent_chunk_shape)
+        if noise is None:
+            noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(param.device)
+        if tuple(noise.shape) != shape:
+            raise ValueError(f"noise has shape {tuple(noise.shape)}, expected [steps, 16, F, h, w] = {shape}")
+        per_step = self.stream.cache_mode == "per-step"
+        x = noise[0]
+        x0 = x
+        for s, (t, sigma) in enumerate(zip(self.timesteps, self.sigmas, strict=True)):
+            kv_out: list | None = [] if per_step else None
+            v = self._forward(state, x, t, s if per_step else 0, chunk_index, y, audio, kv_out)
+            x0 = predict_x0(x, v.to(x.dtype), sigma)
+            if kv_out is not None:
+                self._store(state, s, chunk_index, kv_out)
+            if s + 1 < len(self.timesteps):
+                x = renoise(x0, self.sigmas[s + 1], noise[s + 1])
+        if not per_step:
+            kv_out = []
+            self._forward(state, x0, 0.0, 0, chunk_index, y, audio, kv_out)
+            self._store(state, 0, chunk_index, kv_out)
+        state.next_chunk += 1
+        return x0
+
+
+def sparse_causal_mask(
+    num_chunks: int, chunk_tokens: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """Boolean `[N·L, N·L]` (True = may attend): chunk i's queries see chunk 0, chunk i − 1 and chunk i."""
+    q = torch.arange(num_chunks, device=device)[:, None]
+    k = torch.arange(num_chunks, device=device)[None, :]
+    chunk_mask = (k == 0) | (k == q - 1) | (k == q)
+    return chunk_mask.repeat_interleave(chunk_tokens, 0).repeat_interleave(chunk_tokens, 1)
+
+
+def clean_context_mask(
+    num_chunks: int, chunk_tokens: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """Teacher-forcing mask `[2·N·L, 2·N·L]` over [clean chunks ; noisy chunks].
+
+    Clean chunk i sees clean chunks 0, i − 1, i (sparse causal); noisy chunk i sees clean chunks 0 and i − 1
+    (for i ≥ 1) and itself — what a clean-context stream's denoising passes see.
+    """
+    sparse = sparse_causal_mask(num_chunks, chunk_tokens, device)
+    q = torch.arange(num_chunks, device=device)[:, None]
+    k = torch.arange(num_chunks, device=device)[None, :]
+    noisy_to_clean = ((k == 0) | (k == q - 1)) & (q > 0)
+    noisy_to_clean = noisy_to_clean.repeat_interleave(chunk_tokens, 0).repeat_interleave(chunk_tokens, 1)
+    eye = torch.eye(num_chunks, dtype=torch.bool, device=device)
+    noisy_to_noisy = eye.repeat_interleave(chunk_tokens, 0).repeat_interleave(chunk_tokens, 1)
+    top = torch.cat([sparse, torch.zeros_like(sparse)], dim=1)
+    bottom = torch.cat([noisy_to_clean, noisy_to_noisy], dim=1)
+    return torch.cat([top, bottom], dim=0)
+
+
+@torch.no_grad()
+def full_sequence_denoise(
+    model: WanModel,
+    stream: StreamConfig,
+    noise: torch.Tensor,
+    cross_kv: list[dict[str, torch.Tensor]],
+    y: torch.Tensor | None = None,
+    audio: AudioConditioning | None = None,
+) -> torch.Tensor:
+    """Reference for `per-step` streaming: the few-step sampler over N whole chunks at once, every step one
+    forward with the sparse block mask and the shared timestep, absolute positions.
+
+    noise `[S, 16, N·F, h, w]` (noise[s] for all chunks, chunk-major), y `[20, N·F, h, w]`, audio with batch 1
+    over N·F frames. Returns x0 `[16, N·F, h, w]`.
+    """
+    timesteps, sigmas = denoising_schedule(
+        stream.denoising_steps, stream.timestep_shift, stream.warp_denoising_steps
+    )
+    frames = noise.shape[2]
+    mask = sparse_causal_mask(frames // stream.chunk_latent_frames, stream.tokens_per_chunk, noise.device)
+    x = noise[0]
+    x0 = x
+    for s, (t, sigma) in enumerate(zip(timesteps, sigmas, strict=True)):
+        v = model(
+            x[None],
+            torch.tensor([t], dtype=torch.float64, device=x.device),
+            cross_kv=cross_kv,
+            y=None if y is None else y[None],
+            audio=audio,
+            attn_mask=mask,
+        )[0]
+        x0 = predict_x0(x, v.to(x.dtype), sigma)
+        if s + 1 < len(timesteps):
+            x = renoise(x0, sigmas[s + 1], noise[s + 1])
+    return x0
+
+
+@torch.no_grad()
+def teacher_forced_denoise(
+    model: WanModel,
+    stream: StreamConfig,
+    noise: torch.Tensor,
+    clean: torch.Tensor,
+    cross_kv: list[dict[str, torch.Tensor]],
+    y: torch.Tensor | None = None,
+    audio: AudioConditioning | None = None,
+) -> torch.Tensor:
+    """Reference for `clean-context` streaming: the sampler over [clean ; noisy] with `clean_context_mask`.
+
+    clean `[16, N·F, h, w]` are the context chunks' x0 at t = 0 (e.g. a stream's outputs); noise as in
+    `full_sequence_denoise`. Both halves take the chunks' absolute positions. Returns the noisy half's x0.
+    """
+    timesteps, sigmas = denoising_schedule(
+        stream.denoising_steps, stream.timestep_shift, stream.warp_denoising_steps
+    )
+    frames = noise.shape[2]
+    mask = clean_context_mask(frames // stream.chunk_latent_frames, stream.tokens_per_chunk, noise.device)
+    positions = torch.arange(frames, device=noise.device).repeat(2)
+    y2 = None if y is None else torch.cat([y, y], dim=1)[None]
+    audio2 = None if audio is None else _duplicate_audio(model, audio)
+    x = noise[0]
+    x0 = x
+    for s, (t, sigma) in enumerate(zip(timesteps, sigmas, strict=True)):
+        per_frame_t = torch.cat(
+            [torch.zeros(frames, dtype=torch.float64), torch.full((frames,), t, dtype=torch.float64)]
+        ).to(x.device)
+        v = model(
+            torch.cat([clean, x], dim=1)[None],
+            per_frame_t[None],
+            cross_kv=cross_kv,
+            y=y2,
+            audio=audio2,
+            frame_positions=positions,
+            attn_mask=mask,
+        )[0]
+        x0 = predict_x0(x, v[:, frames:].to(x.dtype), sigma)
+        if s + 1 < len(timesteps):
+            x = renoise(x0, sigmas[s + 1], noise[s + 1])
+    return x0
+
+
+def _duplicate_audio(model: WanModel, audio: AudioConditioning) -> AudioConditioning:
+    """Audio for [clean ; noisy]: both halves get the same per-frame tokens and face masks."""
+    tokens = audio.tokens
+    if tokens is None:
+        tokens = model.audio_proj(audio.features, audio.speaking)
+    face_mask = None if audio.face_mask is None else torch.cat([audio.face_mask, audio.face_mask], dim=-1)
+    return AudioConditioning(tokens=torch.cat([tokens, tokens], dim=2), face_mask=face_mask)
