@@ -1,0 +1,89 @@
+"""Knowing that a peer rank is gone, fast: bounded waits on collectives and a store-backed heartbeat.
+
+Measured on this machine (torch 2.15, gloo over loopback): a rank blocked in a gloo recv/broadcast whose peer
+process dies gets ``RuntimeError: ... Connection closed by peer`` within about 0.5 s, because the kernel
+closes the dead process's sockets. A peer that is alive but stuck (a hung kernel, a deadlock) is only caught
+by a deadline: ``wait_with_timeout`` turns a gloo ``Work`` into a bounded wait (``Work.wait(timeout)`` is
+honoured by gloo). The heartbeat tells *which* rank stopped, since a broken collective only names a socket
+address, and a dead non-leader worker surfaces on the master as a failure of the leader it was talking to.
+"""
+
+from __future__ import annotations
+
+import datetime
+import threading
+import time
+
+import torch.distributed as dist
+
+_HEARTBEAT_KEY = "tm/heartbeat/{rank}"
+
+
+class PeerError(RuntimeError):
+    """A peer rank died, hung, or broke a collective. The message says what was awaited and from whom."""
+
+
+def wait_with_timeout(work: dist.Work, seconds: float | None, what: str) -> None:
+    """Wait for an async collective; raise ``PeerError`` naming ``what`` if it fails or exceeds ``seconds``.
+
+    ``what`` should name the message and the peer, e.g. ``"ChunkResult header from rank 1 (SP leader)"``.
+    ``seconds=None`` waits without a deadline (idle workers waiting for the next session). On NCCL,
+    ``Work.wait`` does not block the host; bounded waits belong on the gloo ``control`` group.
+    """
+    try:
+        if seconds is None:
+            work.wait()
+        else:
+            work.wait(timeout=datetime.timedelta(seconds=seconds))
+    except RuntimeError as exc:
+        text = str(exc)
+        if "Timed out" in text or "timeout" in text.lower():
+            raise PeerError(f"{what}: nothing arrived within {seconds:g} s; the peer hung or died") from exc
+        raise PeerError(f"{what}: the collective failed, the peer has most likely exited ({text})") from exc
+
+
+class Heartbeat:
+    """A daemon thread that stamps ``time.time()`` for this rank into the world's key-value store.
+
+    Every rank starts one after ``init_process_group``; the master calls ``stale_ranks`` when a wait fails,
+    to name the rank that actually stopped. The store outlives ranks under torchrun/elastic (the agent
+    hosts it) and under plain ``env://`` it lives on rank 0, the master, which is the reader.
+    """
+
+    def __init__(self, store: dist.Store, rank: int, interval_s: float = 0.5) -> None:
+        self._store = store
+        self._rank = rank
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-rank{rank}", daemon=True)
+
+    def start(self) -> Heartbeat:
+        self._store.set(_HEARTBEAT_KEY.format(rank=self._rank), repr(time.time()))
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self._interval_s * 4)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            try:
+                self._store.set(_HEARTBEAT_KEY.format(rank=self._rank), repr(time.time()))
+            except RuntimeError:
+                # The store is gone: the world is shutting down; the main thread reports the real error.
+                return
+
+
+def stale_ranks(store: dist.Store, ranks: list[int] | tuple[int, ...], max_age_s: float) -> list[int]:
+    """The ranks among ``ranks`` whose last heartbeat is older than ``max_age_s`` seconds (or missing)."""
+    now = time.time()
+    stale = []
+    for rank in ranks:
+        key = _HEARTBEAT_KEY.format(rank=rank)
+        if not store.check([key]):
+            stale.append(rank)
+            continue
+        if now - float(store.get(key).decode()) > max_age_s:
+            stale.append(rank)
+    return stale

@@ -1,0 +1,319 @@
+"""Start a serving group on this machine, or join one that an external ``torchrun`` started.
+
+On one machine, ``launch(topology, "package.module:function", args)`` starts ``topology.world_size`` rank
+processes (``python -m server.launcher package.module:function ARGS…``) and supervises them:
+
+- Each rank gets the ``env://`` variables (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``,
+  ``MASTER_ADDR``, ``MASTER_PORT``). The launcher hosts the world's TCPStore itself (as torchrun's agent
+  does, via ``TORCHELASTIC_USE_AGENT_STORE``), so the port is bound before any rank starts and the store —
+  with the ranks' heartbeats — outlives any rank.
+- The launcher watches the children's exit codes every 20 ms. The first rank to fail is the root cause:
+  its rank, role and exit code or signal are printed; the other ranks get ``settle_s`` (1 s) to notice the
+  lost peer and exit by themselves, then SIGTERM, then SIGKILL after ``shutdown_grace_s``, and all are
+  reaped before ``launch`` returns non-zero. A rank whose own failure is
+  only the consequence of a lost peer (exit code ``EXIT_PEER_LOST``) is never named as the root cause when a
+  rank that failed on its own is known.
+- Each rank puts itself in its own session (Ctrl-C reaches the launcher, which stops the ranks in order)
+  and asks the kernel to SIGKILL it if the launcher dies (``PR_SET_PDEATHSIG``), so even a SIGKILL-ed
+  launcher leaves no orphans.
+
+Why not ``torch.distributed.launcher.api.elastic_launch``: it was tried. It tears the world down well, but
+it picks the root cause by whole-second timestamps, so when a killed worker makes its peers fail in the same
+second it can name a healthy rank; its rendezvous also adds about a second of start-up per run.
+
+Multi-node (or any external launcher): run the same CLI under torchrun on every node; ``under_torchrun()``
+is then true and the CLI calls its rank function directly instead of ``launch``. For example, a 4+1 group
+over two nodes (3 ranks on node 0, 2 on node 1)::
+
+    torchrun --nnodes 2 --node-rank 0 --nproc-per-node 3 --rdzv-backend c10d \\
+        --rdzv-endpoint node0.example:29400 --rdzv-id avatar-1 --max-restarts 0 \\
+        -m server.cli run --score-workers 4 --decoder dedicated …
+    torchrun --nnodes 2 --node-rank 1 --nproc-per-node 2 --rdzv-backend c10d \\
+        --rdzv-endpoint node0.example:29400 --rdzv-id avatar-1 --max-restarts 0 \\
+        -m server.cli run --score-workers 4 --decoder dedicated …
+
+``--max-restarts 0``: a serving group holds per-session state (KV caches), so a restarted rank cannot
+rejoin; fail and let the orchestrator replace the group. Global rank 0 (node 0, local rank 0) is the master.
+``--nproc-per-node`` may differ per node; the total must equal ``topology.world_size``.
+
+Inside each rank, ``init_rank(topology)`` initialises torch.distributed and builds the groups;
+``shutdown()`` leaves the world.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import datetime
+import importlib
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from proto.liveness import PeerError
+from proto.topology import ProcessGroups, Topology
+
+# Exit code of a rank that failed because a peer vanished or hung (PeerError, broken gloo pair): a
+# secondary failure, never reported as the root cause while a primary one is known.
+EXIT_PEER_LOST = 75
+
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+_POLL_S = 0.02
+_PR_SET_PDEATHSIG = 1
+_LAUNCHER_PID_ENV = "TM_LAUNCHER_PID"
+_MESSAGE_PREFIX = "talkingmachines"
+
+
+def under_torchrun() -> bool:
+    """True in a rank process of a launched world (torchrun, this launcher, any env:// launcher)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+# ---- the launcher side ----------------------------------------------------------------------------
+
+
+@dataclass
+class _Rank:
+    rank: int
+    proc: subprocess.Popen[bytes]
+    exit_code: int | None = None
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    if code == EXIT_PEER_LOST:
+        return f"exit code {code} (it lost a peer)"
+    return f"exit code {code}"
+
+
+def _check_entry(entry: str) -> None:
+    module, sep, function = entry.partition(":")
+    if not sep or not module or not function:
+        raise ValueError(f"entry {entry!r} must be 'package.module:function'")
+    if importlib.util.find_spec(module) is None:
+        raise ValueError(f"entry {entry!r}: module {module!r} is not importable from {sys.path[0]!r}")
+
+
+def launch(
+    topology: Topology,
+    entry: str,
+    args: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    settle_s: float = 1.0,
+    shutdown_grace_s: float = 3.0,
+) -> int:
+    """Run ``entry(args)`` in ``topology.world_size`` rank processes on this machine; return the exit code.
+
+    ``entry`` is ``"package.module:function"``; the function takes the argument list and returns an exit
+    code (``None`` = 0). ``env`` is added to each rank's environment (``PYTHONPATH`` is prepended, the repo
+    root always comes first). 0 means every rank exited 0; otherwise the failing rank's exit code (128 +
+    signal number for a signal), after all ranks are gone and the root cause is printed on stderr.
+
+    After the first failure the other ranks get ``settle_s`` seconds to notice the lost peer and exit on
+    their own (printing what they were waiting for), then SIGTERM, then SIGKILL after ``shutdown_grace_s``.
+    """
+    _check_entry(entry)
+    if topology.device == "cuda" and torch.cuda.device_count() < topology.world_size:
+        raise ValueError(f"topology {topology.name!r} needs {topology.world_size} GPUs on this machine, "
+                         f"{torch.cuda.device_count()} are visible; lower --score-workers or use "
+                         "--decoder colocated")
+    store = dist.TCPStore("127.0.0.1", 0, world_size=topology.world_size, is_master=True,
+                          timeout=datetime.timedelta(seconds=60), wait_for_workers=False)
+    base_env = _rank_environment(topology, store.port, env or {})
+    ranks: list[_Rank] = []
+    previous_handlers = _forward_signals_to(ranks)
+    try:
+        for rank in range(topology.world_size):
+            rank_env = dict(base_env, RANK=str(rank), LOCAL_RANK=str(rank))
+            proc = subprocess.Popen([sys.executable, "-m", "server.launcher", entry, *args],
+                                    env=rank_env, start_new_session=True)
+            ranks.append(_Rank(rank, proc))
+        failed = _watch(ranks)
+        if failed is not None:
+            _settle(ranks, settle_s)
+    finally:
+        _stop_all(ranks, shutdown_grace_s)
+        _restore_signals(previous_handlers)
+        del store
+    if failed is None:
+        return 0
+    code = failed.exit_code if failed.exit_code is not None else 1
+    stopped = [r.rank for r in ranks if r is not failed]
+    print(f"{_MESSAGE_PREFIX}: rank {failed.rank} ({topology.role(failed.rank)}) failed first: "
+          f"{_describe_exit(code)}; stopped the other ranks {stopped} of {topology.name!r}",
+          file=sys.stderr, flush=True)
+    return code if code > 0 else 128 - code
+
+
+def _rank_environment(topology: Topology, port: int, extra: Mapping[str, str]) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(extra)
+    python_path = [str(_REPO_ROOT), *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]]
+    env.update(
+        PYTHONPATH=os.pathsep.join(python_path),
+        WORLD_SIZE=str(topology.world_size),
+        LOCAL_WORLD_SIZE=str(topology.world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        TORCHELASTIC_USE_AGENT_STORE="True",
+        **{_LAUNCHER_PID_ENV: str(os.getpid())},
+    )
+    # As torchrun does: N ranks each using every core oversubscribe the machine; ranks opt back in.
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def _watch(ranks: list[_Rank]) -> _Rank | None:
+    """Wait until all ranks exit 0 (-> None) or one fails (-> the root-cause rank)."""
+    while True:
+        newly_failed = []
+        for r in ranks:
+            if r.exit_code is None and (code := r.proc.poll()) is not None:
+                r.exit_code = code
+                if code != 0:
+                    newly_failed.append(r)
+        if newly_failed:
+            primary = [r for r in newly_failed if r.exit_code != EXIT_PEER_LOST]
+            return (primary or newly_failed)[0]
+        if all(r.exit_code == 0 for r in ranks):
+            return None
+        time.sleep(_POLL_S)
+
+
+def _settle(ranks: list[_Rank], settle_s: float) -> None:
+    """Give the surviving ranks ``settle_s`` seconds to exit by themselves."""
+    deadline = time.monotonic() + settle_s
+    while time.monotonic() < deadline and any(r.proc.poll() is None for r in ranks):
+        time.sleep(_POLL_S)
+
+
+def _stop_all(ranks: list[_Rank], grace_s: float) -> None:
+    """SIGTERM every live rank's process group, SIGKILL what is left after ``grace_s``, reap all."""
+    alive = [r for r in ranks if r.proc.poll() is None]
+    for r in alive:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(r.proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for r in alive:
+        try:
+            r.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(r.proc.pid, signal.SIGKILL)
+            r.proc.wait()
+    for r in ranks:
+        r.proc.wait()
+        # A rank may have left helpers in its process group; they go with it.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(r.proc.pid, signal.SIGKILL)
+
+
+def _forward_signals_to(ranks: list[_Rank]) -> dict[int, object]:
+    """Turn SIGINT/SIGTERM on the launcher into an orderly stop of the ranks (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def stop(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"launcher received {signal.Signals(signum).name}")
+
+    return {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+def _restore_signals(previous: dict[int, object]) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)  # type: ignore[arg-type]
+
+
+# ---- the rank side --------------------------------------------------------------------------------
+
+
+def init_rank(topology: Topology, timeout_s: float = 300.0) -> tuple[int, ProcessGroups]:
+    """Join the world from the ``env://`` variables and build the groups; returns (global rank, groups).
+
+    On CUDA the device is ``LOCAL_RANK`` and is set before ``init_process_group`` (NCCL needs it); the
+    default group is ``cpu:gloo,cuda:nccl`` so CPU-side collectives also work on it. ``timeout_s`` bounds
+    the rendezvous and every collective of the default and ``data`` groups; ``control`` waits longer (idle
+    workers), with bounded waits done by ``proto.liveness.wait_with_timeout``.
+    """
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        if var not in os.environ:
+            raise RuntimeError(f"init_rank: {var} is not set; start the ranks with server.launcher.launch "
+                               "or torchrun")
+    world = int(os.environ["WORLD_SIZE"])
+    if world != topology.world_size:
+        raise RuntimeError(f"the launcher started {world} ranks but topology {topology.name!r} needs "
+                           f"{topology.world_size}; give torchrun {topology.world_size} processes in total")
+    if topology.device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    dist.init_process_group(backend=topology.default_backend, init_method="env://", timeout=timeout)
+    groups = topology.build_groups(data_timeout=timeout)
+    return dist.get_rank(), groups
+
+
+def shutdown() -> None:
+    """Leave the world: destroy every process group (no barrier, so a dead peer cannot make it hang)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def world_store() -> dist.Store:
+    """The world's key-value store (for ``proto.liveness.Heartbeat``); needs torch.distributed initialised."""
+    from torch.distributed import distributed_c10d
+
+    return distributed_c10d._get_default_store()
+
+
+def _die_with_launcher() -> None:
+    """Ask the kernel to SIGKILL this rank when its launcher dies, so no rank outlives it (Linux)."""
+    launcher_pid = os.environ.get(_LAUNCHER_PID_ENV)
+    if launcher_pid is None or not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != int(launcher_pid):  # the launcher died before prctl took effect
+        os._exit(128 + signal.SIGKILL)
+
+
+def _resolve(entry: str) -> Callable[[list[str]], int | None]:
+    module_name, _, function = entry.partition(":")
+    fn = getattr(importlib.import_module(module_name), function, None)
+    if not callable(fn):
+        raise ValueError(f"entry {entry!r}: {module_name} has no function {function!r}")
+    return fn
+
+
+def _rank_main(argv: list[str]) -> int:
+    """``python -m server.launcher ENTRY ARGS…``: run one rank; map a lost peer to ``EXIT_PEER_LOST``."""
+    _die_with_launcher()
+    entry, *args = argv
+    try:
+        code = _resolve(entry)(args)
+    except PeerError as exc:
+        print(f"{_MESSAGE_PREFIX}: rank {os.environ.get('RANK')}: {exc}", file=sys.stderr, flush=True)
+        return EXIT_PEER_LOST
+    except RuntimeError as exc:
+        if "Connection closed by peer" in str(exc) or "Connection reset by peer" in str(exc):
+            print(f"{_MESSAGE_PREFIX}: rank {os.environ.get('RANK')} lost a peer: {exc}", file=sys.stderr,
+                  flush=True)
+            return EXIT_PEER_LOST
+        raise
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(_rank_main(sys.argv[1:]))

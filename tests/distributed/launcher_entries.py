@@ -1,0 +1,60 @@
+"""Rank entry points for test_launcher.py, run by ``server.launcher.launch`` in separate processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from proto.topology import Topology
+from proto.wire import ChunkResult, Shutdown, broadcast_header, recv_header
+from server.launcher import init_rank, shutdown
+
+
+def _record_pid(rank: int) -> None:
+    Path(os.environ["TM_TEST_PID_DIR"], f"rank{rank}.pid").write_text(str(os.getpid()))
+
+
+def exchange(args: list[str]) -> int:
+    """Every rank adds rank+1 on ``data`` and receives the master's header on ``control``."""
+    topology = Topology(int(args[0]), args[1])
+    rank, groups = init_rank(topology, timeout_s=30)
+    _record_pid(rank)
+    total = torch.tensor([rank + 1.0])
+    dist.all_reduce(total, group=groups.data)
+    header = broadcast_header(Shutdown("bye") if groups.is_master else None, groups.control, src=0,
+                              timeout_s=10)
+    shutdown()
+    expected = sum(r + 1 for r in range(topology.world_size))
+    return 0 if total.item() == expected and header == Shutdown("bye") else 1
+
+
+def worker_killed(args: list[str]) -> int:
+    """Rank 2 SIGKILLs itself mid-run while the master waits for its result and rank 1 for its broadcast."""
+    topology = Topology(2, "dedicated")
+    rank, groups = init_rank(topology, timeout_s=30)
+    _record_pid(rank)
+    dist.barrier(group=groups.control)
+    if rank == 2:
+        Path(os.environ["TM_TEST_PID_DIR"], "killed_at").write_text(repr(time.time()))
+        os.kill(os.getpid(), signal.SIGKILL)
+    if groups.is_master:
+        recv_header(groups.control, src=2, expect=ChunkResult, timeout_s=30)
+    else:
+        dist.broadcast(torch.zeros(4), src=2, group=groups.data)
+    shutdown()
+    return 0
+
+
+def sleeper(args: list[str]) -> int:
+    """Every rank joins, records its pid, then sleeps until it is stopped."""
+    topology = Topology(1, "dedicated")
+    rank, _ = init_rank(topology, timeout_s=30)
+    _record_pid(rank)
+    time.sleep(120)
+    shutdown()
+    return 0

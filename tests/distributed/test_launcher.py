@@ -1,0 +1,94 @@
+"""Launcher: a world runs to completion; a killed rank is named, the world torn down, nothing left."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from proto.topology import Topology
+from server.launcher import launch, under_torchrun
+
+_TESTS = str(Path(__file__).resolve().parent)
+_REPO = Path(__file__).resolve().parents[2]
+
+
+def _pids(pid_dir: Path) -> list[int]:
+    return [int(p.read_text()) for p in sorted(pid_dir.glob("rank*.pid"))]
+
+
+def _running(pid: int) -> bool:
+    return Path(f"/proc/{pid}").exists()
+
+
+def test_a_three_rank_world_exchanges_tensors_and_exits_zero(tmp_path) -> None:
+    code = launch(Topology(2, "dedicated"), "launcher_entries:exchange", ["2", "dedicated"],
+                  env={"PYTHONPATH": _TESTS, "TM_TEST_PID_DIR": str(tmp_path)})
+    assert code == 0
+    assert len(_pids(tmp_path)) == 3
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_named_within_10_s_and_no_rank_survives(tmp_path, capfd) -> None:
+    code = launch(Topology(2, "dedicated"), "launcher_entries:worker_killed",
+                  env={"PYTHONPATH": _TESTS, "TM_TEST_PID_DIR": str(tmp_path)})
+    returned_at = time.time()
+    stderr = capfd.readouterr().err
+    assert code != 0
+    assert returned_at - float((tmp_path / "killed_at").read_text()) < 10.0
+    assert "rank 2 (score worker 1) failed first: killed by SIGKILL" in stderr
+    pids = _pids(tmp_path)
+    assert len(pids) == 3
+    assert not [pid for pid in pids if _running(pid)]
+
+
+@pytest.mark.slow
+def test_the_master_itself_names_the_rank_it_lost(tmp_path, capfd) -> None:
+    launch(Topology(2, "dedicated"), "launcher_entries:worker_killed",
+           env={"PYTHONPATH": _TESTS, "TM_TEST_PID_DIR": str(tmp_path)})
+    assert "rank 0: header from rank 2: the collective failed" in capfd.readouterr().err
+
+
+def test_an_entry_that_is_not_module_colon_function_is_rejected() -> None:
+    with pytest.raises(ValueError, match=r"'package\.module:function'"):
+        launch(Topology(1, "colocated"), "launcher_entries.exchange")
+
+
+def test_under_torchrun_follows_the_env_variables(monkeypatch) -> None:
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert not under_torchrun()
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert under_torchrun()
+
+
+_LAUNCH_SLEEPERS = """
+import sys
+from proto.topology import Topology
+from server.launcher import launch
+sys.exit(launch(Topology(1, "dedicated"), "launcher_entries:sleeper"))
+"""
+
+
+@pytest.mark.slow
+def test_ranks_die_with_a_launcher_that_is_killed(tmp_path) -> None:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(_REPO), _TESTS]), TM_TEST_PID_DIR=str(tmp_path))
+    launcher = subprocess.Popen([sys.executable, "-c", _LAUNCH_SLEEPERS], env=env, cwd=_REPO)
+    try:
+        deadline = time.monotonic() + 60
+        while len(_pids(tmp_path)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        pids = _pids(tmp_path)
+        assert len(pids) == 2
+    finally:
+        launcher.kill()
+        launcher.wait()
+    deadline = time.monotonic() + 5
+    while any(_running(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [pid for pid in pids if _running(pid)]
