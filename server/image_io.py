@@ -1,0 +1,73 @@
+"""Reference-image loading: PNG or JPEG → uint8 `[H, W, 3]` RGB, with a pixel limit checked from the header
+before any pixels are decoded (a small file can declare a huge image)."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+DEFAULT_MAX_PIXELS = 4096 * 4096
+SUPPORTED_FORMATS = ("PNG", "JPEG")
+
+
+class ImageDecodeError(ValueError):
+    """The reference image could not be used (unreadable, unsupported format, too large)."""
+
+
+def load_image(source: str | Path | bytes | BinaryIO, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode a PNG/JPEG reference image.
+
+    EXIF orientation is applied; grey, palette and CMYK images become RGB; transparency is composited over
+    white (a transparent background should read as plain, not black).
+
+    Args:
+        source: a path, the encoded bytes, or a binary file object.
+        max_pixels: largest accepted width x height.
+
+    Returns:
+        `[H, W, 3]` uint8 RGB.
+
+    Raises:
+        ImageDecodeError: missing file, unreadable data, a format other than PNG/JPEG, or too many pixels.
+    """
+    if isinstance(source, str | Path):
+        what = f"image file {str(source)!r}"
+        if not Path(source).is_file():
+            raise ImageDecodeError(f"{what} does not exist or is not a file")
+        stream: str | BinaryIO = str(source)
+    elif isinstance(source, bytes | bytearray):
+        what = f"image data ({len(source)} bytes)"
+        stream = io.BytesIO(bytes(source))
+    else:
+        what = "image stream"
+        stream = source
+    try:
+        with warnings.catch_warnings():
+            # Our own limit below replaces Pillow's decompression-bomb warning.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(stream, formats=SUPPORTED_FORMATS) as image:
+                width, height = image.size
+                if width * height > max_pixels:
+                    raise ImageDecodeError(
+                        f"{what} is {width}x{height} = {width * height} pixels, more than the limit of "
+                        f"{max_pixels} — downscale it first"
+                    )
+                image.load()
+                return _to_rgb(ImageOps.exif_transpose(image))
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+        raise ImageDecodeError(
+            f"{what} could not be decoded ({exc}); supported formats are {', '.join(SUPPORTED_FORMATS)}"
+        ) from exc
+
+
+def _to_rgb(image: Image.Image) -> np.ndarray:
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
