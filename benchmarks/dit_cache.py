@@ -16,11 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import shlex
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -29,35 +25,12 @@ from typing import Any
 
 import torch
 
+from benchmarks.provenance import provenance
 from proto.model_config import get_model_preset
 from proto.stream_config import StreamConfig
 from workers.audio import AudioConditioning
 from workers.model import WanModel
 from workers.streaming import SessionState, StreamingDiT
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).parent,
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return out.stdout.strip() or None
 
 
 def _session_bytes(state: SessionState) -> int:
@@ -202,15 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = run(args.preset, args.height, args.width, args.chunks, args.target, args.repeats)
     document = {
         "benchmark": "dit_cache",
-        "machine": {
-            "cpu": _cpu_model(),
-            "cores": os.cpu_count(),
-            "torch_threads": 1,
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-        },
-        "commit": _commit(),
-        "command": "python -m benchmarks.dit_cache " + shlex.join(sys.argv[1:] if argv is None else argv),
+        **provenance("benchmarks.dit_cache", argv),
+        "torch_threads": 1,
         **result,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
