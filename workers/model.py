@@ -11,13 +11,16 @@ Differences from the original forward, all needed for streaming and none changin
 - RoPE positions are explicit per token (`frame_positions`, `prefix_frame_positions`);
 - self-attention can take a pre-RoPE key/value prefix (the cached chunks) and return the keys/values of the
   current tokens (`kv_out`), and can take a boolean mask (the full-sequence reference of sparse attention);
-- text/image cross-attention keys/values can be precomputed once per session (`cross_attention_kv`).
+- text/image cross-attention keys/values can be precomputed once per session (`cross_attention_kv`);
+- with an `sp_group`, Ulysses sequence parallelism: each rank runs its band of every frame, self-attention
+  switches to head sharding around its core, the head's output is gathered (layout in `workers/sp.py`).
 Modulation, time embedding and head run in float32 whatever the weight dtype, as in Wan.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -25,6 +28,8 @@ from proto.model_config import ModelConfig
 from workers.attention import attention
 from workers.audio import AudioConditioning, AudioProjection, frame_local_audio_attention
 from workers.rope import apply_rope, grid_positions, rope_cos_sin
+from workers.sp import band_major, check_sp_shapes, gather_frames, shard_frames
+from workers.ulysses import group_size, head_to_seq, seq_to_head
 
 KV = tuple[torch.Tensor, torch.Tensor]
 Rope = tuple[torch.Tensor, torch.Tensor]
@@ -70,7 +75,8 @@ class WanSelfAttention(nn.Module):
 
     The core is split so sequence parallelism can wrap it: `project` gives q, k, v `[B, L, H, D]` after the
     q/k norms and before RoPE (the layout the KV cache stores); `attend` prepends a cached prefix, applies
-    RoPE and calls `workers.attention.attention`.
+    RoPE and calls `workers.attention.attention`. With an SP group of P ranks, `forward` projects its token
+    shard, switches q/k/v to head sharding (all L tokens, H/P heads) around `attend`, and back.
     """
 
     def __init__(self, dim: int, num_heads: int, eps: float) -> None:
@@ -119,10 +125,15 @@ class WanSelfAttention(nn.Module):
         rope_k: Rope,
         prefix: KV | None = None,
         mask: torch.Tensor | None = None,
+        sp_group: dist.ProcessGroup | None = None,
     ) -> tuple[torch.Tensor, KV]:
-        """x `[B, L, dim]` → (output `[B, L, dim]`, pre-RoPE (k, v) `[B, L, H, D]` of x for caching)."""
-        q, k, v = self.project(x)
-        out = self.attend(q, k, v, rope_q, rope_k, prefix, mask)
+        """x `[B, L, dim]` → (output `[B, L, dim]`, pre-RoPE (k, v) `[B, L, H, D]` of x for caching).
+
+        With `sp_group` of P ranks: x is this rank's `[B, L/P, dim]` shard, the output is too; rope tables,
+        prefix and the returned (k, v) cover all L (+ Lp) tokens in `seq_to_head` order for H/P heads.
+        """
+        q, k, v = (seq_to_head(t, sp_group) for t in self.project(x))
+        out = head_to_seq(self.attend(q, k, v, rope_q, rope_k, prefix, mask), sp_group)
         return self.o(out.flatten(2)), (k, v)
 
 
@@ -228,8 +239,12 @@ class WanAttentionBlock(nn.Module):
         face_mask: torch.Tensor | None = None,
         prefix: KV | None = None,
         mask: torch.Tensor | None = None,
+        sp_group: dist.ProcessGroup | None = None,
     ) -> tuple[torch.Tensor, KV]:
-        """x `[B, F·S, dim]`, e0 `[B, F, 6, dim]` (float32) → (x, pre-RoPE self-attention (k, v))."""
+        """x `[B, F·S, dim]`, e0 `[B, F, 6, dim]` (float32) → (x, pre-RoPE self-attention (k, v)).
+
+        With `sp_group`, S is this rank's band of every frame (`workers.sp`); all else is token-wise.
+        """
         b, length, dim = x.shape
         frames = e0.shape[1]
         m = (self.modulation.float()[:, None] + e0).unbind(dim=2)  # 6 × [B, F, dim]
@@ -245,7 +260,7 @@ class WanAttentionBlock(nn.Module):
             g = y.float().view(b, frames, length // frames, dim) * m[gate][:, :, None]
             return (res.float() + g.view(b, length, dim)).type_as(res)
 
-        y, kv = self.self_attn(modulate(self.norm1(x), 1, 0), rope_q, rope_k, prefix, mask)
+        y, kv = self.self_attn(modulate(self.norm1(x), 1, 0), rope_q, rope_k, prefix, mask, sp_group)
         x = gated(x, y, 2)
         x = x + self.cross_attn(self.norm3(x), cross_kv, audio_tokens, face_mask)
         x = gated(x, self.ffn(modulate(self.norm2(x), 4, 3)), 5)
@@ -405,6 +420,7 @@ class WanModel(nn.Module):
         prefix_kv: list[KV] | None = None,
         prefix_frame_positions: torch.Tensor | None = None,
         kv_out: list[KV] | None = None,
+        sp_group: dist.ProcessGroup | None = None,
     ) -> torch.Tensor:
         """Velocity prediction `[B, 16, F, H, W]` (float32) for noisy latents x `[B, 16, F, H, W]`.
 
@@ -418,6 +434,10 @@ class WanModel(nn.Module):
             keys, and the temporal positions `[Fp]` they take in this call.
         kv_out: if given, receives each block's pre-RoPE (k, v) `[B, F·h·w, H, D]` of x's tokens, in
             block order.
+        sp_group: Ulysses sequence parallelism over this group's P ranks (every rank passes the same inputs):
+            each rank runs the blocks on its band of every frame (`workers.sp`), the output is gathered on
+            every rank; prefix_kv and kv_out are then this rank's head shard `[B, L, H/P, D]`, tokens in
+            `workers.sp.band_major` order per chunk of F frames. No attn_mask with P > 1.
         """
         cfg = self.config
         b, _, frames, height, width = x.shape
@@ -439,6 +459,13 @@ class WanModel(nn.Module):
         h = self.patch_embedding(x.to(self.patch_embedding.weight.dtype))
         grid = h.shape[2:]
         h = h.flatten(2).transpose(1, 2)
+        sp = group_size(sp_group)
+        frame_tokens = grid[1] * grid[2]
+        if sp > 1:
+            if attn_mask is not None:
+                raise ValueError("sequence parallelism does not take an attn_mask (tokens are re-ordered)")
+            check_sp_shapes(cfg.num_heads, frame_tokens, sp, cfg.name)
+            h = shard_frames(h, sp_group, grid[0])
 
         if t.ndim == 1:
             t = t[:, None].expand(b, grid[0])
@@ -448,12 +475,14 @@ class WanModel(nn.Module):
 
         if frame_positions is None:
             frame_positions = torch.arange(grid[0], device=x.device)
-        pos_q = grid_positions(frame_positions, grid[1], grid[2])
+        pos_q = band_major(grid_positions(frame_positions, grid[1], grid[2]), sp, grid[0], frame_tokens)
         rope_q = rope_cos_sin(cfg, pos_q)
         if prefix_kv is not None:
             if prefix_frame_positions is None or len(prefix_kv) != len(self.blocks):
                 raise ValueError("prefix_kv needs one (k, v) per block and prefix_frame_positions")
-            pos_k = torch.cat([grid_positions(prefix_frame_positions, grid[1], grid[2]), pos_q])
+            # Each cached chunk was stored in its own band-major order (one forward of grid[0] frames).
+            pos_p = grid_positions(prefix_frame_positions, grid[1], grid[2])
+            pos_k = torch.cat([band_major(pos_p, sp, grid[0], frame_tokens), pos_q])
             rope_k = rope_cos_sin(cfg, pos_k)
         else:
             rope_k = rope_q
@@ -466,14 +495,18 @@ class WanModel(nn.Module):
             if audio_tokens is None:
                 audio_tokens = self.audio_proj(audio.features, audio.speaking)
             face_mask = audio.face_mask
+            if face_mask is not None:
+                face_mask = shard_frames(face_mask, sp_group, grid[0], dim=2)
 
         for i, block in enumerate(self.blocks):
             prefix = None if prefix_kv is None else prefix_kv[i]
-            h, kv = block(h, e0, rope_q, rope_k, cross_kv[i], audio_tokens, face_mask, prefix, attn_mask)
+            h, kv = block(
+                h, e0, rope_q, rope_k, cross_kv[i], audio_tokens, face_mask, prefix, attn_mask, sp_group
+            )
             if kv_out is not None:
                 kv_out.append(kv)
 
-        out = self.head(h, e)
+        out = gather_frames(self.head(h, e), sp_group, grid[0])
         return self.unpatchify(out, *grid)
 
 

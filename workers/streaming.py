@@ -22,6 +22,12 @@ Positions (StreamConfig.position_mode), in latent frames, F = chunk frames, T = 
   clip's last chunk afterwards. c_0 is always at 0 … F − 1 and c_{t−1} right before the current chunk, so the
   stream never leaves the trained range. Cached keys are un-rotated and get these positions at use.
 
+Sequence parallelism (`sp_group` of P ranks, every rank calls the same methods with the same inputs): each
+rank runs the blocks on its band of every frame and caches keys/values of its H/P heads for all tokens
+(`workers.sp`, `workers.ulysses`); the velocity is gathered on every rank after the head, so the sampler
+steps, and the returned x0, are the same on all of them. P must divide the heads and the tokens of a frame
+(checked when the engine is built).
+
 The full-sequence references the streaming engine must reproduce (the correctness anchor) are here too:
 `sparse_causal_mask`, `clean_context_mask`, `full_sequence_denoise` and `teacher_forced_denoise`.
 """
@@ -31,12 +37,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from proto.stream_config import StreamConfig
 from workers.audio import AudioConditioning
 from workers.kv_cache import FIRST, PREVIOUS, ChunkKVCache
 from workers.model import WanModel
 from workers.sampler import denoising_schedule, predict_x0, renoise
+from workers.sp import check_sp_shapes
+from workers.ulysses import group_size
 
 
 @dataclass
@@ -57,9 +66,14 @@ class SessionState:
 class StreamingDiT:
     """Runs a `WanModel` chunk by chunk with sparse causal attention and a fixed-size KV cache."""
 
-    def __init__(self, model: WanModel, stream: StreamConfig) -> None:
+    def __init__(
+        self, model: WanModel, stream: StreamConfig, sp_group: dist.ProcessGroup | None = None
+    ) -> None:
         self.model = model
         self.stream = stream
+        self.sp_group = sp_group
+        self.sp_degree = group_size(sp_group)
+        check_sp_shapes(model.config.num_heads, stream.tokens_per_frame, self.sp_degree, model.config.name)
         self.timesteps, self.sigmas = denoising_schedule(
             stream.denoising_steps, stream.timestep_shift, stream.warp_denoising_steps
         )
@@ -100,7 +114,7 @@ class StreamingDiT:
             num_slots=slots,
             batch=1,
             tokens=self.stream.tokens_per_chunk,
-            heads=cfg.num_heads,
+            heads=cfg.num_heads // self.sp_degree,
             head_dim=cfg.head_dim,
             dtype=param.dtype,
             device=param.device,
@@ -140,6 +154,7 @@ class StreamingDiT:
             prefix_kv=prefix,
             prefix_frame_positions=None if context_pos is None else context_pos.to(x.device),
             kv_out=kv_out,
+            sp_group=self.sp_group,
         )[0]
 
     def _store(self, state: SessionState, slot: int, chunk_index: int, kvs: list) -> None:

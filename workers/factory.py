@@ -1,0 +1,37 @@
+"""Build the score model a rank serves: from a checkpoint, or seeded random weights equal on every rank."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from proto.model_config import ModelConfig, get_model_preset
+from workers.checkpoint import load_dit_checkpoint
+from workers.model import WanModel
+
+
+def build_score_model(
+    preset: str | ModelConfig,
+    checkpoint: str | Path | None = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> WanModel:
+    """The DiT of ``preset`` in eval mode on ``device`` in ``dtype``.
+
+    With ``checkpoint``, its weights (``workers.checkpoint.load_dit_checkpoint``). Without, random weights
+    drawn on the CPU from ``seed`` alone (the global RNG is left untouched), so every rank of a world builds
+    bit-identical models; unlike Wan's training initialisation the output head and the audio key/value
+    projections are random too, so an untrained model's output depends on its inputs (visible noise, not a
+    constant) and the audio path is exercised.
+    """
+    config = get_model_preset(preset) if isinstance(preset, str) else preset
+    if checkpoint is not None:
+        model, _ = load_dit_checkpoint(checkpoint, config, dtype=dtype, device=device)
+        return model.eval()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = WanModel(config)
+        model.init_weights(zero_head=False, zero_audio=False)
+    return model.to(device=device, dtype=dtype).eval()

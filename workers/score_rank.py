@@ -1,0 +1,156 @@
+"""One score worker's share of the serving group: sessions by id, validated wire inputs, the SP engine.
+
+Every worker rank of the SP group (and, in a colocated topology, rank 0 too, inline) holds one
+``ScoreRank``, and calls the same method with the same message and tensors at the same time — the SP
+all-to-alls inside ``denoise`` line up because the calls do. Everything a message carries is checked
+against ``proto.chunk_specs`` before any collective runs, and a mismatch raises ``proto.wire.WireError``
+naming the field: every rank checks the same header against the same state, so they all refuse it together
+and the group stays in step (``workers.worker_loop`` turns the error into a ``WorkerFailed`` reply).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from proto.chunk_specs import chunk_noise, chunk_request_specs, session_open_specs
+from proto.stream_config import StreamConfig
+from proto.topology import ProcessGroups
+from proto.wire import ChunkRequest, SessionClose, SessionOpen, TensorSpec, WireError, check_specs
+from workers.audio import AudioConditioning, face_token_mask
+from workers.model import WanModel
+from workers.streaming import SessionState, StreamingDiT
+
+
+@dataclass
+class _Session:
+    state: SessionState
+    num_characters: int
+    face_mask: torch.Tensor | None  # [1, C, F·h·w] float, this chunk layout's face tokens per character
+
+
+class ScoreRank:
+    """The score side of one rank: ``open_session`` / ``denoise`` / ``close_session`` driven by wire messages.
+
+    Args:
+        model: a ``WanModel`` (an SP engine is built over ``groups.sp``) or a ready ``StreamingDiT`` (whose
+            ``sp_group`` must be ``groups.sp``).
+        stream: the serving group's stream configuration (the same on every rank and on the master).
+        groups: this rank's process groups; ``None`` for a single process (no SP, this rank is the leader).
+    """
+
+    def __init__(
+        self, model: WanModel | StreamingDiT, stream: StreamConfig, groups: ProcessGroups | None = None
+    ) -> None:
+        sp_group = None if groups is None else groups.sp
+        if isinstance(model, StreamingDiT):
+            if model.stream != stream:
+                raise ValueError(f"the engine streams {model.stream}, but the rank was given {stream}")
+            if model.sp_group is not sp_group:
+                raise ValueError("the engine's sp_group is not this rank's groups.sp; rebuild it")
+            self.engine = model
+        else:
+            self.engine = StreamingDiT(model, stream, sp_group=sp_group)
+        self.stream = stream
+        self.config = self.engine.model.config
+        self.rank = 0 if groups is None else groups.rank
+        self.is_leader = groups is None or groups.is_sp_leader
+        self.device = next(self.engine.model.parameters()).device
+        self.sessions: dict[str, _Session] = {}
+
+    # ---- messages ------------------------------------------------------------------------------------
+
+    def open_session(self, msg: SessionOpen, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Start session ``msg.session_id``: cross-attention K/V from ``context``/``clip_fea``, face masks."""
+        where = f"SessionOpen {msg.session_id!r}"
+        if msg.session_id in self.sessions:
+            raise WireError(f"{where}: session_id is already open on rank {self.rank}; close it first")
+        msg.expect(latent_height=self.stream.latent_height, latent_width=self.stream.latent_width)
+        if msg.num_characters < 1:
+            raise WireError(f"{where}.num_characters: expected >= 1, received {msg.num_characters}")
+        self._check_tensors(where, session_open_specs(self.config, msg.num_characters), msg.tensors, tensors)
+        face_mask = None
+        if "face_boxes" in tensors:
+            try:
+                mask = face_token_mask(
+                    tensors["face_boxes"].cpu(),
+                    self.stream.token_height,
+                    self.stream.token_width,
+                    self.stream.chunk_latent_frames,
+                )
+            except ValueError as exc:
+                raise WireError(f"{where}.tensors['face_boxes']: {exc}") from exc
+            face_mask = mask[None].float().to(self.device)
+        context = tensors["context"].to(self.device)
+        state = self.engine.open_session(context, self._optional(tensors, "clip_fea"))
+        self.sessions[msg.session_id] = _Session(state, msg.num_characters, face_mask)
+
+    def denoise(self, msg: ChunkRequest, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+        """Denoise chunk ``msg.chunk_index``: the clean latent ``[16, F, h, w]`` float32 on the SP leader
+        (on this rank's device), ``None`` on the other workers."""
+        session = self._session(msg.session_id, "ChunkRequest")
+        where = f"ChunkRequest {msg.session_id!r} chunk {msg.chunk_index}"
+        msg.expect(chunk_index=session.state.next_chunk)
+        specs = chunk_request_specs(self.config, self.stream, session.num_characters)
+        self._check_tensors(where, specs, msg.tensors, tensors)
+        audio = None
+        if self.config.audio is not None:
+            frames = self.stream.chunk_latent_frames
+            shape = tuple(len(row) for row in msg.speaking)
+            if shape != (frames,) * session.num_characters:
+                raise WireError(
+                    f"{where}.speaking: expected {session.num_characters} rows of {frames} flags "
+                    f"(characters × latent frames), received rows of lengths {list(shape)}"
+                )
+            speaking = torch.tensor(msg.speaking, dtype=torch.bool, device=self.device)
+            audio = AudioConditioning(
+                features=tensors["audio"].to(self.device)[None],
+                speaking=speaking[None],
+                face_mask=session.face_mask,
+            )
+        noise = chunk_noise(msg.noise_seed, len(self.engine.timesteps), self.stream.latent_chunk_shape)
+        x0 = self.engine.denoise_chunk(
+            session.state,
+            msg.chunk_index,
+            y=self._optional(tensors, "y"),
+            audio=audio,
+            noise=noise.to(self.device),
+        )
+        return x0.float().contiguous() if self.is_leader else None
+
+    def close_session(self, msg: SessionClose) -> None:
+        """Free session ``msg.session_id``'s caches."""
+        session = self._session(msg.session_id, "SessionClose")
+        self.engine.close_session(session.state)
+        del self.sessions[msg.session_id]
+
+    # ---- helpers -------------------------------------------------------------------------------------
+
+    def _session(self, session_id: str, what: str) -> _Session:
+        session = self.sessions.get(session_id)
+        if session is None:
+            raise WireError(
+                f"{what}.session_id: {session_id!r} is not an open session on rank {self.rank} "
+                f"(open: {sorted(self.sessions)}); send SessionOpen first"
+            )
+        return session
+
+    def _optional(self, tensors: Mapping[str, torch.Tensor], name: str) -> torch.Tensor | None:
+        return tensors[name].to(self.device) if name in tensors else None
+
+    @staticmethod
+    def _check_tensors(
+        where: str,
+        expected: tuple[TensorSpec, ...],
+        declared: tuple[TensorSpec, ...],
+        tensors: Mapping[str, torch.Tensor],
+    ) -> None:
+        """The header declares ``expected`` and the received tensors match it (names, shapes, dtypes)."""
+        check_specs(where, expected, declared)
+        if list(tensors) != [s.name for s in expected]:
+            names = [s.name for s in expected]
+            raise WireError(f"{where}.tensors: expected {names}, received {list(tensors)}")
+        for spec in expected:
+            spec.check(tensors[spec.name], where)
