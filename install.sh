@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs talkingmachines into ./.venv on a fresh machine (Python 3.11, network access to PyPI only).
 #   ./install.sh            the package and its pinned runtime dependencies
-#   ./install.sh --test     plus the test tools
+#   ./install.sh --test     plus the test tools and the LiveKit server the integration tests run
+#                           (built from its pinned Go module into .tools/bin; needs Go >= 1.26)
 # Idempotent: re-running only installs what changed.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -10,7 +11,7 @@ want_test=0
 for arg in "$@"; do
   case "$arg" in
     --test) want_test=1 ;;
-    -h|--help) sed -n '2,5p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,7p' "$0"; exit 0 ;;
     *) echo "install.sh: unknown option '$arg' (use --test or --help)" >&2; exit 2 ;;
   esac
 done
@@ -26,4 +27,7 @@ extras=""
 [ "$want_test" = 1 ] && extras="[test]"
 echo "install.sh: installing talkingmachines${extras} and pinned dependencies into .venv (torch is large; a few minutes)"
 .venv/bin/python -m pip install --quiet --progress-bar off -e ".${extras}"
+if [ "$want_test" = 1 ]; then
+  deploy/install_livekit_server.sh
+fi
 echo "install.sh: done — $(.venv/bin/python -c 'import torch; print("torch", torch.__version__)')"
