@@ -28,8 +28,8 @@ SUPPORTED_FORMATS = ("WAV", "FLAC", "OGG")
 
 # Kaiser-sinc parameters of the "best" quality presets used by resampy/torchaudio: pass band up to
 # ~94.8% of the lower Nyquist frequency, stop-band attenuation well below -80 dB.
-_ROLLOFF = 0.9475937167399596
-_ZERO_CROSSINGS = 64
+RESAMPLER_ROLLOFF = 0.9475937167399596
+RESAMPLER_ZERO_CROSSINGS = 64
 _KAISER_BETA = 14.769656459379492
 
 
@@ -110,8 +110,8 @@ def _polyphase_kernel(up: int, down: int) -> tuple[torch.Tensor, int]:
         `[up, 1, K]` float64 taps and the left padding `W` (in input samples): output sample
         `up*b + p` = sum_j x[down*b + j - W] * taps[p, 0, j].
     """
-    cutoff = _ROLLOFF * min(1.0, up / down)  # as a fraction of the input Nyquist frequency
-    half_width = math.ceil(_ZERO_CROSSINGS / cutoff)
+    cutoff = RESAMPLER_ROLLOFF * min(1.0, up / down)  # as a fraction of the input Nyquist frequency
+    half_width = math.ceil(RESAMPLER_ZERO_CROSSINGS / cutoff)
     # Distance (in input samples) from phase p's output instant, down*b + p*down/up, to input sample
     # down*b + j - W.
     j = torch.arange(2 * half_width + down, dtype=torch.float64)

@@ -1,0 +1,683 @@
+"""The HTTP control plane: a FastAPI app over a ``SessionBackend``.
+
+Endpoints (OpenAPI at ``/openapi.json``, docs at ``/docs``):
+
+- ``POST /v1/sessions`` (JSON ``SessionCreate``, image base64) → 201 ``SessionInfo``.
+- ``GET /v1/sessions``, ``GET /v1/sessions/{id}`` → ``SessionList`` / ``SessionInfo``.
+- ``POST /v1/sessions/{id}/audio`` → ``AudioAccepted``. The body is either an audio file (WAV, FLAC or OGG,
+  any channel count; sniffed from the bytes, any ``Content-Type`` but ``audio/pcm``) or raw little-endian
+  int16 PCM declared as ``Content-Type: audio/pcm; rate=16000; channels=1`` (``rate`` required, ``channels``
+  1 or 2, default 1). The rate must be one of ``allowed_audio_rates``; audio is resampled to 16 kHz mono.
+- ``WS /v1/sessions/{id}/audio``: streaming speech, see ``audio_websocket``.
+- ``POST /v1/sessions/{id}/speakers`` (``SpeakersUpdate``) → ``SessionInfo``.
+- ``POST /v1/sessions/{id}/clear`` → 204 (barge-in). ``DELETE /v1/sessions/{id}`` → final ``SessionInfo``.
+- ``GET /healthz`` (the process answers), ``GET /readyz`` (503 with the reason when not ready),
+  ``GET /metrics``.
+
+Every ``/v1`` route needs ``Authorization: Bearer <api_key>`` unless the settings disable authentication;
+health, readiness, metrics and the OpenAPI document are open (put them behind the network policy).
+Errors are ``ErrorResponse`` bodies: 401 no/wrong key, 404 unknown session, 409 session ended, 413 body or
+audio over the limits, 422 malformed image/audio/request or unsupported sample rate, 503 no room
+(with ``Retry-After``) or backend failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import io
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import soundfile as sf
+from fastapi import Depends, FastAPI, Request, Response, WebSocket
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import SecretStr
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.body_limit import MAX_BODY_SIZE_SCOPE_KEY
+
+from proto.api import (
+    LIVE_STATES,
+    AudioAccepted,
+    ErrorResponse,
+    FileOutput,
+    LiveKitOutput,
+    Readiness,
+    SessionCreate,
+    SessionInfo,
+    SessionList,
+    SpeakersUpdate,
+)
+from server.audio_io import TARGET_SAMPLE_RATE, AudioDecodeError, load_audio, resample
+from server.backend import (
+    BackendError,
+    BackendFailed,
+    InvalidRequest,
+    NoCapacity,
+    SessionBackend,
+    SessionEnded,
+    UnknownSession,
+)
+from server.faces import resolve_faces
+from server.image_io import ImageDecodeError, load_image
+from server.livekit.token import mint_avatar_token
+from server.metrics import Metrics
+from server.pcm_stream import PcmFormatError, StreamResampler, decode_pcm16
+from server.settings import ApiSettings
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BODY_LIMIT = 64 * 1024  # bytes, for the small JSON bodies (speakers, clear)
+PCM_MEDIA_TYPE = "audio/pcm"
+
+# WebSocket close codes: 4000 + the HTTP status the same problem gets over HTTP.
+WS_UNAUTHORIZED = 4401
+WS_UNKNOWN_SESSION = 4404
+WS_SESSION_ENDED = 4409
+WS_TOO_LARGE = 4413
+WS_INVALID = 4422
+WS_BACKEND_FAILED = 4503
+
+# Module level: endpoint annotations are strings (postponed evaluation) resolved in this module's globals.
+_BEARER = HTTPBearer(auto_error=False, description="the server's API key")
+_Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]
+
+_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse} for status in (401, 404, 409, 413, 422, 503)
+}
+_STATUS_CODES = {
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "session_ended",
+    413: "too_large",
+    422: "invalid_input",
+    503: "unavailable",
+}
+
+
+class ApiError(Exception):
+    """An error answer with its status, code and message (and headers, e.g. Retry-After)."""
+
+    def __init__(self, status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.code = code
+        self.detail = detail
+        self.headers = headers or {}
+        self.retry_after_s = float(self.headers["Retry-After"]) if "Retry-After" in self.headers else None
+
+
+def _backend_error(exc: BackendError) -> ApiError:
+    if isinstance(exc, UnknownSession):
+        return ApiError(404, "unknown_session", str(exc))
+    if isinstance(exc, SessionEnded):
+        return ApiError(409, "session_ended", str(exc))
+    if isinstance(exc, NoCapacity):
+        retry = str(max(1, math.ceil(exc.retry_after_s)))
+        return ApiError(503, "no_capacity", str(exc), {"Retry-After": retry})
+    if isinstance(exc, BackendFailed):
+        return ApiError(503, "backend_failed", exc.reason)
+    if isinstance(exc, InvalidRequest):
+        return ApiError(422, "invalid_request", str(exc))
+    return ApiError(500, "backend_error", str(exc))
+
+
+def _error_response(error: ApiError) -> JSONResponse:
+    body = ErrorResponse(code=error.code, detail=error.detail, retry_after_s=error.retry_after_s)
+    return JSONResponse(body.model_dump(exclude_none=True), status_code=error.status, headers=error.headers)
+
+
+def _parse_media_type(header: str) -> tuple[str, dict[str, str]]:
+    kind, *params = (part.strip() for part in header.split(";"))
+    parsed = {}
+    for param in params:
+        key, _, value = param.partition("=")
+        parsed[key.strip().lower()] = value.strip().strip('"')
+    return kind.lower(), parsed
+
+
+def _key_matches(settings: ApiSettings, presented: str | None) -> bool:
+    if settings.auth_disabled:
+        return True
+    assert settings.api_key is not None  # ApiSettings guarantees a key unless auth is disabled
+    return presented is not None and hmac.compare_digest(
+        presented.encode(), settings.api_key.get_secret_value().encode()
+    )
+
+
+def _bearer(header: str | None) -> str | None:
+    if not header:
+        return None
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else None
+
+
+class _Ingest:
+    """Validation and decoding of audio and session inputs against the settings (no I/O of its own)."""
+
+    def __init__(self, settings: ApiSettings) -> None:
+        self.settings = settings
+
+    def check_rate(self, rate: int) -> None:
+        if rate not in self.settings.allowed_audio_rates:
+            allowed = ", ".join(str(r) for r in self.settings.allowed_audio_rates)
+            raise ApiError(
+                422,
+                "unsupported_sample_rate",
+                f"sample rate {rate} Hz is not supported; use one of {allowed} Hz",
+            )
+
+    def check_duration(self, seconds: float) -> None:
+        limit = self.settings.max_audio_seconds
+        if seconds > limit:
+            raise ApiError(
+                413,
+                "audio_too_long",
+                f"audio lasts {seconds:.2f} s, more than the limit of {limit:g} s per "
+                "request — send it in shorter pieces",
+            )
+
+    def decode_http_audio(self, body: bytes, content_type: str) -> np.ndarray:
+        """A request body → ``[N]`` float32 at 16 kHz."""
+        if not body:
+            raise ApiError(
+                422, "invalid_audio", "the request body is empty; send a WAV file or audio/pcm samples"
+            )
+        kind, params = _parse_media_type(content_type or "application/octet-stream")
+        if kind == PCM_MEDIA_TYPE:
+            return self._decode_pcm(body, params)
+        try:
+            info = sf.info(io.BytesIO(body))
+        except (sf.LibsndfileError, RuntimeError, TypeError):
+            info = None  # load_audio below gives the decoding error its full message
+        if info is not None:
+            self.check_rate(int(info.samplerate))
+            self.check_duration(info.frames / info.samplerate)
+        try:
+            return load_audio(body, max_seconds=self.settings.max_audio_seconds)
+        except AudioDecodeError as exc:
+            raise ApiError(422, "invalid_audio", str(exc)) from exc
+
+    def _decode_pcm(self, body: bytes, params: dict[str, str]) -> np.ndarray:
+        try:
+            rate = int(params["rate"])
+            channels = int(params.get("channels", "1"))
+        except (KeyError, ValueError) as exc:
+            raise ApiError(
+                422,
+                "invalid_audio",
+                "audio/pcm needs integer parameters: Content-Type: audio/pcm; rate=16000; channels=1",
+            ) from exc
+        if channels not in (1, 2):
+            raise ApiError(
+                422, "invalid_audio", f"audio/pcm with {channels} channels; send 1 (mono) or 2 (stereo)"
+            )
+        self.check_rate(rate)
+        self.check_duration(len(body) / (2 * channels * rate))
+        try:
+            samples = decode_pcm16(body, channels)
+        except PcmFormatError as exc:
+            raise ApiError(422, "invalid_audio", str(exc)) from exc
+        return resample(samples, rate, TARGET_SAMPLE_RATE)
+
+    def resolve_output(self, spec: SessionCreate) -> SessionCreate:
+        """The request with its output made concrete: a LiveKit token minted when absent, a file path made
+        absolute inside ``file_output_dir``."""
+        output = spec.output
+        if isinstance(output, LiveKitOutput):
+            if output.token is not None:
+                return spec
+            if self.settings.livekit_api_key is None or self.settings.livekit_api_secret is None:
+                raise ApiError(
+                    422,
+                    "invalid_request",
+                    "output.token is missing and this server has no LiveKit API key and "
+                    "secret to mint one — send a token minted for output.identity (kind agent, "
+                    "lk.publish_on_behalf = output.agent_identity) or configure livekit_api_key and "
+                    "livekit_api_secret",
+                )
+            token = mint_avatar_token(
+                api_key=self.settings.livekit_api_key.get_secret_value(),
+                api_secret=self.settings.livekit_api_secret.get_secret_value(),
+                room=output.room,
+                identity=output.identity,
+                name=output.name,
+                agent_identity=output.agent_identity,
+            )
+            return spec.model_copy(update={"output": output.model_copy(update={"token": SecretStr(token)})})
+        assert isinstance(output, FileOutput)
+        root = self.settings.file_output_dir
+        if root is None:
+            raise ApiError(
+                422,
+                "invalid_request",
+                "file outputs are disabled on this server; set file_output_dir in its "
+                "settings, or use a livekit output",
+            )
+        root = root.resolve()
+        target = (root / output.path).resolve()
+        if not target.is_relative_to(root) or target == root or Path(output.path).is_absolute():
+            raise ApiError(
+                422,
+                "invalid_request",
+                f"output.path {output.path!r} must be a relative path inside the output "
+                "directory (no '..', not absolute)",
+            )
+        if target.suffix.lower() != ".mp4":
+            raise ApiError(422, "invalid_request", f"output.path {output.path!r} must end in .mp4")
+        return spec.model_copy(update={"output": output.model_copy(update={"path": str(target)})})
+
+
+class _ContentLengthLimit:
+    """Answers 413 (as an ``ErrorResponse``) to a request whose declared Content-Length is over its route's
+    limit, before any of the body is read. Bodies without a Content-Length are capped while they are read by
+    FastAPI's per-route ``max_body_size``, which gives the same answer."""
+
+    def __init__(self, app: Any, limit_for: Any) -> None:
+        self.app = app
+        self.limit_for = limit_for
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            declared = dict(scope["headers"]).get(b"content-length")
+            limit = self.limit_for(scope["method"], scope["path"])
+            if declared is not None and declared.isdigit() and int(declared) > limit:
+                error = ApiError(
+                    413,
+                    "too_large",
+                    f"request body of {int(declared)} bytes is larger than this endpoint's limit "
+                    f"of {limit} bytes",
+                )
+                await _error_response(error)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def create_app(backend: SessionBackend, settings: ApiSettings, metrics: Metrics | None = None) -> FastAPI:
+    """The control-plane app over ``backend``.
+
+    Args:
+        backend: runs the sessions (the master, or a test double).
+        settings: limits, authentication, CORS.
+        metrics: the recorder whose registry ``/metrics`` serves; share it with the runtime so its chunk
+            timings appear. A fresh one is made when absent.
+    """
+    metrics = metrics or Metrics()
+    ingest = _Ingest(settings)
+    create_lock = asyncio.Lock()
+
+    async def authorize(credentials: _Credentials) -> None:
+        if not _key_matches(settings, credentials.credentials if credentials else None):
+            what = "is missing" if credentials is None else "is wrong"
+            raise ApiError(
+                401,
+                "unauthorized",
+                f"the API key {what}; send Authorization: Bearer <api_key>",
+                {"WWW-Authenticate": "Bearer"},
+            )
+
+    async def call(fn: Any, *args: Any) -> Any:
+        try:
+            return await run_in_threadpool(fn, *args)
+        except BackendError as exc:
+            raise _backend_error(exc) from exc
+
+    app = FastAPI(
+        title="talkingmachines",
+        version="v1",
+        summary="Real-time audio-driven avatar video sessions, published to LiveKit rooms or files.",
+    )
+    app.state.backend = backend
+    app.state.settings = settings
+    app.state.metrics = metrics
+
+    def body_limit(method: str, path: str) -> int:
+        if method == "POST" and path.rstrip("/") == "/v1/sessions":
+            return settings.max_session_body_bytes
+        if method == "POST" and path.startswith("/v1/sessions/") and path.endswith("/audio"):
+            return settings.max_audio_bytes
+        return DEFAULT_BODY_LIMIT
+
+    app.add_middleware(_ContentLengthLimit, limit_for=body_limit)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return _error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        detail = str(exc.detail)
+        if exc.status_code == 413 and MAX_BODY_SIZE_SCOPE_KEY in request.scope:
+            limit = request.scope[MAX_BODY_SIZE_SCOPE_KEY]
+            detail = f"request body is larger than this endpoint's limit of {limit} bytes"
+        code = _STATUS_CODES.get(exc.status_code, "http_error")
+        return _error_response(ApiError(exc.status_code, code, detail, dict(exc.headers or {})))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        return _error_response(ApiError(422, "invalid_request", problems))
+
+    v1 = [Depends(authorize)]
+
+    @app.post(
+        "/v1/sessions",
+        status_code=201,
+        response_model=SessionInfo,
+        responses=_ERROR_RESPONSES,
+        dependencies=v1,
+        max_body_size=settings.max_session_body_bytes,
+        tags=["sessions"],
+    )
+    async def create_session(spec: SessionCreate) -> SessionInfo:
+        """Start a session: decode the image, settle its faces, resolve the output, hand it to the backend."""
+        data = spec.image_bytes()
+        if len(data) > settings.max_image_bytes:
+            raise ApiError(
+                413,
+                "image_too_large",
+                f"the image is {len(data)} bytes, more than the limit of "
+                f"{settings.max_image_bytes} bytes — send a smaller PNG/JPEG",
+            )
+        try:
+            image = await run_in_threadpool(load_image, data, max_pixels=settings.max_image_pixels)
+        except ImageDecodeError as exc:
+            raise ApiError(422, "invalid_image", str(exc)) from exc
+        try:
+            faces = await run_in_threadpool(resolve_faces, image, spec.characters)
+        except ValueError as exc:
+            raise ApiError(422, "invalid_request", str(exc)) from exc
+        beyond = [i for i in spec.speaking if i >= len(faces)]
+        if beyond:
+            raise ApiError(
+                422,
+                "invalid_request",
+                f"speaking indices {beyond} name characters that do not exist; the "
+                f"session has {len(faces)} character(s), indices 0..{len(faces) - 1}",
+            )
+        resolved = ingest.resolve_output(spec)
+        # The check and the start are one step, so two concurrent requests cannot both take the last slot.
+        async with create_lock:
+            sessions = await call(backend.list_sessions)
+            live = sum(1 for s in sessions if s.state in LIVE_STATES)
+            if live >= settings.max_sessions:
+                raise ApiError(
+                    503,
+                    "no_capacity",
+                    f"{live} of {settings.max_sessions} sessions are live; retry later or end "
+                    "one with DELETE /v1/sessions/{id}",
+                    {"Retry-After": str(settings.retry_after_s)},
+                )
+            info: SessionInfo = await call(backend.create_session, resolved, image, faces)
+        log.info("session %s created (%s output, %d face(s))", info.id, resolved.output.type, len(faces))
+        return info
+
+    @app.get(
+        "/v1/sessions",
+        response_model=SessionList,
+        responses=_ERROR_RESPONSES,
+        dependencies=v1,
+        tags=["sessions"],
+    )
+    async def list_sessions() -> SessionList:
+        return SessionList(sessions=await call(backend.list_sessions))
+
+    @app.get(
+        "/v1/sessions/{session_id}",
+        response_model=SessionInfo,
+        responses=_ERROR_RESPONSES,
+        dependencies=v1,
+        tags=["sessions"],
+    )
+    async def get_session(session_id: str) -> SessionInfo:
+        return await call(backend.get, session_id)
+
+    @app.post(
+        "/v1/sessions/{session_id}/audio",
+        response_model=AudioAccepted,
+        responses=_ERROR_RESPONSES,
+        dependencies=v1,
+        max_body_size=settings.max_audio_bytes,
+        tags=["audio"],
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "audio/wav": {"schema": {"type": "string", "format": "binary"}},
+                    "audio/pcm; rate=16000; channels=1": {"schema": {"type": "string", "format": "binary"}},
+                },
+            }
+        },
+    )
+    async def push_audio(session_id: str, request: Request) -> AudioAccepted:
+        """Append speech: an audio file, or raw int16 PCM with its rate in the Content-Type."""
+        info: SessionInfo = await call(backend.get, session_id)
+        if info.state not in LIVE_STATES:
+            raise _backend_error(SessionEnded(session_id, info.reason))
+        body = await request.body()
+        pcm = await run_in_threadpool(ingest.decode_http_audio, body, request.headers.get("content-type", ""))
+        await call(backend.push_audio, session_id, pcm)
+        seconds = pcm.size / TARGET_SAMPLE_RATE
+        metrics.observe_audio("http", seconds)
+        return AudioAccepted(samples=int(pcm.size), seconds=seconds)
+
+    @app.websocket("/v1/sessions/{session_id}/audio")
+    async def audio_websocket(websocket: WebSocket, session_id: str, sample_rate: int | None = None) -> None:
+        """Streaming speech over a WebSocket.
+
+        Protocol: connect with ``Authorization: Bearer <key>`` and ``?sample_rate=R``, or send as the first
+        (text) message ``{"sample_rate": R, "api_key": "<key>"}`` (either field as needed; browsers cannot set
+        headers). The server answers ``{"type": "ready", "sample_rate": R}``. Then send binary frames of
+        little-endian int16 mono PCM at R Hz, whole samples per frame; each frame is resampled (continuously
+        across frames) and pushed as it arrives. ``{"type": "flush"}`` ends a segment: the resampler's tail
+        is pushed and ``{"type": "flushed", "samples": total}`` answers (16 kHz samples pushed so far).
+        On any error the server sends ``{"type": "error", "code", "detail"}`` and closes with 4000 + the HTTP
+        status (4401, 4404, 4409, 4413, 4422, 4503). When the client disconnects, everything it sent is
+        pushed, and the session goes on.
+        """
+        await websocket.accept()
+        pushed = 0
+
+        async def fail(close_code: int, error: ApiError) -> None:
+            await websocket.send_json({"type": "error", "code": error.code, "detail": error.detail})
+            reason = error.detail.encode()[:123].decode(
+                errors="ignore"
+            )  # a close reason is at most 123 bytes
+            await websocket.close(code=close_code, reason=reason)
+
+        async def push(samples: np.ndarray) -> None:
+            nonlocal pushed
+            if samples.size:
+                await call(backend.push_audio, session_id, samples)
+                pushed += samples.size
+                metrics.observe_audio("websocket", samples.size / TARGET_SAMPLE_RATE)
+
+        presented = _bearer(websocket.headers.get("authorization"))
+        authorized = _key_matches(settings, presented)
+        if presented is not None and not authorized:
+            await fail(WS_UNAUTHORIZED, ApiError(401, "unauthorized", "the API key is wrong"))
+            return
+        if not authorized or sample_rate is None:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            try:
+                hello = json.loads(message.get("text") or "")
+                if not isinstance(hello, dict):
+                    raise ValueError("not an object")
+            except ValueError:
+                await fail(
+                    WS_INVALID,
+                    ApiError(
+                        422,
+                        "invalid_request",
+                        'the first message must be JSON text: {"sample_rate": 16000, "api_key": "..."}',
+                    ),
+                )
+                return
+            if not authorized and not _key_matches(settings, hello.get("api_key")):
+                await fail(
+                    WS_UNAUTHORIZED,
+                    ApiError(
+                        401,
+                        "unauthorized",
+                        "the API key is missing or wrong; send it in the Authorization header or the first "
+                        "message's api_key",
+                    ),
+                )
+                return
+            sample_rate = sample_rate if sample_rate is not None else hello.get("sample_rate")
+        if not isinstance(sample_rate, int) or isinstance(sample_rate, bool):
+            await fail(
+                WS_INVALID,
+                ApiError(
+                    422,
+                    "unsupported_sample_rate",
+                    "declare an integer sample_rate (query parameter or first message)",
+                ),
+            )
+            return
+        try:
+            ingest.check_rate(sample_rate)
+            info: SessionInfo = await call(backend.get, session_id)
+            if info.state not in LIVE_STATES:
+                raise _backend_error(SessionEnded(session_id, info.reason))
+        except ApiError as exc:
+            await fail(4000 + exc.status, exc)
+            return
+        await websocket.send_json({"type": "ready", "sample_rate": sample_rate})
+        max_frame_bytes = int(settings.max_audio_seconds * sample_rate) * 2
+        resampler = StreamResampler(sample_rate)
+        try:
+            while True:
+                message = await websocket.receive()
+                if message["type"] == "websocket.disconnect":
+                    break
+                data = message.get("bytes")
+                if data is not None:
+                    if len(data) > max_frame_bytes:
+                        await fail(
+                            WS_TOO_LARGE,
+                            ApiError(
+                                413,
+                                "too_large",
+                                f"a frame of {len(data)} bytes is over the limit of {max_frame_bytes} bytes "
+                                f"({settings.max_audio_seconds:g} s)",
+                            ),
+                        )
+                        break
+                    samples = decode_pcm16(data)
+                    await push(resampler.push(samples))
+                    continue
+                try:
+                    command = json.loads(message.get("text") or "")
+                except ValueError:
+                    command = None
+                if not isinstance(command, dict) or command.get("type") != "flush":
+                    await fail(
+                        WS_INVALID,
+                        ApiError(
+                            422,
+                            "invalid_request",
+                            'text messages after the first must be {"type": "flush"}; audio goes in binary '
+                            "frames",
+                        ),
+                    )
+                    break
+                await push(resampler.flush())
+                resampler = StreamResampler(sample_rate)
+                await websocket.send_json({"type": "flushed", "samples": pushed})
+        except PcmFormatError as exc:
+            await fail(WS_INVALID, ApiError(422, "invalid_audio", str(exc)))
+        except ApiError as exc:
+            await fail(4000 + exc.status, exc)
+        finally:
+            # Whatever the client sent before leaving is accepted: push the resampler's held-back tail.
+            try:
+                await push(resampler.flush())
+            except ApiError as exc:
+                log.info(
+                    "session %s: audio tail after the WebSocket closed not pushed: %s", session_id, exc.detail
+                )
+
+    @app.post(
+        "/v1/sessions/{session_id}/speakers",
+        response_model=SessionInfo,
+        responses=_ERROR_RESPONSES,
+        dependencies=v1,
+        max_body_size=DEFAULT_BODY_LIMIT,
+        tags=["sessions"],
+    )
+    async def set_speakers(session_id: str, update: SpeakersUpdate) -> SessionInfo:
+        """Which characters speak from now on; the others listen (silence embedding)."""
+        return await call(backend.set_speakers, session_id, update.speaking)
+
+    @app.post(
+        "/v1/sessions/{session_id}/clear",
+        status_code=204,
+        responses=_ERROR_RESPONSES,
+        dependencies=v1,
+        max_body_size=DEFAULT_BODY_LIMIT,
+        tags=["sessions"],
+    )
+    async def clear(session_id: str) -> Response:
+        """Barge-in: drop queued audio and unplayed video; the session goes on."""
+        await call(backend.clear, session_id)
+        return Response(status_code=204)
+
+    @app.delete(
+        "/v1/sessions/{session_id}",
+        response_model=SessionInfo,
+        responses=_ERROR_RESPONSES,
+        dependencies=v1,
+        tags=["sessions"],
+    )
+    async def close_session(session_id: str) -> SessionInfo:
+        """End the call and free its caches."""
+        info: SessionInfo = await call(backend.close, session_id)
+        log.info("session %s closed", session_id)
+        return info
+
+    @app.get("/healthz", tags=["health"])
+    async def healthz() -> dict[str, str]:
+        """The process is up and answering."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}}, tags=["health"])
+    async def readyz() -> JSONResponse:
+        """Ready when the backend has warmed up and there is room for another session."""
+        try:
+            ok, reason = await run_in_threadpool(backend.ready)
+            if ok:
+                sessions = await run_in_threadpool(backend.list_sessions)
+                live = sum(1 for s in sessions if s.state in LIVE_STATES)
+                if live >= settings.max_sessions:
+                    ok, reason = False, f"at capacity: {live} of {settings.max_sessions} sessions are live"
+        except Exception as exc:  # readiness must answer even when the backend is broken
+            log.exception("readiness check failed")
+            ok, reason = False, f"readiness check failed: {exc}"
+        return JSONResponse(Readiness(ready=ok, reason=reason).model_dump(), status_code=200 if ok else 503)
+
+    @app.get("/metrics", tags=["health"], response_class=Response)
+    async def metrics_text() -> Response:
+        """Prometheus exposition of the tm_ series."""
+        body, content_type = metrics.render()
+        return Response(content=body, media_type=content_type)
+
+    return app

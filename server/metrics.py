@@ -1,0 +1,169 @@
+"""Prometheus metrics of the master (prefix ``tm_``) and the small recorder API the runtime calls.
+
+Each ``Metrics`` owns its own ``CollectorRegistry``, so several apps (tests, embedded servers) never collide
+in the process-global default registry. ``GET /metrics`` serves ``Metrics.render()``.
+
+Series:
+
+- ``tm_ttbc_seconds`` (histogram): time between consecutive published chunks. Buckets are dense (every
+  25 ms) from 0.6 s to 0.9 s around the 0.75 s chunk duration, where "just real-time" and "just late" must be
+  told apart, and coarse elsewhere.
+- ``tm_deadline_misses_total`` (counter): chunks whose TTBC exceeded their deadline (the chunk's duration).
+- ``tm_chunks_total`` (counter): published chunks that were timed.
+- ``tm_stage_seconds{stage}`` (histogram): per-chunk time of each pipeline stage (prepare, score, transfer,
+  decode, publish).
+- ``tm_first_frame_latency_seconds`` (histogram): audio in → first frame published.
+- ``tm_playout_buffer_seconds{session}`` (gauge): generated video not yet played, per live session.
+- ``tm_active_sessions`` (gauge).
+- ``tm_av_offset_seconds`` (gauge, last value) and ``tm_av_offset_observed_seconds`` (histogram): audio time
+  minus video time at the publisher; positive = audio ahead.
+- ``tm_audio_received_seconds_total{transport}`` (counter): speech accepted by the API (http, websocket).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+STAGES = ("prepare", "score", "transfer", "decode", "publish")
+TRANSPORTS = ("http", "websocket")
+CHUNK_SECONDS = 0.75  # 12 frames at 16 fps
+
+
+def _dense_around_chunk() -> tuple[float, ...]:
+    coarse_low = (0.1, 0.2, 0.3, 0.4, 0.5)
+    dense = tuple(round(0.6 + 0.025 * i, 3) for i in range(13))  # 0.600 … 0.900
+    coarse_high = (1.0, 1.25, 1.5, 2.0, 3.0, 5.0)
+    return coarse_low + dense + coarse_high
+
+
+TTBC_BUCKETS = _dense_around_chunk()
+STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.75, 1.0, 1.5, 2.5, 5.0)
+FIRST_FRAME_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 10.0, 20.0)
+# One video frame at 16 fps is 62.5 ms: buckets in fractions of a frame on both sides.
+AV_OFFSET_BUCKETS = (-0.25, -0.125, -0.0625, -0.03125, -0.015625, 0.0, 0.015625, 0.03125, 0.0625, 0.125, 0.25)
+
+
+def _finite(value: float, what: str) -> float:
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{what} must be a finite number of seconds, got {value!r}")
+    return value
+
+
+class Metrics:
+    """The ``tm_`` series of one server, in a registry of its own. Thread-safe (prometheus-client is)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.ttbc = Histogram(
+            "tm_ttbc_seconds", "Time between consecutive published chunks", buckets=TTBC_BUCKETS, registry=r
+        )
+        self.deadline_misses = Counter(
+            "tm_deadline_misses", "Chunks whose TTBC exceeded the chunk's duration", registry=r
+        )
+        self.chunks = Counter("tm_chunks", "Published chunks with a TTBC sample", registry=r)
+        self.stage = Histogram(
+            "tm_stage_seconds",
+            "Per-chunk time of a pipeline stage",
+            ["stage"],
+            buckets=STAGE_BUCKETS,
+            registry=r,
+        )
+        self.first_frame = Histogram(
+            "tm_first_frame_latency_seconds",
+            "Audio in to first frame published",
+            buckets=FIRST_FRAME_BUCKETS,
+            registry=r,
+        )
+        self.playout_buffer = Gauge(
+            "tm_playout_buffer_seconds", "Generated video not yet played out", ["session"], registry=r
+        )
+        self.active_sessions = Gauge("tm_active_sessions", "Sessions starting or running", registry=r)
+        self.av_offset = Gauge(
+            "tm_av_offset_seconds", "Last A/V offset at the publisher (audio minus video)", registry=r
+        )
+        self.av_offset_hist = Histogram(
+            "tm_av_offset_observed_seconds",
+            "A/V offset at the publisher (audio minus video)",
+            buckets=AV_OFFSET_BUCKETS,
+            registry=r,
+        )
+        self.audio_received = Counter(
+            "tm_audio_received_seconds", "Speech accepted by the API", ["transport"], registry=r
+        )
+        for stage in STAGES:  # export every stage from the start, so dashboards see zeros, not gaps
+            self.stage.labels(stage=stage)
+        for transport in TRANSPORTS:
+            self.audio_received.labels(transport=transport)
+        self._sessions: set[str] = set()
+        self._lock = threading.Lock()
+
+    def observe_chunk(
+        self, ttbc_s: float, stages: Mapping[str, float], deadline_s: float = CHUNK_SECONDS
+    ) -> None:
+        """One published chunk: its TTBC, each stage's seconds, and its deadline (the chunk's duration).
+
+        Raises:
+            ValueError: a stage outside ``STAGES`` (labels are a closed set), or a non-finite time.
+        """
+        ttbc_s = _finite(ttbc_s, "ttbc_s")
+        unknown = set(stages) - set(STAGES)
+        if unknown:
+            raise ValueError(f"unknown stage(s) {sorted(unknown)}; the stages are {', '.join(STAGES)}")
+        self.ttbc.observe(ttbc_s)
+        self.chunks.inc()
+        if ttbc_s > _finite(deadline_s, "deadline_s"):
+            self.deadline_misses.inc()
+        for stage, seconds in stages.items():
+            self.stage.labels(stage=stage).observe(_finite(seconds, f"stage {stage!r}"))
+
+    def observe_first_frame(self, seconds: float) -> None:
+        """Audio in → first frame published, for one speech segment or session start."""
+        self.first_frame.observe(_finite(seconds, "first-frame latency"))
+
+    def set_buffer(self, session: str, seconds: float) -> None:
+        """The session's playout buffer depth (generated, not yet played), seconds."""
+        self.playout_buffer.labels(session=session).set(_finite(seconds, "playout buffer"))
+
+    def set_av_offset(self, seconds: float) -> None:
+        """A/V offset measured at the publisher, audio time minus video time, seconds."""
+        seconds = _finite(seconds, "A/V offset")
+        self.av_offset.set(seconds)
+        self.av_offset_hist.observe(seconds)
+
+    def observe_audio(self, transport: str, seconds: float) -> None:
+        """Speech accepted by the API over ``transport`` (http or websocket)."""
+        if transport not in TRANSPORTS:
+            raise ValueError(f"unknown transport {transport!r}; expected one of {', '.join(TRANSPORTS)}")
+        self.audio_received.labels(transport=transport).inc(_finite(seconds, "audio duration"))
+
+    def session_started(self, session: str) -> None:
+        """A session began; counted once per id."""
+        with self._lock:
+            if session in self._sessions:
+                return
+            self._sessions.add(session)
+            self.active_sessions.inc()
+
+    def session_ended(self, session: str) -> None:
+        """A session ended or failed: no longer active, and its buffer series is removed (bounded label
+        cardinality over hours of sessions). Unknown or already ended ids are ignored."""
+        with self._lock:
+            if session not in self._sessions:
+                return
+            self._sessions.discard(session)
+            self.active_sessions.dec()
+        try:
+            self.playout_buffer.remove(session)
+        except KeyError:
+            pass
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition text and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
