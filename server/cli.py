@@ -1,0 +1,71 @@
+"""The ``talkingmachines`` command: ``run`` (the main job: image + audio -> MP4) and ``inspect``.
+
+``run`` validates everything it can before a single rank starts (bad inputs exit with code 2 and a message
+naming the problem), then starts the serving group on this machine with ``server.launcher.launch`` — or,
+under an external ``torchrun`` (multi-node; see ``server.launcher``), runs this process's rank directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from server.launcher import launch, under_torchrun
+from server.run_options import build_run_parser, options_from_args, validate_inputs
+
+EXIT_USAGE = 2
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="talkingmachines", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser(
+        "run",
+        help="generate a talking-head MP4 from a portrait and a speech clip",
+        description="Generate a talking-head MP4 from a portrait and a speech clip with the real "
+        "master/worker pipeline on this machine. The tiny preset's weights are seeded random: its video is "
+        "noise; the pipeline, the timing and the audio/video sync are what it shows.",
+    )
+    build_run_parser(run)
+    inspect = commands.add_parser("inspect", help="parameters, memory and FLOPs of a preset (meta device)")
+    which = inspect.add_mutually_exclusive_group(required=True)
+    which.add_argument("--preset", help="a DiT preset (the other options go to workers.inspect)")
+    which.add_argument("--vae", help="a VAE preset")
+    return parser
+
+
+def _run(args: argparse.Namespace, argv: Sequence[str], parser: argparse.ArgumentParser) -> int:
+    try:
+        options = options_from_args(args)
+        validate_inputs(options)
+    except ValueError as exc:
+        parser.error(str(exc))  # exits 2
+    rank_args = list(argv)
+    if under_torchrun():
+        from server.run_job import main as rank_main
+
+        return rank_main(rank_args)
+    # The ranks get 3 s after the first failure to report it themselves before they are stopped.
+    return launch(options.topology(), "server.run_job:main", rank_args, settle_s=3.0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _build_parser()
+    if argv[:1] == ["inspect"] and "--preset" in argv:
+        from workers.inspect import main as inspect_preset
+
+        return inspect_preset(argv[1:])
+    args = parser.parse_args(argv)
+    if args.command == "inspect":
+        from decoder.inspect import main_inspect_vae
+
+        print(main_inspect_vae(args.vae))
+        return 0
+    run_parser = parser._subparsers._group_actions[0].choices["run"]  # type: ignore[union-attr]
+    return _run(args, argv[1:], run_parser)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,290 @@
+"""How the master talks to the score side: the transport, separate from the scheduler and the worker loop.
+
+Two executors with one interface (``open_session``, ``submit``, ``collect``, ``close_session``,
+``shutdown``); the scheduler and the pipeline never know which topology they run on (vLLM's engine /
+executor / worker split):
+
+- ``DedicatedExecutor`` (disaggregated N+1): rank 0 only masters. Each message is broadcast from rank 0 to
+  every rank, header on the gloo ``control`` group first, then its tensors on ``data``; the SP leader
+  answers each chunk with a ``ChunkResult`` header on ``control`` and the latent on ``data`` (or a
+  ``WorkerFailed`` header). The result wait has a deadline, and a broken wait is turned into a
+  ``WorkerError`` naming the rank that died.
+- ``ColocatedExecutor`` (self-contained N): rank 0 is also a score worker (the SP leader). It broadcasts
+  the same messages to ranks 1..N-1, then runs its own ``ScoreRank`` inline so the SP collectives of all
+  ranks line up; the latent never leaves the process.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+
+from proto.liveness import PeerError
+from proto.topology import ProcessGroups
+from proto.wire import (
+    ChunkRequest,
+    ChunkResult,
+    Message,
+    SessionClose,
+    SessionOpen,
+    Shutdown,
+    TensorSpec,
+    Transfer,
+    WireError,
+    WorkerFailed,
+    broadcast_header,
+    broadcast_tensors,
+    check_specs,
+    recv_header,
+    recv_tensors,
+)
+from server.rank_registry import dead_ranks
+
+# A gloo send to a live peer completes at once; a header broadcast that takes longer is a hung world.
+_HEADER_TIMEOUT_S = 30.0
+# How long the master looks for the process that died after a collective broke (a killed process is
+# reaped by the launcher within tens of milliseconds; a remote one needs a stale heartbeat).
+_DIAGNOSE_S = 2.5
+
+
+class WorkerError(RuntimeError):
+    """The score side failed: a worker raised, died, or missed the result deadline. Names the rank."""
+
+
+@dataclass
+class ScoredChunk:
+    """A chunk's clean latent on the master.
+
+    latent: ``[16, F, h, w]`` float32 on the master's device. On CUDA it is only valid on a stream that
+        waited for ``transfer`` (``transfer.wait(stream)``); ``transfer`` is None when the latent was
+        produced on the master's current stream (colocated).
+    score_s: the workers' denoising seconds. roundtrip_s: request out to latent in, seconds.
+    """
+
+    request: ChunkRequest
+    latent: torch.Tensor
+    score_s: float
+    roundtrip_s: float
+    transfer: Transfer | None = None
+
+
+class Executor(Protocol):
+    """The master's view of the score side."""
+
+    def open_session(self, message: SessionOpen, tensors: Mapping[str, torch.Tensor]) -> None: ...
+
+    def submit(self, request: ChunkRequest, tensors: Mapping[str, torch.Tensor]) -> None: ...
+
+    def collect(self, request: ChunkRequest) -> ScoredChunk: ...
+
+    def close_session(self, message: SessionClose) -> None: ...
+
+    def shutdown(self, reason: str) -> None: ...
+
+
+class ScoreRankLike(Protocol):
+    """What ``workers.score_rank.ScoreRank`` offers the colocated master."""
+
+    def open_session(self, msg: SessionOpen, tensors: dict[str, torch.Tensor]) -> None: ...
+
+    def denoise(self, msg: ChunkRequest, tensors: dict[str, torch.Tensor]) -> torch.Tensor | None: ...
+
+    def close_session(self, msg: SessionClose) -> None: ...
+
+
+def _contiguous(tensors: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {name: t.to(device).contiguous() for name, t in tensors.items()}
+
+
+class _Broadcaster:
+    """Rank 0's side of the master -> all broadcast (header on control, tensors on data)."""
+
+    def __init__(
+        self, groups: ProcessGroups, store: dist.Store, send_stream: torch.cuda.Stream | None
+    ) -> None:
+        if not groups.is_master:
+            raise ValueError(f"executors run on the master (rank 0), not on rank {groups.rank}")
+        self.groups = groups
+        self.store = store
+        self.send_stream = send_stream
+        self.topology = groups.topology
+
+    def broadcast(self, message: Message, tensors: Mapping[str, torch.Tensor] | None = None) -> None:
+        specs: Sequence[TensorSpec] = getattr(message, "tensors", ())
+        what = f"broadcasting {type(message).__name__}"
+        try:
+            broadcast_header(message, self.groups.control, src=0, timeout_s=_HEADER_TIMEOUT_S)
+            if specs:
+                payload = _contiguous(tensors or {}, self.groups.device)
+                broadcast_tensors(specs, self.groups.data, src=0, tensors=payload, stream=self.send_stream)
+        except (PeerError, RuntimeError) as exc:
+            if isinstance(exc, WireError):
+                raise
+            raise self.lost_peer(what, exc) from exc
+
+    def find_dead(self, exclude: int | None = None, wait_s: float = _DIAGNOSE_S) -> list[int]:
+        """Score-worker ranks (other than rank 0 and ``exclude``) that have died; polls up to ``wait_s``."""
+        others = [r for r in self.topology.worker_ranks if r not in (0, exclude)]
+        deadline = time.monotonic() + wait_s
+        while others:
+            dead = dead_ranks(self.store, others)
+            if dead or time.monotonic() >= deadline:
+                return dead
+            time.sleep(0.05)
+        return []
+
+    def names(self, ranks: list[int]) -> str:
+        return "score worker " + ", ".join(f"rank {r} ({self.topology.role(r)})" for r in ranks)
+
+    def lost_peer(self, what: str, exc: BaseException) -> WorkerError:
+        """A collective broke: find the rank that died and say so."""
+        dead = self.find_dead()
+        if dead:
+            return WorkerError(
+                f"{self.names(dead)} of {self.topology.name!r} died while the master was {what}: {exc}"
+            )
+        return WorkerError(
+            f"the score side of {self.topology.name!r} failed while the master was {what}: {exc}"
+        )
+
+
+class DedicatedExecutor:
+    """Transport of a disaggregated topology: rank 0 sends requests, the SP leader returns latents.
+
+    Args:
+        groups: rank 0's process groups.
+        store: the world's store (to name a dead rank).
+        result_specs: the ``ChunkResult`` tensors the master expects (``proto.chunk_specs``).
+        result_timeout_s: deadline for a chunk's result after its request went out, seconds.
+        send_stream, recv_stream: CUDA side streams for the data-group broadcast and receive (None on CPU).
+    """
+
+    def __init__(
+        self,
+        groups: ProcessGroups,
+        store: dist.Store,
+        result_specs: Sequence[TensorSpec],
+        result_timeout_s: float,
+        send_stream: torch.cuda.Stream | None = None,
+        recv_stream: torch.cuda.Stream | None = None,
+    ) -> None:
+        self._out = _Broadcaster(groups, store, send_stream)
+        self.groups = groups
+        self.topology = groups.topology
+        self.result_specs = tuple(result_specs)
+        self.result_timeout_s = result_timeout_s
+        self.recv_stream = recv_stream
+        self._sent_at: dict[int, float] = {}
+
+    def open_session(self, message: SessionOpen, tensors: Mapping[str, torch.Tensor]) -> None:
+        self._out.broadcast(message, tensors)
+
+    def submit(self, request: ChunkRequest, tensors: Mapping[str, torch.Tensor]) -> None:
+        self._sent_at[request.chunk_index] = time.perf_counter()
+        self._out.broadcast(request, tensors)
+
+    def collect(self, request: ChunkRequest) -> ScoredChunk:
+        leader = self.topology.sp_leader
+        role = self.topology.role(leader)
+        what = f"waiting for the result of chunk {request.chunk_index} from rank {leader} ({role})"
+        try:
+            header = recv_header(
+                self.groups.control,
+                leader,
+                expect=(ChunkResult, WorkerFailed),
+                timeout_s=self.result_timeout_s,
+            )
+            if isinstance(header, WorkerFailed):
+                reported = (
+                    f"rank {header.rank} ({self.topology.role(header.rank)}) reported: {header.error}"
+                )
+                # A leader whose SP peer died reports the broken all-to-all; name the rank that died.
+                dead = self._out.find_dead(exclude=header.rank)
+                if dead:
+                    raise WorkerError(
+                        f"{self._out.names(dead)} of {self.topology.name!r} died during chunk "
+                        f"{request.chunk_index}; {reported}"
+                    )
+                raise WorkerError(f"score worker {reported} (chunk {request.chunk_index})")
+            assert isinstance(header, ChunkResult)
+            header.expect_reply_to(request)
+            check_specs("ChunkResult", self.result_specs, header.tensors)
+            transfer = recv_tensors(
+                header.tensors,
+                self.groups.data,
+                leader,
+                device=self.groups.device,
+                stream=self.recv_stream,
+                timeout_s=self.result_timeout_s,
+            )
+        except PeerError as exc:
+            raise self._out.lost_peer(what, exc) from exc
+        except RuntimeError as exc:
+            if isinstance(exc, WorkerError | WireError):
+                raise
+            raise self._out.lost_peer(what, exc) from exc
+        roundtrip = time.perf_counter() - self._sent_at.pop(request.chunk_index)
+        return ScoredChunk(
+            request=request,
+            latent=transfer.tensors["latent"],
+            score_s=header.score_seconds,
+            roundtrip_s=roundtrip,
+            transfer=transfer if transfer.event is not None else None,
+        )
+
+    def close_session(self, message: SessionClose) -> None:
+        self._out.broadcast(message)
+
+    def shutdown(self, reason: str) -> None:
+        self._out.broadcast(Shutdown(reason))
+
+
+class ColocatedExecutor:
+    """Transport of a self-contained topology: rank 0 broadcasts to ranks 1..N-1 and scores inline."""
+
+    def __init__(self, groups: ProcessGroups, store: dist.Store, score_rank: ScoreRankLike) -> None:
+        self._out = _Broadcaster(groups, store, send_stream=None)
+        self.groups = groups
+        self.score_rank = score_rank
+        self._alone = groups.topology.world_size == 1
+        self._done: dict[int, ScoredChunk] = {}
+
+    def _broadcast(self, message: Message, tensors: Mapping[str, torch.Tensor] | None = None) -> None:
+        if not self._alone:
+            self._out.broadcast(message, tensors)
+
+    def open_session(self, message: SessionOpen, tensors: Mapping[str, torch.Tensor]) -> None:
+        self._broadcast(message, tensors)
+        self.score_rank.open_session(message, _contiguous(tensors, self.groups.device))
+
+    def submit(self, request: ChunkRequest, tensors: Mapping[str, torch.Tensor]) -> None:
+        start = time.perf_counter()
+        self._broadcast(request, tensors)
+        local = _contiguous(tensors, self.groups.device)
+        try:
+            latent = self.score_rank.denoise(request, local)
+        except PeerError as exc:
+            raise self._out.lost_peer(f"denoising chunk {request.chunk_index}", exc) from exc
+        except RuntimeError as exc:
+            if "Connection closed by peer" in str(exc) or "Connection reset by peer" in str(exc):
+                raise self._out.lost_peer(f"denoising chunk {request.chunk_index}", exc) from exc
+            raise
+        if latent is None:
+            raise WorkerError("the colocated master is the SP leader but its ScoreRank returned no latent")
+        elapsed = time.perf_counter() - start
+        self._done[request.chunk_index] = ScoredChunk(request, latent, score_s=elapsed, roundtrip_s=elapsed)
+
+    def collect(self, request: ChunkRequest) -> ScoredChunk:
+        return self._done.pop(request.chunk_index)
+
+    def close_session(self, message: SessionClose) -> None:
+        self._broadcast(message)
+        self.score_rank.close_session(message)
+
+    def shutdown(self, reason: str) -> None:
+        self._broadcast(Shutdown(reason))

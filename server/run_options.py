@@ -1,0 +1,271 @@
+"""The options of ``talkingmachines run``: parsed once, validated before any rank starts, shared by all ranks.
+
+Every rank of the world receives the same argument list and parses it with ``parse_run_options``, so the
+master and the workers agree on the preset, the stream configuration and the seed without another message.
+``validate_inputs`` is the CLI's gate: bad inputs (unreadable audio, an image too large, an unknown preset,
+a worker count that does not divide the heads, a bad size) fail there with a clear message and exit code 2,
+before a single process starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from proto.model_config import ModelConfig, get_model_preset, model_preset_names
+from proto.stream_config import StreamConfig
+from proto.topology import Topology
+from proto.vae_config import get_vae_preset
+from server.audio_io import AudioDecodeError, load_audio
+from server.image_io import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
+
+# Frame size when --resolution/--height/--width are not given. The tiny preset's random VAE decodes a
+# 12-frame chunk at 128x128 in about 1.6 s on one CPU core (64x64: 0.25 s); the real presets stream at 512².
+DEFAULT_TINY_SIZE = (128, 128)
+DEFAULT_SIZE = (512, 512)
+DEFAULT_MAX_AUDIO_S = 600.0
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Validated ``run`` arguments. Sizes in pixels, times in seconds."""
+
+    image: Path
+    audio: Path
+    out: Path
+    preset: str
+    score_workers: int
+    decoder: str
+    seed: int
+    height: int
+    width: int
+    prompt: str
+    checkpoint: str | None
+    vae_checkpoint: str | None
+    wav2vec_checkpoint: str | None
+    clip_checkpoint: str | None
+    umt5_checkpoint: str | None
+    device: str
+    threads: int
+    steps: int | None
+    overlap: bool
+    chunk_timeout_s: float
+    stats_json: Path | None
+    save_frames: Path | None
+    max_audio_s: float
+    max_image_pixels: int
+    progress: bool
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return get_model_preset(self.preset)
+
+    @property
+    def vae_preset(self) -> str:
+        """The VAE that matches the DiT preset: the tiny VAE for ``tiny``, Wan 2.1's for the real ones."""
+        return "tiny" if self.preset == "tiny" else "wan2.1"
+
+    def topology(self) -> Topology:
+        return Topology(
+            score_workers=self.score_workers,
+            decoder=self.decoder,  # type: ignore[arg-type]
+            device=self.device,  # type: ignore[arg-type]
+            num_heads=self.model_config.num_heads,
+            preset=self.preset,
+        )
+
+    def stream_config(self) -> StreamConfig:
+        if self.steps is None:
+            return StreamConfig(height=self.height, width=self.width)
+        # N steps spread evenly over (0, 1000], starting at pure noise: 1000, 1000 - 1000/N, …
+        steps = tuple(sorted({round(1000 - 1000 * i / self.steps) for i in range(self.steps)}, reverse=True))
+        return StreamConfig(height=self.height, width=self.width, denoising_steps=steps)
+
+
+def build_run_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add ``run``'s arguments to ``parser``."""
+    tiny_h, tiny_w = DEFAULT_TINY_SIZE
+    parser.add_argument("--image", required=True, type=Path, help="reference portrait, PNG or JPEG")
+    parser.add_argument(
+        "--audio", required=True, type=Path, help="speech, WAV/FLAC/OGG (any rate, mono or stereo)"
+    )
+    parser.add_argument("--out", required=True, type=Path, help="output MP4 (H.264 + AAC, 16 fps)")
+    parser.add_argument("--preset", default="tiny", help=f"model preset: {', '.join(model_preset_names())}")
+    parser.add_argument("--score-workers", type=int, default=1, help="N, the score workers (SP degree)")
+    parser.add_argument(
+        "--decoder",
+        choices=("dedicated", "colocated"),
+        default="dedicated",
+        help="dedicated: 1 master + N workers (disaggregated); colocated: N ranks, rank 0 also decodes",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="noise and random-weight seed")
+    parser.add_argument(
+        "--resolution",
+        default=None,
+        help=f"HxW in pixels, multiples of 16 (default {tiny_h}x{tiny_w} for tiny, fast on a CPU; "
+        f"{DEFAULT_SIZE[0]}x{DEFAULT_SIZE[1]} otherwise)",
+    )
+    parser.add_argument("--height", type=int, default=None, help="pixels (instead of --resolution)")
+    parser.add_argument("--width", type=int, default=None, help="pixels (instead of --resolution)")
+    parser.add_argument("--prompt", default="a person talking", help="text prompt (umT5)")
+    parser.add_argument("--checkpoint", default=None, help="DiT checkpoint; default: seeded random weights")
+    parser.add_argument(
+        "--vae-checkpoint", default=None, help="VAE checkpoint; default: seeded random weights"
+    )
+    parser.add_argument(
+        "--wav2vec-checkpoint", default=None, help="local wav2vec2 folder; default: tiny random"
+    )
+    parser.add_argument(
+        "--clip-checkpoint", default=None, help="local CLIP vision folder; default: tiny random"
+    )
+    parser.add_argument("--umt5-checkpoint", default=None, help="local umT5 folder; default: tiny random")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads per rank (default: cores / ranks)"
+    )
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the stream's 2)")
+    parser.add_argument(
+        "--no-overlap",
+        dest="overlap",
+        action="store_false",
+        help="disaggregated only: decode and score in turn instead of overlapping them (for comparisons)",
+    )
+    parser.add_argument(
+        "--chunk-timeout", type=float, default=60.0, help="seconds to wait for a chunk's latent"
+    )
+    parser.add_argument(
+        "--stats-json", type=Path, default=None, help="write per-chunk timings and memory here"
+    )
+    parser.add_argument(
+        "--save-frames",
+        type=Path,
+        default=None,
+        help="also write the exact uint8 frames, raw [T, H, W, 3] (to compare runs bit for bit)",
+    )
+    parser.add_argument("--max-audio-seconds", type=float, default=DEFAULT_MAX_AUDIO_S)
+    parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS)
+    parser.add_argument("--quiet", dest="progress", action="store_false", help="no per-chunk progress lines")
+    return parser
+
+
+def _size(args: argparse.Namespace) -> tuple[int, int]:
+    if args.resolution is not None:
+        if args.height is not None or args.width is not None:
+            raise ValueError("give either --resolution HxW or --height/--width, not both")
+        parts = args.resolution.lower().split("x")
+        if len(parts) != 2 or not all(p.isdigit() for p in parts):
+            raise ValueError(f"--resolution {args.resolution!r} must look like 128x128 (height x width)")
+        return int(parts[0]), int(parts[1])
+    default = DEFAULT_TINY_SIZE if args.preset == "tiny" else DEFAULT_SIZE
+    return args.height or default[0], args.width or default[1]
+
+
+def options_from_args(args: argparse.Namespace) -> RunOptions:
+    """Turn parsed arguments into ``RunOptions``; raises ``ValueError`` with a message for the user."""
+    get_model_preset(args.preset)  # an unknown preset raises with the valid names
+    height, width = _size(args)
+    device = args.device
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    world = args.score_workers + (1 if args.decoder == "dedicated" else 0)
+    threads = args.threads if args.threads is not None else max(1, (os.cpu_count() or 1) // max(world, 1))
+    if threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {threads}")
+    if args.steps is not None and not 1 <= args.steps <= 1000:
+        raise ValueError(f"--steps must be between 1 and 1000, got {args.steps}")
+    if args.chunk_timeout <= 0:
+        raise ValueError(f"--chunk-timeout must be positive, got {args.chunk_timeout}")
+    options = RunOptions(
+        image=args.image,
+        audio=args.audio,
+        out=args.out,
+        preset=args.preset,
+        score_workers=args.score_workers,
+        decoder=args.decoder,
+        seed=args.seed,
+        height=height,
+        width=width,
+        prompt=args.prompt,
+        checkpoint=args.checkpoint,
+        vae_checkpoint=args.vae_checkpoint,
+        wav2vec_checkpoint=args.wav2vec_checkpoint,
+        clip_checkpoint=args.clip_checkpoint,
+        umt5_checkpoint=args.umt5_checkpoint,
+        device=device,
+        threads=threads,
+        steps=args.steps,
+        overlap=args.overlap,
+        chunk_timeout_s=args.chunk_timeout,
+        stats_json=args.stats_json,
+        save_frames=args.save_frames,
+        max_audio_s=args.max_audio_seconds,
+        max_image_pixels=args.max_image_pixels,
+        progress=args.progress,
+    )
+    options.topology()  # worker count vs heads, decoder placement
+    options.stream_config()  # sizes and steps
+    get_vae_preset(options.vae_preset)
+    return options
+
+
+def parse_run_options(argv: list[str]) -> RunOptions:
+    """Parse ``run``'s arguments inside a rank (they were validated by the CLI already)."""
+    parser = build_run_parser(argparse.ArgumentParser(prog="talkingmachines run"))
+    return options_from_args(parser.parse_args(argv))
+
+
+def validate_inputs(options: RunOptions) -> None:
+    """Everything that can be checked before the world starts; raises ``ValueError`` with the fix."""
+    from server.audio_features import AudioFeaturizerConfig
+
+    try:
+        audio = load_audio(options.audio, max_seconds=options.max_audio_s)
+    except AudioDecodeError as exc:
+        raise ValueError(str(exc)) from exc
+    sample_rate = AudioFeaturizerConfig().sample_rate
+    if audio.size < sample_rate // 16:
+        raise ValueError(f"audio file {str(options.audio)!r} holds less than one video frame of audio")
+    try:
+        load_image(options.image, max_pixels=options.max_image_pixels)
+    except ImageDecodeError as exc:
+        raise ValueError(str(exc)) from exc
+    if not options.out.parent.resolve().is_dir():
+        raise ValueError(f"output directory {str(options.out.parent)!r} does not exist — create it first")
+    if options.out.suffix.lower() != ".mp4":
+        raise ValueError(f"--out {str(options.out)!r} must end in .mp4")
+    for flag, path in (
+        ("--checkpoint", options.checkpoint),
+        ("--vae-checkpoint", options.vae_checkpoint),
+        ("--wav2vec-checkpoint", options.wav2vec_checkpoint),
+        ("--clip-checkpoint", options.clip_checkpoint),
+        ("--umt5-checkpoint", options.umt5_checkpoint),
+    ):
+        if path is not None and not Path(path).exists():
+            raise ValueError(f"{flag} {path!r} does not exist")
+    if options.preset != "tiny" and options.checkpoint is None:
+        raise ValueError(
+            f"preset {options.preset!r} has no trained weights here: pass --checkpoint, or use --preset tiny "
+            "(seeded random weights)"
+        )
+    if options.device == "cuda":
+        import torch
+
+        world = options.topology().world_size
+        if torch.cuda.device_count() < world:
+            raise ValueError(
+                f"{options.topology().name!r} needs {world} GPUs, {torch.cuda.device_count()} are visible; "
+                "lower --score-workers or use --decoder colocated"
+            )
+    tokens = (options.height // 16) * (options.width // 16)
+    if tokens % options.score_workers:
+        raise ValueError(
+            f"--score-workers {options.score_workers} does not divide the {tokens} tokens of a latent frame "
+            f"at {options.height}x{options.width}; pick a size whose (H/16)·(W/16) it divides"
+        )
+    if not math.isfinite(options.max_audio_s) or options.max_audio_s <= 0:
+        raise ValueError(f"--max-audio-seconds must be positive, got {options.max_audio_s}")
