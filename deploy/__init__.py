@@ -1,0 +1,1 @@
+"""Deployment assets of talkingmachines; only the example agents (deploy.agent) are Python."""

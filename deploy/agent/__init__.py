@@ -1,0 +1,1 @@
+"""Example LiveKit agents that drive a talkingmachines avatar: a voice agent and an offline echo agent."""
