@@ -290,6 +290,18 @@ class AudioFeaturizer:
             raise ValueError(f"num_samples={num_samples} must be >= 0")
         self._append(np.zeros(num_samples, dtype=np.float32))
 
+    def silence_from(self, sample: int) -> None:
+        """Barge-in: replace every held sample from absolute index `sample` on with silence.
+
+        Chunks already taken are unaffected (their samples left the buffer or are before `sample`); audio
+        pushed afterwards continues the same timeline, so the stream's length and timing do not change.
+        """
+        start = max(0, sample - self._offset)
+        if start < self._buffer.size:
+            self._buffer = self._buffer.copy()
+            self._buffer[start:] = 0.0
+        self._audio_end = min(self._audio_end, max(sample, 0))
+
     def _append(self, pcm: np.ndarray) -> None:
         self._buffer = np.concatenate([self._buffer, pcm])
         self._received += pcm.size

@@ -1,4 +1,5 @@
-"""The ``talkingmachines`` command: ``run`` (the main job: image + audio -> MP4) and ``inspect``.
+"""The ``talkingmachines`` command: ``run`` (the main job: image + audio -> MP4), ``serve`` (the production
+server: sessions API + LiveKit, see ``server.serve``) and ``inspect``.
 
 ``run`` validates everything it can before a single rank starts (bad inputs exit with code 2 and a message
 naming the problem), then starts the serving group on this machine with ``server.launcher.launch`` — or,
@@ -13,6 +14,7 @@ from collections.abc import Sequence
 
 from server.launcher import launch, under_torchrun
 from server.run_options import build_run_parser, options_from_args, validate_inputs
+from server.serve import build_serve_parser, parse_serve_options
 
 EXIT_USAGE = 2
 
@@ -28,6 +30,13 @@ def _build_parser() -> argparse.ArgumentParser:
         "noise; the pipeline, the timing and the audio/video sync are what it shows.",
     )
     build_run_parser(run)
+    serve = commands.add_parser(
+        "serve",
+        help="the production server: sessions API, LiveKit avatar publishing, metrics",
+        description="Serve live avatar sessions: FastAPI control plane on rank 0, LiveKit publishing, "
+        "silence-mode video between utterances. The tiny preset's weights are seeded random.",
+    )
+    build_serve_parser(serve)
     inspect = commands.add_parser("inspect", help="parameters, memory and FLOPs of a preset (meta device)")
     which = inspect.add_mutually_exclusive_group(required=True)
     which.add_argument("--preset", help="a DiT preset (the other options go to workers.inspect)")
@@ -50,6 +59,20 @@ def _run(args: argparse.Namespace, argv: Sequence[str], parser: argparse.Argumen
     return launch(options.topology(), "server.run_job:main", rank_args, settle_s=3.0)
 
 
+def _serve(argv: list[str], parser: argparse.ArgumentParser) -> int:
+    try:
+        parse_serve_options(argv)
+    except ValueError as exc:
+        parser.error(str(exc))  # exits 2
+    if under_torchrun():
+        from server.serve import main as rank_main
+
+        return rank_main(argv)
+    from server.serve import serve_local
+
+    return serve_local(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _build_parser()
@@ -63,7 +86,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         print(main_inspect_vae(args.vae))
         return 0
-    run_parser = parser._subparsers._group_actions[0].choices["run"]  # type: ignore[union-attr]
+    choices = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    if args.command == "serve":
+        return _serve(argv[1:], choices["serve"])
+    run_parser = choices["run"]
     return _run(args, argv[1:], run_parser)
 
 

@@ -96,6 +96,24 @@ def test_features_do_not_depend_on_how_audio_was_pushed() -> None:
         np.testing.assert_array_equal(got.pcm, want.pcm)
 
 
+def test_silence_from_equals_having_pushed_silence_after_the_cut() -> None:
+    audio = _speech_like(3.0)
+    cut = 20_000
+    barged = AudioFeaturizer(AudioFeaturizerConfig(left_context_s=1.0))
+    barged.push(audio)
+    barged.silence_from(cut)
+    barged.end_of_stream()
+    reference = AudioFeaturizer(AudioFeaturizerConfig(left_context_s=1.0))
+    reference.push(audio[:cut])
+    reference.push_silence(audio.size - cut)
+    reference.end_of_stream()
+    got, want = _all_chunks(barged), _all_chunks(reference)
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g.features, w.features, rtol=0, atol=0)
+        assert torch.equal(g.speaking, w.speaking)
+
+
 def test_audio_past_the_lookahead_does_not_change_a_chunk() -> None:
     audio = _speech_like(2.0)
     early = AudioFeaturizer(AudioFeaturizerConfig())

@@ -1,0 +1,575 @@
+"""The ``SessionBackend`` of ``talkingmachines serve``: live sessions on one serving group.
+
+Threads (all on the master, rank 0):
+
+- API threads (uvicorn's worker pool) call the ``SessionBackend`` methods. ``create_session`` does the
+  session set-up there (VAE encode of the reference image, CLIP and umT5, the LiveKit join) and then asks the
+  engine to open the session on the workers; the other methods only touch thread-safe session state.
+- The **engine thread** is the only one that talks to the score side (the executor's collectives must be
+  issued in one order by one thread). Each tick it picks, among the running sessions whose playout buffer is
+  below ``ahead_s`` (≈ one chunk), the one whose playout runs dry first (earliest deadline — round-robin
+  when all are equally served), prepares its next chunk (speech if there is some, else silence mode), scores
+  it, decodes it and hands frames + audio to the session's output. Generation therefore stays a bounded
+  distance ahead of playout, and an idle session keeps its video alive with silence chunks.
+- The **LiveKit loop** (one asyncio loop thread) runs every session's publisher, avatar-worker protocol and
+  real-time player.
+
+Failure: a ``WorkerError`` from the executor, or a score-worker process found dead (checked every tick via
+``dead_workers``), fails every live session with a reason naming the rank; ``ready()`` turns false and new
+sessions get 503; the master, its API and its metrics stay up.
+
+Timing semantics in serve: generation is paced by playout, so the wall-clock gap between chunks is the
+playout rate by construction. The TTBC this backend reports is therefore the chunk's *busy time* (prepare +
+score + transfer + decode + publish hand-off), i.e. the time between chunks when the generator runs flat out
+(which it does whenever a buffer is low); a deadline miss is a busy time above the chunk's duration.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from decoder.encode import I2VConditioning, fit_to_size, image_to_tensor
+from decoder.streaming import DecodeSession
+from decoder.vae import WanVAE
+from proto.api import Face, FileOutput, LiveKitOutput, SessionCreate, SessionInfo, SessionState, TTBCStats
+from proto.chunk_specs import pad_text_context, session_open_specs
+from proto.model_config import ModelConfig
+from proto.stream_config import StreamConfig
+from proto.wire import SessionClose, SessionOpen, TensorSpec
+from server.audio_features import (
+    AudioFeaturizer,
+    AudioFeaturizerConfig,
+    build_wav2vec2,
+    check_matches,
+    featurizer_config_for,
+)
+from server.backend import BackendFailed, InvalidRequest, NoCapacity, SessionEnded, UnknownSession
+from server.conditioning import ConditioningEncoders
+from server.executor import Executor, WorkerError
+from server.live_session import (
+    AsyncLoopThread,
+    FileSessionOutput,
+    LiveKitSessionOutput,
+    LiveSession,
+    PlayoutHooks,
+    SpeechFeed,
+)
+from server.livekit.avatar_protocol import AvatarProtocol
+from server.livekit.publisher import LiveKitPublisher
+from server.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+_TICK_S = 0.005
+_WORKER_CHECK_S = 0.25
+_ENDED_KEPT = 256  # ended/failed sessions whose info stays visible
+_ENGINE_CALL_TIMEOUT_S = 120.0
+_LIVEKIT_JOIN_TIMEOUT_S = 20.0
+
+
+@dataclass(frozen=True)
+class LiveConfig:
+    """How the backend runs sessions.
+
+    ahead_s: generate a session's next chunk while its playout buffer holds less than this (seconds).
+    video_bitrate: LiveKit encoder ceiling, bits/s.
+    sync_probe: paint frames with loud audio white (A/V offset measurements; off in production).
+    video_delay_frames: LiveKit video sent this many frames after its audio (receive-path compensation).
+    """
+
+    model: ModelConfig
+    stream: StreamConfig
+    seed: int = 0
+    default_prompt: str = "a person talking"
+    ahead_s: float = 0.75
+    video_bitrate: int = 1_000_000
+    sync_probe: bool = False
+    video_delay_frames: int = 1
+    wav2vec_checkpoint: str | None = None
+
+
+@dataclass
+class _Entry:
+    session: LiveSession
+    faces: list[Face]
+    identity: str | None
+
+
+class LiveBackend:
+    """Runs live sessions on a serving group (see the module docstring).
+
+    Args:
+        config: stream/model settings of the group.
+        executor: the transport to the score side (``server.executor``); used by the engine thread only.
+        vae: the master's VAE (I2V encode at set-up, streaming decode per session).
+        encoders: CLIP + umT5 for the session conditioning.
+        metrics: the ``tm_`` recorder shared with the API.
+        dead_workers: returns descriptions of score-worker ranks that died (empty when all live).
+        warm_up: run one chunk of a throw-away session before reporting ready.
+    """
+
+    def __init__(
+        self,
+        config: LiveConfig,
+        executor: Executor,
+        vae: WanVAE,
+        encoders: ConditioningEncoders,
+        metrics: Metrics,
+        dead_workers: Callable[[], list[str]] | None = None,
+        warm_up: bool = True,
+    ) -> None:
+        self.config = config
+        self.executor = executor
+        self.vae = vae
+        self.encoders = encoders
+        self.metrics = metrics
+        self.dead_workers = dead_workers
+        self.warm_up = warm_up
+        self._featurizer_config, self._wav2vec, self._normalize = self._audio_front_end(config)
+        self._lock = threading.Lock()
+        self._setup_lock = threading.Lock()
+        self._sessions: dict[str, _Entry] = {}
+        self._ended: collections.OrderedDict[str, SessionInfo] = collections.OrderedDict()
+        self._commands: queue.Queue[tuple[Callable[[], Any], Future[Any]]] = queue.Queue()
+        self._stop = threading.Event()
+        self._ready = False
+        self._failed: str | None = None
+        self._loop = AsyncLoopThread()
+        self._engine = threading.Thread(target=self._run_engine, name="master-engine", daemon=True)
+        self._last_worker_check = 0.0
+        self._last_offset_report = 0.0
+
+    # ---- lifecycle -------------------------------------------------------------------------------------
+
+    def start(self) -> LiveBackend:
+        self._engine.start()
+        return self
+
+    def wait_ready(self, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._ready or self._failed:
+                return self._ready and not self._failed
+            time.sleep(0.05)
+        return False
+
+    def shutdown(self, reason: str = "server stopping") -> None:
+        """End every session, tell the workers to stop, stop the threads."""
+        for session_id in list(self._sessions):
+            try:
+                self.close(session_id, reason=reason)
+            except Exception:  # shutting down: one broken session must not keep the others open
+                log.exception("closing session %s at shutdown failed", session_id)
+        if self._engine.is_alive():
+            if self._failed is None:
+                self._call(lambda: self.executor.shutdown(reason), timeout_s=10)
+            self._stop.set()
+            self._engine.join(timeout=10)
+        self._loop.stop()
+
+    # ---- SessionBackend --------------------------------------------------------------------------------
+
+    def create_session(self, spec: SessionCreate, image: np.ndarray, faces: Sequence[Face]) -> SessionInfo:
+        if self._failed is not None:
+            raise BackendFailed(self._failed)
+        if not self._ready:
+            raise NoCapacity(2.0, "the serving group is still warming up")
+        prompt = spec.prompt_spec()
+        if prompt is not None and (prompt.text_embedding or prompt.image_embedding):
+            raise InvalidRequest(
+                "this server has no store of precomputed embeddings; send prompt text instead of "
+                "text_embedding/image_embedding names"
+            )
+        text = prompt.text if prompt is not None and prompt.text else self.config.default_prompt
+        session_id = uuid.uuid4().hex[:16]
+        with self._setup_lock:
+            session, message, tensors = self._build_session(
+                session_id, image, list(faces), text, spec.speaking
+            )
+        identity: str | None = None
+        output = spec.output
+        hooks = PlayoutHooks(on_frame=session.on_frame, on_clear=session.on_clear)
+        stream = self.config.stream
+        if isinstance(output, LiveKitOutput):
+            assert output.token is not None  # the API mints one when the caller sent none
+            publisher = LiveKitPublisher(
+                output.url,
+                output.token.get_secret_value(),
+                stream.width,
+                stream.height,
+                fps=stream.fps,
+                sample_rate=session.feed.sample_rate,
+                video_bitrate=self.config.video_bitrate,
+            )
+            protocol = AvatarProtocol(agent_identity=output.agent_identity)
+            session.protocol = protocol
+            live_output = LiveKitSessionOutput(
+                self._loop,
+                publisher,
+                protocol,
+                hooks,
+                session.feed,
+                lambda: self._clear_session(session),
+                video_delay_frames=self.config.video_delay_frames,
+            )
+            try:
+                self._loop.submit(live_output.start()).result(timeout=_LIVEKIT_JOIN_TIMEOUT_S)
+            except Exception as exc:
+                raise InvalidRequest(
+                    f"could not join LiveKit room {output.room!r} at {output.url}: {exc}"
+                ) from exc
+            session.output = live_output
+            identity = output.identity
+        else:
+            assert isinstance(output, FileOutput)
+            session.output = FileSessionOutput(
+                Path(output.path), stream.width, stream.height, stream.fps, hooks
+            )
+        session.first_frame_observer = self.metrics.observe_first_frame
+        try:
+            self._call(lambda: self.executor.open_session(message, tensors))
+        except WorkerError as exc:
+            self._fail_all(str(exc))
+            session.output.close()
+            raise BackendFailed(self._failed or str(exc)) from exc
+        session.state = SessionState.running
+        with self._lock:
+            self._sessions[session_id] = _Entry(session, list(faces), identity)
+        self.metrics.session_started(session_id)
+        log.info("session %s running (%d character(s))", session_id, session.num_characters)
+        return self._info(self._sessions[session_id])
+
+    def get(self, session_id: str) -> SessionInfo:
+        with self._lock:
+            entry = self._sessions.get(session_id)
+            if entry is None:
+                if session_id in self._ended:
+                    return self._ended[session_id]
+                raise UnknownSession(session_id)
+        return self._info(entry)
+
+    def list_sessions(self) -> list[SessionInfo]:
+        with self._lock:
+            entries = list(self._sessions.values())
+            ended = list(self._ended.values())
+        return [self._info(e) for e in entries] + ended
+
+    def push_audio(self, session_id: str, pcm: np.ndarray) -> None:
+        self._live(session_id).feed.push(pcm)
+
+    def set_speakers(self, session_id: str, speaking: Sequence[int]) -> SessionInfo:
+        entry = self._live_entry(session_id)
+        beyond = [i for i in speaking if i >= entry.session.num_characters]
+        if beyond:
+            raise InvalidRequest(
+                f"speaking indices {beyond} name characters that do not exist; session {session_id!r} has "
+                f"{entry.session.num_characters} character(s), indices 0..{entry.session.num_characters - 1}"
+            )
+        entry.session.feed.set_speakers(list(speaking))
+        return self._info(entry)
+
+    def clear(self, session_id: str) -> None:
+        self._clear_session(self._live(session_id))
+
+    def close(self, session_id: str, reason: str = "closed by the client") -> SessionInfo:
+        with self._lock:
+            entry = self._sessions.get(session_id)
+            if entry is None:
+                if session_id in self._ended:
+                    return self._ended[session_id]
+                raise UnknownSession(session_id)
+        session = entry.session
+        if self._failed is None and self._engine.is_alive():
+            try:
+                self._call(lambda: self.executor.close_session(SessionClose(session_id)))
+            except WorkerError as exc:
+                self._fail_all(str(exc))
+        self._finish(entry, SessionState.ended if session.live else session.state, session.reason or reason)
+        return self.get(session_id)
+
+    def ready(self) -> tuple[bool, str]:
+        if self._failed is not None:
+            return False, self._failed
+        if not self._ready:
+            return False, "warming up the serving group"
+        return True, f"ready: {len(self._sessions)} live session(s)"
+
+    # ---- set-up ----------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _audio_front_end(config: LiveConfig) -> tuple[AudioFeaturizerConfig, Any, bool]:
+        grid = {"fps": config.stream.fps, "chunk_latents": config.stream.chunk_latent_frames}
+        common = {"checkpoint": config.wav2vec_checkpoint, "tiny_seed": config.seed, **grid}
+        audio = config.model.audio
+        cfg = AudioFeaturizerConfig(**common) if audio is None else featurizer_config_for(audio, **common)
+        model, normalize = build_wav2vec2(cfg)
+        cfg = replace(cfg, normalize=normalize)
+        if audio is not None:
+            check_matches(AudioFeaturizer(cfg, model=model), audio)
+        return cfg, model, normalize
+
+    def _featurizer(self) -> AudioFeaturizer:
+        """A featurizer sharing the server's wav2vec2 (used by the engine thread only)."""
+        return AudioFeaturizer(self._featurizer_config, model=self._wav2vec)
+
+    def _build_session(
+        self, session_id: str, image: np.ndarray, faces: list[Face], prompt: str, speaking: Sequence[int]
+    ) -> tuple[LiveSession, SessionOpen, dict[str, torch.Tensor]]:
+        model, stream = self.config.model, self.config.stream
+        conditioning = None
+        if model.has_image_branch:
+            fitted = fit_to_size(image_to_tensor(image), stream.height, stream.width)
+            conditioning = I2VConditioning(
+                self.vae,
+                fitted,
+                chunk_latents=stream.chunk_latent_frames,
+                horizon_latents=stream.train_latent_frames,
+            )
+        tensors: dict[str, torch.Tensor] = {}
+        for spec in session_open_specs(model, num_characters=len(faces)):
+            if spec.name == "context":
+                tensors["context"] = pad_text_context(self.encoders.encode_prompt(prompt), model)
+            elif spec.name == "clip_fea":
+                tensors["clip_fea"] = self.encoders.encode_image(image)
+            elif spec.name == "face_boxes":
+                tensors["face_boxes"] = torch.tensor([list(f.box_norm) for f in faces], dtype=torch.float32)
+        message = SessionOpen(
+            session_id=session_id,
+            latent_height=stream.latent_height,
+            latent_width=stream.latent_width,
+            num_characters=len(faces),
+            tensors=tuple(TensorSpec.of(name, t.contiguous()) for name, t in tensors.items()),
+        )
+        feed = SpeechFeed([self._featurizer() for _ in faces], list(speaking))
+        session = LiveSession(
+            session_id,
+            model,
+            stream,
+            feed,
+            conditioning,
+            DecodeSession(self.vae, stream.height, stream.width),
+            seed=self.config.seed,
+            sync_probe=self.config.sync_probe,
+        )
+        return session, message, tensors
+
+    # ---- helpers ---------------------------------------------------------------------------------------
+
+    def _live_entry(self, session_id: str) -> _Entry:
+        with self._lock:
+            entry = self._sessions.get(session_id)
+            if entry is None:
+                if session_id in self._ended:
+                    raise SessionEnded(session_id, self._ended[session_id].reason)
+                raise UnknownSession(session_id)
+        if not entry.session.live:
+            raise SessionEnded(session_id, entry.session.reason)
+        return entry
+
+    def _live(self, session_id: str) -> LiveSession:
+        return self._live_entry(session_id).session
+
+    def _clear_session(self, session: LiveSession) -> None:
+        if session.output is not None:
+            session.output.clear()
+
+    def _info(self, entry: _Entry) -> SessionInfo:
+        session = entry.session
+        times = session.times
+        ttbc = TTBCStats(deadline_s=self.config.stream.chunk_duration_s(1))
+        if times.ttbc:
+            values = np.asarray(times.ttbc)
+            ttbc = TTBCStats(
+                count=len(values),
+                mean_s=float(values.mean()),
+                p50_s=float(np.percentile(values, 50)),
+                p95_s=float(np.percentile(values, 95)),
+                max_s=float(values.max()),
+                deadline_s=self.config.stream.chunk_duration_s(1),
+                deadline_misses=times.deadline_misses,
+            )
+        buffered = session.output.buffered_s() if session.output is not None and session.live else 0.0
+        return SessionInfo(
+            id=session.id,
+            state=session.state,
+            reason=session.reason,
+            chunks_generated=session.chunks_generated,
+            playout_buffer_s=buffered,
+            first_frame_latency_s=times.first_frame_latency_s,
+            ttbc=ttbc,
+            livekit_identity=entry.identity,
+            faces=entry.faces,
+            speaking=sorted(session.feed.speaking),
+        )
+
+    def _finish(self, entry: _Entry, state: SessionState, reason: str) -> None:
+        """Move a session to ``ended``/``failed``: release its output and decode state, keep its info."""
+        session = entry.session
+        with self._lock:
+            if self._sessions.get(session.id) is not entry:
+                return
+            session.state, session.reason = state, reason
+            info = self._info(entry)
+            del self._sessions[session.id]
+            self._ended[session.id] = info
+            while len(self._ended) > _ENDED_KEPT:
+                self._ended.popitem(last=False)
+        if session.output is not None:
+            try:
+                session.output.close()
+            except Exception:  # the session is over either way; its output's failure is only logged
+                log.exception("closing the output of session %s failed", session.id)
+        self.metrics.session_ended(session.id)
+        level = logging.ERROR if state == SessionState.failed else logging.INFO
+        log.log(level, "session %s %s: %s", session.id, state.value, reason)
+
+    def _fail_all(self, reason: str) -> None:
+        if self._failed is None:
+            self._failed = f"the serving group failed: {reason}"
+            log.error("%s; failing every session, the API stays up (not ready)", self._failed)
+        for entry in list(self._sessions.values()):
+            self._finish(entry, SessionState.failed, self._failed)
+
+    def _call(self, fn: Callable[[], Any], timeout_s: float = _ENGINE_CALL_TIMEOUT_S) -> Any:
+        """Run ``fn`` on the engine thread (the only one that talks to the workers) and wait for it."""
+        if threading.current_thread() is self._engine:
+            return fn()
+        future: Future[Any] = Future()
+        self._commands.put((fn, future))
+        return future.result(timeout=timeout_s)
+
+    # ---- engine ----------------------------------------------------------------------------------------
+
+    def _run_engine(self) -> None:
+        try:
+            if self.warm_up:
+                self._warm_up()
+            self._ready = True
+            log.info("serving group warmed up; ready for sessions")
+        except WorkerError as exc:
+            self._fail_all(str(exc))
+        while not self._stop.is_set():
+            self._run_commands()
+            if self._failed is not None:
+                time.sleep(_TICK_S)
+                continue
+            self._check_workers()
+            session = self._pick()
+            if session is None:
+                time.sleep(_TICK_S)
+                continue
+            try:
+                self._generate(session)
+            except WorkerError as exc:
+                self._fail_all(str(exc))
+            except Exception as exc:  # a bug or bad state in one session must not take the others down
+                log.exception("session %s failed while generating", session.id)
+                entry = self._sessions.get(session.id)
+                if entry is not None:
+                    self._finish(entry, SessionState.failed, f"generation failed: {exc}")
+        self._run_commands()
+
+    def _run_commands(self) -> None:
+        while True:
+            try:
+                fn, future = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                future.set_result(fn())
+            except BaseException as exc:
+                future.set_exception(exc)
+
+    def _check_workers(self) -> None:
+        now = time.monotonic()
+        if self.dead_workers is None or now - self._last_worker_check < _WORKER_CHECK_S:
+            return
+        self._last_worker_check = now
+        dead = self.dead_workers()
+        if dead:
+            self._fail_all(f"{', '.join(dead)}; restart the server to serve again")
+
+    def _pick(self) -> LiveSession | None:
+        """The running session whose playout runs dry first among those below ``ahead_s``."""
+        best: tuple[float, LiveSession] | None = None
+        report_offset = time.monotonic() - self._last_offset_report > 1.0
+        for entry in list(self._sessions.values()):
+            session = entry.session
+            if not session.live or session.output is None:
+                continue
+            if session.output.end_reason is not None:
+                self._finish(entry, SessionState.ended, session.output.end_reason)
+                continue
+            buffered = session.output.buffered_s()
+            self.metrics.set_buffer(session.id, buffered)
+            if report_offset and isinstance(session.output, LiveKitSessionOutput):
+                stats = session.output.publisher.av_offset_stats()
+                if stats.samples:
+                    self.metrics.set_av_offset(stats.last_s)
+                self._last_offset_report = time.monotonic()
+            if buffered < self.config.ahead_s and (best is None or buffered < best[0]):
+                best = (buffered, session)
+        return best[1] if best is not None else None
+
+    def _generate(self, session: LiveSession) -> None:
+        """One chunk of ``session``: prepare, score, decode, hand to the output; record its timings."""
+        assert session.output is not None
+        start = time.perf_counter()
+        epoch = session.epoch
+        prepared = session.prepare_chunk()
+        prepared_at = time.perf_counter()
+        self.executor.submit(prepared.request, prepared.tensors)
+        scored = self.executor.collect(prepared.request)
+        scored_at = time.perf_counter()
+        frames_t = session.decoder.decode_chunk(scored.latent)
+        frames = frames_t.cpu().numpy()
+        decoded_at = time.perf_counter()
+        frames = session.probe(frames, prepared.pcm)
+        if session.epoch == epoch:
+            session.output.put_chunk(frames, prepared.pcm, prepared.first_frame)
+        done = time.perf_counter()
+        session.chunks_generated += 1
+        deadline = self.config.stream.chunk_duration_s(prepared.request.chunk_index)
+        busy = done - start
+        session.times.ttbc.append(busy)
+        if len(session.times.ttbc) > 1000:  # bounded memory over hours: keep the recent window
+            del session.times.ttbc[:500]
+        if busy > deadline:
+            session.times.deadline_misses += 1
+        self.metrics.observe_chunk(
+            busy,
+            {
+                "prepare": prepared_at - start,
+                "score": scored.score_s,
+                "transfer": max(0.0, scored.roundtrip_s - scored.score_s),
+                "decode": decoded_at - scored_at,
+                "publish": done - decoded_at,
+            },
+            deadline_s=deadline,
+        )
+
+    def _warm_up(self) -> None:
+        """Open a throw-away session, generate one chunk end to end, close it."""
+        stream = self.config.stream
+        image = np.full((stream.height, stream.width, 3), 128, np.uint8)
+        face = Face(box=(0, 0, stream.width, stream.height), box_norm=(0.0, 0.0, 1.0, 1.0), source="fallback")
+        session, message, tensors = self._build_session("warm-up", image, [face], "warm up", [0])
+        self.executor.open_session(message, tensors)
+        prepared = session.prepare_chunk()
+        self.executor.submit(prepared.request, prepared.tensors)
+        scored = self.executor.collect(prepared.request)
+        session.decoder.decode_chunk(scored.latent)
+        self.executor.close_session(SessionClose("warm-up"))

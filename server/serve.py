@@ -1,0 +1,472 @@
+"""``talkingmachines serve``: the production server — one serving group behind the HTTP control plane.
+
+Ranks (every rank runs ``main(argv)`` with the same arguments):
+
+- rank 0, the master: joins the world, builds the VAE, the conditioning encoders and the audio front-end,
+  starts ``server.live_backend.LiveBackend`` (engine thread + LiveKit loop thread; it warms the group up with
+  one throw-away chunk before ``/readyz`` turns true) and serves the FastAPI app of ``server.api`` with
+  uvicorn on the main thread (uvicorn handles SIGINT/SIGTERM; on exit every session is closed and the
+  workers get ``Shutdown``);
+- ranks 1..: score workers, ``workers.worker_loop.run_worker_loop``.
+
+On one machine ``serve_local`` starts the group **without** ``server.launcher.launch``: that launcher tears
+the whole world down when any rank fails, but a server must outlive its workers (a dead worker fails its
+sessions, ``/readyz`` turns false, the API keeps answering). So this process hosts the world's store, runs
+rank 0 itself and spawns ranks 1.. as ``python -m server.launcher server.serve:main ARGS`` children (which die
+with it, via ``PR_SET_PDEATHSIG``). Under an external ``torchrun`` each rank calls ``main`` directly.
+
+Configuration: ``--config FILE`` (TOML or JSON). Its ``[api]`` table is ``server.settings.ApiSettings``
+(API key, limits, CORS, LiveKit credentials; ``TALKINGMACHINES_*`` environment variables override it); its
+``[serve]`` table gives defaults for the command-line options below (same names, ``-`` or ``_``), e.g.::
+
+    [serve]
+    preset = "tiny"
+    resolution = "32x32"
+    decoder = "colocated"
+
+    [api]
+    api_key = "change-me"
+    livekit_api_key = "devkey"
+    livekit_api_secret = "secret"
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from proto.liveness import Heartbeat
+from proto.model_config import ModelConfig, get_model_preset, model_preset_names
+from proto.stream_config import StreamConfig
+from proto.topology import Topology
+from proto.vae_config import get_vae_preset
+from server.settings import ApiSettings
+
+log = logging.getLogger("talkingmachines.serve")
+
+DEFAULT_TINY_SIZE = (32, 32)  # fast enough for real time on a CPU core (decode ≈ 0.1 s per 0.75 s chunk)
+DEFAULT_SIZE = (512, 512)
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+_LAUNCHER_PID_ENV = "TM_LAUNCHER_PID"  # server.launcher's die-with-parent contract
+_WORKER_ENTRY = "server.serve:main"
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """Validated ``serve`` arguments (sizes in pixels, times in seconds)."""
+
+    config: Path | None
+    host: str | None
+    port: int | None
+    preset: str
+    score_workers: int
+    decoder: str
+    seed: int
+    height: int
+    width: int
+    prompt: str
+    checkpoint: str | None
+    vae_checkpoint: str | None
+    wav2vec_checkpoint: str | None
+    clip_checkpoint: str | None
+    umt5_checkpoint: str | None
+    device: str
+    threads: int
+    chunk_timeout_s: float
+    ahead_s: float
+    video_bitrate: int
+    sync_probe: bool
+    video_delay_frames: int
+    log_level: str
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return get_model_preset(self.preset)
+
+    def topology(self) -> Topology:
+        return Topology(
+            score_workers=self.score_workers,
+            decoder=self.decoder,  # type: ignore[arg-type]
+            device=self.device,  # type: ignore[arg-type]
+            num_heads=self.model_config.num_heads,
+            preset=self.preset,
+        )
+
+    def stream_config(self) -> StreamConfig:
+        return StreamConfig(height=self.height, width=self.width)
+
+    def api_settings(self) -> ApiSettings:
+        # ApiSettings reads a file's [api] table, or the whole document when there is none (an API-only
+        # file); a file with only a [serve] table leaves the API settings to the environment.
+        serve_only = self.config is not None and {"serve"} >= set(_read_document(self.config))
+        settings = ApiSettings.load(None if serve_only else self.config)
+        update = {k: v for k, v in (("host", self.host), ("port", self.port)) if v is not None}
+        return settings.model_copy(update=update) if update else settings
+
+
+def build_serve_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add ``serve``'s arguments to ``parser``."""
+    parser.add_argument("--config", type=Path, default=None, help="TOML/JSON with [api] and [serve] tables")
+    parser.add_argument("--host", default=None, help="bind address (default: the config's, 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=None, help="HTTP port (default: the config's, 8000)")
+    parser.add_argument("--preset", default="tiny", help=f"model preset: {', '.join(model_preset_names())}")
+    parser.add_argument("--score-workers", type=int, default=1, help="N, the score workers (SP degree)")
+    parser.add_argument("--decoder", choices=("dedicated", "colocated"), default="dedicated")
+    parser.add_argument("--seed", type=int, default=0, help="noise and random-weight seed")
+    parser.add_argument(
+        "--resolution",
+        default=None,
+        help=f"HxW, multiples of 16 (default {DEFAULT_TINY_SIZE[0]}x{DEFAULT_TINY_SIZE[1]} for tiny: "
+        f"real time on a CPU; {DEFAULT_SIZE[0]}x{DEFAULT_SIZE[1]} otherwise)",
+    )
+    parser.add_argument("--prompt", default="a person talking", help="prompt when a session brings none")
+    parser.add_argument("--checkpoint", default=None, help="DiT checkpoint; default: seeded random weights")
+    parser.add_argument("--vae-checkpoint", default=None)
+    parser.add_argument("--wav2vec-checkpoint", default=None)
+    parser.add_argument("--clip-checkpoint", default=None)
+    parser.add_argument("--umt5-checkpoint", default=None)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per rank")
+    parser.add_argument("--chunk-timeout", type=float, default=10.0, help="seconds to wait for a latent")
+    parser.add_argument(
+        "--ahead",
+        type=float,
+        default=0.75,
+        help="generate while a session's playout buffer is below this (s)",
+    )
+    parser.add_argument("--video-bitrate", type=int, default=1_000_000, help="LiveKit video bits/s")
+    parser.add_argument(
+        "--sync-probe",
+        action="store_true",
+        help="paint frames whose audio is loud white (to measure A/V offset at a subscriber; not for users)",
+    )
+    parser.add_argument(
+        "--video-delay-frames",
+        type=int,
+        default=1,
+        help="send LiveKit video this many frames after its audio (the receive path holds audio ~1 frame "
+        "longer; see server.live_session.LiveKitSessionOutput)",
+    )
+    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    return parser
+
+
+def _read_document(path: Path) -> dict[str, Any]:
+    """The config file as a dict (TOML or JSON); ValueError naming the file when it is unreadable."""
+    try:
+        text = path.read_text()
+        document = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except (OSError, tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"config file {str(path)!r} cannot be read as TOML/JSON: {exc}") from exc
+    if not isinstance(document, dict):
+        raise ValueError(f"config file {str(path)!r} must hold a table of settings")
+    return document
+
+
+def _config_defaults(argv: list[str]) -> dict[str, Any]:
+    """The ``[serve]`` table of ``--config FILE`` as parser defaults ({} without a config)."""
+    probe = argparse.ArgumentParser(add_help=False)
+    probe.add_argument("--config", type=Path, default=None)
+    known, _ = probe.parse_known_args(argv)
+    if known.config is None:
+        return {}
+    table = _read_document(known.config).get("serve", {})
+    if not isinstance(table, dict):
+        raise ValueError(f"config file {str(known.config)!r}: 'serve' must be a table of options")
+    return {key.replace("-", "_"): value for key, value in table.items()}
+
+
+def parse_serve_options(argv: list[str]) -> ServeOptions:
+    """Parse and validate ``serve``'s arguments (config ``[serve]`` table < command line)."""
+    parser = build_serve_parser(argparse.ArgumentParser(prog="talkingmachines serve"))
+    defaults = _config_defaults(argv)
+    known = {action.dest for action in parser._actions}
+    unknown = sorted(set(defaults) - known)
+    if unknown:
+        raise ValueError(f"config [serve] has unknown option(s) {unknown}; the options are {sorted(known)}")
+    parser.set_defaults(**defaults)
+    args = parser.parse_args(argv)
+    get_model_preset(args.preset)
+    if args.resolution is not None:
+        parts = str(args.resolution).lower().split("x")
+        if len(parts) != 2 or not all(p.isdigit() for p in parts):
+            raise ValueError(f"--resolution {args.resolution!r} must look like 32x32 (height x width)")
+        height, width = int(parts[0]), int(parts[1])
+    else:
+        height, width = DEFAULT_TINY_SIZE if args.preset == "tiny" else DEFAULT_SIZE
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    world = args.score_workers + (1 if args.decoder == "dedicated" else 0)
+    threads = args.threads if args.threads is not None else max(1, (os.cpu_count() or 1) // world)
+    if args.video_delay_frames < 0:
+        raise ValueError(f"--video-delay-frames must be >= 0, got {args.video_delay_frames}")
+    if args.chunk_timeout <= 0 or args.ahead <= 0:
+        raise ValueError("--chunk-timeout and --ahead must be positive seconds")
+    options = ServeOptions(
+        config=args.config,
+        host=args.host,
+        port=args.port,
+        preset=args.preset,
+        score_workers=args.score_workers,
+        decoder=args.decoder,
+        seed=args.seed,
+        height=height,
+        width=width,
+        prompt=args.prompt,
+        checkpoint=args.checkpoint,
+        vae_checkpoint=args.vae_checkpoint,
+        wav2vec_checkpoint=args.wav2vec_checkpoint,
+        clip_checkpoint=args.clip_checkpoint,
+        umt5_checkpoint=args.umt5_checkpoint,
+        device=device,
+        threads=threads,
+        chunk_timeout_s=args.chunk_timeout,
+        ahead_s=args.ahead,
+        video_bitrate=args.video_bitrate,
+        sync_probe=args.sync_probe,
+        video_delay_frames=args.video_delay_frames,
+        log_level=args.log_level,
+    )
+    options.topology()
+    options.stream_config()
+    tokens = (height // 16) * (width // 16)
+    if tokens % options.score_workers:
+        raise ValueError(
+            f"--score-workers {options.score_workers} does not divide the {tokens} tokens of a latent "
+            f"frame at {height}x{width}; pick a size whose (H/16)·(W/16) it divides"
+        )
+    if options.preset != "tiny" and options.checkpoint is None:
+        raise ValueError(
+            f"preset {options.preset!r} needs --checkpoint (only tiny has seeded random weights)"
+        )
+    options.api_settings()  # a missing API key or a bad [api] table fails before any rank starts
+    return options
+
+
+# ---- ranks ---------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str]) -> int:
+    """The rank entry: rank 0 serves, the others run the worker loop. Returns the rank's exit code."""
+    from server.launcher import init_rank, shutdown, world_store
+    from server.rank_registry import register_rank
+
+    options = parse_serve_options(argv)
+    torch.set_num_threads(options.threads)
+    topology = options.topology()
+    rank, groups = init_rank(topology)
+    store = world_store()
+    register_rank(store, rank)
+    heartbeat = Heartbeat(store, rank).start()
+    try:
+        score_rank = _build_score_rank(options, groups) if groups.is_worker else None
+        if groups.is_master:
+            return _serve_master(options, groups, store, score_rank)
+        from workers.worker_loop import run_worker_loop
+
+        assert score_rank is not None
+        return run_worker_loop(score_rank, groups, topology)
+    finally:
+        heartbeat.stop()
+        shutdown()
+
+
+def _build_score_rank(options: ServeOptions, groups: Any) -> Any:
+    from workers.factory import build_score_model
+    from workers.score_rank import ScoreRank
+
+    model = build_score_model(options.preset, options.checkpoint, seed=options.seed, device=groups.device)
+    return ScoreRank(model, options.stream_config(), groups)
+
+
+def _serve_master(options: ServeOptions, groups: Any, store: dist.Store, score_rank: Any) -> int:
+    import uvicorn
+
+    from proto.chunk_specs import chunk_result_specs
+    from server.api import create_app
+    from server.conditioning import ConditioningConfig, ConditioningEncoders
+    from server.executor import ColocatedExecutor, DedicatedExecutor, Executor
+    from server.live_backend import LiveBackend, LiveConfig
+    from server.metrics import Metrics
+    from server.rank_registry import dead_ranks
+
+    logging.basicConfig(
+        level=options.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    settings = options.api_settings()
+    topology = groups.topology
+    stream = options.stream_config()
+    device = groups.device
+    executor: Executor
+    if topology.disaggregated:
+        executor = DedicatedExecutor(
+            groups, store, chunk_result_specs(stream), result_timeout_s=options.chunk_timeout_s
+        )
+    else:
+        executor = ColocatedExecutor(groups, store, score_rank)
+    vae = _build_vae(options, device)
+    encoders = ConditioningEncoders.from_config(
+        ConditioningConfig.for_model(
+            options.model_config,
+            clip_checkpoint=options.clip_checkpoint,
+            umt5_checkpoint=options.umt5_checkpoint,
+            tiny_seed=options.seed,
+            device=str(device),
+        )
+    )
+    workers = [r for r in topology.worker_ranks if r != 0]
+
+    def dead_workers() -> list[str]:
+        return [f"score worker rank {r} ({topology.role(r)}) died" for r in dead_ranks(store, workers)]
+
+    metrics = Metrics()
+    config = LiveConfig(
+        model=options.model_config,
+        stream=stream,
+        seed=options.seed,
+        default_prompt=options.prompt,
+        ahead_s=options.ahead_s,
+        video_bitrate=options.video_bitrate,
+        sync_probe=options.sync_probe,
+        video_delay_frames=options.video_delay_frames,
+        wav2vec_checkpoint=options.wav2vec_checkpoint,
+    )
+    backend = LiveBackend(config, executor, vae, encoders, metrics, dead_workers=dead_workers).start()
+    app = create_app(backend, settings, metrics)
+    server = _graceful_server_class()(
+        uvicorn.Config(
+            app, host=settings.host, port=settings.port, log_level=options.log_level, lifespan="off"
+        )
+    )
+    log.info(
+        "talkingmachines serve: %s, preset %s, %dx%d @ %d fps on http://%s:%d",
+        topology.name,
+        options.preset,
+        stream.width,
+        stream.height,
+        stream.fps,
+        settings.host,
+        settings.port,
+    )
+    try:
+        server.run()
+    finally:
+        backend.shutdown()
+    return 0
+
+
+def _graceful_server_class() -> type:
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        """uvicorn's server, except that SIGINT/SIGTERM only stop it: uvicorn re-raises a caught signal
+        after its own shutdown, which would kill rank 0 before it closes the sessions (unfinished MP4s,
+        LiveKit participants left behind) and sends the workers ``Shutdown``."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+
+            def stop(signum: int, _frame: object) -> None:
+                log.info("received %s; closing every session", signal.Signals(signum).name)
+                self.should_exit = True
+
+            previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    return GracefulServer
+
+
+def _build_vae(options: ServeOptions, device: torch.device) -> Any:
+    from decoder.checkpoint import load_vae
+    from decoder.vae import build_vae
+
+    cfg = get_vae_preset("tiny" if options.preset == "tiny" else "wan2.1")
+    if options.vae_checkpoint is not None:
+        return load_vae(options.vae_checkpoint, cfg, device=device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(options.seed)
+        vae = build_vae(cfg)
+    return vae.to(device)
+
+
+# ---- one machine -----------------------------------------------------------------------------------------
+
+
+def serve_local(argv: list[str]) -> int:
+    """Run the group on this machine: host the store, spawn the score-worker ranks, be rank 0 here."""
+    options = parse_serve_options(argv)
+    topology = options.topology()
+    store = dist.TCPStore(
+        "127.0.0.1",
+        0,
+        world_size=topology.world_size,
+        is_master=True,
+        timeout=datetime.timedelta(seconds=60),
+        wait_for_workers=False,
+    )
+    env = dict(os.environ)
+    python_path = [str(_REPO_ROOT), *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]]
+    env.update(
+        PYTHONPATH=os.pathsep.join(python_path),
+        WORLD_SIZE=str(topology.world_size),
+        LOCAL_WORLD_SIZE=str(topology.world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(store.port),
+        TORCHELASTIC_USE_AGENT_STORE="True",
+        **{_LAUNCHER_PID_ENV: str(os.getpid())},
+    )
+    env.setdefault("OMP_NUM_THREADS", "1")
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "server.launcher", _WORKER_ENTRY, *argv],
+            env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
+            start_new_session=True,
+        )
+        for rank in range(1, topology.world_size)
+    ]
+    # Reap children as they exit (a dead worker then shows as gone, not as a zombie of ours).
+    for proc in workers:
+        threading.Thread(target=proc.wait, name=f"reap-{proc.pid}", daemon=True).start()
+    os.environ.update({k: env[k] for k in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")})
+    os.environ.update(RANK="0", LOCAL_RANK="0", TORCHELASTIC_USE_AGENT_STORE="True")
+    try:
+        return main(argv)
+    finally:
+        _stop_workers(workers)
+        del store
+
+
+def _stop_workers(workers: list[subprocess.Popen[bytes]], grace_s: float = 3.0) -> None:
+    for proc in workers:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+    for proc in workers:
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -1,0 +1,48 @@
+"""``talkingmachines serve`` options: config file ``[serve]`` table, command line, validation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from server.serve import parse_serve_options
+
+
+def _config(tmp_path: Path, serve: str) -> Path:
+    path = tmp_path / "serve.toml"
+    path.write_text(f'[serve]\n{serve}\n[api]\napi_key = "k"\n')
+    return path
+
+
+def test_serve_table_sets_defaults_and_the_command_line_wins(tmp_path: Path) -> None:
+    config = _config(tmp_path, 'resolution = "48x48"\ndecoder = "colocated"\nahead = 0.6')
+    options = parse_serve_options(["--config", str(config), "--ahead", "0.4", "--device", "cpu"])
+    assert (options.height, options.width, options.decoder) == (48, 48, "colocated")
+    assert options.ahead_s == 0.4
+
+
+def test_tiny_defaults_to_a_size_that_runs_in_real_time_on_a_cpu(tmp_path: Path) -> None:
+    options = parse_serve_options(["--config", str(_config(tmp_path, "")), "--device", "cpu"])
+    assert (options.height, options.width) == (32, 32)
+
+
+def test_unknown_serve_option_in_the_config_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['resolutoin'\]"):
+        parse_serve_options(["--config", str(_config(tmp_path, 'resolutoin = "32x32"'))])
+
+
+def test_a_server_without_an_api_key_refuses_to_start(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("TALKINGMACHINES_API_KEY", raising=False)
+    path = tmp_path / "serve.toml"
+    path.write_text('[serve]\nresolution = "32x32"\n')
+    with pytest.raises(ValueError, match="api_key is required"):
+        parse_serve_options(["--config", str(path), "--device", "cpu"])
+
+
+def test_a_serve_only_config_takes_the_api_key_from_the_environment(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("TALKINGMACHINES_API_KEY", "from-env")
+    path = tmp_path / "serve.toml"
+    path.write_text('[serve]\nresolution = "48x48"\n')
+    options = parse_serve_options(["--config", str(path), "--device", "cpu"])
+    assert options.api_settings().api_key.get_secret_value() == "from-env"
