@@ -21,17 +21,28 @@ def build_score_model(
     """The DiT of ``preset`` in eval mode on ``device`` in ``dtype``.
 
     With ``checkpoint``, its weights (``workers.checkpoint.load_dit_checkpoint``). Without, random weights
-    drawn on the CPU from ``seed`` alone (the global RNG is left untouched), so every rank of a world builds
-    bit-identical models; unlike Wan's training initialisation the output head and the audio key/value
-    projections are random too, so an untrained model's output depends on its inputs (visible noise, not a
-    constant) and the audio path is exercised.
+    drawn from ``seed`` alone (the global RNG state is restored afterwards), so every rank of a world builds
+    bit-identical models (ranks on the same kind of device); unlike Wan's training initialisation the output
+    head and the audio key/value projections are random too, so an untrained model's output depends on its
+    inputs (visible noise, not a constant) and the audio path is exercised.
+
+    The parameters are created directly on ``device`` in ``dtype``: an 18B model drawn in float32 on the host
+    first would need about 70 GB of host memory per rank.
     """
     config = get_model_preset(preset) if isinstance(preset, str) else preset
     if checkpoint is not None:
         model, _ = load_dit_checkpoint(checkpoint, config, dtype=dtype, device=device)
         return model.eval()
-    with torch.random.fork_rng(devices=[]):
+    device = torch.device(device)
+    rng_devices = [device] if device.type == "cuda" else []
+    default_dtype = torch.get_default_dtype()
+    with torch.random.fork_rng(devices=rng_devices):
         torch.manual_seed(seed)
-        model = WanModel(config)
-        model.init_weights(zero_head=False, zero_audio=False)
-    return model.to(device=device, dtype=dtype).eval()
+        torch.set_default_dtype(dtype)
+        try:
+            with device:
+                model = WanModel(config)
+                model.init_weights(zero_head=False, zero_audio=False)
+        finally:
+            torch.set_default_dtype(default_dtype)
+    return model.eval()
