@@ -3,9 +3,9 @@
 For every block and every slot (a denoising step index in `per-step` mode, a single slot in `clean-context`
 mode) it holds keys and values of two chunks: `FIRST` (c_0, which carries the reference image) and `PREVIOUS`
 (c_{t−1}). Keys are stored after the q/k RMSNorm and before RoPE, in head layout `[B, L, H, D]` (L = tokens
-per chunk; H = the heads this rank holds), so RoPE can be applied at use for any window position and so a
-sequence-parallel rank can keep only its heads. The storage is allocated once: memory never grows with the
-number of chunks.
+per chunk, frame-major on every topology; H = the heads this rank holds), so RoPE can be applied at use for
+any window position and so a sequence-parallel rank keeps exactly its heads' slice of what one rank keeps.
+The storage is allocated once: memory never grows with the number of chunks.
 """
 
 from __future__ import annotations

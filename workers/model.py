@@ -13,7 +13,8 @@ Differences from the original forward, all needed for streaming and none changin
   current tokens (`kv_out`), and can take a boolean mask (the full-sequence reference of sparse attention);
 - text/image cross-attention keys/values can be precomputed once per session (`cross_attention_kv`);
 - with an `sp_group`, Ulysses sequence parallelism: each rank runs its band of every frame, self-attention
-  switches to head sharding around its core, the head's output is gathered (layout in `workers/sp.py`).
+  switches to head sharding (all tokens in the unsharded frame-major order) around its core, the head's
+  output is gathered (layout in `workers/sp.py`).
 Modulation, time embedding and head run in float32 whatever the weight dtype, as in Wan.
 """
 
@@ -28,8 +29,8 @@ from proto.model_config import ModelConfig
 from workers.attention import attention
 from workers.audio import AudioConditioning, AudioProjection, frame_local_audio_attention
 from workers.rope import apply_rope, grid_positions, rope_cos_sin
-from workers.sp import band_major, check_sp_shapes, gather_frames, shard_frames
-from workers.ulysses import group_size, head_to_seq, seq_to_head
+from workers.sp import check_sp_shapes, frames_to_heads, gather_frames, heads_to_frames, shard_frames
+from workers.ulysses import group_size
 
 KV = tuple[torch.Tensor, torch.Tensor]
 Rope = tuple[torch.Tensor, torch.Tensor]
@@ -76,7 +77,8 @@ class WanSelfAttention(nn.Module):
     The core is split so sequence parallelism can wrap it: `project` gives q, k, v `[B, L, H, D]` after the
     q/k norms and before RoPE (the layout the KV cache stores); `attend` prepends a cached prefix, applies
     RoPE and calls `workers.attention.attention`. With an SP group of P ranks, `forward` projects its token
-    shard, switches q/k/v to head sharding (all L tokens, H/P heads) around `attend`, and back.
+    shard, switches q/k/v to head sharding (all L tokens in frame-major order, H/P heads) around `attend`,
+    and back.
     """
 
     def __init__(self, dim: int, num_heads: int, eps: float) -> None:
@@ -126,14 +128,16 @@ class WanSelfAttention(nn.Module):
         prefix: KV | None = None,
         mask: torch.Tensor | None = None,
         sp_group: dist.ProcessGroup | None = None,
+        frames: int = 1,
     ) -> tuple[torch.Tensor, KV]:
         """x `[B, L, dim]` → (output `[B, L, dim]`, pre-RoPE (k, v) `[B, L, H, D]` of x for caching).
 
-        With `sp_group` of P ranks: x is this rank's `[B, L/P, dim]` shard, the output is too; rope tables,
-        prefix and the returned (k, v) cover all L (+ Lp) tokens in `seq_to_head` order for H/P heads.
+        With `sp_group` of P ranks: x is this rank's band of each of its `frames` frames, `[B, L/P, dim]`
+        (`workers.sp`), the output is too; rope tables, prefix and the returned (k, v) cover all L (+ Lp)
+        tokens in frame-major order, as without SP, for this rank's H/P heads.
         """
-        q, k, v = (seq_to_head(t, sp_group) for t in self.project(x))
-        out = head_to_seq(self.attend(q, k, v, rope_q, rope_k, prefix, mask), sp_group)
+        q, k, v = (frames_to_heads(t, sp_group, frames) for t in self.project(x))
+        out = heads_to_frames(self.attend(q, k, v, rope_q, rope_k, prefix, mask), sp_group, frames)
         return self.o(out.flatten(2)), (k, v)
 
 
@@ -202,8 +206,33 @@ class WanCrossAttention(nn.Module):
                 )
             k_audio = self._heads(self.norm_k_audio(self.k_audio(audio_tokens)))
             v_audio = self._heads(self.v_audio(audio_tokens))
-            out = out + frame_local_audio_attention(q, k_audio, v_audio, face_mask)
+            out = out + _audio_attention(q, k_audio, v_audio, face_mask)
         return self.o(out.flatten(2))
+
+
+# On CPU, MKL's sgemm (behind Linear and sdpa) runs fewer than 4 rows through another kernel whose results
+# differ in the last bits. A sequence-parallel band can hold fewer than 4 tokens of a frame where the whole
+# frame holds 4 or more (e.g. 2 of 4 at 32x32 with 2 workers), so the frame-local audio attention pads each
+# frame's queries to at least this many rows, keeping every topology bit-identical.
+_MIN_FRAME_ROWS = 4
+
+
+def _audio_attention(
+    q: torch.Tensor, k_audio: torch.Tensor, v_audio: torch.Tensor, face_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """`frame_local_audio_attention` (q `[B, F·S, H, D]`, k/v `[B, C, F, N, H, D]`, face_mask `[B, C, F·S]`)
+    with each frame's S queries zero-padded to `_MIN_FRAME_ROWS` when fewer; padded rows are dropped."""
+    b, length, h, d = q.shape
+    frames = k_audio.shape[2]
+    s = length // frames
+    if s >= _MIN_FRAME_ROWS:
+        return frame_local_audio_attention(q, k_audio, v_audio, face_mask)
+    pad = _MIN_FRAME_ROWS - s
+    q = F.pad(q.reshape(b, frames, s, h, d), (0, 0, 0, 0, 0, pad)).flatten(1, 2)
+    if face_mask is not None:
+        face_mask = F.pad(face_mask.unflatten(-1, (frames, s)), (0, pad)).flatten(-2)
+    out = frame_local_audio_attention(q, k_audio, v_audio, face_mask)
+    return out.view(b, frames, _MIN_FRAME_ROWS, h, d)[:, :, :s].reshape(b, length, h, d)
 
 
 class WanAttentionBlock(nn.Module):
@@ -260,7 +289,9 @@ class WanAttentionBlock(nn.Module):
             g = y.float().view(b, frames, length // frames, dim) * m[gate][:, :, None]
             return (res.float() + g.view(b, length, dim)).type_as(res)
 
-        y, kv = self.self_attn(modulate(self.norm1(x), 1, 0), rope_q, rope_k, prefix, mask, sp_group)
+        y, kv = self.self_attn(
+            modulate(self.norm1(x), 1, 0), rope_q, rope_k, prefix, mask, sp_group, frames
+        )
         x = gated(x, y, 2)
         x = x + self.cross_attn(self.norm3(x), cross_kv, audio_tokens, face_mask)
         x = gated(x, self.ffn(modulate(self.norm2(x), 4, 3)), 5)
@@ -437,7 +468,7 @@ class WanModel(nn.Module):
         sp_group: Ulysses sequence parallelism over this group's P ranks (every rank passes the same inputs):
             each rank runs the blocks on its band of every frame (`workers.sp`), the output is gathered on
             every rank; prefix_kv and kv_out are then this rank's head shard `[B, L, H/P, D]`, tokens in
-            `workers.sp.band_major` order per chunk of F frames. No attn_mask with P > 1.
+            frame-major order as without SP (so attn_mask applies unchanged).
         """
         cfg = self.config
         b, _, frames, height, width = x.shape
@@ -462,8 +493,6 @@ class WanModel(nn.Module):
         sp = group_size(sp_group)
         frame_tokens = grid[1] * grid[2]
         if sp > 1:
-            if attn_mask is not None:
-                raise ValueError("sequence parallelism does not take an attn_mask (tokens are re-ordered)")
             check_sp_shapes(cfg.num_heads, frame_tokens, sp, cfg.name)
             h = shard_frames(h, sp_group, grid[0])
 
@@ -475,14 +504,12 @@ class WanModel(nn.Module):
 
         if frame_positions is None:
             frame_positions = torch.arange(grid[0], device=x.device)
-        pos_q = band_major(grid_positions(frame_positions, grid[1], grid[2]), sp, grid[0], frame_tokens)
+        pos_q = grid_positions(frame_positions, grid[1], grid[2])
         rope_q = rope_cos_sin(cfg, pos_q)
         if prefix_kv is not None:
             if prefix_frame_positions is None or len(prefix_kv) != len(self.blocks):
                 raise ValueError("prefix_kv needs one (k, v) per block and prefix_frame_positions")
-            # Each cached chunk was stored in its own band-major order (one forward of grid[0] frames).
-            pos_p = grid_positions(prefix_frame_positions, grid[1], grid[2])
-            pos_k = torch.cat([band_major(pos_p, sp, grid[0], frame_tokens), pos_q])
+            pos_k = torch.cat([grid_positions(prefix_frame_positions, grid[1], grid[2]), pos_q])
             rope_k = rope_cos_sin(cfg, pos_k)
         else:
             rope_k = rope_q

@@ -8,13 +8,17 @@ per-frame timestep modulation, the output head, the frame-local audio attention,
 shard unchanged, with no per-token bookkeeping. The price is that P must divide S (no padding);
 ``check_sp_shapes`` says so at start-up with the valid degrees.
 
-Around self-attention, ``workers.ulysses.seq_to_head`` concatenates the shards in rank order, so the full
-sequence a head shard sees is *rank-major*: ``[band 0 of frames 0..F−1, band 1 of frames 0..F−1, …]``.
-Softmax attention without a mask does not depend on the order of its keys, and gives each query its own
-output, so the only thing that must follow the permutation is the RoPE position of every token
-(``band_major``). Cached keys of a chunk are stored in that same order (head-sharded, ``[B, L, H/P, D]``),
-and get their positions permuted per cached chunk the same way. A boolean attention mask (the full-sequence
-references) would have to be permuted too; the SP path refuses one instead.
+Around self-attention, ``frames_to_heads`` trades the band for a head shard and puts the gathered tokens
+back in the canonical frame-major order of the unsharded model, in the same copy the all-to-all needs
+anyway; ``heads_to_frames`` undoes it. Every head therefore attends over exactly the keys, in exactly the
+order, that one rank would use: the attention's float reductions, the RoPE positions and the cached
+keys/values (``[B, L, H/P, D]``, frame-major) are those of the single-rank model, and a boolean attention
+mask applies unchanged. The token-wise layers (and cross-attention queries) see F·S/P rows instead of F·S;
+on CPU with one thread per rank, MKL's float32 GEMM gives every row the same bits whatever the row count,
+from 4 rows up (fewer take another kernel: the frame-local audio attention pads to 4, ``workers.model``).
+Together that makes the SP topologies bit-identical to one worker on CPU (float32, tested at 2 workers).
+Exceptions, by the same mechanism: sdpa splits the queries in blocks of 32/64/256 and a last block of 1–3
+rows differs, and several MKL threads partition rows differently. On GPUs exactness is not a goal.
 """
 
 from __future__ import annotations
@@ -51,22 +55,45 @@ def shard_frames(x: torch.Tensor, group: dist.ProcessGroup | None, frames: int, 
     return banded.select(dim + 1, group_rank(group)).flatten(dim, dim + 1).contiguous()
 
 
-def band_major(
-    x: torch.Tensor, sp_degree: int, frames: int, tokens_per_frame: int, dim: int = 0
-) -> torch.Tensor:
-    """Reorder a frame-major sequence ``[..., G·F·S, ...]`` (G groups of F frames of S tokens, e.g. cached
-    chunks) into the order ``seq_to_head`` produces for each group: its F frames' band 0, then band 1, …"""
-    if sp_degree == 1:
+def frames_to_heads(x: torch.Tensor, group: dist.ProcessGroup | None, frames: int) -> torch.Tensor:
+    """``[B, F·S/P, H, D]`` (this rank's band of every frame, all heads) → ``[B, F·S, H/P, D]`` (all tokens
+    in frame-major order, this rank's head group ``[p·H/P, (p+1)·H/P)``)."""
+    p = group_size(group)
+    if p == 1:
         return x
-    dim = dim % x.dim()
-    group_tokens = frames * tokens_per_frame
-    if x.shape[dim] % group_tokens != 0 or tokens_per_frame % sp_degree != 0:
+    b, local, h, d = x.shape
+    if h % p != 0 or local % frames != 0:
         raise ValueError(
-            f"band_major: {x.shape[dim]} tokens are not groups of {frames} frames × {tokens_per_frame} "
-            f"tokens split in {sp_degree} bands"
+            f"frames_to_heads: {h} heads or {local} tokens do not split into {p} head groups "
+            f"and {frames} frames"
         )
-    groups = x.unflatten(dim, (-1, frames, sp_degree, tokens_per_frame // sp_degree))
-    return groups.transpose(dim + 1, dim + 2).flatten(dim, dim + 3)
+    # [B, L/P, P, H/P, D] → [P, B, L/P, H/P, D]: chunk j of dim 0 (head group j) goes to rank j.
+    send = x.reshape(b, local, p, h // p, d).permute(2, 0, 1, 3, 4).contiguous()
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
+    # recv[j] is band j of every frame: [P, B, F, S/P, ..] → [B, F, P, S/P, ..] is frame-major.
+    band = local // frames
+    return recv.view(p, b, frames, band, h // p, d).permute(1, 2, 0, 3, 4, 5).reshape(b, p * local, h // p, d)
+
+
+def heads_to_frames(x: torch.Tensor, group: dist.ProcessGroup | None, frames: int) -> torch.Tensor:
+    """``[B, F·S, H/P, D]`` (frame-major, head group) → ``[B, F·S/P, H, D]`` (band of every frame, all heads);
+    the inverse of ``frames_to_heads``."""
+    p = group_size(group)
+    if p == 1:
+        return x
+    b, length, hp, d = x.shape
+    if length % (frames * p) != 0:
+        raise ValueError(
+            f"heads_to_frames: {length} tokens are not {frames} frames of a multiple of {p} tokens"
+        )
+    band = length // (frames * p)
+    # [B, F, P, S/P, ..] → [P, B, F, S/P, ..]: band j of every frame goes to rank j.
+    send = x.reshape(b, frames, p, band, hp, d).permute(2, 0, 1, 3, 4, 5).contiguous()
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
+    # recv[j] is my band for rank j's head group; head groups in rank order are all heads.
+    return recv.permute(1, 2, 3, 0, 4, 5).reshape(b, length // p, p * hp, d)
 
 
 def gather_frames(x: torch.Tensor, group: dist.ProcessGroup | None, frames: int) -> torch.Tensor:

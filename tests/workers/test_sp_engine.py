@@ -1,7 +1,8 @@
-"""Ulysses sequence parallelism in the streaming engine: 2 workers give the latents of 1 worker.
+"""Ulysses sequence parallelism in the streaming engine: 2 workers give exactly the latents of 1 worker.
 
-The SP world runs in real processes over gloo (tests/distributed/dist_world.py); each rank also runs the
-single-rank engine on the same inputs, so the comparison needs no cross-process plumbing.
+The SP world runs in real processes over gloo (tests/distributed/dist_world.py), one torch thread per rank;
+each rank also runs the single-rank engine on the same inputs, so the comparison needs no cross-process
+plumbing. Equality is bitwise (float32, CPU): SP attends over the keys in the single-rank order.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from proto.model_config import get_model_preset
 from proto.stream_config import StreamConfig
 from workers.audio import AudioConditioning, face_token_mask
 from workers.factory import build_score_model
-from workers.sp import band_major, check_sp_shapes, shard_frames
-from workers.streaming import StreamingDiT
+from workers.sp import check_sp_shapes, frames_to_heads, heads_to_frames, shard_frames
+from workers.streaming import StreamingDiT, sparse_causal_mask
 
 CFG = get_model_preset("tiny")
 A = CFG.audio
@@ -62,24 +63,33 @@ def _run(engine: StreamingDiT, inputs: dict) -> tuple[list[torch.Tensor], object
     return outs, state
 
 
-def _sp_equals_single(rank: int, world: int, cache_mode: str) -> None:
-    stream = StreamConfig(height=64, width=64, cache_mode=cache_mode)
+def _sp_equals_single(rank: int, world: int, cache_mode: str, size: int) -> None:
+    stream = StreamConfig(height=size, width=size, cache_mode=cache_mode)
     model = build_score_model("tiny", seed=3)
     inputs = _inputs(stream)
-    single, _ = _run(StreamingDiT(model, stream), inputs)
+    single, single_state = _run(StreamingDiT(model, stream), inputs)
     parallel, state = _run(StreamingDiT(model, stream, sp_group=dist.group.WORLD), inputs)
-    # Each rank caches its own H/P heads of every token of the chunk.
-    assert state.cache.k.shape[-3:] == (stream.tokens_per_chunk, CFG.num_heads // world, CFG.head_dim)
     for i, (a, b) in enumerate(zip(single, parallel, strict=True)):
         err = (a - b).abs().max().item()
-        assert err <= 1e-5, f"rank {rank} chunk {i}: SP {world} differs from SP 1 by {err}"
+        assert torch.equal(a, b), f"rank {rank} chunk {i}: SP {world} differs from SP 1 by {err}"
+    # Each rank caches its own H/P heads of every token of the chunk, exactly as one rank caches them.
+    heads = CFG.num_heads // world
+    assert state.cache.k.shape[-3:] == (stream.tokens_per_chunk, heads, CFG.head_dim)
+    mine = slice(rank * heads, (rank + 1) * heads)
+    assert torch.equal(state.cache.k, single_state.cache.k[..., mine, :])
+    assert torch.equal(state.cache.v, single_state.cache.v[..., mine, :])
     # The chunks are not trivially alike (the comparison can fail).
     assert (single[0] - single[2]).abs().max().item() > 1e-2
 
 
 @pytest.mark.parametrize("cache_mode", ["per-step", "clean-context"])
-def test_two_sp_workers_give_the_latents_of_one(tmp_path, cache_mode) -> None:
-    run_world(_sp_equals_single, 2, tmp_path, cache_mode)
+def test_two_sp_workers_give_bit_identical_latents_to_one(tmp_path, cache_mode) -> None:
+    run_world(_sp_equals_single, 2, tmp_path, cache_mode, 64)
+
+
+def test_two_sp_workers_are_bit_identical_when_a_band_holds_fewer_than_4_tokens_of_a_frame(tmp_path) -> None:
+    # 32x32: 4 tokens per latent frame, 2 per worker (the frame-local audio attention pads them).
+    run_world(_sp_equals_single, 2, tmp_path, "per-step", 32)
 
 
 def test_worker_count_that_does_not_divide_the_heads_is_a_clear_error() -> None:
@@ -92,8 +102,48 @@ def test_worker_count_that_does_not_divide_a_frame_is_a_clear_error() -> None:
         check_sp_shapes(4, 6, 4)
 
 
-def test_band_major_is_the_order_seq_to_head_concatenates_shards_in() -> None:
-    """2 frames of 4 tokens over 2 ranks: rank 0 holds tokens 0,1 | 4,5, rank 1 holds 2,3 | 6,7."""
+def test_without_a_group_the_band_layout_is_the_identity() -> None:
     tokens = torch.arange(8)
-    assert band_major(tokens, 2, frames=2, tokens_per_frame=4).tolist() == [0, 1, 4, 5, 2, 3, 6, 7]
     assert shard_frames(tokens[None], None, frames=2).tolist() == [tokens.tolist()]
+    x = torch.randn(1, 8, 4, 2)
+    assert torch.equal(frames_to_heads(x, None, frames=2), x)
+    assert torch.equal(heads_to_frames(x, None, frames=2), x)
+
+
+def _band_layouts(rank: int, world: int) -> None:
+    frames, tokens_per_frame, heads = 3, 4 * world, 2 * world
+    x = torch.randn(1, frames * tokens_per_frame, heads, 5, generator=torch.Generator().manual_seed(0))
+    band = shard_frames(x, dist.group.WORLD, frames)
+    # Rank p holds tokens [p·S/P, (p+1)·S/P) of every frame.
+    expected = x.unflatten(1, (frames, world, 4))[:, :, rank].flatten(1, 2)
+    assert torch.equal(band, expected)
+    # All tokens back in frame-major order, this rank's slice of heads; and the way back.
+    gathered = frames_to_heads(band, dist.group.WORLD, frames)
+    assert torch.equal(gathered, x.chunk(world, dim=2)[rank])
+    assert torch.equal(heads_to_frames(gathered, dist.group.WORLD, frames), band)
+
+
+def test_frames_to_heads_gives_every_token_in_frame_order_and_heads_to_frames_inverts_it(tmp_path) -> None:
+    run_world(_band_layouts, 2, tmp_path)
+
+
+def _masked_forward_equals_single(rank: int, world: int) -> None:
+    stream = StreamConfig(height=64, width=64)
+    model = build_score_model("tiny", seed=3)
+    inputs = _inputs(stream)
+    cross_kv = model.cross_attention_kv(inputs["context"][None], inputs["clip_fea"][None])
+    x = torch.cat([c["noise"][0] for c in inputs["chunks"]], dim=1)[None]  # 3 chunks as one sequence
+    y = torch.cat([c["y"] for c in inputs["chunks"]], dim=1)[None]
+    mask = sparse_causal_mask(CHUNKS, stream.tokens_per_chunk)
+    t = torch.tensor([500.0])
+    with torch.no_grad():
+        single = model(x, t, cross_kv=cross_kv, y=y, attn_mask=mask)
+        parallel = model(x, t, cross_kv=cross_kv, y=y, attn_mask=mask, sp_group=dist.group.WORLD)
+        unmasked = model(x, t, cross_kv=cross_kv, y=y)
+    assert torch.equal(single, parallel)
+    assert not torch.equal(single, unmasked)  # the mask matters
+
+
+def test_sp_forward_with_the_sparse_causal_mask_equals_one_rank(tmp_path) -> None:
+    """The full-sequence reference runs sequence-parallel too: tokens keep their order around attention."""
+    run_world(_masked_forward_equals_single, 2, tmp_path)
