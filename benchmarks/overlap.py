@@ -4,9 +4,10 @@ Runs ``talkingmachines run`` (tiny preset, CPU, one torch thread per rank) twice
 ``--decoder colocated`` (one process scores and decodes in turn: TTBC ≈ the sum of the stages) and
 ``--score-workers 1 --decoder dedicated`` (score on rank 1 while rank 0 decodes the previous chunk: TTBC ≈
 the slowest stage). The tiny DiT is far cheaper than the tiny VAE at any size (2 steps at 32x32: ~5 ms
-against ~75 ms), so the benchmark raises the denoising steps (``--steps``) until the two stages are
-comparable — otherwise overlap could not be told from no overlap. Steady state = chunks 1.. (chunk 0 has no
-TTBC); medians are reported with every chunk's numbers.
+against ~50 ms with the VAE's CPU Conv2d path), so the benchmark raises the denoising steps (``--steps``)
+until the two stages are comparable — otherwise overlap could not be told from no overlap. The master
+publishes (x264/AAC) on its own thread, so its critical path is the decode alone. Steady state = chunks
+1.. (chunk 0 has no TTBC); medians are reported with every chunk's numbers.
 
     python -m benchmarks.overlap --out benchmarks/results/overlap_cpu.json
 """
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--resolution", default="32x32")
-    parser.add_argument("--steps", type=int, default=32, help="denoising steps (score ≈ decode at 32x32)")
+    parser.add_argument("--steps", type=int, default=32, help="denoising steps (score comparable to decode)")
     parser.add_argument("--audio-seconds", type=float, default=6.0)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
@@ -130,8 +131,8 @@ def main(argv: list[str] | None = None) -> int:
             "disaggregated_ttbc_s": dis["ttbc"],
             "disaggregated_max_score_decode_s": slowest,
             "disaggregated_ttbc_over_max_stage": dis["ttbc"] / slowest,
-            # The master's own path also holds publishing (x264/AAC) and the worker's holds the transfer.
-            "disaggregated_max_path_s": max(dis["score"] + dis["transfer"], dis["decode"] + dis["publish"]),
+            # The worker's path also holds the transfer; the master publishes on its own thread.
+            "disaggregated_max_path_s": max(dis["score"] + dis["transfer"], dis["decode"], dis["publish"]),
             "target": "disaggregated TTBC <= 1.1 x max(score, decode)",
             "target_met": dis["ttbc"] <= 1.1 * slowest,
             "speed_up": sc["ttbc"] / dis["ttbc"],

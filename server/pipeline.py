@@ -1,10 +1,13 @@
-"""The master's chunk pipeline: score chunk t+1 while decoding and publishing chunk t.
+"""The master's chunk pipeline: score chunk t+1 while decoding chunk t and publishing chunk t−1.
 
 Schedule (overlapped, the disaggregated topologies): a transport thread submits chunk t+1's request as soon
 as the main thread has taken chunk t for decoding, prepares chunk t+2's inputs while the workers denoise,
-and receives chunk t+1's latent, while the main thread decodes chunk t, copies its frames to host memory and
-publishes them. Steady-state TTBC is then about max(score + transfer, decode + publish), not their sum.
-The workers run at most one chunk ahead of the decoder (one chunk of buffer, as in ARCHITECTURE.md §3).
+and receives chunk t+1's latent, while the main thread decodes chunk t and copies its frames to host memory,
+and a publish thread hands the frames of chunk t−1 to the sink (x264/AAC encoding for the file publisher).
+The main thread's critical path is the decode alone, and steady-state TTBC is about max(score + transfer,
+decode, publish), not their sum. The workers run at most one chunk ahead of the decoder (one chunk of
+buffer, as in ARCHITECTURE.md §3), and at most one decoded chunk waits for the publisher (bounded queue);
+chunks are published in order, and an error on any of the three threads ends the run with that error.
 
 Without overlap (the self-contained topologies: one device denoises and decodes in turn) the same steps run
 in sequence on the main thread.
@@ -33,8 +36,12 @@ from proto.wire import ChunkRequest
 from server.executor import Executor, ScoredChunk
 from server.stats import ChunkTiming, StreamStats
 
-# How often a waiting thread checks whether the other one gave up, seconds.
+# How often a waiting thread checks whether another one gave up, seconds.
 _POLL_S = 0.1
+
+# Decoded chunks that may wait for the publish thread. One keeps the decoder running while a chunk is
+# encoded; more would only add latency.
+_PUBLISH_QUEUE = 1
 
 
 @dataclass
@@ -65,7 +72,66 @@ class _Failure:
     error: BaseException
 
 
+@dataclass
+class _Decoded:
+    """A chunk's frames ``[T, H, W, 3]`` uint8 in host memory, ready to publish, and its timings so far."""
+
+    prepared: PreparedChunk
+    scored: ScoredChunk
+    frames: np.ndarray
+    decode_s: float
+
+
 _END = object()
+
+
+class _PublishThread:
+    """Publishes decoded chunks on its own thread, in order, through a bounded queue.
+
+    ``submit`` blocks while the queue is full and raises the publish thread's error, if it failed, so a
+    failing sink stops the decoder; ``close`` publishes what is queued, joins the thread and raises its error.
+    """
+
+    def __init__(self, emit: Callable[[_Decoded], None], depth: int) -> None:
+        self._emit = emit
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="master-publish", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _END:
+                return
+            try:
+                self._emit(item)  # type: ignore[arg-type]
+            except BaseException as exc:
+                self.error = exc
+                return
+
+    def submit(self, item: _Decoded) -> None:
+        while True:
+            if self.error is not None:
+                raise self.error
+            try:
+                self._queue.put(item, timeout=_POLL_S)
+                return
+            except queue.Full:
+                continue
+
+    def close(self, raise_error: bool = True) -> None:
+        """Publish the queued chunks and stop; raise the thread's error unless ``raise_error`` is False (the
+        caller is already failing with its own)."""
+        while self._thread.is_alive():
+            try:
+                self._queue.put(_END, timeout=_POLL_S)
+                break
+            except queue.Full:
+                continue
+        self._thread.join()
+        if raise_error and self.error is not None:
+            raise self.error
 
 
 class ChunkPipeline:
@@ -75,10 +141,12 @@ class ChunkPipeline:
         executor: the transport to the score side (``server.executor``).
         decoder: the session's streaming VAE decoder (on the master's device).
         sink: the publisher; ``write(frames [T, H, W, 3] uint8, audio [T * spf] float32)``.
-        overlap: run the transport on its own thread (disaggregated) or everything in turn (self-contained).
+        overlap: run the transport and the publishing on their own threads (disaggregated) or everything
+            in turn (self-contained).
         samples_per_frame: audio samples per video frame (1000 at 16 kHz and 16 fps).
         memory: returns ``{rank: RSS bytes}`` after each chunk (None: not measured).
-        on_chunk: called with each chunk's timing (progress display).
+        on_chunk: called with each chunk's timing once it is published (progress display; on the publish
+            thread when ``overlap``).
     """
 
     def __init__(
@@ -103,7 +171,11 @@ class ChunkPipeline:
         if self.cuda:
             self.decode_stream = torch.cuda.Stream(decoder.device)
             self.copy_stream = torch.cuda.Stream(decoder.device)
-        self._pinned: dict[tuple[int, ...], torch.Tensor] = {}
+        # Pinned host buffers per frame shape, used in turn. With the publish thread, one chunk is being
+        # published and _PUBLISH_QUEUE wait while the next is copied in, so that many + 2 never collide.
+        self._pinned: dict[tuple[int, ...], list[torch.Tensor]] = {}
+        self._pinned_ring = _PUBLISH_QUEUE + 2 if overlap else 1
+        self._pinned_next = 0
         self._stream_start = 0.0
         self._last_publish: float | None = None
 
@@ -116,7 +188,8 @@ class ChunkPipeline:
         else:
             for prepared in chunks:
                 self.executor.submit(prepared.request, prepared.tensors)
-                self._publish(prepared, self.executor.collect(prepared.request), stats)
+                scored = self.executor.collect(prepared.request)
+                self._publish(self._decode_chunk(prepared, scored), stats)
 
     # ---- overlapped schedule -------------------------------------------------------------------------
 
@@ -128,6 +201,7 @@ class ChunkPipeline:
             target=self._transport, args=(chunks, results, taken, stop), name="master-transport", daemon=True
         )
         thread.start()
+        publisher = _PublishThread(lambda decoded: self._publish(decoded, stats), _PUBLISH_QUEUE)
         try:
             while True:
                 item = results.get()
@@ -137,7 +211,12 @@ class ChunkPipeline:
                 if isinstance(item, _Failure):
                     raise item.error
                 prepared, scored = item  # type: ignore[misc]
-                self._publish(prepared, scored, stats)
+                publisher.submit(self._decode_chunk(prepared, scored))
+        except BaseException:
+            publisher.close(raise_error=False)  # publish what was decoded; the first error is the one raised
+            raise
+        else:
+            publisher.close()
         finally:
             stop.set()
         thread.join()
@@ -174,12 +253,17 @@ class ChunkPipeline:
 
     # ---- decode and publish --------------------------------------------------------------------------
 
-    def _publish(self, prepared: PreparedChunk, scored: ScoredChunk, stats: StreamStats) -> None:
+    def _decode_chunk(self, prepared: PreparedChunk, scored: ScoredChunk) -> _Decoded:
         start = time.perf_counter()
         frames = self._decode(scored)
-        decoded = time.perf_counter()
+        return _Decoded(prepared, scored, frames, time.perf_counter() - start)
+
+    def _publish(self, decoded: _Decoded, stats: StreamStats) -> None:
+        """Write the chunk to the sink and record its timing (on the publish thread when overlapped)."""
+        prepared, scored = decoded.prepared, decoded.scored
+        start = time.perf_counter()
         keep = prepared.keep_frames
-        self.sink.write(frames[:keep], prepared.pcm[: keep * self.samples_per_frame])
+        self.sink.write(decoded.frames[:keep], prepared.pcm[: keep * self.samples_per_frame])
         published = time.perf_counter()
         ttbc = None if self._last_publish is None else published - self._last_publish
         self._last_publish = published
@@ -189,8 +273,8 @@ class ChunkPipeline:
             prepare_s=prepared.prepare_s,
             score_s=scored.score_s,
             transfer_s=max(0.0, scored.roundtrip_s - scored.score_s),
-            decode_s=decoded - start,
-            publish_s=published - decoded,
+            decode_s=decoded.decode_s,
+            publish_s=published - start,
             published_at_s=published - self._stream_start,
             ttbc_s=ttbc,
             rss_bytes=self.memory() if self.memory is not None else {},
@@ -221,7 +305,11 @@ class ChunkPipeline:
         return host.numpy()
 
     def _pinned_buffer(self, shape: tuple[int, ...]) -> torch.Tensor:
-        """One page-locked host buffer per frame shape; reused, since publishing copies out of it."""
-        if shape not in self._pinned:
-            self._pinned[shape] = torch.empty(shape, dtype=torch.uint8, pin_memory=True)
-        return self._pinned[shape]
+        """The next of ``_pinned_ring`` page-locked host buffers of this frame shape; reused once the chunk
+        that last held it is published (publishing copies out of it)."""
+        ring = self._pinned.setdefault(shape, [])
+        slot = self._pinned_next % self._pinned_ring
+        self._pinned_next += 1
+        while len(ring) <= slot:
+            ring.append(torch.empty(shape, dtype=torch.uint8, pin_memory=True))
+        return ring[slot]
