@@ -17,6 +17,14 @@ ARG UBUNTU=ubuntu24.04
 # 0 (default) skips it: the default SDPA backend needs nothing extra.
 ARG FLASH_ATTN=0
 
+# ---- the browser call page (web/ -> server/static/call), served by `serve` at /call ------------------------
+FROM node:20-bookworm-slim AS web
+WORKDIR /build/web
+COPY web/package.json web/package-lock.json ./
+RUN npm ci --no-audit --no-fund --loglevel=error
+COPY web ./
+RUN npm run build
+
 # ---- the virtual environment: the package and its pinned dependencies ----------------------------------
 FROM nvidia/cuda:${CUDA_VERSION}-runtime-${UBUNTU} AS venv
 ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -32,6 +40,7 @@ COPY proto proto
 COPY workers workers
 COPY decoder decoder
 COPY server server
+COPY --from=web /build/server/static/call server/static/call
 COPY benchmarks benchmarks
 COPY deploy deploy
 # A regular (not editable) install: the image runs from site-packages, /src is not kept.

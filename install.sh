@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Installs talkingmachines into ./.venv on a fresh machine (Python 3.11, network access to PyPI only).
+# Installs talkingmachines into ./.venv on a fresh machine (Python 3.11; PyPI, npm and, for --test, the Go
+# module proxy and Debian packages).
 #   ./install.sh            the package and its pinned runtime dependencies
-#   ./install.sh --test     plus the test tools and the LiveKit server the integration tests run
-#                           (built from its pinned Go module into .tools/bin; needs Go >= 1.26)
+#   ./install.sh --test     plus the test tools, the LiveKit server the integration tests run (built from
+#                           its pinned Go module into .tools/bin; needs Go >= 1.26) and Chromium (Debian
+#                           packages; needs root)
+# Both build the browser call page (web/, Node.js >= 20) that `serve` shows at /call.
 # Idempotent: re-running only installs what changed.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -11,7 +14,7 @@ want_test=0
 for arg in "$@"; do
   case "$arg" in
     --test) want_test=1 ;;
-    -h|--help) sed -n '2,7p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
     *) echo "install.sh: unknown option '$arg' (use --test or --help)" >&2; exit 2 ;;
   esac
 done
@@ -27,7 +30,13 @@ extras=""
 [ "$want_test" = 1 ] && extras="[test]"
 echo "install.sh: installing talkingmachines${extras} and pinned dependencies into .venv (torch is large; a few minutes)"
 .venv/bin/python -m pip install --quiet --progress-bar off -e ".${extras}"
+if command -v npm >/dev/null 2>&1; then
+  deploy/build_web.sh
+else
+  echo "install.sh: npm not found: skipping the call page (serve answers 503 at /call until deploy/build_web.sh runs)"
+fi
 if [ "$want_test" = 1 ]; then
   deploy/install_livekit_server.sh
+  deploy/install_browser.sh
 fi
 echo "install.sh: done — $(.venv/bin/python -c 'import torch; print("torch", torch.__version__)')"

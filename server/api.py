@@ -11,6 +11,7 @@ Endpoints (OpenAPI at ``/openapi.json``, docs at ``/docs``):
 - ``WS /v1/sessions/{id}/audio``: streaming speech, see ``audio_websocket``.
 - ``POST /v1/sessions/{id}/speakers`` (``SpeakersUpdate``) → ``SessionInfo``.
 - ``POST /v1/sessions/{id}/clear`` → 204 (barge-in). ``DELETE /v1/sessions/{id}`` → final ``SessionInfo``.
+- ``GET /call`` (the browser call page) and ``POST /v1/call/token``: see ``server.call_page``.
 - ``GET /healthz`` (the process answers), ``GET /readyz`` (503 with the reason when not ready),
   ``GET /metrics``.
 
@@ -66,6 +67,7 @@ from server.backend import (
     SessionEnded,
     UnknownSession,
 )
+from server.call_page import add_call_routes
 from server.faces import resolve_faces
 from server.image_io import ImageDecodeError, load_image
 from server.livekit.token import mint_avatar_token
@@ -680,4 +682,6 @@ def create_app(backend: SessionBackend, settings: ApiSettings, metrics: Metrics 
         body, content_type = metrics.render()
         return Response(content=body, media_type=content_type)
 
+    # The browser call page and its token endpoint (GET /call, POST /v1/call/token): server.call_page.
+    add_call_routes(app, settings)
     return app

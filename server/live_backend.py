@@ -14,6 +14,10 @@ Threads (all on the master, rank 0):
 - The **LiveKit loop** (one asyncio loop thread) runs every session's publisher, avatar-worker protocol and
   real-time player.
 
+Drain (``begin_drain``, what ``serve`` does on SIGTERM): ``ready()`` turns false with a reason starting
+"draining", new sessions get ``NoCapacity`` (503 + Retry-After), live sessions keep generating until they end
+or ``shutdown`` closes them.
+
 Failure: a ``WorkerError`` from the executor, or a score-worker process found dead (checked every tick via
 ``dead_workers``), fails every live session with a reason naming the rank; ``ready()`` turns false and new
 sessions get 503; the master, its API and its metrics stay up.
@@ -147,6 +151,7 @@ class LiveBackend:
         self._stop = threading.Event()
         self._ready = False
         self._failed: str | None = None
+        self._draining: tuple[float, str] | None = None  # (Retry-After seconds, why) once draining
         self._loop = AsyncLoopThread()
         self._engine = threading.Thread(target=self._run_engine, name="master-engine", daemon=True)
         self._last_worker_check = 0.0
@@ -165,6 +170,20 @@ class LiveBackend:
                 return self._ready and not self._failed
             time.sleep(0.05)
         return False
+
+    def begin_drain(self, retry_after_s: float, why: str) -> None:
+        """Refuse new sessions from now on (``NoCapacity(retry_after_s)``, ``ready()`` false with ``why``);
+        live sessions go on. Irreversible: a draining server only ever shuts down."""
+        self._draining = (retry_after_s, why)
+
+    @property
+    def draining(self) -> bool:
+        return self._draining is not None
+
+    def live_count(self) -> int:
+        """Sessions not yet ended or failed."""
+        with self._lock:
+            return len(self._sessions)
 
     def shutdown(self, reason: str = "server stopping") -> None:
         """End every session, tell the workers to stop, stop the threads."""
@@ -185,6 +204,8 @@ class LiveBackend:
     def create_session(self, spec: SessionCreate, image: np.ndarray, faces: Sequence[Face]) -> SessionInfo:
         if self._failed is not None:
             raise BackendFailed(self._failed)
+        if self._draining is not None:
+            raise NoCapacity(*self._draining)
         if not self._ready:
             raise NoCapacity(2.0, "the serving group is still warming up")
         prompt = spec.prompt_spec()
@@ -303,6 +324,8 @@ class LiveBackend:
     def ready(self) -> tuple[bool, str]:
         if self._failed is not None:
             return False, self._failed
+        if self._draining is not None:
+            return False, f"{self._draining[1]}: {len(self._sessions)} live session(s)"
         if not self._ready:
             return False, "warming up the serving group"
         return True, f"ready: {len(self._sessions)} live session(s)"

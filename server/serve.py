@@ -5,8 +5,10 @@ Ranks (every rank runs ``main(argv)`` with the same arguments):
 - rank 0, the master: joins the world, builds the VAE, the conditioning encoders and the audio front-end,
   starts ``server.live_backend.LiveBackend`` (engine thread + LiveKit loop thread; it warms the group up with
   one throw-away chunk before ``/readyz`` turns true) and serves the FastAPI app of ``server.api`` with
-  uvicorn on the main thread (uvicorn handles SIGINT/SIGTERM; on exit every session is closed and the
-  workers get ``Shutdown``);
+  uvicorn on the main thread. SIGTERM starts a graceful drain (``Drain``): ``/readyz`` turns 503 "draining",
+  new sessions get 503 with Retry-After, live calls go on until they end or ``drain_timeout_s`` passes; a
+  second SIGTERM, or SIGINT, stops at once. On exit every session is closed (MP4s finalised, LiveKit
+  participants leave), the workers get ``Shutdown`` and the process exits 0;
 - ranks 1..: score workers, ``workers.worker_loop.run_worker_loop``.
 
 On one machine ``serve_local`` starts the group **without** ``server.launcher.launch``: that launcher tears
@@ -42,6 +44,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -353,6 +356,8 @@ def _serve_master(options: ServeOptions, groups: Any, store: dist.Store, score_r
             app, host=settings.host, port=settings.port, log_level=options.log_level, lifespan="off"
         )
     )
+    drain = Drain(backend, settings.drain_timeout_s, settings.retry_after_s, stop=server.stop_now)
+    server.on_sigterm = drain.begin
     log.info(
         "talkingmachines serve: %s, preset %s, %dx%d @ %d fps on http://%s:%d",
         topology.name,
@@ -366,17 +371,79 @@ def _serve_master(options: ServeOptions, groups: Any, store: dist.Store, score_r
     try:
         server.run()
     finally:
-        backend.shutdown()
+        backend.shutdown(drain.end_reason)
     return 0
+
+
+class Drain:
+    """The graceful drain of a serving group (started by SIGTERM).
+
+    ``begin()`` makes the backend refuse new sessions (503, ``Retry-After: retry_after_s``; ``/readyz`` 503
+    "draining") and starts a watcher thread that calls ``stop()`` once no session is live, or once
+    ``timeout_s`` seconds have passed — the caller then closes the sessions still live. ``begin()`` again
+    (a second SIGTERM) calls ``stop()`` at once.
+
+    Args:
+        backend: a ``LiveBackend`` (``begin_drain``, ``live_count``).
+        timeout_s: how long live calls may go on; 0 stops at once.
+        retry_after_s: the Retry-After of refused sessions, seconds.
+        stop: ends the server (safe to call from any thread, more than once).
+    """
+
+    _POLL_S = 0.1
+
+    def __init__(self, backend: Any, timeout_s: float, retry_after_s: float, stop: Any) -> None:
+        self.backend = backend
+        self.timeout_s = timeout_s
+        self.retry_after_s = retry_after_s
+        self.stop = stop
+        self.end_reason = "server stopping"
+        self._thread: threading.Thread | None = None
+
+    def begin(self) -> None:
+        if self._thread is not None:
+            log.info("second SIGTERM while draining; closing every session now")
+            self.end_reason = "server stopping: a second SIGTERM cut the drain short"
+            self.stop()
+            return
+        why = f"draining: the server is shutting down (up to {self.timeout_s:g} s); use another server"
+        self.backend.begin_drain(self.retry_after_s, why)
+        # begin() runs in a signal handler: the rest (locks, logging) happens on the watcher thread.
+        self._thread = threading.Thread(target=self._watch, name="drain", daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        deadline = time.monotonic() + self.timeout_s
+        log.info(
+            "received SIGTERM; draining: new sessions refused, %d live session(s) go on for up to %g s "
+            "(a second SIGTERM stops at once)",
+            self.backend.live_count(),
+            self.timeout_s,
+        )
+        while self.backend.live_count() > 0:
+            if time.monotonic() >= deadline:
+                log.info("drain timeout of %g s reached; closing every session", self.timeout_s)
+                self.end_reason = f"server stopping: the drain timeout of {self.timeout_s:g} s ran out"
+                break
+            time.sleep(self._POLL_S)
+        else:
+            log.info("drain done: no live session left; stopping")
+        self.stop()
 
 
 def _graceful_server_class() -> type:
     import uvicorn
 
     class GracefulServer(uvicorn.Server):
-        """uvicorn's server, except that SIGINT/SIGTERM only stop it: uvicorn re-raises a caught signal
-        after its own shutdown, which would kill rank 0 before it closes the sessions (unfinished MP4s,
-        LiveKit participants left behind) and sends the workers ``Shutdown``."""
+        """uvicorn's server with our signal handling. SIGTERM calls ``on_sigterm`` (the drain; set after
+        construction), SIGINT stops at once. Either way the server only stops: uvicorn re-raises a caught
+        signal after its own shutdown, which would kill rank 0 before it closes the sessions (unfinished
+        MP4s, LiveKit participants left behind) and sends the workers ``Shutdown``."""
+
+        on_sigterm: Any = None
+
+        def stop_now(self) -> None:
+            self.should_exit = True
 
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:
@@ -385,6 +452,9 @@ def _graceful_server_class() -> type:
                 return
 
             def stop(signum: int, _frame: object) -> None:
+                if signum == signal.SIGTERM and self.on_sigterm is not None:
+                    self.on_sigterm()
+                    return
                 log.info("received %s; closing every session", signal.Signals(signum).name)
                 self.should_exit = True
 

@@ -12,6 +12,11 @@ list fields take JSON (``["https://a.example"]``) or comma-separated values. Exa
     max_sessions = 2
     cors_origins = ["https://app.example.com"]
     file_output_dir = "/var/lib/talkingmachines/out"
+    drain_timeout_s = 300            # SIGTERM: live calls go on this long, new ones get 503
+
+The browser call page (``GET /call``, ``server.call_page``) gets its LiveKit token from
+``POST /v1/call/token``, which takes ``call_access_key`` (a key to hand to callers) or the API key; set
+``livekit_public_url`` to the LiveKit URL browsers use.
 
 Authentication is required: a server with no ``api_key`` refuses to start unless ``auth_disabled = true`` is
 set explicitly (local use only).
@@ -70,6 +75,19 @@ class ApiSettings(BaseModel):
         default=None, description="to mint avatar tokens for requests that bring none"
     )
     livekit_api_secret: SecretStr | None = None
+    call_access_key: SecretStr | None = Field(
+        default=None,
+        description="key the call page's users present for POST /v1/call/token (the api_key works too)",
+    )
+    livekit_public_url: str | None = Field(
+        default=None, description="LiveKit URL as browsers reach it, handed to the call page with its token"
+    )
+    drain_timeout_s: float = Field(
+        default=30.0,
+        ge=0,
+        description="on SIGTERM, how long live calls may go on (new sessions refused) before the server "
+        "ends them and exits; 0 ends them at once",
+    )
 
     @field_validator("allowed_audio_rates")
     @classmethod
@@ -96,6 +114,10 @@ class ApiSettings(BaseModel):
                 f"api_key is required: set it in the config file or {ENV_PREFIX}API_KEY, or set "
                 "auth_disabled = true explicitly for local use"
             )
+        if self.livekit_public_url is not None and not self.livekit_public_url.startswith(
+            ("ws://", "wss://", "http://", "https://")
+        ):
+            raise ValueError(f"livekit_public_url {self.livekit_public_url!r} must start with wss:// or ws://")
         if (self.livekit_api_key is None) != (self.livekit_api_secret is None):
             raise ValueError("livekit_api_key and livekit_api_secret must be given together")
         return self

@@ -72,9 +72,12 @@ class ServeProcess:
 def start_serve(
     tmp: Path, *extra: str, api: dict[str, str] | None = None, ready_s: float = 90
 ) -> ServeProcess:
-    """Start the server with an ``[api]`` table (API key, plus ``api``) and wait until it is ready."""
+    """Start the server with an ``[api]`` table (API key, plus ``api``) and wait until it is ready.
+
+    ``drain_timeout_s`` is 0 unless ``api`` sets it: ``stop()``'s SIGTERM then ends live sessions at once, as
+    fixtures expect (tests/serve/test_serve_drain.py covers the drain)."""
     port = _free_port()
-    table = {"api_key": API_KEY, **(api or {})}
+    table = {"api_key": API_KEY, "drain_timeout_s": "0", **(api or {})}
     config = tmp / "serve.toml"
     config.write_text("[api]\n" + "".join(f'{k} = "{v}"\n' for k, v in table.items()))
     log_path = tmp / "serve.log"

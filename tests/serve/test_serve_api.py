@@ -168,4 +168,4 @@ def test_killed_worker_fails_sessions_with_the_rank_and_readyz_turns_false(
 def test_sigterm_stops_the_server_with_exit_code_0_and_no_rank_left(dedicated_server: ServeProcess) -> None:
     assert dedicated_server.stop() == 0
     assert worker_pids(dedicated_server) == []
-    assert "received SIGTERM; closing every session" in dedicated_server.log()
+    assert "received SIGTERM; draining" in dedicated_server.log()
