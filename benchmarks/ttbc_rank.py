@@ -32,15 +32,13 @@ from typing import Any
 
 import torch
 
-from proto.liveness import Heartbeat
 from proto.stream_config import StreamConfig
-from server.launcher import init_rank, shutdown, world_store
+from proto.topology import ProcessGroups
 from server.master import run_master
-from server.rank_registry import register_rank
+from server.rank_main import run_rank
 from server.run_options import RunOptions, parse_run_options
 from workers.factory import build_score_model
 from workers.score_rank import ScoreRank
-from workers.worker_loop import run_worker_loop
 
 CORES_ENV = "TM_TTBC_CORES"
 RANK_DIR_ENV = "TM_TTBC_RANK_DIR"
@@ -154,38 +152,28 @@ def main(argv: list[str]) -> int:
     rank = int(os.environ["RANK"])
     cores = pin_to_core(rank, os.environ.get(CORES_ENV))
     options = parse_bench_options(argv)
-    torch.set_num_threads(options.threads)
     topology = options.topology()
-    rank, groups = init_rank(topology)
-    store = world_store()
-    register_rank(store, rank)
-    heartbeat = Heartbeat(store, rank).start()
-    try:
-        score_rank = None
-        counter = None
-        if groups.is_worker:
-            model = build_score_model(
-                options.preset,
-                options.checkpoint,
-                seed=options.seed,
-                dtype=DTYPES[options.dtype],
-                device=groups.device,
-            )
-            counter = ForwardCounter(model)
-            score_rank = ScoreRank(model, options.stream_config(), groups)
-        if groups.is_master:
-            code = run_master(options, groups, store, score_rank)
-        else:
-            assert score_rank is not None
-            code = run_worker_loop(score_rank, groups, topology)
-        out = os.environ.get(RANK_DIR_ENV)
-        if out:
-            forwards = None if counter is None else counter.count
-            report = rank_report(
-                rank, topology.role(rank), cores, forwards, groups.device, started
-            )
-            (Path(out) / f"rank{rank}.json").write_text(json.dumps(report) + "\n")
-        return code
-    finally:
-        heartbeat.stop()
-        shutdown()
+    counter: list[ForwardCounter] = []
+    devices: list[torch.device] = []
+
+    def build_score_rank(groups: ProcessGroups) -> ScoreRank:
+        devices.append(groups.device)
+        model = build_score_model(
+            options.preset, options.checkpoint, seed=options.seed, dtype=DTYPES[options.dtype],
+            device=groups.device,
+        )
+        counter.append(ForwardCounter(model))
+        return ScoreRank(model, options.stream_config(), groups)
+
+    def master(groups: ProcessGroups, store: Any, score_rank: ScoreRank | None) -> int:
+        devices.append(groups.device)
+        return run_master(options, groups, store, score_rank)
+
+    code = run_rank(topology, options.threads, build_score_rank, master)
+    out = os.environ.get(RANK_DIR_ENV)
+    if out:
+        forwards = counter[0].count if counter else None
+        device = devices[0] if devices else torch.device(topology.device)
+        report = rank_report(rank, topology.role(rank), cores, forwards, device, started)
+        (Path(out) / f"rank{rank}.json").write_text(json.dumps(report) + "\n")
+    return code

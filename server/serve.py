@@ -54,7 +54,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from proto.liveness import Heartbeat
 from proto.model_config import ModelConfig, get_model_preset, model_preset_names
 from proto.stream_config import StreamConfig
 from proto.topology import Topology
@@ -266,27 +265,15 @@ def parse_serve_options(argv: list[str]) -> ServeOptions:
 
 def main(argv: list[str]) -> int:
     """The rank entry: rank 0 serves, the others run the worker loop. Returns the rank's exit code."""
-    from server.launcher import init_rank, shutdown, world_store
-    from server.rank_registry import register_rank
+    from server.rank_main import run_rank
 
     options = parse_serve_options(argv)
-    torch.set_num_threads(options.threads)
-    topology = options.topology()
-    rank, groups = init_rank(topology)
-    store = world_store()
-    register_rank(store, rank)
-    heartbeat = Heartbeat(store, rank).start()
-    try:
-        score_rank = _build_score_rank(options, groups) if groups.is_worker else None
-        if groups.is_master:
-            return _serve_master(options, groups, store, score_rank)
-        from workers.worker_loop import run_worker_loop
-
-        assert score_rank is not None
-        return run_worker_loop(score_rank, groups, topology)
-    finally:
-        heartbeat.stop()
-        shutdown()
+    return run_rank(
+        options.topology(),
+        options.threads,
+        lambda groups: _build_score_rank(options, groups),
+        lambda groups, store, score_rank: _serve_master(options, groups, store, score_rank),
+    )
 
 
 def _build_score_rank(options: ServeOptions, groups: Any) -> Any:
