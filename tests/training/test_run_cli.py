@@ -1,0 +1,80 @@
+"""`python -m training.run`: help, argument errors, missing stages said plainly, stage plumbing."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from training import run
+
+
+def test_help_lists_every_stage(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        run.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for word in ("vae", "teacher", "student", "all", "--minutes-budget", "--resume"):
+        assert word in out
+
+
+def test_unknown_stage_is_an_error(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        run.main(["--stage", "gan", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'gan'" in capsys.readouterr().err
+
+
+def test_missing_stage_module_is_reported_not_stubbed(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "training.distill", None)  # import fails as if the file were absent
+    (tmp_path / "vae").mkdir()
+    assert run.main(["--stage", "all", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "training/distill.py" in err and "not in this checkout" in err
+    assert not (tmp_path / "vae" / "vae.pth").exists()  # 'all' checks every stage before training any
+
+
+def test_later_stage_without_the_earlier_output_is_refused(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def train_student(cfg: _FakeTeacherConfig, out_dir: Path, resume: bool = False) -> Path:
+        raise AssertionError("must not start without the VAE and teacher")
+
+    fake = types.ModuleType("training.distill")
+    fake.train_student = train_student
+    monkeypatch.setitem(sys.modules, "training.distill", fake)
+    assert run.main(["--stage", "student", "--out", str(tmp_path)]) == 2
+    assert "run --stage vae first" in capsys.readouterr().err
+
+
+@dataclasses.dataclass(frozen=True)
+class _FakeTeacherConfig:
+    vae_checkpoint: str | None = None
+    minutes_budget: float | None = None
+    steps: int = 10
+
+
+def test_teacher_stage_gets_the_vae_path_budget_and_its_own_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = []
+
+    def train_teacher(cfg: _FakeTeacherConfig, out_dir: Path, resume: bool = False) -> Path:
+        calls.append((cfg, Path(out_dir), resume))
+        return Path(out_dir) / "teacher.safetensors"
+
+    fake = types.ModuleType("training.teacher")
+    fake.train_teacher = train_teacher
+    monkeypatch.setitem(sys.modules, "training.teacher", fake)
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "vae.pth").write_bytes(b"")
+    argv = ["--stage", "teacher", "--out", str(tmp_path), "--minutes-budget", "7", "--steps", "3", "--resume"]
+    assert run.main(argv) == 0
+    assert calls == [
+        (_FakeTeacherConfig(str(tmp_path / "vae" / "vae.pth"), 7.0, 3), tmp_path / "teacher", True)
+    ]

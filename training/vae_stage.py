@@ -1,0 +1,338 @@
+"""Stage A: train the Wan-VAE (``tiny`` preset) on synthetic talking-character frames.
+
+Objective per batch of short windows x [B, 3, T, H, W] in [-1, 1]:
+
+    loss = weighted L1(x_hat, x) + L2(x_hat, x) + kl_weight * KL(q(z|x) || N(0, I) in normalised space)
+
+- The encoder's head gives mu || logvar (Wan's layout, ``WanVAE.conv1``); ``WanVAE.encode`` keeps mu only,
+  so training calls the submodules directly: z = mu + exp(logvar / 2) * eps, x_hat = decoder(conv2(z)).
+- The KL is taken on the *normalised* posterior ((mu - latent_mean) / latent_std, the space the DiT works in,
+  with the Wan constants the preset keeps), so a small KL pulls the latents the DiT sees towards unit scale
+  instead of pulling raw mu towards 0, which after normalisation would be a constant offset.
+- The L1 term weighs pixels inside the mouth boxes ``1 + mouth_weight``: the mouth is a few pixels of a 64x64
+  frame but carries the lip-sync signal every later stage is judged on.
+
+Evaluation on held-out clips (indices from ``EVAL_INDEX_START``) runs the inference path, ``WanVAE.encode``
+then ``WanVAE.decode`` (cached, chunk by chunk), and reports PSNR over whole frames and inside the mouth
+boxes, normalised-latent statistics, and the lip-sync score of the reconstruction (does the VAE keep the
+mouth motion?) next to that of the ground truth.
+
+Outputs in ``out_dir``: ``vae.pth`` (Wan's layout: ``--vae-checkpoint`` loads it), ``vae_state.pt``
+(resumable training state), ``vae_log.jsonl`` (one JSON object per log / eval event).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from decoder.checkpoint import save_vae_checkpoint
+from decoder.vae import WanVAE
+from proto.vae_config import get_vae_preset
+from training.checkpointing import load_training_state, save_training_state
+from training.data import Clip, DataConfig, SyntheticTalkingDataset
+from training.lipsync import lipsync_score
+
+VAE_FILE = "vae.pth"
+STATE_FILE = "vae_state.pt"
+LOG_FILE = "vae_log.jsonl"
+EVAL_INDEX_START = 5_000_000
+"""Held-out clips are data-set indices EVAL_INDEX_START.. (training uses step * batch_size + b)."""
+
+
+@dataclass(frozen=True)
+class VAEStageConfig:
+    """Stage A settings; the defaults fit ~10 minutes on 2 shared CPU cores.
+
+    Attributes:
+        data: the synthetic data set (its frame size is the VAE's training resolution).
+        steps: optimizer steps at most; training also stops when `minutes_budget` is spent.
+        minutes_budget: wall-clock budget in minutes including evaluations (None = steps only). The
+            learning-rate schedule follows max(step / steps, elapsed / budget), so a budget-bound run still
+            anneals.
+        batch_size, clip_frames: windows per step and frames per window (1 + 4k: 5 = two latent frames,
+            enough to train the temporal down/up-sampling at a fraction of a full clip's cost).
+        lr, lr_final_fraction, warmup_steps: Adam learning rate, linear warm-up, cosine decay to
+            lr * lr_final_fraction.
+        kl_weight: weight of the per-element mean KL (normalised latent space) against the per-pixel losses.
+        mouth_weight: extra L1 weight inside mouth boxes.
+        eval_every, eval_clips: held-out evaluation period (steps) and size (full clips).
+        save_every, log_every: training-state and log periods (steps).
+    """
+
+    data: DataConfig = field(default_factory=DataConfig)
+    vae_preset: str = "tiny"
+    steps: int = 3000
+    minutes_budget: float | None = 10.0
+    batch_size: int = 4
+    clip_frames: int = 5
+    lr: float = 2e-3
+    lr_final_fraction: float = 0.1
+    warmup_steps: int = 30
+    kl_weight: float = 1e-3
+    mouth_weight: float = 3.0
+    grad_clip: float = 1.0
+    seed: int = 0
+    eval_every: int = 100
+    eval_clips: int = 4
+    save_every: int = 50
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "eval_every", "eval_clips", "save_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"VAEStageConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.clip_frames < 1 or (self.clip_frames - 1) % 4 or self.clip_frames > self.data.num_frames:
+            raise ValueError(
+                f"VAEStageConfig.clip_frames={self.clip_frames} must be 1 + 4k and at most the data's "
+                f"num_frames={self.data.num_frames}"
+            )
+        if self.minutes_budget is not None and self.minutes_budget <= 0:
+            raise ValueError(
+                f"VAEStageConfig.minutes_budget must be positive or None, got {self.minutes_budget}"
+            )
+        if self.lr <= 0 or not 0 < self.lr_final_fraction <= 1:
+            raise ValueError("VAEStageConfig: lr must be > 0 and lr_final_fraction in (0, 1]")
+        get_vae_preset(self.vae_preset)
+
+
+def video_to_tensor(video: np.ndarray) -> torch.Tensor:
+    """uint8 [T, H, W, 3] -> float32 [3, T, H, W] in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(video)).permute(3, 0, 1, 2).float() / 127.5 - 1.0
+
+
+def tensor_to_video(x: torch.Tensor) -> np.ndarray:
+    """float [3, T, H, W] in [-1, 1] (clamped) -> uint8 [T, H, W, 3]."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()
+
+
+def mouth_mask(clip: Clip, frames: slice, height: int, width: int) -> np.ndarray:
+    """float32 [T', H, W]: 1 inside any character's mouth box (grown by 1 px) in those frames, else 0."""
+    boxes = clip.mouth_boxes_px[:, frames]  # [C, T', 4]
+    x = np.arange(width, dtype=np.float32) + 0.5
+    y = np.arange(height, dtype=np.float32) + 0.5
+    inside_x = (x >= boxes[..., 0:1] - 1) & (x <= boxes[..., 2:3] + 1)  # [C, T', W]
+    inside_y = (y >= boxes[..., 1:2] - 1) & (y <= boxes[..., 3:4] + 1)  # [C, T', H]
+    return (inside_y[..., :, None] & inside_x[..., None, :]).any(axis=0).astype(np.float32)
+
+
+def sample_batch(
+    dataset: SyntheticTalkingDataset, cfg: VAEStageConfig, step: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training batch of `step`, a pure function of (seed, step).
+
+    Returns:
+        video [B, 3, clip_frames, H, W] in [-1, 1]; mouth [B, 1, clip_frames, H, W] in {0, 1}.
+    """
+    rng = np.random.default_rng([cfg.seed, 0xA, step])
+    starts = rng.integers(0, cfg.data.num_frames - cfg.clip_frames + 1, size=cfg.batch_size)
+    videos, mouths = [], []
+    for b, start in enumerate(starts):
+        clip = dataset.clip(step * cfg.batch_size + b)
+        window = slice(int(start), int(start) + cfg.clip_frames)
+        videos.append(video_to_tensor(clip.video[window]))
+        mouths.append(torch.from_numpy(mouth_mask(clip, window, cfg.data.height, cfg.data.width))[None])
+    return torch.stack(videos), torch.stack(mouths)
+
+
+def encode_posterior(vae: WanVAE, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """video [B, 3, 1+4k, H, W] -> raw (mu, logvar), each [B, z, 1+k, H/8, W/8] (one causal pass)."""
+    mu, logvar = vae.conv1(vae.encoder(video)).chunk(2, dim=1)
+    return mu, logvar.clamp(-30.0, 20.0)
+
+
+def normalised_kl(vae: WanVAE, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """Mean per-element KL(N(mu_n, var_n) || N(0, 1)) of the posterior in normalised latent space.
+
+    mu, logvar: raw posterior [B, z, T, h, w]; mu_n = (mu - latent_mean) / latent_std and
+    var_n = exp(logvar) / latent_std^2 (the normalisation `WanVAE.encode` applies to mu).
+    """
+    mean, std = vae._stats(mu)
+    mu_n = (mu - mean) / std
+    logvar_n = logvar - 2 * torch.log(std)
+    return 0.5 * (mu_n.square() + logvar_n.exp() - 1.0 - logvar_n).mean()
+
+
+def vae_loss(
+    vae: WanVAE, video: torch.Tensor, mouth: torch.Tensor, cfg: VAEStageConfig
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The stage-A objective on a batch (see the module docstring); returns (loss, its parts)."""
+    mu, logvar = encode_posterior(vae, video)
+    z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+    recon = vae.decoder(vae.conv2(z))
+    weight = 1.0 + cfg.mouth_weight * mouth
+    l1 = ((recon - video).abs() * weight).mean() / weight.mean()
+    l2 = F.mse_loss(recon, video)
+    kl = normalised_kl(vae, mu, logvar)
+    loss = l1 + l2 + cfg.kl_weight * kl
+    return loss, {"l1": float(l1.detach()), "l2": float(l2.detach()), "kl": float(kl.detach())}
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> float:
+    """PSNR in dB of two videos in [-1, 1] measured on the [0, 1] scale (optionally inside a 0/1 mask)."""
+    err = ((a - b) / 2).square()
+    if mask is not None:
+        err = (err * mask).sum() / (mask.sum() * err.shape[0]).clamp(min=1)
+    mse = float(err.mean()) if mask is None else float(err)
+    return 10 * math.log10(1.0 / max(mse, 1e-12))
+
+
+@torch.no_grad()
+def evaluate_vae(vae: WanVAE, dataset: SyntheticTalkingDataset, num_clips: int) -> dict[str, Any]:
+    """Held-out reconstruction through the inference path (encode, then cached decode).
+
+    Returns psnr / psnr_mouth (dB, mean over clips), latent_mean / latent_std (of normalised latents over
+    all elements), and lipsync_recon / lipsync_truth (mean offset-0 correlation over speaking clips, None if
+    none speaks).
+    """
+    was_training = vae.training
+    vae.eval()
+    cfg = dataset.cfg
+    psnrs, mouth_psnrs, latents, sync_recon, sync_truth = [], [], [], [], []
+    for i in range(num_clips):
+        clip = dataset.clip(EVAL_INDEX_START + i)
+        x = video_to_tensor(clip.video)
+        z = vae.encode(x[None])
+        y = vae.decode(z)[0].clamp(-1, 1)
+        latents.append(z.flatten())
+        psnrs.append(psnr(y, x))
+        mask = torch.from_numpy(mouth_mask(clip, slice(None), cfg.height, cfg.width))[None]
+        mouth_psnrs.append(psnr(y, x, mask))
+        if clip.speaker >= 0:
+            sync_recon.append(lipsync_score(tensor_to_video(y), clip)["correlation"])
+            sync_truth.append(lipsync_score(clip.video, clip)["correlation"])
+    vae.train(was_training)
+    z_all = torch.cat(latents)
+    return {
+        "psnr": float(np.mean(psnrs)),
+        "psnr_mouth": float(np.mean(mouth_psnrs)),
+        "latent_mean": float(z_all.mean()),
+        "latent_std": float(z_all.std()),
+        "lipsync_recon": float(np.mean(sync_recon)) if sync_recon else None,
+        "lipsync_truth": float(np.mean(sync_truth)) if sync_truth else None,
+    }
+
+
+def learning_rate(cfg: VAEStageConfig, step: int, elapsed_s: float) -> float:
+    """Linear warm-up, then cosine from lr to lr * lr_final_fraction over max(step, time) progress."""
+    progress = step / cfg.steps
+    if cfg.minutes_budget is not None:
+        progress = max(progress, elapsed_s / (60 * cfg.minutes_budget))
+    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0
+    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return cfg.lr * warm * (cfg.lr_final_fraction + (1 - cfg.lr_final_fraction) * cosine)
+
+
+def build_trainable_vae(cfg: VAEStageConfig) -> WanVAE:
+    """A freshly initialised VAE of the preset, in train mode with gradients (init seeded by cfg.seed)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        vae = WanVAE(get_vae_preset(cfg.vae_preset))
+    return vae.train()
+
+
+def _train_step(
+    vae: WanVAE, opt: torch.optim.Optimizer, video: torch.Tensor, mouth: torch.Tensor, cfg: VAEStageConfig
+) -> dict[str, float]:
+    loss, parts = vae_loss(vae, video, mouth, cfg)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
+    opt.step()
+    return {"loss": float(loss.detach()), **parts}
+
+
+class _Log:
+    """Append-only JSON-lines log."""
+
+    def __init__(self, path: Path, append: bool) -> None:
+        self.path = path
+        if not append:
+            path.write_text("")
+
+    def write(self, **record: Any) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def train_vae(cfg: VAEStageConfig, out_dir: str | Path, resume: bool = False) -> Path:
+    """Run stage A; returns the path of the trained VAE (`out_dir/vae.pth`, Wan's layout).
+
+    resume: continue from `out_dir/vae_state.pt` (model, optimizer, step, RNGs, elapsed time, eval history)
+    when it exists; without it a run starts over.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dataset = SyntheticTalkingDataset(cfg.data, seed=cfg.seed)
+    vae = build_trainable_vae(cfg)
+    opt = torch.optim.Adam(vae.parameters(), lr=cfg.lr)
+    state_path = out / STATE_FILE
+    step, elapsed_before, history = 0, 0.0, []
+    resumed = resume and state_path.is_file()
+    if resumed:
+        step, extra = load_training_state(state_path, model=vae, optimizer=opt)
+        elapsed_before = float(extra.get("elapsed_s", 0.0))
+        history = list(extra.get("evals", []))
+    else:
+        torch.manual_seed(cfg.seed)
+    log = _Log(out / LOG_FILE, append=resumed)
+    if not resumed:
+        log.write(event="config", **{k: str(v) for k, v in asdict(cfg).items()})
+    t0 = time.perf_counter()
+
+    def elapsed() -> float:
+        return elapsed_before + time.perf_counter() - t0
+
+    def run_eval() -> dict[str, Any]:
+        metrics = {"step": step, "seconds": round(elapsed(), 1), **evaluate_vae(vae, dataset, cfg.eval_clips)}
+        history.append(metrics)
+        log.write(event="eval", **metrics)
+        return metrics
+
+    def save_state() -> None:
+        save_training_state(
+            state_path, model=vae, optimizer=opt, step=step, extra={"elapsed_s": elapsed(), "evals": history}
+        )
+
+    if not history:
+        run_eval()
+    budget_s = None if cfg.minutes_budget is None else 60 * cfg.minutes_budget
+    bar = tqdm(total=cfg.steps, initial=step, desc="stage A (vae)", unit="step", dynamic_ncols=True)
+    bar.set_postfix(psnr=f"{history[-1]['psnr']:.2f}")
+    while step < cfg.steps and (budget_s is None or elapsed() < budget_s):
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(cfg, step, elapsed())
+        video, mouth = sample_batch(dataset, cfg, step)
+        parts = _train_step(vae, opt, video, mouth, cfg)
+        step += 1
+        bar.update(1)
+        if step % cfg.log_every == 0:
+            lr = opt.param_groups[0]["lr"]
+            log.write(event="train", step=step, seconds=round(elapsed(), 1), lr=lr, **parts)
+            bar.set_postfix(loss=f"{parts['loss']:.4f}", psnr=f"{history[-1]['psnr']:.2f}")
+        if step % cfg.eval_every == 0:
+            run_eval()
+        if step % cfg.save_every == 0:
+            save_state()
+    bar.close()
+    if history[-1]["step"] != step:
+        run_eval()
+    save_state()
+    path = out / VAE_FILE
+    vae.eval()
+    save_vae_checkpoint(vae, path)
+    final = history[-1]
+    print(
+        f"stage A: {step} steps in {elapsed() / 60:.1f} min; held-out PSNR {final['psnr']:.2f} dB "
+        f"(mouth {final['psnr_mouth']:.2f} dB); wrote {path}"
+    )
+    return path
