@@ -28,11 +28,16 @@ def cpu_model() -> str:
 
 
 def git_commit() -> str | None:
-    """HEAD of the repository the benchmark runs from, with '+dirty' when the tree has local changes."""
+    """HEAD of the repository the benchmark runs from, with '+dirty' when tracked code has local changes.
+
+    Committed results themselves (benchmarks/results/) do not count: a benchmark that rewrites its own
+    JSON, or runs after another one did, still measures the committed code.
+    """
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
                               cwd=_REPO).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)benchmarks/results"], capture_output=True,
                                text=True, check=True, cwd=_REPO).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
