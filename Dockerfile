@@ -42,6 +42,7 @@ COPY decoder decoder
 COPY server server
 COPY --from=web /build/server/static/call server/static/call
 COPY benchmarks benchmarks
+COPY training training
 COPY deploy deploy
 # A regular (not editable) install: the image runs from site-packages, /src is not kept.
 RUN pip install --constraint deploy/constraints.txt .
