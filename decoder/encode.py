@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from decoder.feature_cache import FeatureCache
 from decoder.vae import WanVAE
+from proto.stream_config import StreamConfig
 
 MASK_CHANNELS = 4
 
@@ -128,6 +129,18 @@ class I2VConditioning:
         latents = _encode_image_then_gray(vae, image.to(device), horizon_latents, autocast_dtype)
         mask = i2v_mask(horizon_latents, height // stride, width // stride, device=device)
         self.clip = torch.cat([mask, latents.float()], dim=0)
+
+    @classmethod
+    def for_stream(cls, vae: WanVAE, image: np.ndarray, stream: StreamConfig) -> I2VConditioning:
+        """A session's conditioning from a uint8 `[H, W, 3]` reference image, fitted to the stream's size,
+        with the stream's chunk size and training window as horizon."""
+        fitted = fit_to_size(image_to_tensor(image), stream.height, stream.width)
+        return cls(
+            vae,
+            fitted,
+            chunk_latents=stream.chunk_latent_frames,
+            horizon_latents=stream.train_latent_frames,
+        )
 
     @property
     def num_chunks_in_horizon(self) -> int:

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from decoder.encode import I2VConditioning, fit_to_size, image_to_tensor
+from decoder.encode import I2VConditioning
 from decoder.streaming import DecodeSession
 from decoder.vae import WanVAE
 from proto.api import Face, FileOutput, LiveKitOutput, SessionCreate, SessionInfo, SessionState, TTBCStats
@@ -103,6 +103,7 @@ class LiveConfig:
     sync_probe: bool = False
     video_delay_frames: int = 1
     wav2vec_checkpoint: str | None = None
+    encoder_seed: int | None = None  # the tiny random wav2vec2's seed (None: `seed`)
 
 
 @dataclass
@@ -335,7 +336,8 @@ class LiveBackend:
     @staticmethod
     def _audio_front_end(config: LiveConfig) -> tuple[AudioFeaturizerConfig, Any, bool]:
         grid = {"fps": config.stream.fps, "chunk_latents": config.stream.chunk_latent_frames}
-        common = {"checkpoint": config.wav2vec_checkpoint, "tiny_seed": config.seed, **grid}
+        tiny_seed = config.seed if config.encoder_seed is None else config.encoder_seed
+        common = {"checkpoint": config.wav2vec_checkpoint, "tiny_seed": tiny_seed, **grid}
         audio = config.model.audio
         cfg = AudioFeaturizerConfig(**common) if audio is None else featurizer_config_for(audio, **common)
         model, normalize = build_wav2vec2(cfg)
@@ -354,13 +356,7 @@ class LiveBackend:
         model, stream = self.config.model, self.config.stream
         conditioning = None
         if model.has_image_branch:
-            fitted = fit_to_size(image_to_tensor(image), stream.height, stream.width)
-            conditioning = I2VConditioning(
-                self.vae,
-                fitted,
-                chunk_latents=stream.chunk_latent_frames,
-                horizon_latents=stream.train_latent_frames,
-            )
+            conditioning = I2VConditioning.for_stream(self.vae, image, stream)
         tensors: dict[str, torch.Tensor] = {}
         for spec in session_open_specs(model, num_characters=len(faces)):
             if spec.name == "context":

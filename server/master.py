@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from decoder.checkpoint import load_vae
-from decoder.encode import I2VConditioning, fit_to_size, image_to_tensor
+from decoder.encode import I2VConditioning
 from decoder.streaming import DecodeSession
 from decoder.vae import WanVAE, build_vae
 from proto.chunk_specs import (
@@ -80,7 +80,7 @@ def build_master_vae(options: RunOptions, device: torch.device) -> WanVAE:
 def build_featurizer(options: RunOptions, model: ModelConfig, stream: StreamConfig) -> AudioFeaturizer:
     """The streaming wav2vec2 front-end, on the stream's frame grid and the model's audio dims."""
     grid = {"fps": stream.fps, "chunk_latents": stream.chunk_latent_frames}
-    common = {"checkpoint": options.wav2vec_checkpoint, "tiny_seed": options.seed, **grid}
+    common = {"checkpoint": options.wav2vec_checkpoint, "tiny_seed": options.tiny_encoder_seed, **grid}
     if model.audio is None:
         return AudioFeaturizer(AudioFeaturizerConfig(**common))
     featurizer = AudioFeaturizer(featurizer_config_for(model.audio, **common))
@@ -205,7 +205,7 @@ def open_session_message(
             model,
             clip_checkpoint=options.clip_checkpoint,
             umt5_checkpoint=options.umt5_checkpoint,
-            tiny_seed=options.seed,
+            tiny_seed=options.tiny_encoder_seed,
             device=str(device),
         )
     )
@@ -285,10 +285,7 @@ def run_master(
     vae = build_master_vae(options, device)
     conditioning = None
     if model.has_image_branch:
-        fitted = fit_to_size(image_to_tensor(image), stream.height, stream.width)
-        conditioning = I2VConditioning(
-            vae, fitted, chunk_latents=stream.chunk_latent_frames, horizon_latents=stream.train_latent_frames
-        )
+        conditioning = I2VConditioning.for_stream(vae, image, stream)
     featurizer = build_featurizer(options, model, stream)
     scheduler = ChunkScheduler(model, stream, featurizer, conditioning, audio, options.seed)
     message, tensors = open_session_message(options, model, stream, image, device)
@@ -311,7 +308,7 @@ def run_master(
     print(
         f"talkingmachines run: {topology.name}, preset {options.preset}, {stream.width}x{stream.height} "
         f"@ {stream.fps} fps, {audio.size / featurizer.config.sample_rate:.2f} s of audio -> "
-        f"{scheduler.num_chunks} chunks",
+        f"{scheduler.num_chunks} chunks; weights: {options.weights}",
         file=sys.stderr,
         flush=True,
     )

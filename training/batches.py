@@ -57,6 +57,7 @@ class ClipLike(Protocol):
     audio: np.ndarray
     speaking: np.ndarray
     face_boxes_px: np.ndarray
+    mouth_boxes_px: np.ndarray
     reference: np.ndarray
     num_characters: int
 
@@ -72,6 +73,8 @@ class ModelInputs:
     audio_span: `[B, C, K, F + W − 1, P, layers, dim]` each chunk's audio window span.
     speaking: `[B, C, K, F]` bool per latent frame.
     face_mask: `[B, C, L·S]` float in {0, 1}.
+    mouth: `[B, L, h, w]` float in {0, 1}: latent cells that any character's mouth box touches in the video
+        frames of that latent frame (the region the lip-sync signal lives in; losses may weigh it up).
     """
 
     latents: torch.Tensor
@@ -81,6 +84,7 @@ class ModelInputs:
     audio_span: torch.Tensor
     speaking: torch.Tensor
     face_mask: torch.Tensor
+    mouth: torch.Tensor
 
     @property
     def batch_size(self) -> int:
@@ -256,7 +260,31 @@ class ClipEncoder:
             audio_span=torch.stack([r["audio_span"] for r in rest]),
             speaking=torch.stack([r["speaking"] for r in rest]),
             face_mask=torch.stack([r["face_mask"] for r in rest]),
+            mouth=torch.stack([mouth_cells(c, latent_frames) for c in clips]),
         )
+
+
+def mouth_cells(clip: ClipLike, latent_frames: int, stride: int = 8) -> torch.Tensor:
+    """`[L, H/stride, W/stride]` 1.0 where a latent cell overlaps any character's mouth box in any video
+    frame of that latent frame (latent 0 is frame 0; latent k ≥ 1 covers frames 4k − 3 … 4k), else 0."""
+    _, height, width, _ = clip.video.shape
+    h, w = height // stride, width // stride
+    boxes = np.asarray(clip.mouth_boxes_px, dtype=np.float32)  # [C, T, 4]
+    cell_lo_x = np.arange(w, dtype=np.float32) * stride
+    cell_lo_y = np.arange(h, dtype=np.float32) * stride
+    out = np.zeros((latent_frames, h, w), np.float32)
+    for k in range(latent_frames):
+        frames = [0] if k == 0 else range(VAE_TEMPORAL_STRIDE * k - 3, VAE_TEMPORAL_STRIDE * k + 1)
+        for box in boxes[:, list(frames)].reshape(-1, 4):
+            in_x = (cell_lo_x + stride > box[0]) & (cell_lo_x < box[2])
+            in_y = (cell_lo_y + stride > box[1]) & (cell_lo_y < box[3])
+            out[k] = np.maximum(out[k], (in_y[:, None] & in_x[None, :]).astype(np.float32))
+    return torch.from_numpy(out)
+
+
+def token_weight(inputs: ModelInputs, mouth_weight: float) -> torch.Tensor:
+    """Per-element loss weights `[B, 1, L, h, w]`: 1 + mouth_weight in mouth cells, 1 elsewhere."""
+    return (1.0 + mouth_weight * inputs.mouth)[:, None]
 
 
 def load_or_build_vae(checkpoint: str | None, preset: str, seed: int = 0) -> WanVAE:
@@ -276,7 +304,7 @@ def encode_dataset(
     same indices and `key` (a description of the data config, VAE checkpoint and preset)."""
     if cache is not None and cache.is_file():
         state = torch.load(cache, weights_only=True)
-        if state.get("indices") == list(indices) and state.get("key") == key:
+        if state.get("indices") == list(indices) and state.get("key") == key and "mouth" in state:
             return ModelInputs.from_state(state)
     inputs = encoder.encode_many([dataset.clip(i) for i in indices])
     if cache is not None and world()[0] == 0:

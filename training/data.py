@@ -33,6 +33,9 @@ SAMPLES_PER_FRAME = SAMPLE_RATE // FPS
 # (server.audio_features.AudioFeaturizerConfig.speaking_rms_threshold).
 SPEAKING_RMS_THRESHOLD = 1e-3
 STYLES = ("realistic", "cartoon", "flat")
+DIT_CLIP_FRAMES = 57
+"""Clip length the teacher and student train on: 15 latent frames, i.e. 5 chunks of 3 (the default student)
+or 2 chunks of 7 (Table 1's larger chunk). The VAE trains on 5-frame windows of the default 33-frame clips."""
 
 # Vowel formants (F1, F2) in Hz: a, i, o, e, u.
 _VOWELS = np.array([(730, 1090), (270, 2290), (570, 840), (530, 1840), (300, 870)], dtype=np.float32)

@@ -1,12 +1,15 @@
 """The training pipeline's command line.
 
     python -m training.run --stage vae|teacher|student|all --out DIR [--minutes-budget M] [--resume]
+    python -m training.run --stage student --out DIR --student-chunk 7 --student-steps 4   # Table-1 variant
 
 Stages write to DIR/vae, DIR/teacher and DIR/student; each later stage reads the earlier ones' outputs
 (DIR/vae/vae.pth, DIR/teacher/teacher.safetensors) and refuses to start without them. ``--resume`` continues
 every stage from its last saved training state. ``--minutes-budget`` is the wall-clock budget of the chosen
-stage, or of the whole run for ``all`` (split vae 1/6, teacher 5/12, student 5/12); it applies to stages
-whose config has a ``minutes_budget`` field, the others run their configured number of steps.
+stage (set-up such as clip encoding included), or of the whole run for ``all``: each stage then gets its
+share (vae 1/2, teacher 1/4, student 1/4) of the time still left, so an overrun is absorbed by the next
+stage and the run ends within the budget. A finished student stage also writes DIR/<student dir>/bundle, the
+model bundle ``talkingmachines run --checkpoint`` and ``training.evaluate --checkpoint`` take.
 
 The teacher and student stages are ``training.teacher.train_teacher`` and ``training.distill.train_student``;
 each is called as ``train_X(cfg, out_dir, resume)`` with its config class (the annotation of ``cfg``) built
@@ -28,7 +31,7 @@ from typing import Any
 STAGES = ("vae", "teacher", "student")
 STAGE_MODULES = {"vae": ("training.vae_stage", "train_vae"), "teacher": ("training.teacher", "train_teacher"),
                  "student": ("training.distill", "train_student")}  # fmt: skip
-BUDGET_SHARE = {"vae": 2 / 12, "teacher": 5 / 12, "student": 5 / 12}
+BUDGET_SHARE = {"vae": 2 / 4, "teacher": 1 / 4, "student": 1 / 4}
 VAE_OUTPUT = ("vae", "vae.pth")
 TEACHER_OUTPUT = ("teacher", "teacher.safetensors")
 
@@ -99,6 +102,16 @@ def build_config(
     return cls(**values)
 
 
+def student_overrides(chunk: int | None, denoising_steps: int | None) -> dict[str, Any]:
+    """StudentConfig fields for a Table-1 variant (its own encoded-clip cache: chunking differs)."""
+    overrides: dict[str, Any] = {}
+    if chunk is not None:
+        overrides["chunk_latents"] = chunk
+    if denoising_steps is not None:
+        overrides["denoising_steps"] = (1000, 750, 500, 250) if denoising_steps == 4 else (1000, 500)
+    return overrides
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m training.run",
@@ -109,10 +122,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, type=Path, help="output directory (one sub-folder per stage)")
     parser.add_argument(
         "--minutes-budget", type=float, default=None,
-        help="wall-clock minutes for the stage (for 'all': the whole run, split 1/6, 5/12, 5/12)",
+        help="wall-clock minutes for the stage (for 'all': the whole run; vae 1/2, teacher and student "
+        "1/4 each)",
     )  # fmt: skip
     parser.add_argument("--steps", type=int, default=None, help="override the stage's step count")
     parser.add_argument("--resume", action="store_true", help="continue from the last saved training state")
+    parser.add_argument(
+        "--student-chunk", type=int, default=None, choices=(3, 7),
+        help="student stage: latent frames per chunk (default 3); writes OUT/student_c{F}_s{S}",
+    )  # fmt: skip
+    parser.add_argument(
+        "--student-steps", type=int, default=None, choices=(2, 4),
+        help="student stage: denoising steps (default 2; 4 = 1000, 750, 500, 250)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.minutes_budget is not None and args.minutes_budget <= 0:
         parser.error(f"--minutes-budget must be positive, got {args.minutes_budget}")
@@ -121,13 +143,58 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def run_stage(stage: str, out: Path, minutes: float | None, steps: int | None, resume: bool) -> Path:
+def student_dir_name(chunk: int | None, denoising_steps: int | None) -> str:
+    """`student` for the default schedule, `student_c{F}_s{S}` for a Table-1 variant."""
+    if chunk is None and denoising_steps is None:
+        return "student"
+    return f"student_c{chunk or 3}_s{denoising_steps or 2}"
+
+
+def run_stage(
+    stage: str,
+    out: Path,
+    minutes: float | None,
+    steps: int | None,
+    resume: bool,
+    overrides: dict[str, Any] | None = None,
+    stage_dir: str | None = None,
+) -> Path:
     function = stage_function(stage)
     cfg = build_config(function, out, stage, minutes, steps)
+    if overrides:
+        cfg = dataclasses.replace(cfg, **overrides)
     start = time.perf_counter()
-    path = function(cfg, out / stage, resume)
-    print(f"[{stage}] done in {(time.perf_counter() - start) / 60:.1f} min -> {path}")
-    return Path(path)
+    path = Path(function(cfg, out / (stage_dir or stage), resume))
+    print(f"[{stage}] done in {(time.perf_counter() - start) / 60:.1f} min -> {path}", flush=True)
+    if stage == "student":
+        bundle = export_bundle(cfg, path, out)
+        print(f"[{stage}] model bundle (talkingmachines run --checkpoint {bundle.path}) written", flush=True)
+    return path
+
+
+def export_bundle(cfg: Any, student_path: Path, out: Path) -> Any:
+    """Write `<student dir>/bundle`: the student, the VAE and the settings serving needs (model.json)."""
+    from server.model_bundle import write_bundle
+    from training.data import DIT_CLIP_FRAMES, DataConfig
+
+    data = cfg.data if cfg.data is not None else DataConfig(num_frames=DIT_CLIP_FRAMES)
+    latents = 1 + (data.num_frames - 1) // 4
+    chunk = int(cfg.chunk_latents)
+    settings = {
+        "preset": cfg.preset,
+        "vae_preset": cfg.vae_preset,
+        "height": data.height,
+        "width": data.width,
+        "train_latent_frames": (latents // chunk) * chunk,
+        "chunk_latent_frames": chunk,
+        "denoising_steps": list(cfg.denoising_steps),
+        "timestep_shift": cfg.timestep_shift,
+        "encoder_seed": 0,
+        "prompt": "a person talking",
+        "training": {"command": "python -m " + " ".join(["training.run", *sys.argv[1:]])},
+    }
+    return write_bundle(student_path.parent / "bundle", dit=student_path, vae=out.joinpath(*VAE_OUTPUT),
+                        settings=settings)  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -137,11 +204,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.stage == "all":  # fail before hours of training if a later stage cannot run
             for stage in stages:
                 stage_function(stage)
-        for stage in stages:
+        start = time.perf_counter()
+        for i, stage in enumerate(stages):
             minutes = args.minutes_budget
             if minutes is not None and args.stage == "all":
-                minutes *= BUDGET_SHARE[stage]
-            run_stage(stage, args.out, minutes, args.steps, args.resume)
+                # each stage gets its share of what is left, so an overrun of one is absorbed by the next
+                left = minutes - (time.perf_counter() - start) / 60
+                minutes = max(0.5, left * BUDGET_SHARE[stage] / sum(BUDGET_SHARE[s] for s in stages[i:]))
+            overrides: dict[str, Any] = {}
+            stage_dir = None
+            if stage == "student" and (args.student_chunk or args.student_steps):
+                overrides = student_overrides(args.student_chunk, args.student_steps)
+                stage_dir = student_dir_name(args.student_chunk, args.student_steps)
+            run_stage(stage, args.out, minutes, args.steps, args.resume, overrides, stage_dir)
     except StageUnavailable as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

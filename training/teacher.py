@@ -36,8 +36,9 @@ from training.batches import (
     chunked_audio,
     encode_dataset,
     load_or_build_vae,
+    token_weight,
 )
-from training.data import DataConfig, SyntheticTalkingDataset
+from training.data import DIT_CLIP_FRAMES, DataConfig, SyntheticTalkingDataset
 from training.fsdp import (
     FSDPConfig,
     build_mesh,
@@ -57,7 +58,8 @@ TEACHER_FILE = "teacher.safetensors"
 class TeacherConfig:
     """Stage B settings; defaults fit ~20 min on 2 CPU cores at the data set's default size.
 
-    data: a training.data.DataConfig (None = its defaults). num_clips / val_clips: clips encoded once
+    data: a training.data.DataConfig (None = its defaults with DIT_CLIP_FRAMES frames).
+    num_clips / val_clips: clips encoded once
     (indices 0.. and 1_000_000..). vae_checkpoint: stage A's output (None = seeded random VAE, tests).
     cache_dir: where the encoded clips are cached (None = out_dir).
     minutes_budget: stop early (and save) once training has run this long; None = run all steps.
@@ -83,6 +85,7 @@ class TeacherConfig:
     logit_std: float = 1.0
     audio_drop: float = 0.1
     text_drop: float = 0.1
+    mouth_weight: float = 8.0
     seed: int = 0
     log_every: int = 10
     eval_every: int = 250
@@ -144,15 +147,24 @@ def flow_matching_loss(
     keep_audio: torch.Tensor | None = None,
     keep_text: torch.Tensor | None = None,
     attn_mask: torch.Tensor | None = None,
+    mouth_weight: float = 0.0,
 ) -> torch.Tensor:
-    """Mean squared error between v(x_σ) and ε − x0 (Wan's flow target); noise like latents, sigma `[B]`."""
+    """Mean squared error between v(x_σ) and ε − x0 (Wan's flow target); noise like latents, sigma `[B]`.
+
+    mouth_weight: latent cells over a mouth count 1 + mouth_weight times (normalised so the mean weight is 1);
+    the mouth is a few cells of each frame but carries the lip-sync signal.
+    """
     x0 = inputs.latents
     s = sigma.to(x0.dtype).view(-1, 1, 1, 1, 1)
     x_t = (1 - s) * x0 + s * noise
     v = predict_velocity(
         model, x_t, sigma * 1000, inputs, keep_audio=keep_audio, keep_text=keep_text, attn_mask=attn_mask
     )
-    return (v.float() - (noise - x0).float()).pow(2).mean()
+    err = (v.float() - (noise - x0).float()).pow(2)
+    if mouth_weight == 0.0:
+        return err.mean()
+    weight = token_weight(inputs, mouth_weight)
+    return (err * weight).mean() / weight.mean()
 
 
 def lr_at(step: int, lr: float, warmup: int, total: int, time_fraction: float = 0.0) -> float:
@@ -206,12 +218,13 @@ def load_clip_inputs(
 ) -> tuple[ModelInputs, ModelInputs]:
     """(training, validation) inputs of the synthetic data set (validation: indices from 1,000,000), encoded
     once and cached in `cache_dir` (stages B and C share the files when given the same directory)."""
-    data = data if data is not None else DataConfig()
+    data = data if data is not None else DataConfig(num_frames=DIT_CLIP_FRAMES)
     dataset = SyntheticTalkingDataset(data, seed)
     key = f"{data!r}|seed={seed}|vae={vae_checkpoint}|{encoder.model.name}|F={encoder.chunk_latents}"
-    train = encode_dataset(dataset, range(num_clips), encoder, cache_dir / "inputs_train.pt", key)
+    tag = "" if encoder.chunk_latents == 3 else f"_f{encoder.chunk_latents}"  # chunking crops differently
+    train = encode_dataset(dataset, range(num_clips), encoder, cache_dir / f"inputs_train{tag}.pt", key)
     val_indices = range(1_000_000, 1_000_000 + val_clips)
-    val = encode_dataset(dataset, val_indices, encoder, cache_dir / "inputs_val.pt", key)
+    val = encode_dataset(dataset, val_indices, encoder, cache_dir / f"inputs_val{tag}.pt", key)
     return train, val
 
 
@@ -247,6 +260,7 @@ def train_teacher(cfg: TeacherConfig, out_dir: str | Path, resume: bool = False)
     """Train the teacher; returns the path of `teacher.safetensors` (Wan layout)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()  # the budget covers set-up (encoding, ODE pairs) too
     rank, world_size = world()
     torch.manual_seed(cfg.seed)
     vae = load_or_build_vae(cfg.vae_checkpoint, cfg.vae_preset, cfg.seed)
@@ -275,7 +289,6 @@ def train_teacher(cfg: TeacherConfig, out_dir: str | Path, resume: bool = False)
     if state is None:
         log.write(event="config", **{k: str(v) for k, v in asdict(cfg).items()})
 
-    t0 = time.perf_counter()
     done = start
     bar = tqdm(range(start, cfg.steps), desc="teacher", disable=rank != 0, initial=start, total=cfg.steps)
     for step in bar:
@@ -295,6 +308,7 @@ def train_teacher(cfg: TeacherConfig, out_dir: str | Path, resume: bool = False)
             sigma[mine],
             keep_audio=keep_audio[mine],
             keep_text=keep_text[mine],
+            mouth_weight=cfg.mouth_weight,
         )
         opt.zero_grad(set_to_none=True)
         loss.backward()
