@@ -185,11 +185,14 @@ _TINY_AUDIO = AudioConfig(
 # Exact Wan 2.1 shapes from wan.md §1.1; the TalkingMachines audio dims are ours (see workers/audio.py):
 # a 184,320 → 5632 → 5632 → 32·768 projection is ≈1.21B parameters, matching the paper's "1.2B audio module".
 PRESETS: dict[str, ModelConfig] = {
+    # tiny: CPU tests and the trained toy default (training/README.md). Width 128: at 64 a token (a 2x2
+    # patch of 16 noisy + 20 I2V channels, 144 values) did not fit through the residual stream, and the
+    # teacher never learnt to copy the reference frame.
     "tiny": ModelConfig(
         name="tiny",
         model_type="i2v",
-        dim=64,
-        ffn_dim=128,
+        dim=128,
+        ffn_dim=256,
         freq_dim=32,
         num_heads=4,
         num_layers=2,

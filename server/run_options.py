@@ -10,6 +10,7 @@ before a single process starts.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from proto.topology import Topology
 from proto.vae_config import get_vae_preset
 from server.audio_io import AudioDecodeError, load_audio
 from server.image_io import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
+from server.model_bundle import ModelBundle, resolve_weights
 
 # Frame size when --resolution/--height/--width are not given. The tiny preset's random VAE decodes a
 # 12-frame chunk at 128x128 in about 1.6 s on one CPU core (64x64: 0.25 s); the real presets stream at 512².
@@ -29,8 +31,26 @@ DEFAULT_SIZE = (512, 512)
 DEFAULT_MAX_AUDIO_S = 600.0
 
 
+@dataclass(frozen=True, kw_only=True)
+class WeightsOptions:
+    """What a trained bundle fixes (``bundle_settings``), shared by ``run`` and ``serve`` options; the
+    defaults are those of seeded random weights. Subclasses define ``seed``."""
+
+    seed: int  # redeclared (positionally) by the subclasses
+    train_latent_frames: int = 21
+    default_denoising_steps: tuple[int, ...] = (1000, 500)
+    timestep_shift: float = 5.0
+    encoder_seed: int | None = None
+    weights: str = "seeded random weights"
+
+    @property
+    def tiny_encoder_seed(self) -> int:
+        """Seed of the tiny random umT5/CLIP/wav2vec2: the bundle's training seed, else ``--seed``."""
+        return self.seed if self.encoder_seed is None else self.encoder_seed
+
+
 @dataclass(frozen=True)
-class RunOptions:
+class RunOptions(WeightsOptions):
     """Validated ``run`` arguments. Sizes in pixels, times in seconds."""
 
     image: Path
@@ -78,11 +98,34 @@ class RunOptions:
         )
 
     def stream_config(self) -> StreamConfig:
-        if self.steps is None:
-            return StreamConfig(height=self.height, width=self.width)
-        # N steps spread evenly over (0, 1000], starting at pure noise: 1000, 1000 - 1000/N, …
-        steps = tuple(sorted({round(1000 - 1000 * i / self.steps) for i in range(self.steps)}, reverse=True))
-        return StreamConfig(height=self.height, width=self.width, denoising_steps=steps)
+        steps = self.default_denoising_steps
+        if self.steps is not None:
+            steps = evenly_spaced_steps(self.steps)
+        return StreamConfig(
+            height=self.height,
+            width=self.width,
+            denoising_steps=steps,
+            timestep_shift=self.timestep_shift,
+            train_latent_frames=self.train_latent_frames,
+        )
+
+
+def evenly_spaced_steps(n: int) -> tuple[int, ...]:
+    """N steps spread evenly over (0, 1000], starting at pure noise: 1000, 1000 - 1000/N, …"""
+    return tuple(sorted({round(1000 - 1000 * i / n) for i in range(n)}, reverse=True))
+
+
+def bundle_settings(bundle: ModelBundle | None) -> dict[str, object]:
+    """The option fields a trained bundle fixes (empty without one)."""
+    if bundle is None:
+        return {}
+    return {
+        "train_latent_frames": bundle.train_latent_frames,
+        "default_denoising_steps": bundle.denoising_steps,
+        "timestep_shift": bundle.timestep_shift,
+        "encoder_seed": bundle.encoder_seed,
+        "weights": bundle.describe(),
+    }
 
 
 def build_run_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -105,16 +148,14 @@ def build_run_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     parser.add_argument(
         "--resolution",
         default=None,
-        help=f"HxW in pixels, multiples of 16 (default {tiny_h}x{tiny_w} for tiny, fast on a CPU; "
+        help="HxW in pixels, multiples of 16 (default: a trained bundle's training size, 64x64 for the "
+        f"tiny default; {tiny_h}x{tiny_w} for tiny --random-weights; "
         f"{DEFAULT_SIZE[0]}x{DEFAULT_SIZE[1]} otherwise)",
     )
     parser.add_argument("--height", type=int, default=None, help="pixels (instead of --resolution)")
     parser.add_argument("--width", type=int, default=None, help="pixels (instead of --resolution)")
     parser.add_argument("--prompt", default="a person talking", help="text prompt (umT5)")
-    parser.add_argument("--checkpoint", default=None, help="DiT checkpoint; default: seeded random weights")
-    parser.add_argument(
-        "--vae-checkpoint", default=None, help="VAE checkpoint; default: seeded random weights"
-    )
+    add_weights_arguments(parser)
     parser.add_argument(
         "--wav2vec-checkpoint", default=None, help="local wav2vec2 folder; default: tiny random"
     )
@@ -151,7 +192,25 @@ def build_run_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     return parser
 
 
-def _size(args: argparse.Namespace) -> tuple[int, int]:
+def add_weights_arguments(parser: argparse.ArgumentParser) -> None:
+    """--checkpoint / --vae-checkpoint / --random-weights (shared by ``run`` and ``serve``)."""
+    parser.add_argument(
+        "--checkpoint",
+        default=None,
+        help="DiT checkpoint file, or a model bundle directory (model.json + student.safetensors + vae.pth); "
+        "default for --preset tiny: the trained toy model shipped in server/weights/tiny",
+    )
+    parser.add_argument(
+        "--vae-checkpoint", default=None, help="VAE checkpoint (default: the bundle's, else seeded random)"
+    )
+    parser.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="seeded random DiT and VAE instead of the trained default (noise; for plumbing tests)",
+    )
+
+
+def _size(args: argparse.Namespace, bundle: ModelBundle | None = None) -> tuple[int, int]:
     if args.resolution is not None:
         if args.height is not None or args.width is not None:
             raise ValueError("give either --resolution HxW or --height/--width, not both")
@@ -160,13 +219,16 @@ def _size(args: argparse.Namespace) -> tuple[int, int]:
             raise ValueError(f"--resolution {args.resolution!r} must look like 128x128 (height x width)")
         return int(parts[0]), int(parts[1])
     default = DEFAULT_TINY_SIZE if args.preset == "tiny" else DEFAULT_SIZE
+    if bundle is not None:
+        default = (bundle.height, bundle.width)
     return args.height or default[0], args.width or default[1]
 
 
 def options_from_args(args: argparse.Namespace) -> RunOptions:
     """Turn parsed arguments into ``RunOptions``; raises ``ValueError`` with a message for the user."""
     get_model_preset(args.preset)  # an unknown preset raises with the valid names
-    height, width = _size(args)
+    weights = resolve_weights(args.preset, args.checkpoint, args.vae_checkpoint, args.random_weights)
+    height, width = _size(args, weights.bundle)
     device = args.device
     if device is None:
         import torch
@@ -191,8 +253,8 @@ def options_from_args(args: argparse.Namespace) -> RunOptions:
         height=height,
         width=width,
         prompt=args.prompt,
-        checkpoint=args.checkpoint,
-        vae_checkpoint=args.vae_checkpoint,
+        checkpoint=weights.checkpoint,
+        vae_checkpoint=weights.vae_checkpoint,
         wav2vec_checkpoint=args.wav2vec_checkpoint,
         clip_checkpoint=args.clip_checkpoint,
         umt5_checkpoint=args.umt5_checkpoint,
@@ -206,7 +268,10 @@ def options_from_args(args: argparse.Namespace) -> RunOptions:
         max_audio_s=args.max_audio_seconds,
         max_image_pixels=args.max_image_pixels,
         progress=args.progress,
+        **bundle_settings(weights.bundle),  # type: ignore[arg-type]
     )
+    if weights.bundle is None and not args.random_weights:
+        options = dataclasses.replace(options, weights=weights.describe())
     options.topology()  # worker count vs heads, decoder placement
     options.stream_config()  # sizes and steps
     get_vae_preset(options.vae_preset)

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import json
 import logging
@@ -58,6 +59,8 @@ from proto.model_config import ModelConfig, get_model_preset, model_preset_names
 from proto.stream_config import StreamConfig
 from proto.topology import Topology
 from proto.vae_config import get_vae_preset
+from server.model_bundle import resolve_weights
+from server.run_options import WeightsOptions, add_weights_arguments, bundle_settings
 from server.settings import ApiSettings
 
 log = logging.getLogger("talkingmachines.serve")
@@ -70,7 +73,7 @@ _WORKER_ENTRY = "server.serve:main"
 
 
 @dataclass(frozen=True)
-class ServeOptions:
+class ServeOptions(WeightsOptions):
     """Validated ``serve`` arguments (sizes in pixels, times in seconds)."""
 
     config: Path | None
@@ -111,7 +114,13 @@ class ServeOptions:
         )
 
     def stream_config(self) -> StreamConfig:
-        return StreamConfig(height=self.height, width=self.width)
+        return StreamConfig(
+            height=self.height,
+            width=self.width,
+            denoising_steps=self.default_denoising_steps,
+            timestep_shift=self.timestep_shift,
+            train_latent_frames=self.train_latent_frames,
+        )
 
     def api_settings(self) -> ApiSettings:
         # ApiSettings reads a file's [api] table, or the whole document when there is none (an API-only
@@ -134,12 +143,12 @@ def build_serve_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument(
         "--resolution",
         default=None,
-        help=f"HxW, multiples of 16 (default {DEFAULT_TINY_SIZE[0]}x{DEFAULT_TINY_SIZE[1]} for tiny: "
-        f"real time on a CPU; {DEFAULT_SIZE[0]}x{DEFAULT_SIZE[1]} otherwise)",
+        help="HxW, multiples of 16 (default: a trained bundle's size, 64x64 for the tiny default; "
+        f"{DEFAULT_TINY_SIZE[0]}x{DEFAULT_TINY_SIZE[1]} for tiny --random-weights; "
+        f"{DEFAULT_SIZE[0]}x{DEFAULT_SIZE[1]} otherwise)",
     )
     parser.add_argument("--prompt", default="a person talking", help="prompt when a session brings none")
-    parser.add_argument("--checkpoint", default=None, help="DiT checkpoint; default: seeded random weights")
-    parser.add_argument("--vae-checkpoint", default=None)
+    add_weights_arguments(parser)
     parser.add_argument("--wav2vec-checkpoint", default=None)
     parser.add_argument("--clip-checkpoint", default=None)
     parser.add_argument("--umt5-checkpoint", default=None)
@@ -205,6 +214,7 @@ def parse_serve_options(argv: list[str]) -> ServeOptions:
     parser.set_defaults(**defaults)
     args = parser.parse_args(argv)
     get_model_preset(args.preset)
+    weights = resolve_weights(args.preset, args.checkpoint, args.vae_checkpoint, args.random_weights)
     if args.resolution is not None:
         parts = str(args.resolution).lower().split("x")
         if len(parts) != 2 or not all(p.isdigit() for p in parts):
@@ -212,6 +222,8 @@ def parse_serve_options(argv: list[str]) -> ServeOptions:
         height, width = int(parts[0]), int(parts[1])
     else:
         height, width = DEFAULT_TINY_SIZE if args.preset == "tiny" else DEFAULT_SIZE
+        if weights.bundle is not None:
+            height, width = weights.bundle.height, weights.bundle.width
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     world = args.score_workers + (1 if args.decoder == "dedicated" else 0)
     threads = args.threads if args.threads is not None else max(1, (os.cpu_count() or 1) // world)
@@ -230,8 +242,8 @@ def parse_serve_options(argv: list[str]) -> ServeOptions:
         height=height,
         width=width,
         prompt=args.prompt,
-        checkpoint=args.checkpoint,
-        vae_checkpoint=args.vae_checkpoint,
+        checkpoint=weights.checkpoint,
+        vae_checkpoint=weights.vae_checkpoint,
         wav2vec_checkpoint=args.wav2vec_checkpoint,
         clip_checkpoint=args.clip_checkpoint,
         umt5_checkpoint=args.umt5_checkpoint,
@@ -243,7 +255,10 @@ def parse_serve_options(argv: list[str]) -> ServeOptions:
         sync_probe=args.sync_probe,
         video_delay_frames=args.video_delay_frames,
         log_level=args.log_level,
+        **bundle_settings(weights.bundle),  # type: ignore[arg-type]
     )
+    if weights.bundle is None:
+        options = dataclasses.replace(options, weights=weights.describe())
     options.topology()
     options.stream_config()
     tokens = (height // 16) * (width // 16)
@@ -315,7 +330,7 @@ def _serve_master(options: ServeOptions, groups: Any, store: dist.Store, score_r
             options.model_config,
             clip_checkpoint=options.clip_checkpoint,
             umt5_checkpoint=options.umt5_checkpoint,
-            tiny_seed=options.seed,
+            tiny_seed=options.tiny_encoder_seed,
             device=str(device),
         )
     )
@@ -335,6 +350,7 @@ def _serve_master(options: ServeOptions, groups: Any, store: dist.Store, score_r
         sync_probe=options.sync_probe,
         video_delay_frames=options.video_delay_frames,
         wav2vec_checkpoint=options.wav2vec_checkpoint,
+        encoder_seed=options.tiny_encoder_seed,
     )
     backend = LiveBackend(config, executor, vae, encoders, metrics, dead_workers=dead_workers).start()
     app = create_app(backend, settings, metrics)
@@ -346,9 +362,10 @@ def _serve_master(options: ServeOptions, groups: Any, store: dist.Store, score_r
     drain = Drain(backend, settings.drain_timeout_s, settings.retry_after_s, stop=server.stop_now)
     server.on_sigterm = drain.begin
     log.info(
-        "talkingmachines serve: %s, preset %s, %dx%d @ %d fps on http://%s:%d",
+        "talkingmachines serve: %s, preset %s (%s), %dx%d @ %d fps on http://%s:%d",
         topology.name,
         options.preset,
+        options.weights,
         stream.width,
         stream.height,
         stream.fps,

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from server.model_bundle import DEFAULT_BUNDLE_DIR, load_bundle
 from server.serve import parse_serve_options
 
 
@@ -22,9 +23,23 @@ def test_serve_table_sets_defaults_and_the_command_line_wins(tmp_path: Path) -> 
     assert options.ahead_s == 0.4
 
 
-def test_tiny_defaults_to_a_size_that_runs_in_real_time_on_a_cpu(tmp_path: Path) -> None:
+def test_tiny_serves_the_trained_default_at_its_training_size(tmp_path: Path) -> None:
     options = parse_serve_options(["--config", str(_config(tmp_path, "")), "--device", "cpu"])
+    bundle = load_bundle(DEFAULT_BUNDLE_DIR)
+    assert (options.height, options.width) == (bundle.height, bundle.width)
+    assert options.checkpoint == str(bundle.dit) and options.vae_checkpoint == str(bundle.vae)
+    assert options.stream_config().train_latent_frames == bundle.train_latent_frames
+    assert options.tiny_encoder_seed == bundle.encoder_seed  # not --seed: the encoders it was trained with
+    seeded = parse_serve_options(["--config", str(_config(tmp_path, "")), "--device", "cpu", "--seed", "5"])
+    assert seeded.tiny_encoder_seed == bundle.encoder_seed and seeded.seed == 5
+
+
+def test_random_weights_default_to_a_size_that_runs_in_real_time_on_a_cpu(tmp_path: Path) -> None:
+    argv = ["--config", str(_config(tmp_path, "")), "--device", "cpu", "--random-weights", "--seed", "3"]
+    options = parse_serve_options(argv)
     assert (options.height, options.width) == (32, 32)
+    assert options.checkpoint is None and options.vae_checkpoint is None
+    assert options.stream_config().train_latent_frames == 21 and options.tiny_encoder_seed == 3
 
 
 def test_unknown_serve_option_in_the_config_is_named(tmp_path: Path) -> None:

@@ -137,7 +137,7 @@ def test_mis_shaped_key_error_names_key_both_shapes_and_preset(tmp_path: Path, s
     with pytest.raises(CheckpointError) as err:
         load_dit_checkpoint(tmp_path / "bad.safetensors", TINY)
     message = str(err.value)
-    assert "blocks.1.cross_attn.k_img.weight has shape [64, 32], the preset expects [64, 64]" in message
+    assert "blocks.1.cross_attn.k_img.weight has shape [64, 32], the preset expects [128, 128]" in message
     assert "fits preset 'tiny'" in message
 
 
@@ -145,11 +145,11 @@ def test_checkpoint_of_another_preset_names_the_preset_it_looks_like(
     tmp_path: Path, source: WanModel
 ) -> None:
     path = save_dit_checkpoint(source, tmp_path / "tiny.safetensors")
-    wide = dataclasses.replace(TINY, name="tiny-wide", dim=128, ffn_dim=256)
+    wide = dataclasses.replace(TINY, name="tiny-wide", dim=256, ffn_dim=512)
     with pytest.raises(CheckpointError) as err:
         load_dit_checkpoint(path, wide)
     message = str(err.value)
-    assert "blocks.0.self_attn.k.weight has shape [64, 64], the preset expects [128, 128]" in message
+    assert "blocks.0.self_attn.k.weight has shape [128, 128], the preset expects [256, 256]" in message
     assert "looks like preset 'tiny', not 'tiny-wide' — wrong preset?" in message
 
 
@@ -164,7 +164,7 @@ def test_unexpected_key_is_an_error_naming_it(tmp_path: Path, source: WanModel) 
 def test_missing_non_audio_key_is_an_error_naming_it(tmp_path: Path, source: WanModel) -> None:
     state = {k: v for k, v in source.state_dict().items() if k != "blocks.1.ffn.2.bias"}
     save_file(state, str(tmp_path / "missing.safetensors"))
-    with pytest.raises(CheckpointError, match=r"lacks key blocks\.1\.ffn\.2\.bias \(shape \[64\]"):
+    with pytest.raises(CheckpointError, match=r"lacks key blocks\.1\.ffn\.2\.bias \(shape \[128\]"):
         load_dit_checkpoint(tmp_path / "missing.safetensors", TINY)
 
 

@@ -22,8 +22,8 @@ def test_rope_split_matches_wan_for_head_dim_128():
 
 def test_rope_split_covers_every_pair_for_tiny_heads():
     cfg = get_model_preset("tiny")
-    assert cfg.head_dim == 16
-    assert cfg.rope_pairs == (4, 2, 2)
+    assert cfg.head_dim == 32
+    assert cfg.rope_pairs == (6, 5, 5)
     assert sum(cfg.rope_pairs) == cfg.head_dim // 2
 
 
