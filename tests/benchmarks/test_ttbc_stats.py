@@ -170,7 +170,7 @@ def test_audio_length_gives_exactly_k_chunks_of_frames(chunk_frames: int) -> Non
 
 def test_rank_options_carry_the_chunk_size_and_dtype() -> None:
     run = ["--image", "a.png", "--audio", "a.wav", "--out", "o.mp4", "--resolution", "64x64",
-           "--device", "cpu"]
+           "--random-weights", "--device", "cpu"]
     options = parse_bench_options(["--chunk-frames", "7", "--dtype", "bf16", *run])
     assert options.stream_config().chunk_latent_frames == 7
     assert options.stream_config().height == 64
@@ -178,7 +178,7 @@ def test_rank_options_carry_the_chunk_size_and_dtype() -> None:
 
 
 def test_rank_options_reject_a_chunk_size_the_training_window_cannot_hold() -> None:
-    run = ["--image", "a.png", "--audio", "a.wav", "--out", "o.mp4", "--device", "cpu"]
+    run = ["--image", "a.png", "--audio", "a.wav", "--out", "o.mp4", "--device", "cpu", "--random-weights"]
     with pytest.raises(ValueError, match="chunk_latent_frames=5"):
         parse_bench_options(["--chunk-frames", "5", *run])
 

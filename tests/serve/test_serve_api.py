@@ -137,7 +137,7 @@ def test_delete_ends_the_session_and_leaves_a_playable_mp4(
     with av.open(str(serve_tmp / "out" / "call.mp4")) as container:
         kinds = sorted(s.type for s in container.streams)
         video = container.streams.video[0]
-        assert (video.width, video.height) == (32, 32)
+        assert (video.width, video.height) == (64, 64)  # the trained tiny default's size
     assert kinds == ["audio", "video"]
 
 
