@@ -55,6 +55,7 @@ from server.conditioning import ConditioningConfig, ConditioningEncoders
 from server.model_bundle import DEFAULT_BUNDLE_DIR, ModelBundle, load_bundle
 from training.data import Clip, DataConfig, SyntheticTalkingDataset
 from training.lipsync import lipsync_score, mouth_opening_from_frames
+from training.vae_stage import mouth_mask
 from workers.factory import build_score_model
 from workers.score_rank import ScoreRank
 
@@ -75,18 +76,25 @@ class GeneratedStream:
     chunk_duration_s: float = 0.75
 
     def ttbc(self) -> dict[str, float]:
-        """Median and p90 of score + decode per chunk after the first (the warm-up chunk has 9 frames)."""
-        total = np.asarray(self.score_s[1:]) + np.asarray(self.decode_s[1:])
-        if total.size == 0:
-            return {}
-        return {
-            "ttbc_p50_s": float(np.median(total)),
-            "ttbc_p90_s": float(np.quantile(total, 0.9)),
-            "score_p50_s": float(np.median(self.score_s[1:])),
-            "decode_p50_s": float(np.median(self.decode_s[1:])),
-            "chunk_duration_s": self.chunk_duration_s,
-            "real_time_factor": float(np.median(total)) / self.chunk_duration_s,
-        }
+        """TTBC over the chunks after the first (the warm-up chunk has 9 frames)."""
+        return ttbc_summary(self.score_s[1:], self.decode_s[1:], self.chunk_duration_s)
+
+
+def ttbc_summary(
+    score_s: Sequence[float], decode_s: Sequence[float], chunk_duration_s: float
+) -> dict[str, float]:
+    """Median and p90 of score + decode per chunk, and the real-time factor against the chunk's duration."""
+    total = np.asarray(score_s) + np.asarray(decode_s)
+    if total.size == 0:
+        return {}
+    return {
+        "ttbc_p50_s": float(np.median(total)),
+        "ttbc_p90_s": float(np.quantile(total, 0.9)),
+        "score_p50_s": float(np.median(score_s)),
+        "decode_p50_s": float(np.median(decode_s)),
+        "chunk_duration_s": chunk_duration_s,
+        "real_time_factor": float(np.median(total)) / chunk_duration_s,
+    }
 
 
 class Generator:
@@ -183,17 +191,6 @@ def psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
     return 10 * math.log10(255.0**2 / max(mse, 1e-9))
 
 
-def mouth_region(clip: Clip, frames: int) -> np.ndarray:
-    """bool [T, H, W]: the speaker's mouth box (+1 px) in each frame."""
-    t, h, w = frames, clip.video.shape[1], clip.video.shape[2]
-    boxes = clip.mouth_boxes_px[max(clip.speaker, 0), :t]
-    x = np.arange(w) + 0.5
-    y = np.arange(h) + 0.5
-    inside_x = (x[None] >= boxes[:, 0:1] - 1) & (x[None] <= boxes[:, 2:3] + 1)
-    inside_y = (y[None] >= boxes[:, 1:2] - 1) & (y[None] <= boxes[:, 3:4] + 1)
-    return inside_y[:, :, None] & inside_x[:, None, :]
-
-
 def eval_clips(
     bundle: ModelBundle, count: int, num_frames: int, silent: bool = False, espeak: bool = False
 ) -> list[Clip]:
@@ -216,7 +213,7 @@ def score_clip(generated: np.ndarray, clip: Clip) -> dict[str, float]:
     """Lip-sync and quality of generated frames against a clip (same length)."""
     t = min(len(generated), len(clip.video))
     generated, truth = generated[:t], clip.video[:t]
-    trimmed = _trim(clip, t)
+    trimmed = _trim_window(clip, 0, t)
     sync = lipsync_score(generated, trimmed)
     return {
         "lipsync": float(sync["correlation"]),
@@ -224,13 +221,8 @@ def score_clip(generated: np.ndarray, clip: Clip) -> dict[str, float]:
         "offset_frames": int(sync["offset_frames"]),
         "confidence": float(sync["confidence"]),
         "psnr": psnr(generated, truth),
-        "psnr_mouth": psnr(generated, truth, mouth_region(clip, t)),
+        "psnr_mouth": psnr(generated, truth, mouth_mask(clip, slice(0, t), *truth.shape[1:3]) > 0),
     }
-
-
-def _trim(clip: Clip, frames: int) -> Clip:
-    """The clip's first `frames` frames (per-frame fields cut; audio kept)."""
-    return _trim_window(clip, 0, frames)
 
 
 def save_still(path: Path, truth: np.ndarray, generated: np.ndarray, count: int = 8, scale: int = 3) -> Path:
@@ -270,16 +262,19 @@ def evaluate_generator(
     for clip in silent:
         result = gen.generate(clip.reference, clip.audio, seed=seed)
         t = min(len(result.frames), len(clip.video))
-        openings.append(float(mouth_opening_from_frames(result.frames[:t], _trim(clip, t), 0).mean()))
+        openings.append(
+            float(mouth_opening_from_frames(result.frames[:t], _trim_window(clip, 0, t), 0).mean())
+        )
     if openings:
         summary["silent_mouth_opening"] = float(np.mean(openings))
-    merged = GeneratedStream(np.zeros(0), chunk_duration_s=timings[0].chunk_duration_s)
-    for t in timings:
-        merged.score_s += t.score_s[1:]
-        merged.decode_s += t.decode_s[1:]
-    merged.score_s.insert(0, 0.0)
-    merged.decode_s.insert(0, 0.0)
-    summary.update(merged.ttbc())
+    steady = [(r.score_s[1:], r.decode_s[1:]) for r in timings]  # each stream's warm-up chunk left out
+    summary.update(
+        ttbc_summary(
+            [x for score, _ in steady for x in score],
+            [x for _, decode in steady for x in decode],
+            timings[0].chunk_duration_s,
+        )
+    )
     return summary
 
 
