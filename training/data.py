@@ -35,7 +35,25 @@ SPEAKING_RMS_THRESHOLD = 1e-3
 STYLES = ("realistic", "cartoon", "flat")
 DIT_CLIP_FRAMES = 57
 """Clip length the teacher and student train on: 15 latent frames, i.e. 5 chunks of 3 (the default student)
-or 2 chunks of 7 (Table 1's larger chunk). The VAE trains on 5-frame windows of the default 33-frame clips."""
+or 2 chunks of 7 (Table 1's larger chunk). The VAE trains on 73-frame streams (training.vae_stage)."""
+DIT_ESPEAK_FRACTION = 0.3
+"""Share of the DiT's speaking clips voiced by espeak-ng (when installed): real speech, so the mouth learns
+to follow words and not only the numpy voice's syllables."""
+
+
+def dit_data_config() -> DataConfig:
+    """The teacher's and student's default data: DIT_CLIP_FRAMES-frame clips, DIT_ESPEAK_FRACTION of them
+    espeak-ng speech when espeak-ng is on PATH (else all numpy voice, with a note on stderr)."""
+    espeak = shutil.which("espeak-ng") is not None
+    if not espeak:
+        import sys
+
+        print(
+            "note: espeak-ng is not installed; the DiT trains on the numpy voice only "
+            "(apt-get install espeak-ng for real speech)",
+            file=sys.stderr,
+        )
+    return DataConfig(num_frames=DIT_CLIP_FRAMES, espeak_fraction=DIT_ESPEAK_FRACTION if espeak else 0.0)
 
 # Vowel formants (F1, F2) in Hz: a, i, o, e, u.
 _VOWELS = np.array([(730, 1090), (270, 2290), (570, 840), (530, 1840), (300, 870)], dtype=np.float32)

@@ -175,9 +175,9 @@ def run_stage(
 def export_bundle(cfg: Any, student_path: Path, out: Path) -> Any:
     """Write `<student dir>/bundle`: the student, the VAE and the settings serving needs (model.json)."""
     from server.model_bundle import write_bundle
-    from training.data import DIT_CLIP_FRAMES, DataConfig
+    from training.data import dit_data_config
 
-    data = cfg.data if cfg.data is not None else DataConfig(num_frames=DIT_CLIP_FRAMES)
+    data = cfg.data if cfg.data is not None else dit_data_config()
     latents = 1 + (data.num_frames - 1) // 4
     chunk = int(cfg.chunk_latents)
     settings = {

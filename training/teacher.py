@@ -38,7 +38,7 @@ from training.batches import (
     load_or_build_vae,
     token_weight,
 )
-from training.data import DIT_CLIP_FRAMES, DataConfig, SyntheticTalkingDataset
+from training.data import DataConfig, SyntheticTalkingDataset, dit_data_config
 from training.fsdp import (
     FSDPConfig,
     build_mesh,
@@ -58,7 +58,7 @@ TEACHER_FILE = "teacher.safetensors"
 class TeacherConfig:
     """Stage B settings; defaults fit ~20 min on 2 CPU cores at the data set's default size.
 
-    data: a training.data.DataConfig (None = its defaults with DIT_CLIP_FRAMES frames).
+    data: a training.data.DataConfig (None = training.data.dit_data_config()).
     num_clips / val_clips: clips encoded once
     (indices 0.. and 1_000_000..). vae_checkpoint: stage A's output (None = seeded random VAE, tests).
     cache_dir: where the encoded clips are cached (None = out_dir).
@@ -218,7 +218,7 @@ def load_clip_inputs(
 ) -> tuple[ModelInputs, ModelInputs]:
     """(training, validation) inputs of the synthetic data set (validation: indices from 1,000,000), encoded
     once and cached in `cache_dir` (stages B and C share the files when given the same directory)."""
-    data = data if data is not None else DataConfig(num_frames=DIT_CLIP_FRAMES)
+    data = data if data is not None else dit_data_config()
     dataset = SyntheticTalkingDataset(data, seed)
     key = f"{data!r}|seed={seed}|vae={vae_checkpoint}|{encoder.model.name}|F={encoder.chunk_latents}"
     tag = "" if encoder.chunk_latents == 3 else f"_f{encoder.chunk_latents}"  # chunking crops differently

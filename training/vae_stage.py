@@ -1,6 +1,6 @@
 """Stage A: train the Wan-VAE (``tiny`` preset) on synthetic talking-character frames.
 
-Objective per batch of short windows x [B, 3, T, H, W] in [-1, 1]:
+Objective per batch of windows x [B, 3, T, H, W] in [-1, 1]:
 
     loss = weighted L1(x_hat, x) + L2(x_hat, x) + kl_weight * KL(q(z|x) || N(0, I) in normalised space)
 
@@ -11,6 +11,13 @@ Objective per batch of short windows x [B, 3, T, H, W] in [-1, 1]:
   instead of pulling raw mu towards 0, which after normalisation would be a constant offset.
 - The L1 term weighs pixels inside the mouth boxes ``1 + mouth_weight``: the mouth is a few pixels of a 64x64
   frame but carries the lip-sync signal every later stage is judged on.
+- Training streams, as inference does (truncated back-propagation through time): a batch of B clips is
+  encoded and decoded ``stream_windows`` windows in a row through one encoder and one decoder
+  ``FeatureCache``, each window a training step, the caches detached in between. The causal convolutions
+  of Wan's VAE see ~30 latent frames back (11 kernel-3 convolutions at the latent rate in the decoder
+  alone), so a VAE trained only on fresh short windows never meets the cache state of a long stream and
+  its reconstructions drift: one trained on fresh 13-frame windows fell from 24 dB on the second latent
+  frame to 15.6 dB by the 15th, and every later stage inherited the drift.
 
 Evaluation on held-out clips (indices from ``EVAL_INDEX_START``) runs the inference path, ``WanVAE.encode``
 then ``WanVAE.decode`` (cached, chunk by chunk), and reports PSNR over whole frames and inside the mouth
@@ -36,6 +43,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from decoder.checkpoint import save_vae_checkpoint
+from decoder.feature_cache import FeatureCache
 from decoder.vae import AttentionBlock, ResidualBlock, WanVAE
 from proto.vae_config import get_vae_preset
 from training.checkpointing import load_training_state, save_training_state
@@ -59,11 +67,12 @@ class VAEStageConfig:
         minutes_budget: wall-clock budget in minutes including evaluations (None = steps only). The
             learning-rate schedule follows max(step / steps, elapsed / budget), so a budget-bound run still
             anneals.
-        batch_size, clip_frames: windows per step and frames per window (1 + 4k: 13 = four latent frames).
-            Windows must be long enough that most of their latents *continue* a stream: inference encodes
-            and decodes with the causal caches full of real history, and a VAE trained on 5-frame windows
-            (one fresh latent, one continuation) reconstructs well in training but degrades in the cached
-            inference path (held-out PSNR fell while the training loss did not).
+        batch_size, clip_frames: streams per step and frames of a stream's first window (1 + 4k: 13 = four
+            latent frames); its later windows have clip_frames - 1 frames (three latent frames).
+        stream_windows: windows (training steps) per stream: a stream covers the first
+            `stream_frames` = clip_frames + (stream_windows - 1) * (clip_frames - 1) frames of its clips
+            (73 by default: 19 latent frames), with the caches carried from window to window (the
+            module docstring says why). The data's clips must be at least that long.
         crop: train on crop x crop squares of the frames (None = whole frames). The VAE is convolutional
             (its middle attention sees fewer tokens), so a 32 px crop costs a quarter of a 64 px frame and a
             step sees 4x as many different characters, which is what the held-out error is limited by.
@@ -75,15 +84,18 @@ class VAEStageConfig:
             KL's first gradients push every variance up to the prior's at once (posterior collapse: held-out
             latents with std 0.09 and no reconstruction after 200 steps); 0 does not.
         eval_every, eval_clips: held-out evaluation period (steps) and size (full clips).
-        save_every, log_every: training-state and log periods (steps).
+        save_every, log_every: training-state and log periods (steps). A save at a multiple of
+            stream_windows resumes bit-exactly; elsewhere the resumed run refills the stream's caches with
+            its current weights.
     """
 
-    data: DataConfig = field(default_factory=DataConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(num_frames=73))
     vae_preset: str = "tiny"
     steps: int = 3000
     minutes_budget: float | None = 25.0
     batch_size: int = 6
     clip_frames: int = 13
+    stream_windows: int = 6
     crop: int | None = 32
     lr: float = 2e-3
     lr_final_fraction: float = 0.1
@@ -95,17 +107,22 @@ class VAEStageConfig:
     seed: int = 0
     eval_every: int = 200
     eval_clips: int = 4
-    save_every: int = 100
+    save_every: int = 96
     log_every: int = 10
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "eval_every", "eval_clips", "save_every", "log_every"):
+        for name in (
+            "steps", "batch_size", "stream_windows", "eval_every", "eval_clips", "save_every", "log_every"
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"VAEStageConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.clip_frames < 1 or (self.clip_frames - 1) % 4 or self.clip_frames > self.data.num_frames:
+        if self.clip_frames < 5 or (self.clip_frames - 1) % 4:
+            raise ValueError(f"VAEStageConfig.clip_frames={self.clip_frames} must be 1 + 4k with k >= 1")
+        if self.stream_frames > self.data.num_frames:
             raise ValueError(
-                f"VAEStageConfig.clip_frames={self.clip_frames} must be 1 + 4k and at most the data's "
-                f"num_frames={self.data.num_frames}"
+                f"VAEStageConfig: a stream of {self.stream_windows} windows covers {self.stream_frames} "
+                f"frames but the data's clips have num_frames={self.data.num_frames}; make them longer or "
+                "use fewer stream_windows"
             )
         if self.minutes_budget is not None and self.minutes_budget <= 0:
             raise ValueError(
@@ -114,6 +131,19 @@ class VAEStageConfig:
         if self.lr <= 0 or not 0 < self.lr_final_fraction <= 1:
             raise ValueError("VAEStageConfig: lr must be > 0 and lr_final_fraction in (0, 1]")
         get_vae_preset(self.vae_preset)
+
+    @property
+    def stream_frames(self) -> int:
+        """Frames of a clip one stream covers (its first window, then stream_windows - 1 continuations)."""
+        return self.clip_frames + (self.stream_windows - 1) * (self.clip_frames - 1)
+
+    def window(self, step: int) -> slice:
+        """The frames of the stream window that `step` trains on (streams start at a clip's frame 0)."""
+        j = step % self.stream_windows
+        if j == 0:
+            return slice(0, self.clip_frames)
+        start = self.clip_frames + (j - 1) * (self.clip_frames - 1)
+        return slice(start, start + self.clip_frames - 1)
 
 
 def video_to_tensor(video: np.ndarray) -> torch.Tensor:
@@ -136,33 +166,60 @@ def mouth_mask(clip: Clip, frames: slice, height: int, width: int) -> np.ndarray
     return (inside_y[..., :, None] & inside_x[..., None, :]).any(axis=0).astype(np.float32)
 
 
-def sample_batch(
-    dataset: SyntheticTalkingDataset, cfg: VAEStageConfig, step: int
+def sample_stream(
+    dataset: SyntheticTalkingDataset, cfg: VAEStageConfig, stream: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The training batch of `step`, a pure function of (seed, step).
+    """The clips of training stream `stream` (steps stream * stream_windows ...), a pure function of
+    (seed, stream).
 
-    With `cfg.crop`, each window is a crop x crop square of the frames at a multiple of 8 px (the latent
-    grid), centred on the speaker's mouth half of the time and anywhere otherwise.
+    With `cfg.crop`, each clip is a crop x crop square of the frames at a multiple of 8 px (the latent
+    grid), centred on the speaker's mouth (at frame 0) half of the time and anywhere otherwise.
 
     Returns:
-        video [B, 3, clip_frames, h, w] in [-1, 1]; mouth [B, 1, clip_frames, h, w] in {0, 1}.
+        video [B, 3, stream_frames, h, w] in [-1, 1]; mouth [B, 1, stream_frames, h, w] in {0, 1}.
     """
-    rng = np.random.default_rng([cfg.seed, 0xA, step])
-    starts = rng.integers(0, cfg.data.num_frames - cfg.clip_frames + 1, size=cfg.batch_size)
+    rng = np.random.default_rng([cfg.seed, 0xA, stream])
     height, width = cfg.data.height, cfg.data.width
+    frames = slice(0, cfg.stream_frames)
     videos, mouths = [], []
-    for b, start in enumerate(starts):
-        clip = dataset.clip(step * cfg.batch_size + b)
-        window = slice(int(start), int(start) + cfg.clip_frames)
-        video = video_to_tensor(clip.video[window])
-        mouth = torch.from_numpy(mouth_mask(clip, window, height, width))[None]
+    for b in range(cfg.batch_size):
+        clip = dataset.clip(stream * cfg.batch_size + b)
+        video = video_to_tensor(clip.video[frames])
+        mouth = torch.from_numpy(mouth_mask(clip, frames, height, width))[None]
         if cfg.crop is not None and cfg.crop < min(height, width):
-            top, left = _crop_origin(rng, clip, int(start), cfg.crop, height, width)
+            top, left = _crop_origin(rng, clip, 0, cfg.crop, height, width)
             video = video[:, :, top : top + cfg.crop, left : left + cfg.crop]
             mouth = mouth[:, :, top : top + cfg.crop, left : left + cfg.crop]
         videos.append(video)
         mouths.append(mouth)
     return torch.stack(videos), torch.stack(mouths)
+
+
+def sample_batch(
+    dataset: SyntheticTalkingDataset, cfg: VAEStageConfig, step: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training window of `step`: `cfg.window(step)` of stream step // stream_windows.
+
+    Returns:
+        video [B, 3, T, h, w] in [-1, 1]; mouth [B, 1, T, h, w]; T = clip_frames on a stream's first
+        window, clip_frames - 1 later.
+    """
+    video, mouth = sample_stream(dataset, cfg, step // cfg.stream_windows)
+    window = cfg.window(step)
+    return video[:, :, window], mouth[:, :, window]
+
+
+class StreamCaches:
+    """The encoder's and the decoder's FeatureCache of one training stream (truncated BPTT)."""
+
+    def __init__(self) -> None:
+        self.encoder = FeatureCache()
+        self.decoder = FeatureCache()
+
+    def detach(self) -> None:
+        """Cut the graph between windows: later windows read the cached features as constants."""
+        for cache in (self.encoder, self.decoder):
+            cache.buffers = [b.detach() for b in cache.buffers]
 
 
 def _crop_origin(
@@ -179,10 +236,30 @@ def _crop_origin(
     return top, int(rng.integers(0, (width - crop) // 8 + 1)) * 8
 
 
-def encode_posterior(vae: WanVAE, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """video [B, 3, 1+4k, H, W] -> raw (mu, logvar), each [B, z, 1+k, H/8, W/8] (one causal pass)."""
-    mu, logvar = vae.conv1(vae.encoder(video)).chunk(2, dim=1)
+def encode_posterior(
+    vae: WanVAE, video: torch.Tensor, cache: FeatureCache | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """video [B, 3, T, H, W] -> raw (mu, logvar), each [B, z, T', H/8, W/8]: one causal pass (T = 1 + 4k,
+    T' = 1 + k), or one step of a stream through `cache` (WanVAE.encode_step's frame counts)."""
+    if cache is None:
+        features = vae.encoder(video)
+    else:
+        cache.begin_step()
+        features = vae.encoder(video, cache)
+        cache.end_step()
+    mu, logvar = vae.conv1(features).chunk(2, dim=1)
     return mu, logvar.clamp(-30.0, 20.0)
+
+
+def decode_latents(vae: WanVAE, z: torch.Tensor, cache: FeatureCache | None = None) -> torch.Tensor:
+    """Raw latents [B, z, T', h, w] -> video (one causal pass, or one stream step through `cache`)."""
+    x = vae.conv2(z)
+    if cache is None:
+        return vae.decoder(x)
+    cache.begin_step()
+    out = vae.decoder(x, cache)
+    cache.end_step()
+    return out
 
 
 def normalised_kl(vae: WanVAE, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -198,12 +275,17 @@ def normalised_kl(vae: WanVAE, mu: torch.Tensor, logvar: torch.Tensor) -> torch.
 
 
 def vae_loss(
-    vae: WanVAE, video: torch.Tensor, mouth: torch.Tensor, cfg: VAEStageConfig
+    vae: WanVAE,
+    video: torch.Tensor,
+    mouth: torch.Tensor,
+    cfg: VAEStageConfig,
+    caches: StreamCaches | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The stage-A objective on a batch (see the module docstring); returns (loss, its parts)."""
-    mu, logvar = encode_posterior(vae, video)
+    """The stage-A objective on a batch (see the module docstring); returns (loss, its parts). With
+    `caches`, the batch is the next window of a stream."""
+    mu, logvar = encode_posterior(vae, video, None if caches is None else caches.encoder)
     z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
-    recon = vae.decoder(vae.conv2(z))
+    recon = decode_latents(vae, z, None if caches is None else caches.decoder)
     weight = 1.0 + cfg.mouth_weight * mouth
     l1 = ((recon - video).abs() * weight).mean() / weight.mean()
     l2 = F.mse_loss(recon, video)
@@ -292,14 +374,37 @@ def build_trainable_vae(cfg: VAEStageConfig) -> WanVAE:
 
 
 def _train_step(
-    vae: WanVAE, opt: torch.optim.Optimizer, video: torch.Tensor, mouth: torch.Tensor, cfg: VAEStageConfig
+    vae: WanVAE,
+    opt: torch.optim.Optimizer,
+    video: torch.Tensor,
+    mouth: torch.Tensor,
+    cfg: VAEStageConfig,
+    caches: StreamCaches,
 ) -> dict[str, float]:
-    loss, parts = vae_loss(vae, video, mouth, cfg)
+    loss, parts = vae_loss(vae, video, mouth, cfg, caches)
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    caches.detach()
     torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
     opt.step()
     return {"loss": float(loss.detach()), **parts}
+
+
+@torch.no_grad()
+def _replay_stream(
+    vae: WanVAE,
+    cfg: VAEStageConfig,
+    step: int,
+    stream: tuple[torch.Tensor, torch.Tensor],
+    caches: StreamCaches,
+) -> None:
+    """Fill fresh caches with the windows of `step`'s stream before `step` (a run resumed mid-stream;
+    saves at multiples of stream_windows resume bit-exactly without this)."""
+    first = step - step % cfg.stream_windows
+    for earlier in range(first, step):
+        video = stream[0][:, :, cfg.window(earlier)]
+        mu, _ = encode_posterior(vae, video, caches.encoder)
+        decode_latents(vae, mu, caches.decoder)
 
 
 class _Log:
@@ -359,11 +464,19 @@ def train_vae(cfg: VAEStageConfig, out_dir: str | Path, resume: bool = False) ->
     budget_s = None if cfg.minutes_budget is None else 60 * cfg.minutes_budget
     bar = tqdm(total=cfg.steps, initial=step, desc="stage A (vae)", unit="step", dynamic_ncols=True)
     bar.set_postfix(psnr=f"{history[-1]['psnr']:.2f}")
+    caches: StreamCaches | None = None
+    stream: tuple[torch.Tensor, torch.Tensor] | None = None
     while step < cfg.steps and (budget_s is None or elapsed() < budget_s):
         for group in opt.param_groups:
             group["lr"] = learning_rate(cfg, step, elapsed())
-        video, mouth = sample_batch(dataset, cfg, step)
-        parts = _train_step(vae, opt, video, mouth, cfg)
+        if step % cfg.stream_windows == 0 or stream is None:
+            stream = sample_stream(dataset, cfg, step // cfg.stream_windows)
+            caches = StreamCaches()
+            if step % cfg.stream_windows:
+                _replay_stream(vae, cfg, step, stream, caches)
+        assert caches is not None
+        window = cfg.window(step)
+        parts = _train_step(vae, opt, stream[0][:, :, window], stream[1][:, :, window], cfg, caches)
         step += 1
         bar.update(1)
         if step % cfg.log_every == 0:

@@ -15,10 +15,14 @@ from proto.vae_config import get_vae_preset
 from training.checkpointing import load_training_state, save_training_state
 from training.data import DataConfig, SyntheticTalkingDataset
 from training.vae_stage import (
+    StreamCaches,
     VAEStageConfig,
     build_trainable_vae,
+    decode_latents,
+    encode_posterior,
     normalised_kl,
     sample_batch,
+    sample_stream,
     train_vae,
     vae_loss,
 )
@@ -29,6 +33,7 @@ SMALL = VAEStageConfig(
     minutes_budget=None,
     batch_size=2,
     clip_frames=5,
+    stream_windows=2,
     warmup_steps=1,
     eval_every=100,
     eval_clips=1,
@@ -72,8 +77,50 @@ def test_batches_are_a_function_of_the_step() -> None:
     a, ma = sample_batch(ds, SMALL, step=3)
     b, mb = sample_batch(ds, SMALL, step=3)
     assert torch.equal(a, b) and torch.equal(ma, mb)
-    assert a.shape == (2, 3, 5, 32, 32) and ma.shape == (2, 1, 5, 32, 32)
-    assert not torch.equal(a, sample_batch(ds, SMALL, step=4)[0])
+    # step 3 is the second window of stream 1: frames 5..8 of its clips, continuing step 2's frames 0..4
+    assert a.shape == (2, 3, 4, 32, 32) and ma.shape == (2, 1, 4, 32, 32)
+    first, _ = sample_batch(ds, SMALL, step=2)
+    assert first.shape == (2, 3, 5, 32, 32)
+    assert not torch.equal(first, sample_batch(ds, SMALL, step=4)[0])
+    whole, _ = sample_stream(ds, SMALL, 1)
+    assert torch.equal(torch.cat([first, a], dim=2), whole)
+
+
+def test_streamed_windows_see_what_one_pass_over_the_stream_sees() -> None:
+    """Training a stream window by window through the caches computes the one-pass encode/decode of the
+    whole stream: the cache state a window is trained in is the real one."""
+    vae = build_trainable_vae(SMALL).eval()
+    with torch.no_grad():  # give the zero-initialised residual branches something to carry across windows
+        for p in vae.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ds = SyntheticTalkingDataset(SMALL.data, seed=0)
+    video, _ = sample_stream(ds, SMALL, 0)
+    with torch.no_grad():
+        mu_all, _ = encode_posterior(vae, video)
+        recon_all = decode_latents(vae, mu_all)
+        caches = StreamCaches()
+        mus, recons = [], []
+        for step in range(SMALL.stream_windows):
+            mu, _ = encode_posterior(vae, video[:, :, SMALL.window(step)], caches.encoder)
+            recons.append(decode_latents(vae, mu, caches.decoder))
+            mus.append(mu)
+    torch.testing.assert_close(torch.cat(mus, dim=2), mu_all, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.cat(recons, dim=2), recon_all, rtol=1e-4, atol=1e-5)
+
+
+def test_a_stream_window_trains_through_the_detached_caches() -> None:
+    """A later window's loss back-propagates into the weights (not into the previous window's graph)."""
+    vae = build_trainable_vae(SMALL)
+    ds = SyntheticTalkingDataset(SMALL.data, seed=0)
+    video, mouth = sample_stream(ds, SMALL, 0)
+    caches = StreamCaches()
+    for step in range(SMALL.stream_windows):
+        window = SMALL.window(step)
+        loss, _ = vae_loss(vae, video[:, :, window], mouth[:, :, window], SMALL, caches)
+        vae.zero_grad()
+        loss.backward()
+        caches.detach()
+        assert all(p.grad is not None for p in vae.decoder.parameters())
 
 
 def test_training_state_round_trip_restores_model_optimizer_step_and_rngs(tmp_path: Path) -> None:
