@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks.provenance import provenance
 from decoder.checkpoint import load_vae
 from decoder.encode import I2VConditioning
 from decoder.streaming import DecodeSession
@@ -391,6 +392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     silent = eval_clips(bundle, args.silent_clips, args.clip_frames, silent=True) if args.silent_clips else []
     gen = Generator(bundle, random_weights=args.random_weights, seed=args.seed)
     results: dict[str, Any] = {
+        "provenance": provenance("training.evaluate", argv),
         "checkpoint": what,
         "bundle": str(path),
         "settings": {

@@ -24,8 +24,9 @@ then ``WanVAE.decode`` (cached, chunk by chunk), and reports PSNR over whole fra
 boxes, normalised-latent statistics, and the lip-sync score of the reconstruction (does the VAE keep the
 mouth motion?) next to that of the ground truth.
 
-Outputs in ``out_dir``: ``vae.pth`` (Wan's layout: ``--vae-checkpoint`` loads it), ``vae_state.pt``
-(resumable training state), ``vae_log.jsonl`` (one JSON object per log / eval event).
+Outputs in ``out_dir``: ``vae.pth`` (Wan's layout: ``--vae-checkpoint`` loads it; its latents standardised
+to per-channel mean 0 / std 1 on training clips, see ``standardise_latents``), ``vae_state.pt`` (resumable
+training state, weights as trained), ``vae_log.jsonl`` (one JSON object per log / eval event).
 """
 
 from __future__ import annotations
@@ -407,6 +408,60 @@ def _replay_stream(
         decode_latents(vae, mu, caches.decoder)
 
 
+@torch.no_grad()
+def latent_statistics(vae: WanVAE, videos: torch.Tensor, batch: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std `[z]` of the normalised latents (`WanVAE.encode`) of videos
+    [N, 3, T, H, W]."""
+    z = torch.cat([vae.encode(videos[i : i + batch]) for i in range(0, len(videos), batch)])
+    z = z.transpose(0, 1).flatten(1).double()
+    return z.mean(dim=1).float(), z.std(dim=1).float()
+
+
+@torch.no_grad()
+def standardise_latents(vae: WanVAE, mean: torch.Tensor, std: torch.Tensor) -> None:
+    """Fold a per-channel affine map into the 1x1 convolutions around the latent, in place, so that
+    `vae.encode` gives (z - mean) / std where it gave z, and `vae.decode` of those gives what `decode(z)`
+    gave.
+
+    The DiT learns flow matching against unit Gaussian noise and assumes unit-scale latents; Wan's
+    normalisation constants (kept by every preset) fit Wan's VAE, not one trained from scratch, whose
+    normalised latents came out with std 3.4. Folding the correction into `conv1` (the posterior head: mu
+    rows scaled and shifted, log-variance shifted by -2 log std) and `conv2` (the decoder's input) keeps
+    Wan's layout and constants: the checkpoint loads anywhere a Wan VAE does.
+    """
+    big_m, big_s = vae._stats(mean)
+    big_m, big_s = big_m.flatten(), big_s.flatten()
+    zdim = vae.cfg.z_dim
+    # encoder head: mu' = (mu - M - S*mean) / std + M
+    w1, b1 = vae.conv1.weight, vae.conv1.bias
+    w1[:zdim] /= std.view(-1, 1, 1, 1, 1)
+    b1[:zdim] = (b1[:zdim] - big_m - big_s * mean) / std + big_m
+    b1[zdim:] -= 2 * torch.log(std)
+    # decoder input: conv2'(mu') = conv2(M + S*mean + std * (mu' - M))
+    w2, b2 = vae.conv2.weight, vae.conv2.bias
+    offset = big_m + big_s * mean - std * big_m
+    b2 += w2.flatten(1) @ offset
+    w2 *= std.view(1, -1, 1, 1, 1)
+
+
+def standardised_copy(vae: WanVAE, dataset: SyntheticTalkingDataset, clips: int = 8) -> tuple[WanVAE, dict]:
+    """A copy of `vae` whose latents on training clips (indices from 2,000,000) have per-channel mean 0 and
+    std 1, and the statistics before and after."""
+    import copy
+
+    videos = torch.stack([video_to_tensor(dataset.clip(2_000_000 + i).video) for i in range(clips)])
+    out = copy.deepcopy(vae).eval()
+    mean, std = latent_statistics(out, videos)
+    standardise_latents(out, mean, std)
+    after_mean, after_std = latent_statistics(out, videos)
+    return out, {
+        "latent_channel_mean_before": [round(float(v), 4) for v in mean],
+        "latent_channel_std_before": [round(float(v), 4) for v in std],
+        "latent_channel_std_after": [round(float(v), 4) for v in after_std],
+        "latent_channel_mean_after": [round(float(v), 4) for v in after_mean],
+    }
+
+
 class _Log:
     """Append-only JSON-lines log."""
 
@@ -493,7 +548,9 @@ def train_vae(cfg: VAEStageConfig, out_dir: str | Path, resume: bool = False) ->
     save_state()
     path = out / VAE_FILE
     vae.eval()
-    save_vae_checkpoint(vae, path)
+    exported, stats = standardised_copy(vae, dataset)
+    log.write(event="standardise", **stats)
+    save_vae_checkpoint(exported, path)
     final = history[-1]
     print(
         f"stage A: {step} steps in {elapsed() / 60:.1f} min; held-out PSNR {final['psnr']:.2f} dB "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import random
 from pathlib import Path
 
@@ -20,9 +21,11 @@ from training.vae_stage import (
     build_trainable_vae,
     decode_latents,
     encode_posterior,
+    latent_statistics,
     normalised_kl,
     sample_batch,
     sample_stream,
+    standardise_latents,
     train_vae,
     vae_loss,
 )
@@ -146,10 +149,41 @@ def test_train_vae_writes_a_checkpoint_that_load_vae_reads(tmp_path: Path) -> No
     loaded = load_vae(path, get_vae_preset("tiny"))
     state = torch.load(tmp_path / "vae_state.pt", weights_only=True)
     assert state["step"] == 2
-    state = state["model"]
-    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items())
+    trained = build_trainable_vae(SMALL).eval()
+    trained.load_state_dict(state["model"])
+    # the checkpoint is the trained VAE with its latents standardised: same reconstructions
+    video, _ = sample_stream(SyntheticTalkingDataset(SMALL.data, seed=0), SMALL, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded.decode(loaded.encode(video)), trained.decode(trained.encode(video)), rtol=1e-3, atol=1e-4
+        )
     log = (tmp_path / "vae_log.jsonl").read_text()
     assert '"event": "eval", "step": 0' in log and '"event": "eval", "step": 2' in log
+
+
+def test_standardising_the_latents_is_an_exact_reparametrisation() -> None:
+    vae = build_trainable_vae(SMALL).eval()
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    video, _ = sample_stream(SyntheticTalkingDataset(SMALL.data, seed=0), SMALL, 0)
+    with torch.no_grad():
+        z = vae.encode(video)
+        mean, std = latent_statistics(vae, video)
+        folded = copy.deepcopy(vae)
+        standardise_latents(folded, mean, std)
+        z_folded = folded.encode(video)
+        shape = (1, -1, 1, 1, 1)
+        torch.testing.assert_close(z_folded, (z - mean.view(shape)) / std.view(shape), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(folded.decode(z_folded), vae.decode(z), rtol=1e-4, atol=1e-4)
+        per_channel = z_folded.transpose(0, 1).flatten(1)
+    torch.testing.assert_close(per_channel.mean(dim=1), torch.zeros(16), atol=1e-4, rtol=0)
+    torch.testing.assert_close(per_channel.std(dim=1), torch.ones(16), atol=1e-3, rtol=0)
+    # the posterior's variance is rescaled with the mean: log-variance shifted by -2 log std
+    with torch.no_grad():
+        _, logvar = encode_posterior(vae, video)
+        _, logvar_folded = encode_posterior(folded, video)
+    torch.testing.assert_close(logvar_folded, logvar - 2 * std.log().view(shape), rtol=1e-4, atol=1e-4)
 
 
 def test_killed_run_resumes_to_the_same_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
