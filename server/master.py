@@ -209,17 +209,30 @@ def open_session_message(
             device=str(device),
         )
     )
+    return single_character_open(model, stream, encoders, options.prompt, image)
+
+
+def single_character_open(
+    model: ModelConfig,
+    stream: StreamConfig,
+    encoders: ConditioningEncoders,
+    prompt: str,
+    image: np.ndarray,
+    session_id: str = SESSION_ID,
+) -> tuple[SessionOpen, dict[str, torch.Tensor]]:
+    """The ``SessionOpen`` of a one-character stream (what ``run`` sends) and its tensors, from encoders
+    already built (``training.evaluate`` keeps them across streams)."""
     tensors: dict[str, torch.Tensor] = {}
     for spec in session_open_specs(model, num_characters=1):
         if spec.name == "context":
-            tensors["context"] = pad_text_context(encoders.encode_prompt(options.prompt), model)
+            tensors["context"] = pad_text_context(encoders.encode_prompt(prompt), model)
         elif spec.name == "clip_fea":
             tensors["clip_fea"] = encoders.encode_image(image)
         elif spec.name == "face_boxes":
             # One character filling the frame: its audio acts everywhere.
             tensors["face_boxes"] = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
     message = SessionOpen(
-        session_id=SESSION_ID,
+        session_id=session_id,
         latent_height=stream.latent_height,
         latent_width=stream.latent_width,
         num_characters=1,

@@ -46,11 +46,10 @@ from decoder.checkpoint import load_vae
 from decoder.encode import I2VConditioning
 from decoder.streaming import DecodeSession
 from decoder.vae import build_vae
-from proto.chunk_specs import pad_text_context, session_open_specs
 from proto.model_config import get_model_preset
 from proto.stream_config import StreamConfig
 from proto.vae_config import get_vae_preset
-from proto.wire import SessionClose, SessionOpen, TensorSpec
+from proto.wire import SessionClose
 from server.audio_features import AudioFeaturizer, check_matches, featurizer_config_for
 from server.conditioning import ConditioningConfig, ConditioningEncoders
 from server.model_bundle import DEFAULT_BUNDLE_DIR, ModelBundle, load_bundle
@@ -133,7 +132,6 @@ class Generator:
         self.encoders = ConditioningEncoders.from_config(
             ConditioningConfig.for_model(cfg, tiny_seed=bundle.encoder_seed)
         )
-        self.context = pad_text_context(self.encoders.encode_prompt(bundle.prompt), cfg)
         assert cfg.audio is not None
         self.featurizer_config = featurizer_config_for(
             cfg.audio,
@@ -148,22 +146,15 @@ class Generator:
     @torch.no_grad()
     def generate(self, image: np.ndarray, audio: np.ndarray, seed: int = 0) -> GeneratedStream:
         """Frames for `audio` (float32 16 kHz mono) from the reference `image` (uint8 `[H, W, 3]`)."""
-        from server.master import ChunkScheduler  # the master's own scheduler: same audio windows, same seeds
+        # the master's own scheduler and SessionOpen: same audio windows, same seeds, same tensors
+        from server.master import ChunkScheduler, single_character_open
 
         stream = self.stream
         featurizer = AudioFeaturizer(self.featurizer_config, self._wav2vec)
         conditioning = I2VConditioning.for_stream(self.vae, image, stream)
         scheduler = ChunkScheduler(self.config, stream, featurizer, conditioning, audio, seed, SESSION)
-        tensors = {"context": self.context, "clip_fea": self.encoders.encode_image(image)}
-        tensors["face_boxes"] = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
-        wanted = {s.name for s in session_open_specs(self.config, num_characters=1)}
-        tensors = {k: v.contiguous() for k, v in tensors.items() if k in wanted}
-        message = SessionOpen(
-            session_id=SESSION,
-            latent_height=stream.latent_height,
-            latent_width=stream.latent_width,
-            num_characters=1,
-            tensors=tuple(TensorSpec.of(k, v) for k, v in tensors.items()),
+        message, tensors = single_character_open(
+            self.config, stream, self.encoders, self.bundle.prompt, image, SESSION
         )
         self.rank.open_session(message, tensors)
         decoder = DecodeSession(self.vae, stream.height, stream.width)
@@ -226,18 +217,65 @@ def score_clip(generated: np.ndarray, clip: Clip) -> dict[str, float]:
     }
 
 
-def save_still(path: Path, truth: np.ndarray, generated: np.ndarray, count: int = 8, scale: int = 3) -> Path:
-    """A PNG strip: `count` evenly spaced frames, ground truth above, generated below, upscaled."""
+def save_still(path: Path, *videos: np.ndarray, count: int = 8, scale: int = 3) -> Path:
+    """A PNG of `count` evenly spaced frames per video (uint8 `[T, H, W, 3]`), one row each (e.g. ground
+    truth above, generated below), upscaled `scale` times."""
     from PIL import Image
 
-    t = min(len(truth), len(generated))
+    t = min(len(v) for v in videos)
     picks = np.linspace(0, t - 1, count).round().astype(int)
-    rows = [np.concatenate([video[i] for i in picks], axis=1) for video in (truth, generated)]
+    rows = [np.concatenate([video[i] for i in picks], axis=1) for video in videos]
     strip = Image.fromarray(np.concatenate(rows, axis=0))
     strip = strip.resize((strip.width * scale, strip.height * scale), Image.NEAREST)
     path.parent.mkdir(parents=True, exist_ok=True)
     strip.save(path)
     return path
+
+
+def save_speech_plot(path: Path, clip: Clip, generated: np.ndarray, fps: int) -> Path:
+    """A PNG of the generated mouth opening (measured on the frames with the clip's geometry) against the
+    audio envelope and the ground-truth opening over time: does the mouth follow the speech?"""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = min(len(generated), len(clip.video))
+    clip = _trim_window(clip, 0, t)
+    generated_opening = mouth_opening_from_frames(generated[:t], clip)
+    truth_opening = mouth_opening_from_frames(clip.video[:t], clip)
+    seconds = np.arange(t) / fps
+    r = lipsync_score(generated[:t], clip)["correlation"]
+
+    def unit(x: np.ndarray) -> np.ndarray:
+        span = float(x.max() - x.min())
+        return (x - x.min()) / span if span > 0 else x * 0
+
+    fig, ax = plt.subplots(figsize=(9, 3.2))
+    ax.fill_between(seconds, unit(clip.envelope), color="0.85", label="audio envelope")
+    ax.plot(seconds, unit(truth_opening), color="0.4", lw=1, ls="--", label="ground-truth mouth opening")
+    label = f"generated mouth opening (r = {r:.2f})"
+    ax.plot(seconds, unit(generated_opening), color="C3", lw=1.8, label=label)
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("normalised")
+    ax.set_title(f"{clip.voice} speech: mouth opening measured on the generated frames")
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def read_mp4_frames(path: Path) -> np.ndarray:
+    """The video frames of an MP4 (e.g. `talkingmachines run`'s output) as uint8 `[T, H, W, 3]`."""
+    import av
+
+    with av.open(str(path)) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    if not frames:
+        raise ValueError(f"{path} has no video frames")
+    return np.stack(frames)
 
 
 def evaluate_generator(
@@ -364,6 +402,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--grid", type=Path, default=None, help="training output dir: evaluate student*/bundle"
     )
     parser.add_argument("--still", type=Path, default=None, help="PNG: ground truth vs generated frames")
+    parser.add_argument(
+        "--speech-plot", type=Path, default=None,
+        help="PNG: mouth opening vs audio envelope on the first espeak-ng clip (needs --speech-clips)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--still-from-mp4", type=Path, default=None,
+        help="only write --still from this MP4's frames (e.g. talkingmachines run's output), then exit",
+    )  # fmt: skip
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -374,6 +420,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.still_from_mp4 is not None:
+        if args.still is None:
+            print("error: --still-from-mp4 needs --still PNG", file=sys.stderr)
+            return 2
+        print(f"wrote {save_still(args.still, read_mp4_frames(args.still_from_mp4))}", file=sys.stderr)
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     path = args.checkpoint or DEFAULT_BUNDLE_DIR
@@ -416,6 +468,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.speech_clips and shutil.which("espeak-ng"):
         speech = eval_clips(bundle, args.speech_clips, args.clip_frames, espeak=True)
         real = evaluate_generator(gen, speech, seed=args.seed)
+        if args.speech_plot is not None:
+            frames = gen.generate(speech[0].reference, speech[0].audio, seed=args.seed).frames
+            save_speech_plot(args.speech_plot, speech[0], frames, gen.stream.fps)
         real.pop("per_clip")
         results["espeak_speech"] = real
         print(f"espeak-ng speech: lip-sync r {real['lipsync']:.3f}, offset {real['offset_frames_median']:+d}",
