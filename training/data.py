@@ -43,16 +43,8 @@ to follow words and not only the numpy voice's syllables."""
 
 def dit_data_config() -> DataConfig:
     """The teacher's and student's default data: DIT_CLIP_FRAMES-frame clips, DIT_ESPEAK_FRACTION of them
-    espeak-ng speech when espeak-ng is on PATH (else all numpy voice, with a note on stderr)."""
+    espeak-ng speech when espeak-ng is on PATH (else all numpy voice: espeak_fraction 0)."""
     espeak = shutil.which("espeak-ng") is not None
-    if not espeak:
-        import sys
-
-        print(
-            "note: espeak-ng is not installed; the DiT trains on the numpy voice only "
-            "(apt-get install espeak-ng for real speech)",
-            file=sys.stderr,
-        )
     return DataConfig(num_frames=DIT_CLIP_FRAMES, espeak_fraction=DIT_ESPEAK_FRACTION if espeak else 0.0)
 
 # Vowel formants (F1, F2) in Hz: a, i, o, e, u.

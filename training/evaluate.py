@@ -284,16 +284,20 @@ def evaluate_generator(
     silent: Sequence[Clip] = (),
     seed: int = 0,
     still: Path | None = None,
+    speech_plot: Path | None = None,
 ) -> dict[str, Any]:
     """Mean metrics over `clips` (speaking) and the silent-mouth check over `silent`; with `still`, a PNG
-    of the first clip (ground truth above, generated below)."""
+    of the first clip (ground truth above, generated below); with `speech_plot`, its mouth opening against
+    the audio envelope (`save_speech_plot`)."""
     rows, timings = [], []
     for clip in clips:
         result = gen.generate(clip.reference, clip.audio, seed=seed)
         rows.append(score_clip(result.frames, clip))
         timings.append(result)
-        if still is not None and len(rows) == 1:
+        if len(rows) == 1 and still is not None:
             save_still(still, clip.video, result.frames)
+        if len(rows) == 1 and speech_plot is not None:
+            save_speech_plot(speech_plot, clip, result.frames, gen.stream.fps)
     summary: dict[str, Any] = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
     summary["offset_frames_median"] = int(np.median([r["offset_frames"] for r in rows]))
     summary["per_clip"] = rows
@@ -467,10 +471,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.speech_clips and shutil.which("espeak-ng"):
         speech = eval_clips(bundle, args.speech_clips, args.clip_frames, espeak=True)
-        real = evaluate_generator(gen, speech, seed=args.seed)
-        if args.speech_plot is not None:
-            frames = gen.generate(speech[0].reference, speech[0].audio, seed=args.seed).frames
-            save_speech_plot(args.speech_plot, speech[0], frames, gen.stream.fps)
+        real = evaluate_generator(gen, speech, seed=args.seed, speech_plot=args.speech_plot)
         real.pop("per_clip")
         results["espeak_speech"] = real
         print(f"espeak-ng speech: lip-sync r {real['lipsync']:.3f}, offset {real['offset_frames_median']:+d}",

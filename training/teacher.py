@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -218,7 +219,11 @@ def load_clip_inputs(
 ) -> tuple[ModelInputs, ModelInputs]:
     """(training, validation) inputs of the synthetic data set (validation: indices from 1,000,000), encoded
     once and cached in `cache_dir` (stages B and C share the files when given the same directory)."""
-    data = data if data is not None else dit_data_config()
+    if data is None:
+        data = dit_data_config()
+        if data.espeak_fraction == 0:
+            print("note: espeak-ng is not installed; the DiT trains on the numpy voice only "
+                  "(apt-get install espeak-ng for real speech)", file=sys.stderr)  # fmt: skip
     dataset = SyntheticTalkingDataset(data, seed)
     key = f"{data!r}|seed={seed}|vae={vae_checkpoint}|{encoder.model.name}|F={encoder.chunk_latents}"
     tag = "" if encoder.chunk_latents == 3 else f"_f{encoder.chunk_latents}"  # chunking crops differently

@@ -31,6 +31,7 @@ training state, weights as trained), ``vae_log.jsonl`` (one JSON object per log 
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -447,8 +448,6 @@ def standardise_latents(vae: WanVAE, mean: torch.Tensor, std: torch.Tensor) -> N
 def standardised_copy(vae: WanVAE, dataset: SyntheticTalkingDataset, clips: int = 8) -> tuple[WanVAE, dict]:
     """A copy of `vae` whose latents on training clips (indices from 2,000,000) have per-channel mean 0 and
     std 1, and the statistics before and after."""
-    import copy
-
     videos = torch.stack([video_to_tensor(dataset.clip(2_000_000 + i).video) for i in range(clips)])
     out = copy.deepcopy(vae).eval()
     mean, std = latent_statistics(out, videos)
