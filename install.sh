@@ -28,6 +28,19 @@ fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 extras=""
 [ "$want_test" = 1 ] && extras="[test]"
+# The PyPI torch is the CUDA build: ~6.5 GB in .venv plus ~3 GB of wheels pip downloads first. Warn up front,
+# so that pip's "[Errno 28] No space left on device" half-way through does not come as a surprise.
+need_gb=10
+if ! .venv/bin/python -c 'import torch' >/dev/null 2>&1; then
+  for dir in . "${TMPDIR:-/tmp}"; do
+    free_gb=$(df -Pk "$dir" | awk 'NR == 2 {print int($4 / 1048576)}')
+    if [ "${free_gb:-0}" -lt "$need_gb" ]; then
+      echo "install.sh: warning: ${free_gb} GB free on the disk holding $(cd "$dir" && pwd); a first install" \
+        "needs about ${need_gb} GB (torch's CUDA build and its wheels). If pip runs out of space, free some" \
+        "or set TMPDIR to a larger disk." >&2
+    fi
+  done
+fi
 echo "install.sh: installing talkingmachines${extras} and pinned dependencies into .venv (torch is large; a few minutes)"
 .venv/bin/python -m pip install --quiet --progress-bar off -e ".${extras}"
 if command -v npm >/dev/null 2>&1; then
