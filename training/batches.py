@@ -30,6 +30,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from decoder.checkpoint import load_vae
 from decoder.encode import i2v_mask, image_to_tensor
@@ -241,8 +242,11 @@ class ClipEncoder:
             "face_mask": face_mask,
         }
 
-    def encode_many(self, clips: Sequence[ClipLike], vae_batch: int = 16) -> ModelInputs:
-        """Clips (same size and length) → `ModelInputs`, B = len(clips); VAE batches of `vae_batch`."""
+    def encode_many(
+        self, clips: Sequence[ClipLike], vae_batch: int = 16, progress: bool = False
+    ) -> ModelInputs:
+        """Clips (same size and length) → `ModelInputs`, B = len(clips); VAE batches of `vae_batch`
+        (`progress`: a progress bar per clip)."""
         if not clips:
             raise ValueError("encode_many needs at least one clip")
         num_chunks = self._layout(clips[0])
@@ -250,8 +254,15 @@ class ClipEncoder:
             raise ValueError("all clips of a batch need the same frame count and size")
         latent_frames = num_chunks * self.chunk_latents
         starts = range(0, len(clips), vae_batch)
-        parts = [self._encode_pixels(clips[i : i + vae_batch], latent_frames) for i in starts]
-        rest = [self._encode_rest(c, num_chunks) for c in clips]
+        bar = tqdm(total=2 * len(clips), desc="encode clips", unit="step", disable=not progress, leave=False)
+        parts, rest = [], []
+        for i in starts:
+            parts.append(self._encode_pixels(clips[i : i + vae_batch], latent_frames))
+            bar.update(len(clips[i : i + vae_batch]))
+        for c in clips:
+            rest.append(self._encode_rest(c, num_chunks))
+            bar.update()
+        bar.close()
         return ModelInputs(
             latents=torch.cat([p[0] for p in parts]),
             y=torch.cat([p[1] for p in parts]),
@@ -306,7 +317,10 @@ def encode_dataset(
         state = torch.load(cache, weights_only=True)
         if state.get("indices") == list(indices) and state.get("key") == key and "mouth" in state:
             return ModelInputs.from_state(state)
-    inputs = encoder.encode_many([dataset.clip(i) for i in indices])
+    show = world()[0] == 0 and len(indices) > 1
+    name = cache.name if cache is not None else "clips"
+    clips = [dataset.clip(i) for i in tqdm(indices, desc=f"draw {name}", disable=not show, leave=False)]
+    inputs = encoder.encode_many(clips, progress=show)
     if cache is not None and world()[0] == 0:
         cache.parent.mkdir(parents=True, exist_ok=True)
         torch.save({**inputs.state(), "indices": list(indices), "key": key}, cache)
