@@ -74,7 +74,7 @@ class AudioFeaturizerConfig:
     normalize: bool | None = None
     speaking_rms_threshold: float = 1e-3
     device: str = "cpu"
-    tiny_hidden_size: int = 8
+    tiny_hidden_size: int = 32
     tiny_layers: int = 2
     tiny_seed: int = 0
 
@@ -137,7 +137,7 @@ class ChunkAudio:
         return self.speaking.any(dim=1)
 
 
-def tiny_wav2vec2_config(hidden_size: int = 8, num_layers: int = 2) -> Wav2Vec2Config:
+def tiny_wav2vec2_config(hidden_size: int = 32, num_layers: int = 2) -> Wav2Vec2Config:
     """A small random wav2vec2 with the real CNN geometry (20 ms hop) and a 128-tap positional conv."""
     if hidden_size % 2:
         raise ValueError(f"tiny wav2vec2 hidden size {hidden_size} must be even (2 attention heads)")

@@ -36,7 +36,7 @@ STYLES = ("realistic", "cartoon", "flat")
 DIT_CLIP_FRAMES = 57
 """Clip length the teacher and student train on: 15 latent frames, i.e. 5 chunks of 3 (the default student)
 or 2 chunks of 7 (Table 1's larger chunk). The VAE trains on 73-frame streams (training.vae_stage)."""
-DIT_ESPEAK_FRACTION = 0.3
+DIT_ESPEAK_FRACTION = 0.5
 """Share of the DiT's speaking clips voiced by espeak-ng (when installed): real speech, so the mouth learns
 to follow words and not only the numpy voice's syllables."""
 

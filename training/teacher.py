@@ -225,7 +225,7 @@ def load_clip_inputs(
             print("note: espeak-ng is not installed; the DiT trains on the numpy voice only "
                   "(apt-get install espeak-ng for real speech)", file=sys.stderr)  # fmt: skip
     dataset = SyntheticTalkingDataset(data, seed)
-    key = f"{data!r}|seed={seed}|vae={vae_checkpoint}|{encoder.model.name}|F={encoder.chunk_latents}"
+    key = f"{data!r}|seed={seed}|vae={vae_checkpoint}|{encoder.model.name}|{encoder.featurizer_config!r}"
     tag = "" if encoder.chunk_latents == 3 else f"_f{encoder.chunk_latents}"  # chunking crops differently
     train = encode_dataset(dataset, range(num_clips), encoder, cache_dir / f"inputs_train{tag}.pt", key)
     val_indices = range(1_000_000, 1_000_000 + val_clips)
