@@ -30,15 +30,15 @@ def cpu_model() -> str:
 def git_commit() -> str | None:
     """HEAD of the repository the benchmark runs from, with '+dirty' when tracked code has local changes.
 
-    Committed results themselves (benchmarks/results/) do not count: a benchmark that rewrites its own
-    JSON, or runs after another one did, still measures the committed code.
+    Committed results themselves (benchmarks/results/, training/results/) do not count: a benchmark that
+    rewrites its own JSON, or runs after another one did, still measures the committed code.
     """
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
                               cwd=_REPO).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                ":(exclude)benchmarks/results"], capture_output=True,
-                               text=True, check=True, cwd=_REPO).stdout.strip()
+                                ":(exclude)benchmarks/results", ":(exclude)training/results"],
+                               capture_output=True, text=True, check=True, cwd=_REPO).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
     return f"{head}+dirty" if dirty else head
