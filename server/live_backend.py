@@ -409,8 +409,11 @@ class LiveBackend:
         session = entry.session
         times = session.times
         ttbc = TTBCStats(deadline_s=self.config.stream.chunk_duration_s(1))
-        if times.ttbc:
+        with times.lock:  # one consistent snapshot of the generator thread's counters
             values = np.asarray(times.ttbc)
+            chunks_generated = session.chunks_generated
+            deadline_misses = times.deadline_misses
+        if values.size:
             ttbc = TTBCStats(
                 count=len(values),
                 mean_s=float(values.mean()),
@@ -418,14 +421,14 @@ class LiveBackend:
                 p95_s=float(np.percentile(values, 95)),
                 max_s=float(values.max()),
                 deadline_s=self.config.stream.chunk_duration_s(1),
-                deadline_misses=times.deadline_misses,
+                deadline_misses=deadline_misses,
             )
         buffered = session.output.buffered_s() if session.output is not None and session.live else 0.0
         return SessionInfo(
             id=session.id,
             state=session.state,
             reason=session.reason,
-            chunks_generated=session.chunks_generated,
+            chunks_generated=chunks_generated,
             playout_buffer_s=buffered,
             first_frame_latency_s=times.first_frame_latency_s,
             ttbc=ttbc,
@@ -532,7 +535,12 @@ class LiveBackend:
             if session.output.end_reason is not None:
                 self._finish(entry, SessionState.ended, session.output.end_reason)
                 continue
-            buffered = session.output.buffered_s()
+            try:
+                buffered = session.output.buffered_s()  # a file output writes its due frames here
+            except Exception as exc:  # one session's broken output must not stop the engine for all
+                log.exception("session %s failed while publishing", session.id)
+                self._finish(entry, SessionState.failed, f"publishing failed: {exc}")
+                continue
             self.metrics.set_buffer(session.id, buffered)
             if report_offset and isinstance(session.output, LiveKitSessionOutput):
                 stats = session.output.publisher.av_offset_stats()
@@ -560,14 +568,15 @@ class LiveBackend:
         if session.epoch == epoch:
             session.output.put_chunk(frames, prepared.pcm, prepared.first_frame)
         done = time.perf_counter()
-        session.chunks_generated += 1
         deadline = self.config.stream.chunk_duration_s(prepared.request.chunk_index)
         busy = done - start
-        session.times.ttbc.append(busy)
-        if len(session.times.ttbc) > 1000:  # bounded memory over hours: keep the recent window
-            del session.times.ttbc[:500]
-        if busy > deadline:
-            session.times.deadline_misses += 1
+        with session.times.lock:
+            session.chunks_generated += 1
+            session.times.ttbc.append(busy)
+            if len(session.times.ttbc) > 1000:  # bounded memory over hours: keep the recent window
+                del session.times.ttbc[:500]
+            if busy > deadline:
+                session.times.deadline_misses += 1
         self.metrics.observe_chunk(
             busy,
             {

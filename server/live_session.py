@@ -303,6 +303,8 @@ class LiveKitSessionOutput:
         self.fps = publisher.fps
         self.spf = publisher.samples_per_frame
         self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        self._closed = False
         self._queue: collections.deque[tuple[np.ndarray, np.ndarray, int]] = collections.deque()
         self._clear_requested = False
         self._last_frame: np.ndarray | None = None
@@ -406,7 +408,9 @@ class FileSessionOutput:
 
     Frames wait in a queue until the wall clock reaches their slot, so ``buffered_s`` is the same notion of
     "generated, not yet played" as on LiveKit and ``clear`` drops what is not yet written. ``pump`` is called
-    by the engine on every tick.
+    by the engine on every tick, and by any thread that reads ``buffered_s`` (the API's session status):
+    ``_write_lock`` keeps the MP4 writes in order and one at a time (PyAV's muxer is not thread-safe; two
+    interleaved writes failed with EINVAL), ``_lock`` guards the queue.
     """
 
     def __init__(self, path: Path, width: int, height: int, fps: int, hooks: PlayoutHooks) -> None:
@@ -414,6 +418,8 @@ class FileSessionOutput:
         self.fps = fps
         self.hooks = hooks
         self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        self._closed = False
         self._queue: collections.deque[tuple[np.ndarray, np.ndarray, int]] = collections.deque()
         self._clock_start: float | None = None
         self._written = 0
@@ -430,21 +436,22 @@ class FileSessionOutput:
         self.pump()
 
     def pump(self) -> None:
-        with self._lock:
-            if self._clock_start is None:
-                return
-            due = int((time.perf_counter() - self._clock_start) * self.fps) + 1
-            batch = []
-            while self._queue and self._written < due:
-                batch.append(self._queue.popleft())
-                self._written += 1
-            if not self._queue and self._written < due:
-                # Starved: the playout clock restarts at the next frame instead of running ahead.
-                self._clock_start = time.perf_counter() - self._written / self.fps
-        if batch:
-            self.publisher.write(np.stack([b[0] for b in batch]), np.concatenate([b[1] for b in batch]))
-            for _, _, index in batch:
-                self.hooks.on_frame(index)
+        with self._write_lock:  # batches are taken and written in one order, one writer at a time
+            with self._lock:
+                if self._clock_start is None or self._closed:
+                    return
+                due = int((time.perf_counter() - self._clock_start) * self.fps) + 1
+                batch = []
+                while self._queue and self._written < due:
+                    batch.append(self._queue.popleft())
+                    self._written += 1
+                if not self._queue and self._written < due:
+                    # Starved: the playout clock restarts at the next frame instead of running ahead.
+                    self._clock_start = time.perf_counter() - self._written / self.fps
+            if batch:
+                self.publisher.write(np.stack([b[0] for b in batch]), np.concatenate([b[1] for b in batch]))
+        for _, _, index in batch:
+            self.hooks.on_frame(index)
 
     def buffered_s(self) -> float:
         self.pump()
@@ -462,9 +469,11 @@ class FileSessionOutput:
             self.hooks.on_clear(first_unplayed)
 
     def close(self) -> None:
-        with self._lock:
-            self._queue.clear()
-        self.publisher.close()
+        with self._write_lock:
+            with self._lock:
+                self._closed = True
+                self._queue.clear()
+            self.publisher.close()
 
     @property
     def end_reason(self) -> str | None:
@@ -473,9 +482,12 @@ class FileSessionOutput:
 
 @dataclass
 class SessionTimes:
-    """Timings of a session for its ``SessionInfo``: TTBC samples, first-frame latency."""
+    """Timings of a session for its ``SessionInfo``: TTBC samples, first-frame latency. ``lock`` guards
+    ``ttbc``, ``deadline_misses`` and the session's ``chunks_generated`` together, so a status read between
+    the generator's updates never sees a chunk counted in one and not the other."""
 
     ttbc: list[float] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
     deadline_misses: int = 0
     last_publish: float | None = None
     first_frame_latency_s: float | None = None

@@ -1,0 +1,105 @@
+"""FileSessionOutput under concurrent readers: the API's status reads pump the MP4 from their own threads."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import av
+import numpy as np
+
+from server.live_session import FileSessionOutput, PlayoutHooks
+
+SIZE, FPS, SPF = 32, 16, 1000
+
+
+def _frames(first: int, count: int) -> np.ndarray:
+    """Frames whose grey level encodes their index (4 levels apart, so H.264 keeps them apart)."""
+    levels = (np.arange(first, first + count) * 4 % 256).astype(np.uint8)
+    return np.broadcast_to(levels[:, None, None, None], (count, SIZE, SIZE, 3)).copy()
+
+
+def test_concurrent_pumps_write_every_frame_once_and_in_order(tmp_path: Path) -> None:
+    played: list[int] = []
+    hooks = PlayoutHooks(on_frame=played.append, on_clear=lambda index: None)
+    out = FileSessionOutput(tmp_path / "call.mp4", SIZE, SIZE, FPS, hooks)
+    # A write slower than a frame's 62.5 ms (a loaded machine): the next frame comes due while it runs.
+    original, active, peak, count_lock = out.publisher.write, [0], [0], threading.Lock()
+
+    def slow_write(frames: np.ndarray, audio: np.ndarray) -> None:
+        with count_lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        try:
+            time.sleep(0.15)
+            original(frames, audio)
+        finally:
+            with count_lock:
+                active[0] -= 1
+
+    out.publisher.write = slow_write  # type: ignore[method-assign]
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def reader() -> None:  # what GET /v1/sessions/{id} does, as fast as it can
+        try:
+            while not stop.is_set():
+                out.buffered_s()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=reader) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    chunks, per_chunk = 12, 12
+    try:
+        for chunk in range(chunks):
+            first = chunk * per_chunk
+            out.put_chunk(_frames(first, per_chunk), np.zeros(per_chunk * SPF, np.float32), first)
+            time.sleep(per_chunk / FPS / 8)  # 8x faster than playout: frames queue, readers write them
+        deadline = time.monotonic() + 30
+        while len(played) < chunks * per_chunk and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+        out.close()
+    assert errors == []
+    assert peak[0] == 1  # one writer at a time
+    total = chunks * per_chunk
+    assert sorted(played) == list(range(total))
+    with av.open(str(tmp_path / "call.mp4")) as container:
+        levels = [int(np.median(f.to_ndarray(format="rgb24"))) for f in container.decode(video=0)]
+    assert len(levels) == total
+    expected = (np.arange(total) * 4 % 256).astype(int)
+    assert np.abs(np.asarray(levels) - expected).max() <= 2  # every frame once, in order
+
+
+def test_close_while_readers_pump_leaves_a_playable_file(tmp_path: Path) -> None:
+    hooks = PlayoutHooks(on_frame=lambda index: None, on_clear=lambda index: None)
+    out = FileSessionOutput(tmp_path / "call.mp4", SIZE, SIZE, FPS, hooks)
+    out.put_chunk(_frames(0, 24), np.zeros(24 * SPF, np.float32), 0)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def reader() -> None:
+        try:
+            while not stop.is_set():
+                out.buffered_s()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=reader) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.3)
+    out.close()  # the session ends while status reads go on
+    time.sleep(0.1)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    with av.open(str(tmp_path / "call.mp4")) as container:
+        assert len(list(container.decode(video=0))) >= 1
