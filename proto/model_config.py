@@ -179,8 +179,8 @@ class ModelConfig:
 
 
 # wav2vec2 width 32: a linear probe of the tiny random wav2vec2's features predicts the per-frame loudness of
-# held-out espeak-ng speech with r 0.79 at width 32 against 0.55 at width 8 (numpy voice: 0.90 vs 0.76), so
-# at 8 the front-end, not the DiT, capped lip-sync on real speech (training/README.md).
+# held-out espeak-ng speech with r 0.79 at width 32 against 0.57 at width 8 (numpy voice: 0.91 vs 0.76;
+# `python -m training.audio_probe`, training/results/audio_probe.json): at 8 the front-end capped lip-sync.
 _TINY_AUDIO = AudioConfig(
     wav2vec_layers=2, wav2vec_dim=32, frames_per_latent=4, window=5, hidden_dim=32, num_tokens=4, token_dim=16
 )
