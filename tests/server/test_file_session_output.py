@@ -20,6 +20,29 @@ def _frames(first: int, count: int) -> np.ndarray:
     return np.broadcast_to(levels[:, None, None, None], (count, SIZE, SIZE, 3)).copy()
 
 
+class _Readers:
+    """`count` threads calling `out.buffered_s()` as fast as they can (what GET /v1/sessions/{id} does)."""
+
+    def __init__(self, out: FileSessionOutput, count: int) -> None:
+        self.out, self.stop, self.errors = out, threading.Event(), []
+        self.threads = [threading.Thread(target=self._run) for _ in range(count)]
+        for thread in self.threads:
+            thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self.stop.is_set():
+                self.out.buffered_s()
+        except BaseException as exc:
+            self.errors.append(exc)
+
+    def join(self) -> list[BaseException]:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join()
+        return self.errors
+
+
 def test_concurrent_pumps_write_every_frame_once_and_in_order(tmp_path: Path) -> None:
     played: list[int] = []
     hooks = PlayoutHooks(on_frame=played.append, on_clear=lambda index: None)
@@ -39,19 +62,7 @@ def test_concurrent_pumps_write_every_frame_once_and_in_order(tmp_path: Path) ->
                 active[0] -= 1
 
     out.publisher.write = slow_write  # type: ignore[method-assign]
-    stop = threading.Event()
-    errors: list[BaseException] = []
-
-    def reader() -> None:  # what GET /v1/sessions/{id} does, as fast as it can
-        try:
-            while not stop.is_set():
-                out.buffered_s()
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=reader) for _ in range(4)]
-    for thread in threads:
-        thread.start()
+    readers = _Readers(out, 4)
     chunks, per_chunk = 12, 12
     try:
         for chunk in range(chunks):
@@ -62,9 +73,7 @@ def test_concurrent_pumps_write_every_frame_once_and_in_order(tmp_path: Path) ->
         while len(played) < chunks * per_chunk and time.monotonic() < deadline:
             time.sleep(0.05)
     finally:
-        stop.set()
-        for thread in threads:
-            thread.join()
+        errors = readers.join()
         out.close()
     assert errors == []
     assert peak[0] == 1  # one writer at a time
@@ -81,25 +90,10 @@ def test_close_while_readers_pump_leaves_a_playable_file(tmp_path: Path) -> None
     hooks = PlayoutHooks(on_frame=lambda index: None, on_clear=lambda index: None)
     out = FileSessionOutput(tmp_path / "call.mp4", SIZE, SIZE, FPS, hooks)
     out.put_chunk(_frames(0, 24), np.zeros(24 * SPF, np.float32), 0)
-    stop = threading.Event()
-    errors: list[BaseException] = []
-
-    def reader() -> None:
-        try:
-            while not stop.is_set():
-                out.buffered_s()
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=reader) for _ in range(3)]
-    for thread in threads:
-        thread.start()
+    readers = _Readers(out, 3)
     time.sleep(0.3)
     out.close()  # the session ends while status reads go on
     time.sleep(0.1)
-    stop.set()
-    for thread in threads:
-        thread.join()
-    assert errors == []
+    assert readers.join() == []
     with av.open(str(tmp_path / "call.mp4")) as container:
         assert len(list(container.decode(video=0))) >= 1
