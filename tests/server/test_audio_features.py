@@ -34,9 +34,9 @@ def test_chunk_features_have_the_documented_layout() -> None:
     featurizer = AudioFeaturizer(AudioFeaturizerConfig())
     featurizer.push(_speech_like(1.5))
     chunk = featurizer.features_for_chunk(0)
-    # [F=3 latent frames, W=5 window, P=4 video-rate vectors, L=2 layers, D=8 hidden]
-    assert chunk.features.shape == (3, 5, 4, 2, 8)
-    assert chunk.span.shape == (7, 4, 2, 8)
+    # [F=3 latent frames, W=5 window, P=4 video-rate vectors, L=2 layers, D=32 hidden]
+    assert chunk.features.shape == (3, 5, 4, 2, 32)
+    assert chunk.span.shape == (7, 4, 2, 32)
     assert chunk.features.dtype == torch.float32
     assert chunk.speaking.shape == (3, 4) and chunk.speaking.dtype == torch.bool
     assert chunk.pcm.shape == (9 * SPF,)

@@ -44,7 +44,7 @@ def test_encoded_clip_shapes_follow_the_chunk_layout(inputs: ModelInputs) -> Non
     # 21 frames → 6 latents = 2 chunks of 3; 32 px → 4x4 latents, 2x2 tokens; characters padded to 2.
     assert inputs.latents.shape == (4, 16, 6, 4, 4)
     assert inputs.y.shape == (4, 20, 6, 4, 4)
-    assert inputs.audio_span.shape == (4, 2, 2, 7, 4, 2, 8)
+    assert inputs.audio_span.shape == (4, 2, 2, 7, 4, 2, 32)
     assert inputs.speaking.shape == (4, 2, 2, 3)
     assert inputs.face_mask.shape == (4, 2, 6 * 4)
     assert torch.equal(inputs.y[:, :4, 0], torch.ones(4, 4, 4, 4))  # I2V mask on the image latent
