@@ -111,6 +111,9 @@ class _Entry:
     session: LiveSession
     faces: list[Face]
     identity: str | None
+    # Set on the engine thread just before the session's SessionClose goes to the workers: the engine never
+    # schedules a chunk for it again (a ChunkRequest after SessionClose is a protocol error on the workers).
+    closing: bool = False
 
 
 class LiveBackend:
@@ -314,9 +317,13 @@ class LiveBackend:
                     return self._ended[session_id]
                 raise UnknownSession(session_id)
         session = entry.session
+        def close_on_engine() -> None:
+            entry.closing = True
+            self.executor.close_session(SessionClose(session_id))
+
         if self._failed is None and self._engine.is_alive():
             try:
-                self._call(lambda: self.executor.close_session(SessionClose(session_id)))
+                self._call(close_on_engine)
             except WorkerError as exc:
                 self._fail_all(str(exc))
         self._finish(entry, SessionState.ended if session.live else session.state, session.reason or reason)
@@ -530,7 +537,7 @@ class LiveBackend:
         report_offset = time.monotonic() - self._last_offset_report > 1.0
         for entry in list(self._sessions.values()):
             session = entry.session
-            if not session.live or session.output is None:
+            if not session.live or session.output is None or entry.closing:
                 continue
             if session.output.end_reason is not None:
                 self._finish(entry, SessionState.ended, session.output.end_reason)
