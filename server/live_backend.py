@@ -531,6 +531,16 @@ class LiveBackend:
         if dead:
             self._fail_all(f"{', '.join(dead)}; restart the server to serve again")
 
+    def _close_on_workers(self, session_id: str) -> None:
+        """Engine thread: free a finished session's caches on the score workers (``close`` does the same
+        for client-side closes)."""
+        if self._failed is not None:
+            return
+        try:
+            self.executor.close_session(SessionClose(session_id))
+        except WorkerError as exc:
+            self._fail_all(str(exc))
+
     def _pick(self) -> LiveSession | None:
         """The running session whose playout runs dry first among those below ``ahead_s``."""
         best: tuple[float, LiveSession] | None = None
@@ -539,8 +549,10 @@ class LiveBackend:
             session = entry.session
             if not session.live or session.output is None or entry.closing:
                 continue
-            if session.output.end_reason is not None:
+            if session.output.end_reason is not None:  # the room or the publisher went away
+                entry.closing = True
                 self._finish(entry, SessionState.ended, session.output.end_reason)
+                self._close_on_workers(session.id)
                 continue
             try:
                 buffered = session.output.buffered_s()  # a file output writes its due frames here
