@@ -317,6 +317,7 @@ class LiveBackend:
                     return self._ended[session_id]
                 raise UnknownSession(session_id)
         session = entry.session
+
         def close_on_engine() -> None:
             entry.closing = True
             self.executor.close_session(SessionClose(session_id))

@@ -303,8 +303,6 @@ class LiveKitSessionOutput:
         self.fps = publisher.fps
         self.spf = publisher.samples_per_frame
         self._lock = threading.Lock()
-        self._write_lock = threading.Lock()
-        self._closed = False
         self._queue: collections.deque[tuple[np.ndarray, np.ndarray, int]] = collections.deque()
         self._clear_requested = False
         self._last_frame: np.ndarray | None = None

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from proto.model_config import get_model_preset
 from server.audio_features import AudioFeaturizer, AudioFeaturizerConfig, featurizer_config_for
@@ -37,20 +38,16 @@ def frame_features(
     order (the first chunk's latent 0 stands for frame 0; latent k >= 1 for frames 4k - 3 ... 4k)."""
     featurizer.push(clip.audio.astype(np.float32))
     featurizer.end_of_stream()
-    frames = len(clip.envelope)
     fpl = featurizer.config.frames_per_latent
-    num_chunks = (1 + (frames - 1) // fpl) // chunk_latents
     lookahead = featurizer.config.lookahead_latents
-    rows: dict[int, np.ndarray] = {}
-    for chunk in range(num_chunks):
-        span = featurizer.features_for_chunk(chunk).span  # [F + 2 * lookahead, P, L, D]
-        own = span[lookahead : lookahead + chunk_latents].reshape(chunk_latents * fpl, -1).numpy()
-        first = chunk * chunk_latents * fpl - (fpl - 1)
-        for i, row in enumerate(own):
-            if 0 <= first + i < frames:
-                rows[first + i] = row
-    order = sorted(rows)
-    return np.stack([rows[t] for t in order]), clip.envelope[order]
+    num_chunks = (1 + (len(clip.envelope) - 1) // fpl) // chunk_latents
+    own = [
+        featurizer.features_for_chunk(chunk).span[lookahead : lookahead + chunk_latents]  # [F, P, L, D]
+        for chunk in range(num_chunks)
+    ]
+    # Row i is video frame i - (fpl - 1): latent 0's first fpl - 1 rows lie before the stream.
+    features = torch.cat(own).flatten(2).flatten(0, 1).numpy()[fpl - 1 :]
+    return features, clip.envelope[: len(features)]
 
 
 def with_context(features: np.ndarray, context: int = CONTEXT_FRAMES) -> np.ndarray:
