@@ -113,7 +113,7 @@ def load_vae(
 def save_vae_checkpoint(vae: WanVAE, path: str | os.PathLike[str]) -> None:
     """Write the VAE's weights in Wan's layout: torch.save state dict (.pth/.pt) or safetensors."""
     path = Path(path)
-    state = {k: v.detach().contiguous() for k, v in vae.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in vae.state_dict().items()}
     if path.suffix in _SAFETENSORS_SUFFIXES:
         save_file(state, path)
     elif path.suffix in _TORCH_SUFFIXES:

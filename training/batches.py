@@ -130,13 +130,15 @@ class ClipEncoder:
     """Holds the front-ends (VAE, tiny umT5/CLIP, wav2vec2 config) and encodes clips into `ModelInputs`.
 
     The umT5/CLIP/wav2vec2 are the seeded tiny random ones of `talkingmachines run --seed seed`; the prompt
-    is encoded once.
+    is encoded once. The VAE may sit on an accelerator (pixels go there and latents come back to the CPU);
+    the other front-ends run on the CPU. vae None: an encoder of the per-clip conditioning only (data
+    workers, `encode_rest`).
     """
 
     def __init__(
         self,
         model: ModelConfig,
-        vae: WanVAE,
+        vae: WanVAE | None,
         *,
         chunk_latents: int = 3,
         max_characters: int = 2,
@@ -146,9 +148,10 @@ class ClipEncoder:
         if model.audio is None or not model.has_image_branch:
             raise ValueError(f"training needs an i2v preset with audio layers; {model.name!r} is not one")
         self.model = model
-        self.vae = vae.eval()
+        self.vae = vae.eval() if vae is not None else None
         self.chunk_latents = chunk_latents
         self.max_characters = max_characters
+        self.seed = seed
         self.encoders = ConditioningEncoders.from_config(ConditioningConfig.for_model(model, tiny_seed=seed))
         self.context = pad_text_context(self.encoders.encode_prompt(prompt), model)
         self.featurizer_config = featurizer_config_for(
@@ -195,6 +198,8 @@ class ClipEncoder:
         y is what `decoder.encode.I2VConditioning` computes (mask, then the latents of [image, gray, …]
         through one causal cache, 4 frames a step), here for a batch of reference images at once.
         """
+        if self.vae is None:
+            raise ValueError("this ClipEncoder was built without a VAE (conditioning only)")
         device = self.vae.conv2.weight.device
         video = torch.stack([torch.from_numpy(np.ascontiguousarray(c.video)) for c in clips])
         video = video.permute(0, 4, 1, 2, 3).float().div(127.5).sub(1.0)
@@ -207,6 +212,10 @@ class ClipEncoder:
         mask = i2v_mask(latent_frames, *image_latents.shape[3:])
         y = torch.cat([mask.expand(len(clips), *mask.shape), image_latents], dim=1)
         return latents, y
+
+    def encode_rest(self, clip: ClipLike) -> dict[str, torch.Tensor]:
+        """The per-clip conditioning of `encode_many` (no VAE work): what a data worker computes."""
+        return self._encode_rest(clip, self._layout(clip))
 
     @torch.no_grad()
     def _encode_rest(self, clip: ClipLike, num_chunks: int) -> dict[str, torch.Tensor]:
@@ -243,10 +252,14 @@ class ClipEncoder:
         }
 
     def encode_many(
-        self, clips: Sequence[ClipLike], vae_batch: int = 16, progress: bool = False
+        self,
+        clips: Sequence[ClipLike],
+        vae_batch: int = 16,
+        progress: bool = False,
+        rest: Sequence[dict[str, torch.Tensor]] | None = None,
     ) -> ModelInputs:
         """Clips (same size and length) → `ModelInputs`, B = len(clips); VAE batches of `vae_batch`
-        (`progress`: a progress bar per clip)."""
+        (`progress`: a progress bar per clip). rest: the clips' `encode_rest`, when already computed."""
         if not clips:
             raise ValueError("encode_many needs at least one clip")
         num_chunks = self._layout(clips[0])
@@ -254,14 +267,19 @@ class ClipEncoder:
             raise ValueError("all clips of a batch need the same frame count and size")
         latent_frames = num_chunks * self.chunk_latents
         starts = range(0, len(clips), vae_batch)
-        bar = tqdm(total=2 * len(clips), desc="encode clips", unit="step", disable=not progress, leave=False)
-        parts, rest = [], []
+        if rest is not None and len(rest) != len(clips):
+            raise ValueError(f"encode_many got {len(rest)} conditioning entries for {len(clips)} clips")
+        total = len(clips) * (1 if rest is not None else 2)
+        bar = tqdm(total=total, desc="encode clips", unit="step", disable=not progress, leave=False)
+        parts = []
         for i in starts:
             parts.append(self._encode_pixels(clips[i : i + vae_batch], latent_frames))
             bar.update(len(clips[i : i + vae_batch]))
-        for c in clips:
-            rest.append(self._encode_rest(c, num_chunks))
-            bar.update()
+        if rest is None:
+            rest = []
+            for c in clips:
+                rest.append(self._encode_rest(c, num_chunks))
+                bar.update()
         bar.close()
         return ModelInputs(
             latents=torch.cat([p[0] for p in parts]),
@@ -308,19 +326,69 @@ def load_or_build_vae(checkpoint: str | None, preset: str, seed: int = 0) -> Wan
         return build_vae(cfg)
 
 
+_WORKER_STATE: dict[str, Any] = {}
+
+
+def _worker_init(
+    dataset: Any, model: ModelConfig, chunk_latents: int, max_characters: int, seed: int
+) -> None:
+    torch.set_num_threads(1)
+    _WORKER_STATE["dataset"] = dataset
+    _WORKER_STATE["encoder"] = ClipEncoder(
+        model, None, chunk_latents=chunk_latents, max_characters=max_characters, seed=seed
+    )
+
+
+def _worker_clip(index: int) -> tuple[Any, dict[str, torch.Tensor]]:
+    clip = _WORKER_STATE["dataset"].clip(index)
+    return clip, _WORKER_STATE["encoder"].encode_rest(clip)
+
+
+def draw_in_workers(
+    dataset: Any, indices: Sequence[int], encoder: ClipEncoder, workers: int, desc: str = "draw clips",
+    show: bool = True,
+) -> tuple[list[Any], list[dict[str, torch.Tensor]]]:
+    """`dataset.clip(i)` and its `encoder.encode_rest` for every i, in `workers` spawned processes (the
+    rendering, espeak-ng and wav2vec2 work is per clip and CPU-bound; the VAE work stays with the caller).
+    The same values as drawing in this process: each clip is a pure function of (seed, index)."""
+    import multiprocessing
+
+    init = (dataset, encoder.model, encoder.chunk_latents, encoder.max_characters, encoder.seed)
+    ctx = multiprocessing.get_context("spawn")  # the parent may already hold a CUDA context
+    clips, rest = [], []
+    with ctx.Pool(workers, initializer=_worker_init, initargs=init) as pool:
+        results = pool.imap(_worker_clip, list(indices), chunksize=4)
+        for clip, conditioning in tqdm(results, total=len(indices), desc=desc, disable=not show, leave=False):
+            clips.append(clip)
+            rest.append(conditioning)
+    return clips, rest
+
+
 def encode_dataset(
-    dataset: Any, indices: Sequence[int], encoder: ClipEncoder, cache: Path | None = None, key: str = ""
+    dataset: Any,
+    indices: Sequence[int],
+    encoder: ClipEncoder,
+    cache: Path | None = None,
+    key: str = "",
+    workers: int = 0,
+    vae_batch: int = 16,
 ) -> ModelInputs:
     """Encode `dataset.clip(i)` for every i once; with `cache`, reuse the file when it was written for the
-    same indices and `key` (a description of the data config, VAE checkpoint and preset)."""
+    same indices and `key` (a description of the data config, VAE checkpoint and preset). workers > 0
+    draws the clips and their conditioning in that many processes (`draw_in_workers`); vae_batch: clips per
+    VAE call."""
     if cache is not None and cache.is_file():
         state = torch.load(cache, weights_only=True)
         if state.get("indices") == list(indices) and state.get("key") == key and "mouth" in state:
             return ModelInputs.from_state(state)
     show = world()[0] == 0 and len(indices) > 1
     name = cache.name if cache is not None else "clips"
-    clips = [dataset.clip(i) for i in tqdm(indices, desc=f"draw {name}", disable=not show, leave=False)]
-    inputs = encoder.encode_many(clips, progress=show)
+    if workers > 0:
+        clips, rest = draw_in_workers(dataset, indices, encoder, workers, f"draw {name}", show)
+        inputs = encoder.encode_many(clips, vae_batch=vae_batch, progress=show, rest=rest)
+    else:
+        clips = [dataset.clip(i) for i in tqdm(indices, desc=f"draw {name}", disable=not show, leave=False)]
+        inputs = encoder.encode_many(clips, vae_batch=vae_batch, progress=show)
     if cache is not None and world()[0] == 0:
         cache.parent.mkdir(parents=True, exist_ok=True)
         torch.save({**inputs.state(), "indices": list(indices), "key": key}, cache)
@@ -412,5 +480,5 @@ def chunked_audio(inputs: ModelInputs, keep_audio: torch.Tensor | None = None) -
     becomes zero, which makes the audio branch add exactly nothing: the audio-unconditional model)."""
     face_mask = inputs.face_mask
     if keep_audio is not None:
-        face_mask = face_mask * keep_audio.to(face_mask.dtype)[:, None, None]
+        face_mask = face_mask * keep_audio.to(face_mask)[:, None, None]
     return ChunkedAudio(span=inputs.audio_span, speaking=inputs.speaking, face_mask=face_mask)

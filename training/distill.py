@@ -55,6 +55,7 @@ from training.batches import (
     token_weight,
 )
 from training.data import DataConfig
+from training.devices import check_device
 from training.dmd import (
     critic_loss,
     dmd_loss,
@@ -67,6 +68,7 @@ from training.fsdp import FSDPConfig, mean_over_ranks, rank_slice, world
 from training.teacher import (
     JsonlLog,
     load_clip_inputs,
+    load_state,
     out_of_time,
     predict_velocity,
     prepare_for_world,
@@ -129,14 +131,22 @@ class StudentConfig:
     eval_every: int = 100
     save_every: int = 200
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    device: str = "cpu"
+    data_workers: int = 0
+    vae_batch: int = 16
+    ode_batch: int = 16
 
     def __post_init__(self) -> None:
+        check_device(self.device)
+        if self.data_workers < 0:
+            raise ValueError(f"StudentConfig.data_workers must be >= 0, got {self.data_workers}")
         StreamConfig(
             chunk_latent_frames=self.chunk_latents,
             denoising_steps=self.denoising_steps,
             timestep_shift=self.timestep_shift,
         )
-        for name in ("steps", "batch_size", "critic_updates_per_generator_step", "ode_steps"):
+        for name in ("steps", "batch_size", "critic_updates_per_generator_step", "ode_steps", "vae_batch",
+                     "ode_batch"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"StudentConfig.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("ode_fraction", "rollout_max"):
@@ -156,9 +166,11 @@ class StudentConfig:
         return self.rollout_max * ramp
 
 
-def student_mask(inputs: ModelInputs, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The sparse-causal mask `[L·S, L·S]` for the clips' K chunks (S tokens per latent frame)."""
+def student_mask(inputs: ModelInputs, device: torch.device | str | None = None) -> torch.Tensor:
+    """The sparse-causal mask `[L·S, L·S]` for the clips' K chunks (S tokens per latent frame), on `device`
+    (default: the clips')."""
     h, w = inputs.latents.shape[3] // 2, inputs.latents.shape[4] // 2
+    device = inputs.latents.device if device is None else device
     return sparse_causal_mask(inputs.num_chunks, inputs.chunk_latents * h * w, device)
 
 
@@ -171,9 +183,9 @@ def student_x0(
     mask: torch.Tensor,
 ) -> torch.Tensor:
     """The student's x0 `[B, 16, L, h, w]` from x at one shared step (timestep, σ) under the sparse mask."""
-    t = torch.full((x.shape[0],), timestep, dtype=torch.float64)
+    t = torch.full((x.shape[0],), timestep, dtype=torch.float64, device=x.device)
     v = predict_velocity(student, x, t, inputs, attn_mask=mask)
-    return x0_from_velocity(x, v, torch.full((x.shape[0],), sigma))
+    return x0_from_velocity(x, v, torch.full((x.shape[0],), sigma, device=x.device))
 
 
 @torch.no_grad()
@@ -197,7 +209,7 @@ def student_rollout(
     for s in range(steps):
         x0 = student_x0(student, x, timesteps[s], sigmas[s], inputs, mask)
         if s + 1 < len(timesteps):
-            x = noise_to(x0, torch.full((x.shape[0],), sigmas[s + 1]), noise[s + 1])
+            x = noise_to(x0, torch.full((x.shape[0],), sigmas[s + 1], device=x.device), noise[s + 1])
     return x0
 
 
@@ -215,7 +227,7 @@ def teacher_ode(
     grid = shift_sigma(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64), shift)
     x = noise.double()
     for k in range(steps):
-        sigma = torch.full((x.shape[0],), float(grid[k]))
+        sigma = torch.full((x.shape[0],), float(grid[k]), device=x.device)
         v = guided_teacher_velocity(teacher, x.float(), sigma, inputs, guidance_scale)
         x = x + (grid[k + 1] - grid[k]) * v.double()
     return x.float()
@@ -229,7 +241,7 @@ def guided_teacher_velocity(
     v_cond = predict_velocity(teacher, x_t, t, inputs)
     if scale == 1.0:
         return v_cond
-    no_audio = torch.zeros(x_t.shape[0], dtype=torch.bool)
+    no_audio = torch.zeros(x_t.shape[0], dtype=torch.bool, device=x_t.device)
     v_uncond = predict_velocity(teacher, x_t, t, inputs, keep_audio=no_audio)
     return guided_velocity(v_cond, v_uncond, scale)
 
@@ -257,21 +269,22 @@ def make_student_input(
     """Step 1 of the iteration (module docstring): the student's input at a random shared step."""
     timesteps, sigmas = cfg.schedule
     b = inputs.batch_size
+    dev = inputs.latents.device  # random draws on the CPU generator `g`, then moved: same on every device
     step = int(torch.randint(len(timesteps), (1,), generator=g))
-    use_ode = torch.rand(b, generator=g) < cfg.ode_fraction
-    fresh = torch.randn(inputs.latents.shape, generator=g)
+    use_ode = (torch.rand(b, generator=g) < cfg.ode_fraction).to(dev)
+    fresh = torch.randn(inputs.latents.shape, generator=g).to(dev)
     start = torch.where(use_ode.view(-1, 1, 1, 1, 1), ode_noise, fresh)
-    renoise = torch.randn((len(timesteps), *inputs.latents.shape), generator=g)
+    renoise = torch.randn((len(timesteps), *inputs.latents.shape), generator=g).to(dev)
     renoise[0] = start
-    self_roll = torch.rand(b, generator=g) < cfg.rollout_share(iteration)
+    self_roll = (torch.rand(b, generator=g) < cfg.rollout_share(iteration)).to(dev)
     weight = use_ode.float()
     target = ode_x0.clone()
     if step == 0:
         return StudentInput(start, 0, target, weight, 0)
-    sigma = torch.full((b,), sigmas[step])
+    sigma = torch.full((b,), sigmas[step], device=dev)
     x = noise_to(inputs.latents, sigma, renoise[step])
     target = torch.where(self_roll.view(-1, 1, 1, 1, 1), ode_x0, inputs.latents)
-    weight = torch.where(self_roll, use_ode.float(), torch.ones(b))
+    weight = torch.where(self_roll, use_ode.float(), torch.ones(b, device=dev))
     if bool(self_roll.any()):
         idx = torch.nonzero(self_roll).flatten()
         sub = inputs.select(idx)
@@ -285,24 +298,26 @@ def load_teacher(cfg: StudentConfig) -> ChunkAudioWanModel:
     model_cfg = get_model_preset(cfg.preset)
     if cfg.teacher_checkpoint is not None:
         teacher, _ = load_dit_checkpoint(cfg.teacher_checkpoint, model_cfg, strict_audio=True)
-        return as_training_model(teacher)
+        return as_training_model(teacher.to(check_device(cfg.device)))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         teacher = ChunkAudioWanModel(model_cfg)
         teacher.init_weights(zero_head=False, zero_audio=False)
-    return teacher.eval().requires_grad_(False)
+    return teacher.to(check_device(cfg.device)).eval().requires_grad_(False)
 
 
 def ode_pairs(
     teacher: nn.Module, inputs: ModelInputs, cfg: StudentConfig, cache: Path, chunk: int = 16
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(noise, teacher ODE x0) `[N, 16, L, h, w]` per training clip, computed once and cached."""
+    """(noise, teacher ODE x0) `[N, 16, L, h, w]` per training clip, computed once and cached; on the
+    clips' device."""
+    dev = inputs.latents.device
     if cache.is_file():
-        state = torch.load(cache, weights_only=True)
+        state = torch.load(cache, map_location="cpu", weights_only=True)
         if state["noise"].shape == inputs.latents.shape and state.get("steps") == cfg.ode_steps:
-            return state["noise"], state["x0"]
+            return state["noise"].to(dev), state["x0"].to(dev)
     g = torch.Generator().manual_seed(cfg.seed + 7)
-    noise = torch.randn(inputs.latents.shape, generator=g)
+    noise = torch.randn(inputs.latents.shape, generator=g).to(dev)
     x0 = torch.cat(
         [
             teacher_ode(
@@ -317,7 +332,7 @@ def ode_pairs(
         ]
     )
     if world()[0] == 0:
-        torch.save({"noise": noise, "x0": x0, "steps": cfg.ode_steps}, cache)
+        torch.save({"noise": noise.cpu(), "x0": x0.cpu(), "steps": cfg.ode_steps}, cache)
     return noise, x0
 
 
@@ -338,8 +353,8 @@ def generator_losses(
     with torch.set_grad_enabled(with_grad):
         x0 = student_x0(student, sample.x, timesteps[sample.step], sigmas[sample.step], inputs, mask)
     b = inputs.batch_size
-    sigma = sample_dmd_sigma(b, cfg.dmd_shift, generator=g)
-    noise = torch.randn(x0.shape, generator=g)
+    sigma = sample_dmd_sigma(b, cfg.dmd_shift, generator=g).to(x0.device)
+    noise = torch.randn(x0.shape, generator=g).to(x0.device)
     if not with_grad:
         return x0, torch.zeros(()), torch.zeros(())
     with torch.no_grad():
@@ -357,8 +372,8 @@ def critic_step_loss(
     critic: nn.Module, cfg: StudentConfig, inputs: ModelInputs, x0: torch.Tensor, g: torch.Generator
 ) -> torch.Tensor:
     """Flow-matching loss of the critic on detached student samples x0 `[B, 16, L, h, w]`."""
-    sigma = sample_dmd_sigma(inputs.batch_size, cfg.dmd_shift, generator=g)
-    noise = torch.randn(x0.shape, generator=g)
+    sigma = sample_dmd_sigma(inputs.batch_size, cfg.dmd_shift, generator=g).to(x0.device)
+    noise = torch.randn(x0.shape, generator=g).to(x0.device)
     x_t = noise_to(x0.detach(), sigma, noise)
     v = predict_velocity(critic, x_t, sigma.double() * 1000, inputs)
     return critic_loss(v, noise, x0)
@@ -373,7 +388,8 @@ class Validation:
         g = torch.Generator().manual_seed(cfg.seed + 11)
         self.cfg = cfg
         self.val = val
-        self.noise = torch.randn((len(cfg.denoising_steps), *val.latents.shape), generator=g)
+        noise = torch.randn((len(cfg.denoising_steps), *val.latents.shape), generator=g)
+        self.noise = noise.to(val.latents.device)
         self.ode_x0 = teacher_ode(
             teacher, val, self.noise[0], cfg.ode_steps, cfg.timestep_shift, cfg.guidance_scale
         )
@@ -394,8 +410,9 @@ def train_student(cfg: StudentConfig, out_dir: str | Path, resume: bool = False)
     t0 = time.perf_counter()  # the budget covers set-up (encoding, ODE pairs) too
     rank, world_size = world()
     torch.manual_seed(cfg.seed)
+    device = check_device(cfg.device)
     model_cfg = get_model_preset(cfg.preset)
-    vae = load_or_build_vae(cfg.vae_checkpoint, cfg.vae_preset, cfg.seed)
+    vae = load_or_build_vae(cfg.vae_checkpoint, cfg.vae_preset, cfg.seed).to(device)
     encoder = ClipEncoder(
         model_cfg, vae, chunk_latents=cfg.chunk_latents, max_characters=cfg.max_characters, seed=0
     )
@@ -405,18 +422,21 @@ def train_student(cfg: StudentConfig, out_dir: str | Path, resume: bool = False)
     elif cfg.teacher_checkpoint is not None:
         cache_dir = Path(cfg.teacher_checkpoint).parent
     train, val = load_clip_inputs(
-        cfg.data, encoder, cfg.num_clips, cfg.val_clips, cache_dir, cfg.seed, cfg.vae_checkpoint
-    )
+        cfg.data, encoder, cfg.num_clips, cfg.val_clips, cache_dir, cfg.seed, cfg.vae_checkpoint,
+        cfg.data_workers, cfg.vae_batch,
+    )  # fmt: skip
+    del encoder, vae
+    train, val = train.to(device), val.to(device)
     teacher = load_teacher(cfg)
-    ode_noise, ode_x0 = ode_pairs(teacher, train, cfg, out / "ode_pairs.pt")
+    ode_noise, ode_x0 = ode_pairs(teacher, train, cfg, out / "ode_pairs.pt", chunk=cfg.ode_batch)
     validation = Validation(teacher, cfg, val)
 
-    student = ChunkAudioWanModel(model_cfg)
-    critic = ChunkAudioWanModel(model_cfg)
+    student = ChunkAudioWanModel(model_cfg).to(device)
+    critic = ChunkAudioWanModel(model_cfg).to(device)
     student.load_state_dict(teacher.state_dict())
     critic.load_state_dict(teacher.state_dict())
     state_path = out / "student_state.pt"
-    state = torch.load(state_path, weights_only=False) if resume and state_path.is_file() else None
+    state = load_state(state_path) if resume and state_path.is_file() else None
     if state is not None:
         student.load_state_dict(state["student"])
         critic.load_state_dict(state["critic"])
@@ -460,6 +480,7 @@ def train_student(cfg: StudentConfig, out_dir: str | Path, resume: bool = False)
     for it in bar:
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + it)
         idx = torch.randint(train.batch_size, (cfg.batch_size,), generator=g)[rank_slice(cfg.batch_size)]
+        idx = idx.to(device)
         batch = train.select(idx)
         sample = make_student_input(student, cfg, batch, ode_noise[idx], ode_x0[idx], it, g)
         generator_turn = it % cfg.critic_updates_per_generator_step == 0

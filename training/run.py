@@ -2,6 +2,11 @@
 
     python -m training.run --stage vae|teacher|student|all --out DIR [--minutes-budget M] [--resume]
     python -m training.run --stage student --out DIR --student-chunk 7 --student-steps 4   # Table-1 variant
+    python -m training.run --stage all --out DIR --device cuda --data-workers 12 --set teacher.batch_size=64
+
+``--device`` trains on a GPU (the data is still drawn on the CPU, by ``--data-workers`` processes);
+``--set [STAGE.]FIELD=VALUE`` overrides any scalar field of a stage's config (VAEStageConfig, TeacherConfig,
+StudentConfig): with a STAGE prefix for that stage, without one for every chosen stage that has the field.
 
 Stages write to DIR/vae, DIR/teacher and DIR/student; each later stage reads the earlier ones' outputs
 (DIR/vae/vae.pth, DIR/teacher/teacher.safetensors) and refuses to start without them. ``--resume`` continues
@@ -23,6 +28,7 @@ import dataclasses
 import importlib
 import sys
 import time
+import types
 import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -71,12 +77,18 @@ def config_class(function: Callable[..., Any]) -> type:
 
 
 def build_config(
-    function: Callable[..., Any], out: Path, stage: str, minutes: float | None, steps: int | None
+    function: Callable[..., Any],
+    out: Path,
+    stage: str,
+    minutes: float | None,
+    steps: int | None,
+    settings: dict[str, Any] | None = None,
 ) -> Any:
-    """The stage's config: class defaults, earlier stages' outputs, budget and step overrides."""
+    """The stage's config: class defaults, earlier stages' outputs, budget and step overrides, then
+    `settings` (field → value, already typed; see `parse_settings`)."""
     cls = config_class(function)
     fields = {f.name for f in dataclasses.fields(cls)}
-    values: dict[str, Any] = {}
+    values: dict[str, Any] = dict(settings or {})
     if stage in ("teacher", "student"):
         vae = out.joinpath(*VAE_OUTPUT)
         if not vae.is_file():
@@ -100,6 +112,62 @@ def build_config(
             f"{cls.__name__} has no field(s) {unknown}; cannot pass them to stage {stage!r}"
         )
     return cls(**values)
+
+
+_SCALARS = {int: int, float: float, str: str}
+
+
+def _parse_value(cls: type, name: str, text: str) -> Any:
+    """`text` as the type of dataclass field `name` of `cls` (int, float, str, bool, X | None, or a tuple
+    of ints/floats written with commas); ValueError naming the field otherwise."""
+    hint = typing.get_type_hints(cls).get(name)
+    if hint is None:
+        raise ValueError(f"{cls.__name__} has no field {name!r}")
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:
+        if text.lower() == "none":
+            return None
+        hint = args[0]
+    try:
+        if hint is bool:
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(text)
+            return text.lower() in ("true", "1")
+        if hint in _SCALARS:
+            return _SCALARS[hint](text)
+        if typing.get_origin(hint) is tuple:
+            item = typing.get_args(hint)[0]
+            if item in (int, float):
+                return tuple(item(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"{cls.__name__}.{name}: cannot read {text!r} as {hint}") from None
+    raise ValueError(f"{cls.__name__}.{name} ({hint}) cannot be set from the command line")
+
+
+def parse_settings(items: Sequence[str], stages: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """`--set [STAGE.]FIELD=VALUE` items → per-stage typed field values; ValueError on a field that no
+    chosen stage has, a stage not chosen, or a value of the wrong type."""
+    out: dict[str, dict[str, Any]] = {stage: {} for stage in stages}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {item!r}: expected [STAGE.]FIELD=VALUE")
+        stage_name, dot, name = key.rpartition(".")
+        targets = [stage_name] if dot else list(stages)
+        for stage in targets:
+            if stage not in out:
+                raise ValueError(f"--set {item!r}: stage {stage!r} is not run here (stages: {list(stages)})")
+        found = False
+        for stage in targets:
+            cls = config_class(stage_function(stage))
+            if name in {f.name for f in dataclasses.fields(cls)}:
+                out[stage][name] = _parse_value(cls, name, text)
+                found = True
+            elif dot:
+                raise ValueError(f"--set {item!r}: {cls.__name__} has no field {name!r}")
+        if not found:
+            raise ValueError(f"--set {item!r}: no field {name!r} in the configs of {list(stages)}")
+    return out
 
 
 def student_overrides(chunk: int | None, denoising_steps: int | None) -> dict[str, Any]:
@@ -135,7 +203,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--student-steps", type=int, default=None, choices=(2, 4),
         help="student stage: denoising steps (default 2; 4 = 1000, 750, 500, 250)",
     )  # fmt: skip
+    parser.add_argument(
+        "--device", default=None,
+        help="train on this device (cpu, cuda, cuda:1); default cpu. Clips are drawn on the CPU",
+    )  # fmt: skip
+    parser.add_argument(
+        "--data-workers", type=int, default=None,
+        help="processes that draw and condition the training clips (default 0: in the training process)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--set", dest="settings", action="append", default=[], metavar="[STAGE.]FIELD=VALUE",
+        help="override a config field, e.g. --set teacher.batch_size=64 --set lr=2e-3 (repeatable)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.data_workers is not None and args.data_workers < 0:
+        parser.error(f"--data-workers must be >= 0, got {args.data_workers}")
     if args.minutes_budget is not None and args.minutes_budget <= 0:
         parser.error(f"--minutes-budget must be positive, got {args.minutes_budget}")
     if args.steps is not None and args.steps < 1:
@@ -158,9 +240,10 @@ def run_stage(
     resume: bool,
     overrides: dict[str, Any] | None = None,
     stage_dir: str | None = None,
+    settings: dict[str, Any] | None = None,
 ) -> Path:
     function = stage_function(stage)
-    cfg = build_config(function, out, stage, minutes, steps)
+    cfg = build_config(function, out, stage, minutes, steps, settings)
     if overrides:
         cfg = dataclasses.replace(cfg, **overrides)
     start = time.perf_counter()
@@ -204,6 +287,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.stage == "all":  # fail before hours of training if a later stage cannot run
             for stage in stages:
                 stage_function(stage)
+        common = []
+        if args.device is not None:
+            common.append(f"device={args.device}")
+        if args.data_workers is not None:
+            common.append(f"data_workers={args.data_workers}")
+        try:
+            settings = parse_settings(common + list(args.settings), stages)
+            for stage in stages:  # check every stage's values (types, ranges, device) before training
+                config_class(stage_function(stage))(**settings[stage])
+        except (TypeError, ValueError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         start = time.perf_counter()
         for i, stage in enumerate(stages):
             minutes = args.minutes_budget
@@ -216,7 +311,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if stage == "student" and (args.student_chunk or args.student_steps):
                 overrides = student_overrides(args.student_chunk, args.student_steps)
                 stage_dir = student_dir_name(args.student_chunk, args.student_steps)
-            run_stage(stage, args.out, minutes, args.steps, args.resume, overrides, stage_dir)
+            run_stage(
+                stage, args.out, minutes, args.steps, args.resume, overrides, stage_dir, settings[stage]
+            )
     except StageUnavailable as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -40,6 +40,7 @@ from training.batches import (
     token_weight,
 )
 from training.data import DataConfig, SyntheticTalkingDataset, dit_data_config
+from training.devices import check_device
 from training.fsdp import (
     FSDPConfig,
     build_mesh,
@@ -64,6 +65,9 @@ class TeacherConfig:
     (indices 0.. and 1_000_000..). vae_checkpoint: stage A's output (None = seeded random VAE, tests).
     cache_dir: where the encoded clips are cached (None = out_dir).
     minutes_budget: stop early (and save) once training has run this long; None = run all steps.
+    device: where the model, the data set and the VAE encoding live ("cpu", "cuda", "cuda:1"; one device:
+    under torchrun use the CPU/gloo path). data_workers: processes that draw and condition the clips
+    (0 = in this process). vae_batch: clips per VAE encoding call.
     """
 
     data: DataConfig | None = None
@@ -92,9 +96,16 @@ class TeacherConfig:
     eval_every: int = 250
     save_every: int = 500
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    device: str = "cpu"
+    data_workers: int = 0
+    vae_batch: int = 16
 
     def __post_init__(self) -> None:
-        for name in ("num_clips", "steps", "batch_size", "log_every", "eval_every", "save_every"):
+        check_device(self.device)
+        if self.data_workers < 0:
+            raise ValueError(f"TeacherConfig.data_workers must be >= 0, got {self.data_workers}")
+        positive = ("num_clips", "steps", "batch_size", "log_every", "eval_every", "save_every", "vae_batch")
+        for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"TeacherConfig.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("audio_drop", "text_drop"):
@@ -120,7 +131,7 @@ def predict_velocity(
     """
     context = inputs.context
     if keep_text is not None:
-        context = context * keep_text.to(context.dtype)[:, None, None]
+        context = context * keep_text.to(context)[:, None, None]
     return model(
         x_t,
         t,
@@ -156,6 +167,7 @@ def flow_matching_loss(
     the mouth is a few cells of each frame but carries the lip-sync signal.
     """
     x0 = inputs.latents
+    sigma = sigma.to(x0.device)
     s = sigma.to(x0.dtype).view(-1, 1, 1, 1, 1)
     x_t = (1 - s) * x0 + s * noise
     v = predict_velocity(
@@ -216,9 +228,12 @@ def load_clip_inputs(
     cache_dir: Path,
     seed: int,
     vae_checkpoint: str | None,
+    workers: int = 0,
+    vae_batch: int = 16,
 ) -> tuple[ModelInputs, ModelInputs]:
     """(training, validation) inputs of the synthetic data set (validation: indices from 1,000,000), encoded
-    once and cached in `cache_dir` (stages B and C share the files when given the same directory)."""
+    once and cached in `cache_dir` (stages B and C share the files when given the same directory); on the
+    CPU whatever device the encoder's VAE is on."""
     if data is None:
         data = dit_data_config()
         if data.espeak_fraction == 0:
@@ -227,10 +242,17 @@ def load_clip_inputs(
     dataset = SyntheticTalkingDataset(data, seed)
     key = f"{data!r}|seed={seed}|vae={vae_checkpoint}|{encoder.model.name}|{encoder.featurizer_config!r}"
     tag = "" if encoder.chunk_latents == 3 else f"_f{encoder.chunk_latents}"  # chunking crops differently
-    train = encode_dataset(dataset, range(num_clips), encoder, cache_dir / f"inputs_train{tag}.pt", key)
+    train = encode_dataset(dataset, range(num_clips), encoder, cache_dir / f"inputs_train{tag}.pt", key,
+                           workers=workers, vae_batch=vae_batch)  # fmt: skip
     val_indices = range(1_000_000, 1_000_000 + val_clips)
-    val = encode_dataset(dataset, val_indices, encoder, cache_dir / f"inputs_val{tag}.pt", key)
+    val = encode_dataset(dataset, val_indices, encoder, cache_dir / f"inputs_val{tag}.pt", key,
+                         workers=min(workers, val_clips), vae_batch=vae_batch)  # fmt: skip
     return train, val
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """A training state written by `torch.save`, on the CPU whatever device wrote it."""
+    return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def prepare_for_world(model: WanModel, config: FSDPConfig) -> nn.Module:
@@ -242,7 +264,7 @@ def prepare_for_world(model: WanModel, config: FSDPConfig) -> nn.Module:
 
 def save_model(model: nn.Module, preset: str, path: Path) -> Path:
     """Write the (possibly sharded) DiT in Wan's layout from rank 0; every rank must call it."""
-    state = full_state_dict(model)
+    state = {k: v.detach().cpu() for k, v in full_state_dict(model).items()}
     if world()[0] != 0:
         return path
     with torch.device("meta"):
@@ -256,7 +278,7 @@ def validation_loss(model: nn.Module, val: ModelInputs, seed: int) -> float:
     """Flow-matching loss on the held-out clips at fixed noise and σ on a 0.1 … 0.9 grid (comparable across
     steps and runs)."""
     g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(val.latents.shape, generator=g)
+    noise = torch.randn(val.latents.shape, generator=g).to(val.latents.device)
     sigma = torch.linspace(0.1, 0.9, val.batch_size)
     return float(flow_matching_loss(model, val, noise, sigma))
 
@@ -268,22 +290,26 @@ def train_teacher(cfg: TeacherConfig, out_dir: str | Path, resume: bool = False)
     t0 = time.perf_counter()  # the budget covers set-up (encoding, ODE pairs) too
     rank, world_size = world()
     torch.manual_seed(cfg.seed)
-    vae = load_or_build_vae(cfg.vae_checkpoint, cfg.vae_preset, cfg.seed)
+    device = check_device(cfg.device)
+    vae = load_or_build_vae(cfg.vae_checkpoint, cfg.vae_preset, cfg.seed).to(device)
     model_cfg = get_model_preset(cfg.preset)
     encoder = ClipEncoder(
         model_cfg, vae, chunk_latents=cfg.chunk_latents, max_characters=cfg.max_characters, seed=0
     )
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir is not None else out
     train, val = load_clip_inputs(
-        cfg.data, encoder, cfg.num_clips, cfg.val_clips, cache_dir, cfg.seed, cfg.vae_checkpoint
-    )
+        cfg.data, encoder, cfg.num_clips, cfg.val_clips, cache_dir, cfg.seed, cfg.vae_checkpoint,
+        cfg.data_workers, cfg.vae_batch,
+    )  # fmt: skip
+    del encoder, vae
+    train, val = train.to(device), val.to(device)
 
     model = ChunkAudioWanModel(model_cfg)
     state_path = out / "teacher_state.pt"
-    state = torch.load(state_path, weights_only=False) if resume and state_path.is_file() else None
+    state = load_state(state_path) if resume and state_path.is_file() else None
     if state is not None:
         model.load_state_dict(state["model"])
-    model = prepare_for_world(model, cfg.fsdp)
+    model = prepare_for_world(model.to(device), cfg.fsdp)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = 0
     if state is not None:
@@ -299,16 +325,16 @@ def train_teacher(cfg: TeacherConfig, out_dir: str | Path, resume: bool = False)
     for step in bar:
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         idx = torch.randint(train.batch_size, (cfg.batch_size,), generator=g)
-        noise = torch.randn((cfg.batch_size, *train.latents.shape[1:]), generator=g)
-        sigma = sample_logit_normal(cfg.batch_size, cfg.logit_mean, cfg.logit_std, g)
-        keep_audio = torch.rand(cfg.batch_size, generator=g) >= cfg.audio_drop
-        keep_text = torch.rand(cfg.batch_size, generator=g) >= cfg.text_drop
+        noise = torch.randn((cfg.batch_size, *train.latents.shape[1:]), generator=g).to(device)
+        sigma = sample_logit_normal(cfg.batch_size, cfg.logit_mean, cfg.logit_std, g).to(device)
+        keep_audio = (torch.rand(cfg.batch_size, generator=g) >= cfg.audio_drop).to(device)
+        keep_text = (torch.rand(cfg.batch_size, generator=g) >= cfg.text_drop).to(device)
         mine = rank_slice(cfg.batch_size)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg.lr, cfg.warmup_steps, cfg.steps, time_used(cfg.minutes_budget, t0))
         loss = flow_matching_loss(
             model,
-            train.select(idx[mine]),
+            train.select(idx[mine].to(device)),
             noise[mine],
             sigma[mine],
             keep_audio=keep_audio[mine],

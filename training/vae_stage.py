@@ -32,6 +32,7 @@ training state, weights as trained), ``vae_log.jsonl`` (one JSON object per log 
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import time
@@ -50,6 +51,7 @@ from decoder.vae import AttentionBlock, ResidualBlock, WanVAE
 from proto.vae_config import get_vae_preset
 from training.checkpointing import load_training_state, save_training_state
 from training.data import Clip, DataConfig, SyntheticTalkingDataset
+from training.devices import check_device
 from training.lipsync import lipsync_score
 
 VAE_FILE = "vae.pth"
@@ -89,6 +91,9 @@ class VAEStageConfig:
         save_every, log_every: training-state and log periods (steps). A save at a multiple of
             stream_windows resumes bit-exactly; elsewhere the resumed run refills the stream's caches with
             its current weights.
+        device: where the VAE trains ("cpu", "cuda", ...); the clips are drawn on the CPU.
+        data_workers: processes that draw the next streams ahead of training (0 = draw in this process,
+            between steps). The streams are the same either way (a pure function of seed and stream).
     """
 
     data: DataConfig = field(default_factory=lambda: DataConfig(num_frames=73))
@@ -111,8 +116,13 @@ class VAEStageConfig:
     eval_clips: int = 4
     save_every: int = 96
     log_every: int = 10
+    device: str = "cpu"
+    data_workers: int = 0
 
     def __post_init__(self) -> None:
+        check_device(self.device)
+        if self.data_workers < 0:
+            raise ValueError(f"VAEStageConfig.data_workers must be >= 0, got {self.data_workers}")
         for name in (
             "steps", "batch_size", "stream_windows", "eval_every", "eval_clips", "save_every", "log_every"
         ):
@@ -209,6 +219,37 @@ def sample_batch(
     video, mouth = sample_stream(dataset, cfg, step // cfg.stream_windows)
     window = cfg.window(step)
     return video[:, :, window], mouth[:, :, window]
+
+
+class StreamSource:
+    """The training streams (`sample_stream`), drawn on demand or, with workers, `workers` streams ahead in
+    spawned processes (drawing 73-frame clips costs more than a training step on a GPU)."""
+
+    def __init__(self, dataset: SyntheticTalkingDataset, cfg: VAEStageConfig) -> None:
+        self.draw = functools.partial(sample_stream, dataset, cfg)
+        self.workers = cfg.data_workers
+        self.pool: Any = None
+        self.pending: dict[int, Any] = {}
+        if self.workers > 0:
+            import multiprocessing
+
+            self.pool = multiprocessing.get_context("spawn").Pool(self.workers)
+
+    def get(self, stream: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.pool is None:
+            return self.draw(stream)
+        for ahead in range(stream, stream + 2 * self.workers):
+            if ahead not in self.pending:
+                self.pending[ahead] = self.pool.apply_async(self.draw, (ahead,))
+        for old in [k for k in self.pending if k < stream]:  # a resumed run skips
+            del self.pending[old]
+        return self.pending.pop(stream).get()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+            self.pool = None
 
 
 class StreamCaches:
@@ -317,11 +358,13 @@ def evaluate_vae(vae: WanVAE, dataset: SyntheticTalkingDataset, num_clips: int) 
     vae.eval()
     cfg = dataset.cfg
     psnrs, mouth_psnrs, latents, sync_recon, sync_truth = [], [], [], [], []
+    device = vae.conv1.weight.device
     for i in range(num_clips):
         clip = dataset.clip(EVAL_INDEX_START + i)
         x = video_to_tensor(clip.video)
-        z = vae.encode(x[None])
-        y = vae.decode(z)[0].clamp(-1, 1)
+        z = vae.encode(x[None].to(device))
+        y = vae.decode(z)[0].clamp(-1, 1).cpu()
+        z = z.cpu()
         latents.append(z.flatten())
         psnrs.append(psnr(y, x))
         mask = torch.from_numpy(mouth_mask(clip, slice(None), cfg.height, cfg.width))[None]
@@ -450,6 +493,7 @@ def standardised_copy(vae: WanVAE, dataset: SyntheticTalkingDataset, clips: int 
     std 1, and the statistics before and after."""
     videos = torch.stack([video_to_tensor(dataset.clip(2_000_000 + i).video) for i in range(clips)])
     out = copy.deepcopy(vae).eval()
+    videos = videos.to(out.conv1.weight.device)
     mean, std = latent_statistics(out, videos)
     standardise_latents(out, mean, std)
     after_mean, after_std = latent_statistics(out, videos)
@@ -483,7 +527,8 @@ def train_vae(cfg: VAEStageConfig, out_dir: str | Path, resume: bool = False) ->
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dataset = SyntheticTalkingDataset(cfg.data, seed=cfg.seed)
-    vae = build_trainable_vae(cfg)
+    device = check_device(cfg.device)
+    vae = build_trainable_vae(cfg).to(device)
     opt = torch.optim.Adam(vae.parameters(), lr=cfg.lr)
     state_path = out / STATE_FILE
     step, elapsed_before, history = 0, 0.0, []
@@ -520,11 +565,13 @@ def train_vae(cfg: VAEStageConfig, out_dir: str | Path, resume: bool = False) ->
     bar.set_postfix(psnr=f"{history[-1]['psnr']:.2f}")
     caches: StreamCaches | None = None
     stream: tuple[torch.Tensor, torch.Tensor] | None = None
+    source = StreamSource(dataset, cfg)
     while step < cfg.steps and (budget_s is None or elapsed() < budget_s):
         for group in opt.param_groups:
             group["lr"] = learning_rate(cfg, step, elapsed())
         if step % cfg.stream_windows == 0 or stream is None:
-            stream = sample_stream(dataset, cfg, step // cfg.stream_windows)
+            video, mouth = source.get(step // cfg.stream_windows)
+            stream = video.to(device), mouth.to(device)
             caches = StreamCaches()
             if step % cfg.stream_windows:
                 _replay_stream(vae, cfg, step, stream, caches)
@@ -542,6 +589,7 @@ def train_vae(cfg: VAEStageConfig, out_dir: str | Path, resume: bool = False) ->
         if step % cfg.save_every == 0:
             save_state()
     bar.close()
+    source.close()
     if history[-1]["step"] != step:
         run_eval()
     save_state()

@@ -78,3 +78,71 @@ def test_teacher_stage_gets_the_vae_path_budget_and_its_own_folder(
     assert calls == [
         (_FakeTeacherConfig(str(tmp_path / "vae" / "vae.pth"), 7.0, 3), tmp_path / "teacher", True)
     ]
+
+
+@dataclasses.dataclass(frozen=True)
+class _FakeTunableConfig:
+    vae_checkpoint: str | None = None
+    minutes_budget: float | None = None
+    steps: int = 10
+    device: str = "cpu"
+    data_workers: int = 0
+    batch_size: int = 8
+    lr: float = 1e-3
+    crop: int | None = 32
+    mixed: bool = False
+    denoising_steps: tuple[int, ...] = (1000, 500)
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+def _fake_teacher(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[_FakeTunableConfig]:
+    calls: list[_FakeTunableConfig] = []
+
+    def train_teacher(cfg: _FakeTunableConfig, out_dir: Path, resume: bool = False) -> Path:
+        calls.append(cfg)
+        return Path(out_dir) / "teacher.safetensors"
+
+    fake = types.ModuleType("training.teacher")
+    fake.train_teacher = train_teacher
+    monkeypatch.setitem(sys.modules, "training.teacher", fake)
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "vae.pth").write_bytes(b"")
+    return calls
+
+
+def test_set_device_and_workers_reach_the_stage_config_typed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = _fake_teacher(monkeypatch, tmp_path)
+    argv = ["--stage", "teacher", "--out", str(tmp_path), "--data-workers", "3", "--device", "cpu",
+            "--set", "teacher.batch_size=64", "--set", "lr=2.5e-3", "--set", "crop=none",
+            "--set", "mixed=true", "--set", "denoising_steps=1000,750,500"]  # fmt: skip
+    assert run.main(argv) == 0
+    (cfg,) = calls
+    assert (cfg.device, cfg.data_workers, cfg.batch_size, cfg.lr) == ("cpu", 3, 64, 2.5e-3)
+    assert cfg.crop is None and cfg.mixed is True and cfg.denoising_steps == (1000, 750, 500)
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("batch_size=many", "cannot read 'many'"),
+        ("batch_size=0", "batch_size must be >= 1"),
+        ("student.lr=1", "stage 'student' is not run here"),
+        ("teacher.depth=3", "has no field 'depth'"),
+        ("depth=3", "no field 'depth'"),
+        ("lr", "expected [STAGE.]FIELD=VALUE"),
+        ("mixed=maybe", "cannot read 'maybe'"),
+    ],
+)
+def test_bad_settings_are_refused_before_any_training(
+    setting: str, message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    calls = _fake_teacher(monkeypatch, tmp_path)
+    assert run.main(["--stage", "teacher", "--out", str(tmp_path), "--set", setting]) == 2
+    assert message in capsys.readouterr().err
+    assert calls == []

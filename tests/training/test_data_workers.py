@@ -1,0 +1,62 @@
+"""Data workers (`--data-workers`): clips drawn and conditioned in spawned processes are the clips drawn in
+the training process, bit for bit; the device option refuses what this machine cannot do."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from proto.model_config import get_model_preset
+from training.batches import ClipEncoder, encode_dataset, load_or_build_vae
+from training.data import DataConfig, SyntheticTalkingDataset
+from training.devices import check_device
+from training.distill import StudentConfig
+from training.teacher import TeacherConfig
+from training.vae_stage import StreamSource, VAEStageConfig, sample_stream
+
+DATA = DataConfig(height=32, width=32, num_frames=21, two_character_prob=0.5, silent_prob=0.2)
+
+
+def test_clips_encoded_with_workers_equal_clips_encoded_in_process() -> None:
+    torch.set_num_threads(1)
+    encoder = ClipEncoder(get_model_preset("tiny"), load_or_build_vae(None, "tiny"))
+    dataset = SyntheticTalkingDataset(DATA, seed=3)
+    indices = [0, 1, 2, 5, 8, 13]
+    here = encode_dataset(dataset, indices, encoder, vae_batch=4)
+    spawned = encode_dataset(dataset, indices, encoder, workers=2, vae_batch=4)
+    for field in dataclasses.fields(here):
+        a, b = getattr(here, field.name), getattr(spawned, field.name)
+        assert a.shape == b.shape and torch.equal(a, b), field.name
+    assert here.face_mask[:, 1].sum() > 0  # two-character clips are among them (a second mask is set)
+
+
+def test_prefetched_streams_equal_streams_drawn_in_process() -> None:
+    cfg = VAEStageConfig(data=DATA, batch_size=2, clip_frames=5, stream_windows=2, minutes_budget=None)
+    dataset = SyntheticTalkingDataset(cfg.data, seed=cfg.seed)
+    source = StreamSource(dataset, dataclasses.replace(cfg, data_workers=2))
+    try:
+        for stream in (0, 1, 4, 2):  # in order, skipping ahead (a resumed run), and back
+            video, mouth = source.get(stream)
+            want_video, want_mouth = sample_stream(dataset, cfg, stream)
+            assert torch.equal(video, want_video) and torch.equal(mouth, want_mouth)
+    finally:
+        source.close()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+@pytest.mark.parametrize("config", [TeacherConfig, StudentConfig, VAEStageConfig])
+def test_a_gpu_is_refused_plainly_where_there_is_none(config: type) -> None:
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        config(device="cuda")
+
+
+def test_unknown_devices_and_negative_workers_are_refused() -> None:
+    assert check_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="not a torch device"):
+        check_device("gpu0")
+    with pytest.raises(ValueError, match="cpu or cuda"):
+        check_device("meta")
+    with pytest.raises(ValueError, match="data_workers"):
+        TeacherConfig(data_workers=-1)
