@@ -374,22 +374,36 @@ def encode_dataset(
     vae_batch: int = 16,
 ) -> ModelInputs:
     """Encode `dataset.clip(i)` for every i once; with `cache`, reuse the file when it was written for the
-    same indices and `key` (a description of the data config, VAE checkpoint and preset). workers > 0
+    same indices and `key` (a description of the data config, VAE checkpoint and preset); of a cache with the
+    same key but other indices, the clips it holds are reused and only the others encoded. workers > 0
     draws the clips and their conditioning in that many processes (`draw_in_workers`); vae_batch: clips per
     VAE call."""
+    indices = list(indices)
+    cached: ModelInputs | None = None
+    have: dict[int, int] = {}
     if cache is not None and cache.is_file():
         state = torch.load(cache, weights_only=True)
-        if state.get("indices") == list(indices) and state.get("key") == key and "mouth" in state:
-            return ModelInputs.from_state(state)
-    show = world()[0] == 0 and len(indices) > 1
+        if state.get("key") == key and "mouth" in state:
+            if state.get("indices") == indices:
+                return ModelInputs.from_state(state)
+            cached = ModelInputs.from_state(state)
+            have = {int(i): n for n, i in enumerate(state.get("indices", []))}
+    missing = [i for i in indices if i not in have]  # a grown data set encodes only its new clips
+    show = world()[0] == 0 and len(missing) > 1
     name = cache.name if cache is not None else "clips"
-    if workers > 0:
-        clips, rest = draw_in_workers(dataset, indices, encoder, workers, f"draw {name}", show)
+    inputs = None
+    if missing and workers > 0:
+        clips, rest = draw_in_workers(dataset, missing, encoder, workers, f"draw {name}", show)
         inputs = encoder.encode_many(clips, vae_batch=vae_batch, progress=show, rest=rest)
-    else:
-        clips = [dataset.clip(i) for i in tqdm(indices, desc=f"draw {name}", disable=not show, leave=False)]
+    elif missing:
+        clips = [dataset.clip(i) for i in tqdm(missing, desc=f"draw {name}", disable=not show, leave=False)]
         inputs = encoder.encode_many(clips, vae_batch=vae_batch, progress=show)
-    if cache is not None and world()[0] == 0:
+    if cached is not None and len(missing) < len(indices):
+        new_at = {i: len(have) + n for n, i in enumerate(missing)}
+        pool = cached if inputs is None else collate([cached, inputs])
+        inputs = pool.select([have[i] if i in have else new_at[i] for i in indices])
+    assert inputs is not None
+    if cache is not None and world()[0] == 0 and missing:  # (a subset of a cache leaves the file as it is)
         cache.parent.mkdir(parents=True, exist_ok=True)
         torch.save({**inputs.state(), "indices": list(indices), "key": key}, cache)
     return inputs

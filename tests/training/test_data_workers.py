@@ -4,13 +4,14 @@ the training process, bit for bit; the device option refuses what this machine c
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
 
 from proto.model_config import get_model_preset
 from training.batches import ClipEncoder, encode_dataset, load_or_build_vae
-from training.data import DataConfig, SyntheticTalkingDataset
+from training.data import Clip, DataConfig, SyntheticTalkingDataset
 from training.devices import check_device
 from training.distill import StudentConfig
 from training.teacher import TeacherConfig
@@ -60,3 +61,33 @@ def test_unknown_devices_and_negative_workers_are_refused() -> None:
         check_device("meta")
     with pytest.raises(ValueError, match="data_workers"):
         TeacherConfig(data_workers=-1)
+
+
+class _CountingDataset:
+    def __init__(self, dataset: SyntheticTalkingDataset) -> None:
+        self.dataset = dataset
+        self.drawn: list[int] = []
+
+    def clip(self, index: int) -> Clip:
+        self.drawn.append(index)
+        return self.dataset.clip(index)
+
+
+def test_a_grown_data_set_encodes_only_its_new_clips(tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    encoder = ClipEncoder(get_model_preset("tiny"), load_or_build_vae(None, "tiny"))
+    dataset = _CountingDataset(SyntheticTalkingDataset(DATA, seed=4))
+    cache = tmp_path / "inputs.pt"
+    encode_dataset(dataset, [0, 1, 2], encoder, cache, key="k")
+    grown = encode_dataset(dataset, [1, 3, 0, 2], encoder, cache, key="k")
+    assert dataset.drawn == [0, 1, 2, 3]  # clip 3 alone was drawn the second time
+    fresh = encode_dataset(SyntheticTalkingDataset(DATA, seed=4), [1, 3, 0, 2], encoder)
+    for field in dataclasses.fields(fresh):  # VAE outputs: batches of other sizes round differently
+        a, b = getattr(grown, field.name), getattr(fresh, field.name)
+        assert a.shape == b.shape and torch.allclose(a, b, rtol=0, atol=1e-5), field.name
+    assert torch.equal(grown.audio_span, fresh.audio_span) and torch.equal(grown.mouth, fresh.mouth)
+    subset = encode_dataset(dataset, [2], encoder, cache, key="k")
+    assert dataset.drawn == [0, 1, 2, 3] and torch.equal(subset.latents, grown.latents[3:])
+    assert torch.load(cache, weights_only=True)["indices"] == [1, 3, 0, 2]  # the subset kept the file
+    encode_dataset(dataset, [0], encoder, cache, key="other")  # another key: encoded afresh
+    assert dataset.drawn[-1] == 0
