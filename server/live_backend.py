@@ -155,6 +155,7 @@ class LiveBackend:
         self._stop = threading.Event()
         self._ready = False
         self._failed: str | None = None
+        self._in_flight: str | None = None  # engine thread: the session whose chunk request awaits its reply
         self._draining: tuple[float, str] | None = None  # (Retry-After seconds, why) once draining
         self._loop = AsyncLoopThread()
         self._engine = threading.Thread(target=self._run_engine, name="master-engine", daemon=True)
@@ -501,16 +502,19 @@ class LiveBackend:
             if session is None:
                 time.sleep(_TICK_S)
                 continue
-            try:
-                self._generate(session)
-            except WorkerError as exc:
-                self._fail_all(str(exc))
-            except Exception as exc:  # a bug or bad state in one session must not take the others down
-                log.exception("session %s failed while generating", session.id)
-                entry = self._sessions.get(session.id)
-                if entry is not None:
-                    self._finish(entry, SessionState.failed, f"generation failed: {exc}")
+            self._step(session)
         self._run_commands()
+
+    def _step(self, session: LiveSession) -> None:
+        """Engine thread: one chunk of ``session``; a worker failure fails every session, any other failure
+        only this one."""
+        try:
+            self._generate(session)
+        except WorkerError as exc:
+            self._fail_all(str(exc))
+        except Exception as exc:  # a bug or bad state in one session must not take the others down
+            log.exception("session %s failed while generating", session.id)
+            self._fail_one(session.id, f"generation failed: {exc}")
 
     def _run_commands(self) -> None:
         while True:
@@ -531,6 +535,22 @@ class LiveBackend:
         dead = self.dead_workers()
         if dead:
             self._fail_all(f"{', '.join(dead)}; restart the server to serve again")
+
+    def _fail_one(self, session_id: str, reason: str) -> None:
+        """Engine thread: session ``session_id`` failed alone (its output or its own data, not the workers):
+        finish it as failed and free its caches on the workers. Skipped while a chunk request of it is in
+        flight (a failure between submit and collect): its reply is still due, and a SessionClose before
+        it would leave the reply to be read as another session's."""
+        entry = self._sessions.get(session_id)
+        if entry is None:
+            return
+        entry.closing = True
+        self._finish(entry, SessionState.failed, reason)
+        if self._in_flight == session_id:
+            log.error("session %s failed with a chunk request in flight; its caches stay on the workers",
+                      session_id)  # fmt: skip
+            return
+        self._close_on_workers(session_id)
 
     def _close_on_workers(self, session_id: str) -> None:
         """Engine thread: free a finished session's caches on the score workers (``close`` does the same
@@ -559,7 +579,7 @@ class LiveBackend:
                 buffered = session.output.buffered_s()  # a file output writes its due frames here
             except Exception as exc:  # one session's broken output must not stop the engine for all
                 log.exception("session %s failed while publishing", session.id)
-                self._finish(entry, SessionState.failed, f"publishing failed: {exc}")
+                self._fail_one(session.id, f"publishing failed: {exc}")
                 continue
             self.metrics.set_buffer(session.id, buffered)
             if report_offset and isinstance(session.output, LiveKitSessionOutput):
@@ -578,8 +598,10 @@ class LiveBackend:
         epoch = session.epoch
         prepared = session.prepare_chunk()
         prepared_at = time.perf_counter()
+        self._in_flight = session.id
         self.executor.submit(prepared.request, prepared.tensors)
         scored = self.executor.collect(prepared.request)
+        self._in_flight = None
         scored_at = time.perf_counter()
         frames_t = session.decoder.decode_chunk(scored.latent)
         frames = frames_t.cpu().numpy()

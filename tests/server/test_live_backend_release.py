@@ -1,4 +1,4 @@
-"""A session whose output ends (its LiveKit room or publisher went away) frees its caches on the workers."""
+"""Sessions that end or fail alone free their caches on the workers (and the others go on)."""
 
 from __future__ import annotations
 
@@ -33,12 +33,18 @@ class _Output:
         self.closed = True
 
 
+class _Session(SimpleNamespace):
+    @property
+    def live(self) -> bool:  # as LiveSession's: only a running session is live
+        return self.state in (SessionState.starting, SessionState.running)
+
+
 def _session(session_id: str, end_reason: str | None) -> SimpleNamespace:
-    return SimpleNamespace(
+    return _Session(
         id=session_id,
+        epoch=0,
         state=SessionState.running,
         reason=None,
-        live=True,
         output=_Output(end_reason),
         chunks_generated=0,
         times=SimpleNamespace(ttbc=[], deadline_misses=0, first_frame_latency_s=None, lock=threading.Lock()),
@@ -63,3 +69,70 @@ def test_an_output_that_ended_finishes_its_session_and_closes_it_on_the_workers(
     info = backend.get("gone")
     assert info.state == SessionState.ended and info.reason == "the room was deleted"
     assert backend.live_count() == 1
+
+
+class _RecordingExecutor(_Executor):
+    def __init__(self, collect_error: Exception | None = None) -> None:
+        super().__init__()
+        self.collect_error = collect_error
+        self.submitted: list[str] = []
+
+    def submit(self, request: SimpleNamespace, tensors: dict) -> None:
+        self.submitted.append(request.session_id)
+
+    def collect(self, request: SimpleNamespace) -> None:
+        raise self.collect_error or AssertionError("not reached in these tests")
+
+
+def _backend(executor: _Executor) -> LiveBackend:
+    config = LiveConfig(model=get_model_preset("tiny"), stream=StreamConfig(height=64, width=64))
+    return LiveBackend(
+        config, executor, vae=None, encoders=None, metrics=Metrics(), warm_up=False  # type: ignore[arg-type]
+    )
+
+
+def _failing_prepare() -> None:
+    raise ValueError("corrupt audio in the feed")
+
+
+def test_a_session_that_fails_while_generating_is_freed_on_the_workers_alone() -> None:
+    executor = _RecordingExecutor()
+    backend = _backend(executor)
+    broken, playing = _session("broken", None), _session("playing", None)
+    broken.prepare_chunk = _failing_prepare
+    backend._sessions = {s.id: _Entry(s, [], None) for s in (broken, playing)}  # type: ignore[arg-type]
+
+    backend._step(broken)  # type: ignore[arg-type]
+
+    assert executor.closed == ["broken"] and executor.submitted == []
+    info = backend.get("broken")
+    assert info.state == SessionState.failed and "corrupt audio in the feed" in info.reason
+    assert backend.live_count() == 1 and backend._failed is None  # the others go on
+
+
+def test_a_session_whose_output_breaks_is_freed_on_the_workers() -> None:
+    executor = _RecordingExecutor()
+    backend = _backend(executor)
+    broken, playing = _session("broken", None), _session("playing", None)
+
+    def boom() -> float:
+        raise OSError("disk full")
+
+    broken.output.buffered_s = boom
+    backend._sessions = {s.id: _Entry(s, [], None) for s in (broken, playing)}  # type: ignore[arg-type]
+
+    assert backend._pick() is playing
+    assert executor.closed == ["broken"] and backend.get("broken").state == SessionState.failed
+
+
+def test_no_close_while_the_failed_sessions_chunk_request_awaits_its_reply() -> None:
+    executor = _RecordingExecutor(collect_error=ValueError("latent of the wrong shape"))
+    backend = _backend(executor)
+    broken = _session("broken", None)
+    broken.prepare_chunk = lambda: SimpleNamespace(request=SimpleNamespace(session_id="broken"), tensors={})
+    backend._sessions = {"broken": _Entry(broken, [], None)}  # type: ignore[arg-type]
+
+    backend._step(broken)  # type: ignore[arg-type]
+
+    assert executor.submitted == ["broken"] and executor.closed == []  # its reply is still due
+    assert backend.get("broken").state == SessionState.failed
