@@ -59,20 +59,27 @@ class _FakeTeacherConfig:
     steps: int = 10
 
 
-def test_teacher_stage_gets_the_vae_path_budget_and_its_own_folder(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    calls = []
+def _fake_teacher(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, config: type) -> list[tuple]:
+    """A teacher stage (config class `config`) that records (cfg, out_dir, resume); a stage-A output."""
+    calls: list[tuple] = []
 
-    def train_teacher(cfg: _FakeTeacherConfig, out_dir: Path, resume: bool = False) -> Path:
+    def train_teacher(cfg, out_dir: Path, resume: bool = False) -> Path:
         calls.append((cfg, Path(out_dir), resume))
         return Path(out_dir) / "teacher.safetensors"
 
+    train_teacher.__annotations__["cfg"] = config  # what run.config_class reads
     fake = types.ModuleType("training.teacher")
     fake.train_teacher = train_teacher
     monkeypatch.setitem(sys.modules, "training.teacher", fake)
     (tmp_path / "vae").mkdir()
     (tmp_path / "vae" / "vae.pth").write_bytes(b"")
+    return calls
+
+
+def test_teacher_stage_gets_the_vae_path_budget_and_its_own_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = _fake_teacher(monkeypatch, tmp_path, _FakeTeacherConfig)
     argv = ["--stage", "teacher", "--out", str(tmp_path), "--minutes-budget", "7", "--steps", "3", "--resume"]
     assert run.main(argv) == 0
     assert calls == [
@@ -98,30 +105,17 @@ class _FakeTunableConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
-def _fake_teacher(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[_FakeTunableConfig]:
-    calls: list[_FakeTunableConfig] = []
-
-    def train_teacher(cfg: _FakeTunableConfig, out_dir: Path, resume: bool = False) -> Path:
-        calls.append(cfg)
-        return Path(out_dir) / "teacher.safetensors"
-
-    fake = types.ModuleType("training.teacher")
-    fake.train_teacher = train_teacher
-    monkeypatch.setitem(sys.modules, "training.teacher", fake)
-    (tmp_path / "vae").mkdir()
-    (tmp_path / "vae" / "vae.pth").write_bytes(b"")
-    return calls
 
 
 def test_set_device_and_workers_reach_the_stage_config_typed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    calls = _fake_teacher(monkeypatch, tmp_path)
+    calls = _fake_teacher(monkeypatch, tmp_path, _FakeTunableConfig)
     argv = ["--stage", "teacher", "--out", str(tmp_path), "--data-workers", "3", "--device", "cpu",
             "--set", "teacher.batch_size=64", "--set", "lr=2.5e-3", "--set", "crop=none",
             "--set", "mixed=true", "--set", "denoising_steps=1000,750,500"]  # fmt: skip
     assert run.main(argv) == 0
-    (cfg,) = calls
+    ((cfg, _, _),) = calls
     assert (cfg.device, cfg.data_workers, cfg.batch_size, cfg.lr) == ("cpu", 3, 64, 2.5e-3)
     assert cfg.crop is None and cfg.mixed is True and cfg.denoising_steps == (1000, 750, 500)
 
@@ -142,7 +136,7 @@ def test_bad_settings_are_refused_before_any_training(
     setting: str, message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
-    calls = _fake_teacher(monkeypatch, tmp_path)
+    calls = _fake_teacher(monkeypatch, tmp_path, _FakeTunableConfig)
     assert run.main(["--stage", "teacher", "--out", str(tmp_path), "--set", setting]) == 2
     assert message in capsys.readouterr().err
     assert calls == []
