@@ -93,6 +93,8 @@ class StudentConfig:
     minutes_budget: stop early (and save) once training has run this long; None = run all steps.
     denoising_steps / timestep_shift / warp_denoising_steps: the student's schedule, as in StreamConfig.
     guidance_scale: audio CFG of the real score (standard form, 1 = none).
+    device / data_workers / vae_batch: as in TeacherConfig. ode_batch: clips per batch of the teacher ODE
+    solves (`ode_pairs`).
     """
 
     data: DataConfig | None = None
