@@ -222,8 +222,8 @@ def sample_batch(
 
 
 class StreamSource:
-    """The training streams (`sample_stream`), drawn on demand or, with workers, `workers` streams ahead in
-    spawned processes (drawing 73-frame clips costs more than a training step on a GPU)."""
+    """The training streams (`sample_stream`), drawn on demand or, with `cfg.data_workers` > 0, up to twice
+    that many streams ahead in spawned processes, so that drawing overlaps training."""
 
     def __init__(self, dataset: SyntheticTalkingDataset, cfg: VAEStageConfig) -> None:
         self.draw = functools.partial(sample_stream, dataset, cfg)
