@@ -544,8 +544,7 @@ class LiveBackend:
         entry = self._sessions.get(session_id)
         if entry is None:
             return
-        entry.closing = True
-        self._finish(entry, SessionState.failed, reason)
+        self._finish(entry, SessionState.failed, reason)  # out of _sessions: never picked again
         if self._in_flight == session_id:
             log.error("session %s failed with a chunk request in flight; its caches stay on the workers",
                       session_id)  # fmt: skip
@@ -571,7 +570,6 @@ class LiveBackend:
             if not session.live or session.output is None or entry.closing:
                 continue
             if session.output.end_reason is not None:  # the room or the publisher went away
-                entry.closing = True
                 self._finish(entry, SessionState.ended, session.output.end_reason)
                 self._close_on_workers(session.id)
                 continue

@@ -114,15 +114,10 @@ def build_config(
     return cls(**values)
 
 
-_SCALARS = {int: int, float: float, str: str}
-
-
 def _parse_value(cls: type, name: str, text: str) -> Any:
     """`text` as the type of dataclass field `name` of `cls` (int, float, str, bool, X | None, or a tuple
     of ints/floats written with commas); ValueError naming the field otherwise."""
-    hint = typing.get_type_hints(cls).get(name)
-    if hint is None:
-        raise ValueError(f"{cls.__name__} has no field {name!r}")
+    hint = typing.get_type_hints(cls)[name]
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:
         if text.lower() == "none":
@@ -133,8 +128,8 @@ def _parse_value(cls: type, name: str, text: str) -> Any:
             if text.lower() not in ("true", "false", "1", "0"):
                 raise ValueError(text)
             return text.lower() in ("true", "1")
-        if hint in _SCALARS:
-            return _SCALARS[hint](text)
+        if hint in (int, float, str):
+            return hint(text)
         if typing.get_origin(hint) is tuple:
             item = typing.get_args(hint)[0]
             if item in (int, float):
