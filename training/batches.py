@@ -41,6 +41,7 @@ from proto.vae_config import get_vae_preset
 from server.audio_features import AudioFeaturizer, check_matches, featurizer_config_for
 from server.conditioning import ConditioningConfig, ConditioningEncoders
 from training.fsdp import world
+from training.pools import as_arrays, as_tensors
 from workers.audio import AudioConditioning, face_token_mask, normalise_boxes
 from workers.model import WanModel
 
@@ -339,9 +340,9 @@ def _worker_init(
     )
 
 
-def _worker_clip(index: int) -> tuple[Any, dict[str, torch.Tensor]]:
+def _worker_clip(index: int) -> tuple[Any, dict[str, np.ndarray]]:
     clip = _WORKER_STATE["dataset"].clip(index)
-    return clip, _WORKER_STATE["encoder"].encode_rest(clip)
+    return clip, as_arrays(_WORKER_STATE["encoder"].encode_rest(clip))
 
 
 def draw_in_workers(
@@ -360,7 +361,7 @@ def draw_in_workers(
         results = pool.imap(_worker_clip, list(indices), chunksize=4)
         for clip, conditioning in tqdm(results, total=len(indices), desc=desc, disable=not show, leave=False):
             clips.append(clip)
-            rest.append(conditioning)
+            rest.append(as_tensors(conditioning))
     return clips, rest
 
 

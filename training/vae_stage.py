@@ -53,6 +53,7 @@ from training.checkpointing import load_training_state, save_training_state
 from training.data import Clip, DataConfig, SyntheticTalkingDataset
 from training.devices import check_device
 from training.lipsync import lipsync_score
+from training.pools import as_arrays, as_tensors
 
 VAE_FILE = "vae.pth"
 STATE_FILE = "vae_state.pt"
@@ -230,6 +231,7 @@ class StreamSource:
         self.workers = cfg.data_workers
         self.pool: Any = None
         self.pending: dict[int, Any] = {}
+        self.draw_arrays = functools.partial(_draw_arrays, self.draw)
         if self.workers > 0:
             import multiprocessing
 
@@ -240,16 +242,21 @@ class StreamSource:
             return self.draw(stream)
         for ahead in range(stream, stream + 2 * self.workers):
             if ahead not in self.pending:
-                self.pending[ahead] = self.pool.apply_async(self.draw, (ahead,))
+                self.pending[ahead] = self.pool.apply_async(self.draw_arrays, (ahead,))
         for old in [k for k in self.pending if k < stream]:  # a resumed run skips
             del self.pending[old]
-        return self.pending.pop(stream).get()
+        return as_tensors(self.pending.pop(stream).get())
 
     def close(self) -> None:
         if self.pool is not None:
             self.pool.terminate()
             self.pool.join()
             self.pool = None
+
+
+def _draw_arrays(draw: Any, stream: int) -> tuple[np.ndarray, ...]:
+    """`draw(stream)` in a pool worker, as arrays for the pipe (`training.pools`)."""
+    return as_arrays(draw(stream))
 
 
 class StreamCaches:

@@ -15,7 +15,7 @@ from training.data import Clip, DataConfig, SyntheticTalkingDataset
 from training.devices import check_device
 from training.distill import StudentConfig
 from training.teacher import TeacherConfig
-from training.vae_stage import StreamSource, VAEStageConfig, sample_stream
+from training.vae_stage import StreamSource, VAEStageConfig, _draw_arrays, sample_stream
 
 DATA = DataConfig(height=32, width=32, num_frames=21, two_character_prob=0.5, silent_prob=0.2)
 
@@ -44,6 +44,29 @@ def test_prefetched_streams_equal_streams_drawn_in_process() -> None:
             assert torch.equal(video, want_video) and torch.equal(mouth, want_mouth)
     finally:
         source.close()
+
+
+def test_streams_survive_a_worker_that_exits_right_after_its_task() -> None:
+    """What a pool worker sends must not need the worker afterwards. A tensor result crosses as a file
+    descriptor that the parent fetches from the worker while unpickling; once the worker has exited (as it
+    does when the pool terminates, or here after every task) that fails, the pool's result thread dies and
+    `terminate()` raises "Cannot have cache with result_hander not alive" (the CI failure this guards)."""
+    import functools
+    import multiprocessing
+
+    cfg = VAEStageConfig(data=DATA, batch_size=2, clip_frames=5, stream_windows=2, minutes_budget=None)
+    dataset = SyntheticTalkingDataset(cfg.data, seed=cfg.seed)
+    draw = functools.partial(_draw_arrays, functools.partial(sample_stream, dataset, cfg))
+    pool = multiprocessing.get_context("spawn").Pool(2, maxtasksperchild=1)
+    try:
+        pending = [pool.apply_async(draw, (stream,)) for stream in range(4)]
+        got = [p.get(timeout=60) for p in pending]
+    finally:
+        pool.terminate()
+        pool.join()
+    for stream, arrays in enumerate(got):
+        want = sample_stream(dataset, cfg, stream)
+        assert all(torch.equal(torch.from_numpy(a), w) for a, w in zip(arrays, want, strict=True))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
