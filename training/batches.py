@@ -22,6 +22,8 @@ elsewhere, so a listener is fed silence, as `serve` does with `push_silence`.
 
 from __future__ import annotations
 
+import hashlib
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -327,6 +329,18 @@ def load_or_build_vae(checkpoint: str | None, preset: str, seed: int = 0) -> Wan
         return build_vae(cfg)
 
 
+def vae_identity(checkpoint: str | None, seed: int = 0) -> str:
+    """What names a VAE in an encoded-clip cache's key: its checkpoint's content (SHA-256), not its path, so
+    a run directory copied or moved elsewhere keeps its encoded clips; the seeded random VAE by its seed."""
+    if checkpoint is None:
+        return f"seeded:{seed}"
+    digest = hashlib.sha256()
+    with open(checkpoint, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return f"sha256:{digest.hexdigest()}"
+
+
 _WORKER_STATE: dict[str, Any] = {}
 
 
@@ -389,6 +403,9 @@ def encode_dataset(
                 return ModelInputs.from_state(state)
             cached = ModelInputs.from_state(state)
             have = {int(i): n for n, i in enumerate(state.get("indices", []))}
+        elif world()[0] == 0:
+            print(f"note: {cache} was encoded for another data set, VAE or model; encoding again",
+                  file=sys.stderr)  # fmt: skip
     missing = [i for i in indices if i not in have]  # a grown data set encodes only its new clips
     show = world()[0] == 0 and len(missing) > 1
     name = cache.name if cache is not None else "clips"

@@ -38,6 +38,7 @@ from training.batches import (
     encode_dataset,
     load_or_build_vae,
     token_weight,
+    vae_identity,
 )
 from training.data import DataConfig, SyntheticTalkingDataset, dit_data_config
 from training.devices import check_device
@@ -240,7 +241,8 @@ def load_clip_inputs(
             print("note: espeak-ng is not installed; the DiT trains on the numpy voice only "
                   "(apt-get install espeak-ng for real speech)", file=sys.stderr)  # fmt: skip
     dataset = SyntheticTalkingDataset(data, seed)
-    key = f"{data!r}|seed={seed}|vae={vae_checkpoint}|{encoder.model.name}|{encoder.featurizer_config!r}"
+    vae = vae_identity(vae_checkpoint, seed)  # its content: a copied run directory keeps its clips
+    key = f"{data!r}|seed={seed}|vae={vae}|{encoder.model.name}|{encoder.featurizer_config!r}"
     tag = "" if encoder.chunk_latents == 3 else f"_f{encoder.chunk_latents}"  # chunking crops differently
     train = encode_dataset(dataset, range(num_clips), encoder, cache_dir / f"inputs_train{tag}.pt", key,
                            workers=workers, vae_batch=vae_batch)  # fmt: skip

@@ -4,17 +4,19 @@ the training process, bit for bit; the device option refuses what this machine c
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+from decoder.checkpoint import save_vae_checkpoint
 from proto.model_config import get_model_preset
-from training.batches import ClipEncoder, encode_dataset, load_or_build_vae
+from training.batches import ClipEncoder, encode_dataset, load_or_build_vae, vae_identity
 from training.data import Clip, DataConfig, SyntheticTalkingDataset
 from training.devices import check_device
 from training.distill import StudentConfig
-from training.teacher import TeacherConfig
+from training.teacher import TeacherConfig, load_clip_inputs
 from training.vae_stage import StreamSource, VAEStageConfig, _draw_arrays, sample_stream
 
 DATA = DataConfig(height=32, width=32, num_frames=21, two_character_prob=0.5, silent_prob=0.2)
@@ -114,3 +116,29 @@ def test_a_grown_data_set_encodes_only_its_new_clips(tmp_path: Path) -> None:
     assert torch.load(cache, weights_only=True)["indices"] == [1, 3, 0, 2]  # the subset kept the file
     encode_dataset(dataset, [0], encoder, cache, key="other")  # another key: encoded afresh
     assert dataset.drawn[-1] == 0
+
+
+def test_the_clip_cache_follows_the_vae_content_not_its_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run directory copied elsewhere keeps its encoded clips; another VAE at the same path does not."""
+    torch.set_num_threads(1)
+    vae_path = tmp_path / "a" / "vae.pth"
+    vae_path.parent.mkdir()
+    save_vae_checkpoint(load_or_build_vae(None, "tiny", seed=1), vae_path)
+    encoder = ClipEncoder(get_model_preset("tiny"), load_or_build_vae(str(vae_path), "tiny"))
+    first, _ = load_clip_inputs(DATA, encoder, 2, 1, tmp_path / "cache", 0, str(vae_path))
+    copied = tmp_path / "b" / "vae.pth"
+    copied.parent.mkdir()
+    shutil.copy(vae_path, copied)
+    assert vae_identity(str(copied)) == vae_identity(str(vae_path)) != vae_identity(None)
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("encoded again")
+
+    monkeypatch.setattr(encoder, "encode_many", refuse)
+    again, _ = load_clip_inputs(DATA, encoder, 2, 1, tmp_path / "cache", 0, str(copied))
+    assert torch.equal(again.latents, first.latents)
+    save_vae_checkpoint(load_or_build_vae(None, "tiny", seed=2), copied)  # other weights, same path
+    with pytest.raises(AssertionError, match="encoded again"):
+        load_clip_inputs(DATA, encoder, 2, 1, tmp_path / "cache", 0, str(copied))
