@@ -404,8 +404,8 @@ def encode_dataset(
             cached = ModelInputs.from_state(state)
             have = {int(i): n for n, i in enumerate(state.get("indices", []))}
         elif world()[0] == 0:
-            print(f"note: {cache} was encoded for another data set, VAE or model; encoding again",
-                  file=sys.stderr)  # fmt: skip
+            print(f"note: {cache} was encoded for other data, another VAE or model, or by an older version; "
+                  "encoding again", file=sys.stderr)  # fmt: skip
     missing = [i for i in indices if i not in have]  # a grown data set encodes only its new clips
     show = world()[0] == 0 and len(missing) > 1
     name = cache.name if cache is not None else "clips"

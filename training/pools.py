@@ -1,11 +1,11 @@
 """What crosses a worker pool's result pipe.
 
 torch registers its own pickling for tensors with multiprocessing: a tensor sent from a worker travels as a
-file descriptor of shared memory that the receiving pool thread fetches from the worker while unpickling.
-Where that fails (file-descriptor limits, a busy machine), the error is not one `multiprocessing.Pool`
-expects, its result thread dies silently, and the next `terminate()` raises "Cannot have cache with
-result_hander not alive". Results therefore cross as numpy arrays, whose bytes travel in the pipe, and
-become tensors again on this side; the values are the same bit for bit.
+file descriptor of shared memory that the pool's result thread, in the parent, fetches from that worker while
+unpickling. A worker that has already exited (workers exit as the pool terminates, with results still in the
+pipe) cannot hand it over: the fetch fails, the result thread ends silently, and `terminate()` raises "Cannot
+have cache with result_hander not alive". Results therefore cross as numpy arrays, whose bytes travel in the
+pipe, and become tensors again on this side; the values are the same bit for bit.
 """
 
 from __future__ import annotations
