@@ -423,7 +423,7 @@ def encode_dataset(
     assert inputs is not None
     if cache is not None and world()[0] == 0 and missing:  # (a subset of a cache leaves the file as it is)
         cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({**inputs.state(), "indices": list(indices), "key": key}, cache)
+        torch.save({**inputs.state(), "indices": indices, "key": key}, cache)
     return inputs
 
 
