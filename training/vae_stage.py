@@ -19,6 +19,13 @@ Objective per batch of windows x [B, 3, T, H, W] in [-1, 1]:
   its reconstructions drift: one trained on fresh 13-frame windows fell from 24 dB on the second latent
   frame to 15.6 dB by the 15th, and every later stage inherited the drift.
 
+- First images, then streams (``image_fraction`` of the stage), as Wan's VAE was trained (a 2-D image VAE
+  inflated to 3-D): single frames of many more distinct characters per minute than 13-frame windows of a
+  few, so colour and shape are learnt early; ``inflate_image_vae`` then zeroes the earlier temporal taps and
+  makes the temporal resampling pass frames through, so the video VAE starts as the image VAE on every frame.
+  Streams alone at lr 2e-3 (the recipe until then) plateaued at 18 dB with grey faces: the VAE kept the
+  luminance but lost the colours.
+
 Evaluation on held-out clips (indices from ``EVAL_INDEX_START``) runs the inference path, ``WanVAE.encode``
 then ``WanVAE.decode`` (cached, chunk by chunk), and reports PSNR over whole frames and inside the mouth
 boxes, normalised-latent statistics, and the lip-sync score of the reconstruction (does the VAE keep the
@@ -36,7 +43,7 @@ import functools
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +54,7 @@ from tqdm import tqdm
 
 from decoder.checkpoint import save_vae_checkpoint
 from decoder.feature_cache import FeatureCache
-from decoder.vae import AttentionBlock, ResidualBlock, WanVAE
+from decoder.vae import AttentionBlock, CausalConv3d, Resample, ResidualBlock, WanVAE
 from proto.vae_config import get_vae_preset
 from training.checkpointing import load_training_state, save_training_state
 from training.data import Clip, DataConfig, SyntheticTalkingDataset
@@ -60,6 +67,8 @@ STATE_FILE = "vae_state.pt"
 LOG_FILE = "vae_log.jsonl"
 EVAL_INDEX_START = 5_000_000
 """Held-out clips are data-set indices EVAL_INDEX_START.. (training uses step * batch_size + b)."""
+IMAGE_INDEX_START = 10_000_000
+"""The image phase's clips are data-set indices IMAGE_INDEX_START + step * image_batch + b."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +87,13 @@ class VAEStageConfig:
             `stream_frames` = clip_frames + (stream_windows - 1) * (clip_frames - 1) frames of its clips
             (73 by default: 19 latent frames), with the caches carried from window to window (the
             module docstring says why). The data's clips must be at least that long.
+        image_fraction: share of the stage (of `minutes_budget`, else of `steps`) spent first on single
+            frames, as Wan's VAE was trained: a 2-D image VAE with the same weights, then inflated to 3-D
+            (`inflate_image_vae`) and trained on streams. A frame costs about a twelfth of a stream window's
+            13 frames and the frames of a clip are nearly alike, so the image phase sees many more distinct
+            characters per minute; 0 trains on streams from the start.
+        image_batch, image_clip_frames: frames per image step (each from its own clip) and the length of
+            the short clips they are drawn from (a random frame of each).
         crop: train on crop x crop squares of the frames (None = whole frames). The VAE is convolutional
             (its middle attention sees fewer tokens), so a 32 px crop costs a quarter of a 64 px frame and a
             step sees 4x as many different characters, which is what the held-out error is limited by.
@@ -104,8 +120,11 @@ class VAEStageConfig:
     batch_size: int = 6
     clip_frames: int = 13
     stream_windows: int = 6
+    image_fraction: float = 0.4
+    image_batch: int = 16
+    image_clip_frames: int = 9
     crop: int | None = 32
-    lr: float = 2e-3
+    lr: float = 5e-4
     lr_final_fraction: float = 0.1
     warmup_steps: int = 30
     kl_weight: float = 1e-4
@@ -141,6 +160,10 @@ class VAEStageConfig:
             raise ValueError(
                 f"VAEStageConfig.minutes_budget must be positive or None, got {self.minutes_budget}"
             )
+        if not 0 <= self.image_fraction < 1:
+            raise ValueError(f"VAEStageConfig.image_fraction must be in [0, 1), got {self.image_fraction}")
+        if self.image_batch < 1 or self.image_clip_frames < 1 or (self.image_clip_frames - 1) % 4:
+            raise ValueError("VAEStageConfig: image_batch must be >= 1 and image_clip_frames 1 + 4k")
         if self.lr <= 0 or not 0 < self.lr_final_fraction <= 1:
             raise ValueError("VAEStageConfig: lr must be > 0 and lr_final_fraction in (0, 1]")
         get_vae_preset(self.vae_preset)
@@ -220,6 +243,63 @@ def sample_batch(
     video, mouth = sample_stream(dataset, cfg, step // cfg.stream_windows)
     window = cfg.window(step)
     return video[:, :, window], mouth[:, :, window]
+
+
+def image_dataset(dataset: SyntheticTalkingDataset, cfg: VAEStageConfig) -> SyntheticTalkingDataset:
+    """The image phase's data: the same characters in short clips (`cfg.image_clip_frames`)."""
+    return SyntheticTalkingDataset(replace(dataset.cfg, num_frames=cfg.image_clip_frames), seed=dataset.seed)
+
+
+def sample_images(
+    images: SyntheticTalkingDataset, cfg: VAEStageConfig, step: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image-phase batch of `step`, a pure function of (seed, step): one random frame of each of
+    `cfg.image_batch` clips, cropped as `sample_stream` crops.
+
+    Returns:
+        video [B, 3, 1, h, w] in [-1, 1]; mouth [B, 1, 1, h, w] in {0, 1}.
+    """
+    rng = np.random.default_rng([cfg.seed, 0xB, step])
+    height, width = images.cfg.height, images.cfg.width
+    videos, mouths = [], []
+    for b in range(cfg.image_batch):
+        clip = images.clip(IMAGE_INDEX_START + step * cfg.image_batch + b)
+        frame = int(rng.integers(0, images.cfg.num_frames))
+        video = video_to_tensor(clip.video[frame : frame + 1])
+        mouth = torch.from_numpy(mouth_mask(clip, slice(frame, frame + 1), height, width))[None]
+        if cfg.crop is not None and cfg.crop < min(height, width):
+            top, left = _crop_origin(rng, clip, frame, cfg.crop, height, width)
+            video = video[:, :, top : top + cfg.crop, left : left + cfg.crop]
+            mouth = mouth[:, :, top : top + cfg.crop, left : left + cfg.crop]
+        videos.append(video)
+        mouths.append(mouth)
+    return torch.stack(videos), torch.stack(mouths)
+
+
+@torch.no_grad()
+def inflate_image_vae(vae: WanVAE) -> None:
+    """Turn a VAE trained on single frames into a video VAE that starts as that image VAE, in place.
+
+    On one frame every causal convolution sees zeros in front of it, so image training only shapes the
+    last temporal tap of each kernel and never runs the temporal resampling convolutions. Inflation zeroes
+    the earlier taps (every frame then goes through the image network alone), makes each encoder
+    downsample3d time_conv pass on the newest frame of its window, and each decoder upsample3d time_conv
+    copy its frame into both output frames. A still video then reconstructs, frame by frame, exactly as the
+    image VAE reconstructs that frame (tested); the stream phase learns the motion from there.
+    """
+    time_convs = set()
+    for module in vae.modules():
+        if isinstance(module, Resample) and hasattr(module, "time_conv"):
+            conv = module.time_conv
+            time_convs.add(conv)
+            conv.weight.zero_()
+            conv.bias.zero_()
+            eye = torch.eye(conv.in_channels, dtype=conv.weight.dtype, device=conv.weight.device)
+            for half in range(conv.out_channels // conv.in_channels):
+                conv.weight[half * conv.in_channels : (half + 1) * conv.in_channels, :, -1, 0, 0] = eye
+    for module in vae.modules():
+        if isinstance(module, CausalConv3d) and module not in time_convs and module.kernel_size[0] > 1:
+            module.weight[:, :, :-1] = 0
 
 
 class StreamSource:
@@ -431,12 +511,13 @@ def _train_step(
     video: torch.Tensor,
     mouth: torch.Tensor,
     cfg: VAEStageConfig,
-    caches: StreamCaches,
+    caches: StreamCaches | None,
 ) -> dict[str, float]:
     loss, parts = vae_loss(vae, video, mouth, cfg, caches)
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    caches.detach()
+    if caches is not None:
+        caches.detach()
     torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
     opt.step()
     return {"loss": float(loss.detach()), **parts}
@@ -539,11 +620,13 @@ def train_vae(cfg: VAEStageConfig, out_dir: str | Path, resume: bool = False) ->
     opt = torch.optim.Adam(vae.parameters(), lr=cfg.lr)
     state_path = out / STATE_FILE
     step, elapsed_before, history = 0, 0.0, []
+    stream_start: int | None = None  # the step the stream phase began at (None: still on images)
     resumed = resume and state_path.is_file()
     if resumed:
         step, extra = load_training_state(state_path, model=vae, optimizer=opt)
         elapsed_before = float(extra.get("elapsed_s", 0.0))
         history = list(extra.get("evals", []))
+        stream_start = extra.get("stream_start", 0)  # states from before the image phase: streams only
     else:
         torch.manual_seed(cfg.seed)
     log = _Log(out / LOG_FILE, append=resumed)
@@ -555,15 +638,30 @@ def train_vae(cfg: VAEStageConfig, out_dir: str | Path, resume: bool = False) ->
         return elapsed_before + time.perf_counter() - t0
 
     def run_eval() -> dict[str, Any]:
-        metrics = {"step": step, "seconds": round(elapsed(), 1), **evaluate_vae(vae, dataset, cfg.eval_clips)}
+        model = vae
+        if stream_start is None:  # the video VAE the image phase would become now
+            model = copy.deepcopy(vae)
+            inflate_image_vae(model)
+        scores = evaluate_vae(model, dataset, cfg.eval_clips)
+        metrics = {"step": step, "seconds": round(elapsed(), 1), **scores}
+        metrics["phase"] = "image" if stream_start is None else "stream"
         history.append(metrics)
         log.write(event="eval", **metrics)
         return metrics
 
     def save_state() -> None:
         save_training_state(
-            state_path, model=vae, optimizer=opt, step=step, extra={"elapsed_s": elapsed(), "evals": history}
+            state_path,
+            model=vae,
+            optimizer=opt,
+            step=step,
+            extra={"elapsed_s": elapsed(), "evals": history, "stream_start": stream_start},
         )
+
+    def image_phase_over() -> bool:
+        if step >= cfg.image_fraction * cfg.steps:
+            return True
+        return budget_s is not None and elapsed() >= cfg.image_fraction * budget_s
 
     if not history:
         run_eval()
@@ -573,18 +671,28 @@ def train_vae(cfg: VAEStageConfig, out_dir: str | Path, resume: bool = False) ->
     caches: StreamCaches | None = None
     stream: tuple[torch.Tensor, torch.Tensor] | None = None
     source = StreamSource(dataset, cfg)
+    images = image_dataset(dataset, cfg)
     while step < cfg.steps and (budget_s is None or elapsed() < budget_s):
         for group in opt.param_groups:
             group["lr"] = learning_rate(cfg, step, elapsed())
-        if step % cfg.stream_windows == 0 or stream is None:
-            video, mouth = source.get(step // cfg.stream_windows)
-            stream = video.to(device), mouth.to(device)
-            caches = StreamCaches()
-            if step % cfg.stream_windows:
-                _replay_stream(vae, cfg, step, stream, caches)
-        assert caches is not None
-        window = cfg.window(step)
-        parts = _train_step(vae, opt, stream[0][:, :, window], stream[1][:, :, window], cfg, caches)
+        if stream_start is None and image_phase_over():
+            inflate_image_vae(vae)
+            stream_start = step
+            log.write(event="inflate", step=step, seconds=round(elapsed(), 1))
+            bar.write(f"stage A: {step} image steps in {elapsed() / 60:.1f} min; inflated, now on streams")
+        if stream_start is None:
+            video, mouth = sample_images(images, cfg, step)
+            parts = _train_step(vae, opt, video.to(device), mouth.to(device), cfg, None)
+        else:
+            s = step - stream_start  # steps into the stream phase
+            if s % cfg.stream_windows == 0 or stream is None:
+                video, mouth = source.get(s // cfg.stream_windows)
+                stream = video.to(device), mouth.to(device)
+                caches = StreamCaches()
+                if s % cfg.stream_windows:
+                    _replay_stream(vae, cfg, s, stream, caches)
+            window = cfg.window(s)
+            parts = _train_step(vae, opt, stream[0][:, :, window], stream[1][:, :, window], cfg, caches)
         step += 1
         bar.update(1)
         if step % cfg.log_every == 0:
@@ -597,7 +705,11 @@ def train_vae(cfg: VAEStageConfig, out_dir: str | Path, resume: bool = False) ->
             save_state()
     bar.close()
     source.close()
-    if history[-1]["step"] != step:
+    if stream_start is None:  # the run ended inside the image phase: ship the inflated VAE
+        inflate_image_vae(vae)
+        stream_start = step
+        log.write(event="inflate", step=step, seconds=round(elapsed(), 1))
+    if history[-1]["step"] != step or history[-1].get("phase") != "stream":
         run_eval()
     save_state()
     path = out / VAE_FILE

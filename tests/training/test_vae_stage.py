@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import random
 from pathlib import Path
 
@@ -21,9 +22,12 @@ from training.vae_stage import (
     build_trainable_vae,
     decode_latents,
     encode_posterior,
+    image_dataset,
+    inflate_image_vae,
     latent_statistics,
     normalised_kl,
     sample_batch,
+    sample_images,
     sample_stream,
     standardise_latents,
     train_vae,
@@ -205,3 +209,58 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path: Path, monkeypatch: pyt
     resumed = torch.load(train_vae(SMALL, tmp_path / "killed", resume=True), weights_only=True)
     assert straight.keys() == resumed.keys()
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_an_inflated_image_vae_reconstructs_a_still_video_as_it_reconstructs_the_frame() -> None:
+    vae = build_trainable_vae(SMALL).eval()
+    with torch.no_grad():
+        for p in vae.parameters():  # every tap, the temporal ones too, so that inflation has work to do
+            p.add_(0.05 * torch.randn_like(p))
+    frame, _ = sample_images(image_dataset(SyntheticTalkingDataset(SMALL.data, seed=0), SMALL), SMALL, 0)
+    frame = frame[:1]  # [1, 3, 1, 32, 32]
+    still = frame.expand(-1, -1, 9, -1, -1).contiguous()
+    with torch.no_grad():
+        image = decode_latents(vae, encode_posterior(vae, frame)[0])
+        before = vae.decode(vae.encode(still))
+        inflate_image_vae(vae)
+        after_image = decode_latents(vae, encode_posterior(vae, frame)[0])
+        streamed = vae.decode(vae.encode(still))  # the cached inference path
+        one_pass = decode_latents(vae, encode_posterior(vae, still)[0])
+    torch.testing.assert_close(after_image, image)  # inflation leaves the image VAE as it was
+    assert streamed.shape == one_pass.shape == still.shape
+    for t in range(9):
+        torch.testing.assert_close(streamed[:, :, t], image[:, :, 0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(one_pass[:, :, t], image[:, :, 0], rtol=1e-4, atol=1e-5)
+    assert (before[:, :, 1:] - image).abs().max() > 1e-2  # not so before inflation
+
+
+def test_image_batches_are_a_function_of_the_step() -> None:
+    images = image_dataset(SyntheticTalkingDataset(SMALL.data, seed=0), SMALL)
+    a, ma = sample_images(images, SMALL, 3)
+    b, mb = sample_images(images, SMALL, 3)
+    c, _ = sample_images(images, SMALL, 4)
+    assert a.shape == (SMALL.image_batch, 3, 1, 32, 32) and ma.shape == (SMALL.image_batch, 1, 1, 32, 32)
+    assert torch.equal(a, b) and torch.equal(ma, mb) and not torch.equal(a, c)
+    assert len({tuple(x.flatten()[:64].tolist()) for x in a}) == SMALL.image_batch  # one clip per frame
+
+
+def test_stage_a_trains_on_images_then_inflates_and_trains_on_streams(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = VAEStageConfig(**{**SMALL.__dict__, "steps": 5, "image_fraction": 0.5, "image_batch": 3})
+    frames_per_step = []
+    real_step = vae_stage._train_step
+
+    def record(vae, opt, video, mouth, cfg_, caches):
+        frames_per_step.append((video.shape[0], video.shape[2], caches is None))
+        return real_step(vae, opt, video, mouth, cfg_, caches)
+
+    monkeypatch.setattr(vae_stage, "_train_step", record)
+    train_vae(cfg, tmp_path)
+    # 3 image steps (step < 2.5) of one frame from each of 3 clips, then stream windows of 2 clips
+    assert frames_per_step == [(3, 1, True)] * 3 + [(2, 5, False), (2, 4, False)]
+    events = [json.loads(line) for line in (tmp_path / "vae_log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e["event"] == "inflate"] == [3]
+    evals = [e for e in events if e["event"] == "eval"]
+    assert [(e["step"], e["phase"]) for e in evals] == [(0, "image"), (5, "stream")]
+    assert torch.load(tmp_path / "vae_state.pt", weights_only=True)["extra"]["stream_start"] == 3
