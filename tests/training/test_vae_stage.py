@@ -264,3 +264,14 @@ def test_stage_a_trains_on_images_then_inflates_and_trains_on_streams(
     evals = [e for e in events if e["event"] == "eval"]
     assert [(e["step"], e["phase"]) for e in evals] == [(0, "image"), (5, "stream")]
     assert torch.load(tmp_path / "vae_state.pt", weights_only=True)["extra"]["stream_start"] == 3
+
+
+def test_the_streams_start_with_a_second_warm_up() -> None:
+    cfg = VAEStageConfig(steps=1000, minutes_budget=None, warmup_steps=10, inflate_warmup_steps=50)
+    steady = vae_stage.learning_rate(cfg, 400, 0.0)
+    assert vae_stage.learning_rate(cfg, 400, 0.0, stream_start=400) == pytest.approx(steady / 50)
+    assert vae_stage.learning_rate(cfg, 424, 0.0, stream_start=400) == pytest.approx(
+        vae_stage.learning_rate(cfg, 424, 0.0) * 25 / 50
+    )
+    assert vae_stage.learning_rate(cfg, 460, 0.0, stream_start=400) == vae_stage.learning_rate(cfg, 460, 0.0)
+    assert vae_stage.learning_rate(cfg, 5, 0.0, stream_start=0) == vae_stage.learning_rate(cfg, 5, 0.0)
