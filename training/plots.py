@@ -37,7 +37,13 @@ def series(records: list[dict[str, Any]], key: str, event: str | None = None) ->
     return [r["step"] for r in rows], [float(r[key]) for r in rows]
 
 
-def _plot(panels: list[tuple[str, list[tuple[str, tuple[list, list]]], bool]], title: str, out: Path) -> Path:
+def _plot(
+    panels: list[tuple[str, list[tuple[str, tuple[list, list]]], bool]],
+    title: str,
+    out: Path,
+    marks: Sequence[tuple[int, str]] = (),
+) -> Path:
+    """One row of panels (ylabel, [(label, (x, y))], log y); `marks`: (step, label) vertical lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -49,6 +55,8 @@ def _plot(panels: list[tuple[str, list[tuple[str, tuple[list, list]]], bool]], t
         for label, (x, y) in lines:
             if x:
                 ax.plot(x, y, label=label, marker="o" if len(x) < 30 else None, markersize=3)
+        for i, (step, label) in enumerate(marks):
+            ax.axvline(step, color="grey", linestyle="--", linewidth=1, label=label if i == 0 else None)
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
         if log_y:
@@ -78,8 +86,9 @@ def plot_run(run: Path, out: Path) -> list[Path]:
                     ("lip-sync r", [("reconstruction", series(r, "lipsync_recon", "eval")),
                                     ("ground truth", series(r, "lipsync_truth", "eval"))], False),
                 ],
-                "stage A: tiny Wan-VAE",
+                "stage A: tiny Wan-VAE (images, then streams)",
                 out / "stage_a_vae.png",
+                marks=[(e["step"], "images -> streams") for e in r if e.get("event") == "inflate"],
             )
         )  # fmt: skip
     teacher_log = run / "teacher" / "teacher_log.jsonl"

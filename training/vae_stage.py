@@ -38,11 +38,14 @@ training state, weights as trained), ``vae_log.jsonl`` (one JSON object per log 
 
 from __future__ import annotations
 
+import argparse
 import copy
 import functools
 import json
 import math
+import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -52,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from decoder.checkpoint import save_vae_checkpoint
+from decoder.checkpoint import load_vae, save_vae_checkpoint
 from decoder.feature_cache import FeatureCache
 from decoder.vae import AttentionBlock, CausalConv3d, Resample, ResidualBlock, WanVAE
 from proto.vae_config import get_vae_preset
@@ -729,3 +732,69 @@ def train_vae(cfg: VAEStageConfig, out_dir: str | Path, resume: bool = False) ->
         f"(mouth {final['psnr_mouth']:.2f} dB); wrote {path}"
     )
     return path
+
+
+def compare_vaes(
+    checkpoints: Sequence[str | Path], num_clips: int, still: Path | None = None, preset: str = "tiny"
+) -> list[dict[str, Any]]:
+    """`evaluate_vae` of each stage-A checkpoint on the same held-out clips (73 frames, the inference
+    path); `still`: a PNG, the ground truth's frames 0, 24, 48, 72 of 4 clips on top, a row per checkpoint."""
+    dataset = SyntheticTalkingDataset(DataConfig(num_frames=73), seed=0)
+    vaes = [load_vae(path, get_vae_preset(preset)) for path in checkpoints]
+    rows = []
+    for path, vae in zip(checkpoints, vaes, strict=True):
+        print(f"evaluating {path} on {num_clips} held-out clips...", file=sys.stderr, flush=True)
+        rows.append({"checkpoint": str(path), **evaluate_vae(vae, dataset, num_clips)})
+    if still is not None:
+        frames = [0, 24, 48, 72]
+        clips = [dataset.clip(EVAL_INDEX_START + i) for i in range(4)]
+        grid = [np.concatenate([np.concatenate(list(c.video[frames]), 1) for c in clips], 1)]
+        with torch.no_grad():
+            for vae in vaes:
+                videos = [video_to_tensor(c.video)[None] for c in clips]
+                recon = [tensor_to_video(vae.decode(vae.encode(v))[0]) for v in videos]
+                grid.append(np.concatenate([np.concatenate(list(r[frames]), 1) for r in recon], 1))
+        from PIL import Image
+
+        image = np.concatenate(grid, 0)
+        still.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).resize((image.shape[1] * 2, image.shape[0] * 2), Image.NEAREST).save(still)
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m training.vae_stage",
+        description="Compare stage-A VAE checkpoints on held-out clips (PSNR, mouth PSNR, lip-sync of the "
+        "reconstruction) through the inference path.",
+    )
+    parser.add_argument("checkpoints", nargs="+", help="vae.pth files (stage A's output or a bundle's)")
+    parser.add_argument("--clips", type=int, default=8, help="held-out 73-frame clips (default 8)")
+    parser.add_argument("--out", type=Path, help="write the results as JSON here (default: stdout)")
+    parser.add_argument("--still", type=Path, help="PNG: ground truth on top, one row per checkpoint")
+    args = parser.parse_args(argv)
+    for path in args.checkpoints:
+        if not Path(path).is_file():
+            print(f"error: no VAE checkpoint at {path}", file=sys.stderr)
+            return 2
+    try:
+        rows = compare_vaes(args.checkpoints, args.clips, args.still)
+    except ValueError as exc:  # a file that is not a tiny Wan-VAE checkpoint
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from benchmarks.provenance import provenance
+
+    text = json.dumps({"provenance": provenance("training.vae_stage", argv), "vaes": rows}, indent=2)
+    for row in rows:
+        print(f"{row['checkpoint']}: PSNR {row['psnr']:.2f} dB, mouth {row['psnr_mouth']:.2f} dB, "
+              f"lip-sync of the reconstruction {row['lipsync_recon']:.3f}", file=sys.stderr)  # fmt: skip
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import training.vae_stage as vae_stage
-from decoder.checkpoint import load_vae
+from decoder.checkpoint import load_vae, save_vae_checkpoint
 from proto.vae_config import get_vae_preset
 from training.checkpointing import load_training_state, save_training_state
 from training.data import DataConfig, SyntheticTalkingDataset
@@ -275,3 +275,25 @@ def test_the_streams_start_with_a_second_warm_up() -> None:
     )
     assert vae_stage.learning_rate(cfg, 460, 0.0, stream_start=400) == vae_stage.learning_rate(cfg, 460, 0.0)
     assert vae_stage.learning_rate(cfg, 5, 0.0, stream_start=0) == vae_stage.learning_rate(cfg, 5, 0.0)
+
+
+def test_the_compare_command_scores_each_checkpoint_on_the_same_clips(tmp_path: Path) -> None:
+    first, second = tmp_path / "a.pth", tmp_path / "b.pth"
+    vae = build_trainable_vae(SMALL).eval()
+    save_vae_checkpoint(vae, first)
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    save_vae_checkpoint(vae, second)
+    out, still = tmp_path / "cmp.json", tmp_path / "cmp.png"
+    assert vae_stage.main([str(first), str(second), str(first), "--clips", "1", "--out", str(out),
+                           "--still", str(still)]) == 0  # fmt: skip
+    rows = json.loads(out.read_text())["vaes"]
+    assert [r["checkpoint"] for r in rows] == [str(first), str(second), str(first)]
+    assert rows[0]["psnr"] == rows[2]["psnr"] != rows[1]["psnr"]
+    from PIL import Image
+
+    assert Image.open(still).size == (2 * 4 * 4 * 64, 2 * 4 * 64)  # 4 clips x 4 frames; truth + 3 rows
+    assert vae_stage.main([str(tmp_path / "missing.pth")]) == 2
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    assert vae_stage.main([str(tmp_path / "junk.pth")]) == 2
