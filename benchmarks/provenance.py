@@ -31,8 +31,11 @@ def git_commit() -> str | None:
     """HEAD of the repository the benchmark runs from, with '+dirty' when tracked code has local changes.
 
     Committed results themselves (benchmarks/results/, training/results/) do not count: a benchmark that
-    rewrites its own JSON, or runs after another one did, still measures the committed code.
+    rewrites its own JSON, or runs after another one did, still measures the committed code. A copy of the
+    tree without its ``.git`` (the GPU machine gets one) says its commit in ``TM_COMMIT``.
     """
+    if os.environ.get("TM_COMMIT"):
+        return os.environ["TM_COMMIT"]
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
                               cwd=_REPO).stdout.strip()

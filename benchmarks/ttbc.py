@@ -337,6 +337,18 @@ def ablation_row(result: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+PARTIAL = "results.partial.json"
+
+
+def write_partial(
+    out: Path, header: dict[str, Any], cases: list[dict[str, Any]], ablation: list[dict[str, Any]]
+) -> None:
+    """The runs finished so far, rewritten after each one: a study cut short (a device lease, a time limit)
+    still leaves its measurements. ``results.json`` replaces it when the study completes."""
+    document = {**header, "benchmark": "ttbc", "complete": False, "cases": cases, "ablation": ablation}
+    (out / PARTIAL).write_text(json.dumps(document, indent=2) + "\n")
+
+
 def parse_resolution(text: str) -> tuple[int, int]:
     """``512`` (square) or ``HxW`` → (height, width)."""
     parts = text.lower().split("x")
@@ -389,16 +401,23 @@ def main(argv: list[str] | None = None) -> int:
     cores = sorted(os.sched_getaffinity(0))
     header = provenance("benchmarks.ttbc", argv)
     started = time.perf_counter()
+    args.out.mkdir(parents=True, exist_ok=True)
+    results: list[dict[str, Any]] = []
+    ablation: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="ttbc_") as tmp:
         folder = Path(tmp)
-        results = [run_case(make_case(n, args.sp), settings, folder, cores) for n in cases]
-        ablation: list[dict[str, Any]] = []
+        for n in cases:
+            results.append(run_case(make_case(n, args.sp), settings, folder, cores))
+            write_partial(args.out, header, results, ablation)
         if args.ablation:
             which = ablation_case(settings, args.sp)
+            grid_folder = folder / "ablation"  # its (3, --steps) run may repeat a case above
+            grid_folder.mkdir()
             for chunk_frames in ABLATION_CHUNKS:
                 for steps in ABLATION_STEPS:
                     grid = replace(settings, chunk_frames=chunk_frames, steps=steps)
-                    ablation.append(ablation_row(run_case(which, grid, folder, cores)))
+                    ablation.append(ablation_row(run_case(which, grid, grid_folder, cores)))
+                    write_partial(args.out, header, results, ablation)
     stream = settings.stream()
     document = {
         **header,
@@ -424,8 +443,8 @@ def main(argv: list[str] | None = None) -> int:
         "cases": results,
         "ablation": ablation,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(document, indent=2) + "\n")
+    (args.out / PARTIAL).unlink(missing_ok=True)
     if args.plots:
         from benchmarks.ttbc_plot import plot_ablation, plot_ttbc
 

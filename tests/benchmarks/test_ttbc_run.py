@@ -73,3 +73,18 @@ def test_the_score_rank_counts_one_forward_per_step(study: dict) -> None:
 def test_the_plot_is_written_beside_the_results(study: dict) -> None:
     assert (Path(study["_out"]) / "ttbc.png").stat().st_size > 0
     assert not (Path(study["_out"]) / "ablation.png").exists()  # no --ablation
+
+
+def test_the_ablation_reruns_the_main_setting_in_its_own_folder(tmp_path: Path) -> None:
+    # --steps 2 makes the ablation's (3, 2) run the same case and setting as the main run of case 3: both
+    # used to get the folder case3_f3_s2 and the study crashed on the second (FileExistsError).
+    argv = ["--preset", "tiny", "--cases", "3", "--chunks", "3", "--warmup", "0", "--out", str(tmp_path),
+            "--resolution", "32x32", "--steps", "2", "--ablation", "--no-plots"]
+    assert main(argv) == 0
+    document = json.loads((tmp_path / "results.json").read_text())
+    assert [c["status"] for c in document["cases"]] == ["ok"]
+    grid = [(row["case"], row["chunk_frames"], row["steps"], row["status"]) for row in document["ablation"]]
+    assert grid == [(3, 3, 2, "ok"), (3, 3, 4, "ok"), (3, 7, 2, "ok"), (3, 7, 4, "ok")]
+    assert all(len(row["ttbc_per_chunk_s"]) == 2 for row in document["ablation"])
+    # the partial file written after each run gives way to the complete one
+    assert not (tmp_path / "results.partial.json").exists()

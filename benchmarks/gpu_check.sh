@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The GPU checks in one call, for a lent single-GPU machine (benchmarks/README.md, "GPU mode"):
+#   1. the machine (nvidia-smi, python, torch);
+#   2. the TTBC study's GPU mode: talkingmachines-18b at 512x512 in bf16 on random weights, case 1 (cases 2-4
+#      need more GPUs and are skipped with the reason) and the chunk {3,7} x steps {2,4} ablation;
+#   3. the CUDA tests (pytest -m gpu): bf16 VAE decode on a side stream, the compiled decode step, and
+#      `talkingmachines run` on the GPU (overlapped and serial) against the CPU.
+# Each step has its own time limit and writes what it has under $OUT (the TTBC study rewrites
+# results.partial.json after every run). Python packages the machine lacks come as wheels in .whl/.
+#
+#   TM_COMMIT=$(git rev-parse HEAD) OUT=/tmp/gpu bash benchmarks/gpu_check.sh
+# Knobs for a dry run on a CPU: PRESET=tiny RES=64x64 DEVICE=cpu DTYPE=fp32 CHUNKS=4.
+set -u
+OUT=${OUT:-/tmp/gpu_check}
+PRESET=${PRESET:-talkingmachines-18b}
+RES=${RES:-512}
+DEVICE=${DEVICE:-cuda}
+DTYPE=${DTYPE:-bf16}
+CHUNKS=${CHUNKS:-8}
+PY=${PY:-python3}
+TTBC_LIMIT=${TTBC_LIMIT:-330}
+TEST_LIMIT=${TEST_LIMIT:-150}
+export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=5
+mkdir -p "$OUT"
+log() { echo "[$(date +%H:%M:%S)] $*"; }
+
+if [ -d .whl ] && ! "$PY" -c "import av, soundfile, pydantic" 2>/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl || exit 2
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
+
+{
+    nvidia-smi 2>&1 || true
+    "$PY" -c "import sys, torch, transformers; print(sys.version); print('torch', torch.__version__, \
+'cuda', torch.version.cuda, 'transformers', transformers.__version__); \
+print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'no cuda')"
+} > "$OUT/env.txt" 2>&1
+log "machine: $(tail -1 "$OUT/env.txt")"
+
+TTBC_DIR=/tmp/ttbc_gpu_check
+rm -rf "$TTBC_DIR"
+log "ttbc: $PRESET $RES $DTYPE on $DEVICE, $CHUNKS chunks, limit ${TTBC_LIMIT}s"
+timeout "$TTBC_LIMIT" "$PY" -m benchmarks.ttbc --preset "$PRESET" --cases 1,2,3,4 --chunks "$CHUNKS" \
+    --out "$TTBC_DIR" --resolution "$RES" --dtype "$DTYPE" --device "$DEVICE" --steps 2 --ablation \
+    > "$OUT/ttbc.txt" 2>&1
+log "ttbc rc=$?"
+for f in results.json results.partial.json ttbc.png ablation.png; do
+    [ -f "$TTBC_DIR/$f" ] && cp "$TTBC_DIR/$f" "$OUT/ttbc_$f"
+done
+tail -n 30 "$OUT/ttbc.txt"
+
+log "pytest -m gpu, limit ${TEST_LIMIT}s"
+timeout "$TEST_LIMIT" "$PY" -m pytest -q -s -m gpu -p no:cacheprovider tests/decoder/test_vae_streaming.py \
+    tests/runtime/test_cuda_run.py > "$OUT/pytest.txt" 2>&1
+log "pytest rc=$?"
+tail -n 15 "$OUT/pytest.txt"
+log done
