@@ -141,8 +141,9 @@ def build_run_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     parser.add_argument(
         "--decoder",
         choices=("dedicated", "colocated"),
-        default="dedicated",
-        help="dedicated: 1 master + N workers (disaggregated); colocated: N ranks, rank 0 also decodes",
+        default=None,
+        help="dedicated: 1 master + N workers (disaggregated); colocated: N ranks, rank 0 also decodes "
+        "(default: dedicated, or colocated on CUDA when there are fewer than N + 1 GPUs)",
     )
     parser.add_argument("--seed", type=int, default=0, help="noise and random-weight seed")
     parser.add_argument(
@@ -224,6 +225,17 @@ def _size(args: argparse.Namespace, bundle: ModelBundle | None = None) -> tuple[
     return args.height or default[0], args.width or default[1]
 
 
+def default_decoder(device: str, score_workers: int) -> str:
+    """Where the decoder goes when ``--decoder`` is not given: its own rank (disaggregated), except on CUDA
+    when the GPUs cannot give it one (a one-GPU machine then runs self-contained rather than failing)."""
+    if device == "cuda":
+        import torch
+
+        if torch.cuda.device_count() < score_workers + 1:
+            return "colocated"
+    return "dedicated"
+
+
 def options_from_args(args: argparse.Namespace) -> RunOptions:
     """Turn parsed arguments into ``RunOptions``; raises ``ValueError`` with a message for the user."""
     get_model_preset(args.preset)  # an unknown preset raises with the valid names
@@ -234,7 +246,8 @@ def options_from_args(args: argparse.Namespace) -> RunOptions:
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    world = args.score_workers + (1 if args.decoder == "dedicated" else 0)
+    decoder = args.decoder if args.decoder is not None else default_decoder(device, args.score_workers)
+    world = args.score_workers + (1 if decoder == "dedicated" else 0)
     threads = args.threads if args.threads is not None else max(1, (os.cpu_count() or 1) // max(world, 1))
     if threads < 1:
         raise ValueError(f"--threads must be at least 1, got {threads}")
@@ -248,7 +261,7 @@ def options_from_args(args: argparse.Namespace) -> RunOptions:
         out=args.out,
         preset=args.preset,
         score_workers=args.score_workers,
-        decoder=args.decoder,
+        decoder=decoder,
         seed=args.seed,
         height=height,
         width=width,

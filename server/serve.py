@@ -60,7 +60,7 @@ from proto.stream_config import StreamConfig
 from proto.topology import Topology
 from proto.vae_config import get_vae_preset
 from server.model_bundle import resolve_weights
-from server.run_options import WeightsOptions, add_weights_arguments, bundle_settings
+from server.run_options import WeightsOptions, add_weights_arguments, bundle_settings, default_decoder
 from server.settings import ApiSettings
 
 log = logging.getLogger("talkingmachines.serve")
@@ -138,7 +138,10 @@ def build_serve_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--port", type=int, default=None, help="HTTP port (default: the config's, 8000)")
     parser.add_argument("--preset", default="tiny", help=f"model preset: {', '.join(model_preset_names())}")
     parser.add_argument("--score-workers", type=int, default=1, help="N, the score workers (SP degree)")
-    parser.add_argument("--decoder", choices=("dedicated", "colocated"), default="dedicated")
+    parser.add_argument(
+        "--decoder", choices=("dedicated", "colocated"), default=None,
+        help="default: dedicated, or colocated on CUDA when there are fewer than N + 1 GPUs",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="noise and random-weight seed")
     parser.add_argument(
         "--resolution",
@@ -225,7 +228,8 @@ def parse_serve_options(argv: list[str]) -> ServeOptions:
         if weights.bundle is not None:
             height, width = weights.bundle.height, weights.bundle.width
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    world = args.score_workers + (1 if args.decoder == "dedicated" else 0)
+    decoder = args.decoder if args.decoder is not None else default_decoder(device, args.score_workers)
+    world = args.score_workers + (1 if decoder == "dedicated" else 0)
     threads = args.threads if args.threads is not None else max(1, (os.cpu_count() or 1) // world)
     if args.video_delay_frames < 0:
         raise ValueError(f"--video-delay-frames must be >= 0, got {args.video_delay_frames}")
@@ -237,7 +241,7 @@ def parse_serve_options(argv: list[str]) -> ServeOptions:
         port=args.port,
         preset=args.preset,
         score_workers=args.score_workers,
-        decoder=args.decoder,
+        decoder=decoder,
         seed=args.seed,
         height=height,
         width=width,

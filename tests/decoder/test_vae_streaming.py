@@ -160,4 +160,6 @@ def test_compiled_decode_step_matches_eager(vae: WanVAE) -> None:
     z = torch.randn(1, 16, 6, 4, 4, device="cuda")
     eager = torch.cat(_stream(DecodeSession(gpu, 32, 32), z), dim=2)
     compiled = torch.cat(_stream(DecodeSession(gpu, 32, 32, compile_step=True), z), dim=2)
-    assert (compiled - eager).abs().max().item() <= 1e-3
+    # Inductor fuses and reorders the float32 arithmetic: an H100 (torch 2.11) differed by up to 0.004 on
+    # [-1, 1] frames. One 8-bit level (2/255) is what the published frames can show.
+    assert (compiled - eager).abs().max().item() <= 2 / 255

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from server.model_bundle import DEFAULT_BUNDLE_DIR, load_bundle
+from server.run_options import parse_run_options
 from server.serve import parse_serve_options
 
 
@@ -61,3 +62,22 @@ def test_a_serve_only_config_takes_the_api_key_from_the_environment(tmp_path: Pa
     path.write_text('[serve]\nresolution = "48x48"\n')
     options = parse_serve_options(["--config", str(path), "--device", "cpu"])
     assert options.api_settings().api_key.get_secret_value() == "from-env"
+
+
+@pytest.mark.parametrize(
+    ("device", "gpus", "workers", "placement"),
+    [("cpu", 0, 1, "dedicated"), ("cuda", 1, 1, "colocated"), ("cuda", 2, 1, "dedicated"),
+     ("cuda", 2, 2, "colocated"), ("cuda", 3, 2, "dedicated")],
+)  # fmt: skip
+def test_the_default_decoder_fits_the_visible_gpus(
+    tmp_path: Path, monkeypatch, device: str, gpus: int, workers: int, placement: str
+) -> None:
+    # a one-GPU machine used to refuse `run`/`serve` without --decoder colocated ('disaggregated 1+1' needs 2)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: gpus)
+    argv = ["--config", str(_config(tmp_path, "")), "--device", device, "--score-workers", str(workers)]
+    assert parse_serve_options(argv).decoder == placement
+    explicit = parse_serve_options([*argv, "--decoder", "dedicated"])
+    assert explicit.decoder == "dedicated"  # an explicit choice is kept (and checked when the run starts)
+    run_argv = ["--image", "a.png", "--audio", "a.wav", "--out", "a.mp4", "--device", device,
+                "--score-workers", str(workers)]  # fmt: skip
+    assert parse_run_options(run_argv).decoder == placement
