@@ -26,7 +26,7 @@ rank; cases needing more GPUs than are visible are skipped with the reason.
     python -m benchmarks.ttbc --preset tiny --cases 1,2,3,4 --chunks 12 --out benchmarks/results/ttbc_cpu \\
         --resolution 64x64 --steps 128 --ablation
     python -m benchmarks.ttbc --preset talkingmachines-18b --cases 1,2,3,4 --chunks 12 --out DIR \\
-        --resolution 512 --dtype bf16 --device cuda --steps 2 --ablation   # unverified: no GPU here
+        --resolution 512 --dtype bf16 --device cuda --steps 2 --ablation   # results: benchmarks/README.md
 """
 
 from __future__ import annotations
