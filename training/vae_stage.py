@@ -683,13 +683,18 @@ def train_vae(cfg: VAEStageConfig, out_dir: str | Path, resume: bool = False) ->
     stream: tuple[torch.Tensor, torch.Tensor] | None = None
     source = StreamSource(dataset, cfg)
     images = image_dataset(dataset, cfg)
+
+    def switch_to_streams() -> None:
+        nonlocal stream_start
+        inflate_image_vae(vae)
+        stream_start = step
+        log.write(event="inflate", step=step, seconds=round(elapsed(), 1))
+
     while step < cfg.steps and (budget_s is None or elapsed() < budget_s):
         for group in opt.param_groups:
             group["lr"] = learning_rate(cfg, step, elapsed(), stream_start)
         if stream_start is None and image_phase_over():
-            inflate_image_vae(vae)
-            stream_start = step
-            log.write(event="inflate", step=step, seconds=round(elapsed(), 1))
+            switch_to_streams()
             bar.write(f"stage A: {step} image steps in {elapsed() / 60:.1f} min; inflated, now on streams")
         if stream_start is None:
             video, mouth = sample_images(images, cfg, step)
@@ -717,9 +722,7 @@ def train_vae(cfg: VAEStageConfig, out_dir: str | Path, resume: bool = False) ->
     bar.close()
     source.close()
     if stream_start is None:  # the run ended inside the image phase: ship the inflated VAE
-        inflate_image_vae(vae)
-        stream_start = step
-        log.write(event="inflate", step=step, seconds=round(elapsed(), 1))
+        switch_to_streams()
     if history[-1]["step"] != step or history[-1].get("phase") != "stream":
         run_eval()
     save_state()
@@ -740,7 +743,7 @@ def compare_vaes(
     checkpoints: Sequence[str | Path], num_clips: int, still: Path | None = None, preset: str = "tiny"
 ) -> list[dict[str, Any]]:
     """`evaluate_vae` of each stage-A checkpoint on the same held-out clips (73 frames, the inference
-    path); `still`: a PNG, the ground truth's frames 0, 24, 48, 72 of 4 clips on top, a row per checkpoint."""
+    path); `still`: a PNG of frames 0, 24, 48, 72 of 4 clips, ground truth on top, a row per checkpoint."""
     dataset = SyntheticTalkingDataset(DataConfig(num_frames=73), seed=0)
     vaes = [load_vae(path, get_vae_preset(preset)) for path in checkpoints]
     rows = []
@@ -748,19 +751,16 @@ def compare_vaes(
         print(f"evaluating {path} on {num_clips} held-out clips...", file=sys.stderr, flush=True)
         rows.append({"checkpoint": str(path), **evaluate_vae(vae, dataset, num_clips)})
     if still is not None:
-        frames = [0, 24, 48, 72]
-        clips = [dataset.clip(EVAL_INDEX_START + i) for i in range(4)]
-        grid = [np.concatenate([np.concatenate(list(c.video[frames]), 1) for c in clips], 1)]
+        from training.evaluate import save_still  # training.evaluate imports this module
+
+        videos = [dataset.clip(EVAL_INDEX_START + i).video for i in range(4)]
+        tensors = [video_to_tensor(v)[None] for v in videos]
+        strips = [np.concatenate(videos, axis=2)]  # the 4 clips side by side, one strip per row
         with torch.no_grad():
             for vae in vaes:
-                videos = [video_to_tensor(c.video)[None] for c in clips]
-                recon = [tensor_to_video(vae.decode(vae.encode(v))[0]) for v in videos]
-                grid.append(np.concatenate([np.concatenate(list(r[frames]), 1) for r in recon], 1))
-        from PIL import Image
-
-        image = np.concatenate(grid, 0)
-        still.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image).resize((image.shape[1] * 2, image.shape[0] * 2), Image.NEAREST).save(still)
+                recon = [tensor_to_video(vae.decode(vae.encode(t))[0]) for t in tensors]
+                strips.append(np.concatenate(recon, axis=2))
+        save_still(still, *strips, count=4, scale=2)  # frames 0, 24, 48, 72
     return rows
 
 
