@@ -574,7 +574,8 @@ class LiveBackend:
                 self._close_on_workers(session.id)
                 continue
             try:
-                buffered = session.output.buffered_s()  # a file output writes its due frames here
+                session.output.tick()  # a file output writes its due frames here
+                buffered = session.output.buffered_s()
             except Exception as exc:  # one session's broken output must not stop the engine for all
                 log.exception("session %s failed while publishing", session.id)
                 self._fail_one(session.id, f"publishing failed: {exc}")

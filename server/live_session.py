@@ -225,9 +225,13 @@ class SpeechFeed:
 
 
 class SessionOutput(Protocol):
-    """Where a session's frames go. ``put_chunk`` and ``buffered_s`` are called by the engine thread."""
+    """Where a session's frames go. ``put_chunk`` and ``tick`` are called by the engine thread;
+    ``buffered_s`` by it and by status reads, and changes nothing."""
 
     def put_chunk(self, frames: np.ndarray, pcm: np.ndarray, first_frame: int) -> None: ...
+
+    def tick(self) -> None:
+        """Called on every engine tick: play out whatever is due (a file output writes it)."""
 
     def buffered_s(self) -> float: ...
 
@@ -325,6 +329,9 @@ class LiveKitSessionOutput:
             for i in range(frames.shape[0]):
                 self._queue.append((frames[i], pcm[i * self.spf : (i + 1) * self.spf], first_frame + i))
 
+    def tick(self) -> None:
+        """Nothing to do: the player thread paces the frames into the room."""
+
     def buffered_s(self) -> float:
         with self._lock:
             queued = len(self._queue)
@@ -405,10 +412,11 @@ class FileSessionOutput:
     """Writes a session's frames to an MP4 at their playout time (a recording of the call, real-time paced).
 
     Frames wait in a queue until the wall clock reaches their slot, so ``buffered_s`` is the same notion of
-    "generated, not yet played" as on LiveKit and ``clear`` drops what is not yet written. ``pump`` is called
-    by the engine on every tick, and by any thread that reads ``buffered_s`` (the API's session status):
-    ``_write_lock`` keeps the MP4 writes in order and one at a time (PyAV's muxer is not thread-safe; two
-    interleaved writes failed with EINVAL), ``_lock`` guards the queue.
+    "generated, not yet played" as on LiveKit and ``clear`` drops what is not yet written. Frames are
+    written by ``pump``: on every engine tick (``tick``) and when a chunk arrives, both on the engine thread;
+    ``buffered_s`` (also read by the API's session status on the HTTP thread) only reads. ``_write_lock``
+    keeps the MP4 writes in order and one at a time (PyAV's muxer is not thread-safe; two interleaved writes
+    failed with EINVAL, when status reads still wrote), ``_lock`` guards the queue.
     """
 
     def __init__(self, path: Path, width: int, height: int, fps: int, hooks: PlayoutHooks) -> None:
@@ -451,8 +459,10 @@ class FileSessionOutput:
         for _, _, index in batch:
             self.hooks.on_frame(index)
 
-    def buffered_s(self) -> float:
+    def tick(self) -> None:
         self.pump()
+
+    def buffered_s(self) -> float:
         with self._lock:
             if self._clock_start is None:
                 return 0.0

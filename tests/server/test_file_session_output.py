@@ -1,4 +1,5 @@
-"""FileSessionOutput under concurrent readers: the API's status reads pump the MP4 from their own threads."""
+"""FileSessionOutput: frames are written at their playout time, by pumps (engine ticks, arriving chunks) that
+may overlap, never by the API's status reads (``buffered_s``), which only read."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ def _frames(first: int, count: int) -> np.ndarray:
 
 
 class _Readers:
-    """`count` threads calling `out.buffered_s()` as fast as they can (what GET /v1/sessions/{id} does)."""
+    """`count` threads calling `out.tick()` and `out.buffered_s()` as fast as they can (pumps that overlap,
+    and the status reads of GET /v1/sessions/{id})."""
 
     def __init__(self, out: FileSessionOutput, count: int) -> None:
         self.out, self.stop, self.errors = out, threading.Event(), []
@@ -32,6 +34,7 @@ class _Readers:
     def _run(self) -> None:
         try:
             while not self.stop.is_set():
+                self.out.tick()
                 self.out.buffered_s()
         except BaseException as exc:
             self.errors.append(exc)
@@ -97,3 +100,20 @@ def test_close_while_readers_pump_leaves_a_playable_file(tmp_path: Path) -> None
     assert readers.join() == []
     with av.open(str(tmp_path / "call.mp4")) as container:
         assert len(list(container.decode(video=0))) >= 1
+
+
+def test_status_reads_write_nothing(tmp_path: Path) -> None:
+    played: list[int] = []
+    hooks = PlayoutHooks(on_frame=played.append, on_clear=lambda index: None)
+    out = FileSessionOutput(tmp_path / "call.mp4", SIZE, SIZE, FPS, hooks)
+    out.put_chunk(_frames(0, 24), np.zeros(24 * SPF, np.float32), 0)  # frame 0 is due at once
+    written = len(played)
+    time.sleep(0.3)  # ~5 more frames come due
+    before = out.buffered_s()
+    for _ in range(50):
+        out.buffered_s()
+    assert len(played) == written  # reading the buffer played nothing
+    assert 0 < before < 24 / FPS  # but it counts the due frames as played
+    out.tick()  # the engine's tick writes them
+    assert len(played) >= written + 4
+    out.close()

@@ -26,6 +26,9 @@ class _Output:
         self.end_reason = end_reason
         self.closed = False
 
+    def tick(self) -> None:
+        pass
+
     def buffered_s(self) -> float:
         return 0.0
 
