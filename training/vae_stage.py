@@ -43,6 +43,7 @@ import copy
 import functools
 import json
 import math
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -740,11 +741,16 @@ def train_vae(cfg: VAEStageConfig, out_dir: str | Path, resume: bool = False) ->
 
 
 def compare_vaes(
-    checkpoints: Sequence[str | Path], num_clips: int, still: Path | None = None, preset: str = "tiny"
+    checkpoints: Sequence[str | Path],
+    num_clips: int,
+    still: Path | None = None,
+    preset: str = "tiny",
+    espeak: bool = False,
 ) -> list[dict[str, Any]]:
     """`evaluate_vae` of each stage-A checkpoint on the same held-out clips (73 frames, the inference
-    path); `still`: a PNG of frames 0, 24, 48, 72 of 4 clips, ground truth on top, a row per checkpoint."""
-    dataset = SyntheticTalkingDataset(DataConfig(num_frames=73), seed=0)
+    path); `still`: a PNG of frames 0, 24, 48, 72 of 4 clips, ground truth on top, a row per checkpoint;
+    `espeak`: every speaking clip voiced by espeak-ng (real speech) instead of the numpy voice."""
+    dataset = SyntheticTalkingDataset(DataConfig(num_frames=73, espeak_fraction=float(espeak)), seed=0)
     vaes = [load_vae(path, get_vae_preset(preset)) for path in checkpoints]
     rows = []
     for path, vae in zip(checkpoints, vaes, strict=True):
@@ -774,13 +780,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--clips", type=int, default=8, help="held-out 73-frame clips (default 8)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here (default: stdout)")
     parser.add_argument("--still", type=Path, help="PNG: ground truth on top, one row per checkpoint")
+    parser.add_argument(
+        "--espeak", action="store_true", help="clips voiced by espeak-ng (real speech; needs espeak-ng)"
+    )
     args = parser.parse_args(argv)
+    if args.espeak and shutil.which("espeak-ng") is None:
+        print("error: --espeak needs espeak-ng on PATH (apt-get install espeak-ng)", file=sys.stderr)
+        return 2
     for path in args.checkpoints:
         if not Path(path).is_file():
             print(f"error: no VAE checkpoint at {path}", file=sys.stderr)
             return 2
     try:
-        rows = compare_vaes(args.checkpoints, args.clips, args.still)
+        rows = compare_vaes(args.checkpoints, args.clips, args.still, espeak=args.espeak)
     except ValueError as exc:  # a file that is not a tiny Wan-VAE checkpoint
         print(f"error: {exc}", file=sys.stderr)
         return 2

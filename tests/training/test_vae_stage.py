@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -297,3 +298,15 @@ def test_the_compare_command_scores_each_checkpoint_on_the_same_clips(tmp_path: 
     assert vae_stage.main([str(tmp_path / "missing.pth")]) == 2
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     assert vae_stage.main([str(tmp_path / "junk.pth")]) == 2
+
+
+def test_the_compare_command_can_voice_the_clips_with_espeak(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "a.pth"
+    save_vae_checkpoint(build_trainable_vae(SMALL).eval(), path)
+    if shutil.which("espeak-ng") is not None:
+        numpy_voice = vae_stage.compare_vaes([path], 2)
+        real_speech = vae_stage.compare_vaes([path], 2, espeak=True)
+        # the same held-out characters, their mouths driven by other audio: other frames, other scores
+        assert real_speech[0]["psnr"] != numpy_voice[0]["psnr"]
+    monkeypatch.setattr(vae_stage.shutil, "which", lambda name: None)
+    assert vae_stage.main([str(path), "--espeak"]) == 2  # a clear error without espeak-ng
