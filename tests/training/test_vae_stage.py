@@ -308,5 +308,5 @@ def test_the_compare_command_can_voice_the_clips_with_espeak(tmp_path: Path, mon
         real_speech = vae_stage.compare_vaes([path], 2, espeak=True)
         # the same held-out characters, their mouths driven by other audio: other frames, other scores
         assert real_speech[0]["psnr"] != numpy_voice[0]["psnr"]
-    monkeypatch.setattr(vae_stage.shutil, "which", lambda name: None)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
     assert vae_stage.main([str(path), "--espeak"]) == 2  # a clear error without espeak-ng
