@@ -70,6 +70,7 @@ class Segment:
     segment_id: str
     start_sample: int | None = None  # where its first sample was fed
     end_sample: int | None = None  # end of what was fed so far
+    fed_samples: int = 0  # its own samples fed (less than end - start when silence filled an underrun)
     received_all: bool = False
     pending_samples: int = 0  # received, not yet fed
     started_sent: bool = False
@@ -195,6 +196,7 @@ class SpeechFeed:
                 if segment.start_sample is None:
                     segment.start_sample = position
                 segment.end_sample = position + take
+                segment.fed_samples += take
                 segment.pending_samples -= take
             if self.utterances and self.utterances[-1].start_sample is None:
                 self.utterances[-1].start_sample = position
@@ -625,8 +627,8 @@ class LiveSession:
             if not done:
                 break
             segments.popleft()
-            assert head.start_sample is not None and head.end_sample is not None
-            played = (head.end_sample - head.start_sample) / self.feed.sample_rate
+            # the agent's audio played, not the span: silence that filled an underrun mid-segment is not its
+            played = head.fed_samples / self.feed.sample_rate
             self.protocol.playback_finished(played, interrupted=False)
 
     def on_clear(self, first_unplayed: int) -> None:

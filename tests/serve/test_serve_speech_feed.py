@@ -83,3 +83,17 @@ def test_a_segment_is_placed_on_the_timeline_where_its_audio_was_fed(make_feed) 
     feed.take_chunk()
     assert (segment.start_sample, segment.end_sample) == (17 * SPF, 17 * SPF + 8000)
     assert segment.received_all and segment.pending_samples == 0
+
+
+def test_a_segment_counts_its_own_samples_not_the_silence_that_filled_an_underrun(make_feed) -> None:
+    # the agent's audio arrives more slowly than chunks are generated: the feed pads the gap with silence,
+    # which lies inside the segment's span but is not the agent's audio (playback_position must not count it)
+    feed = make_feed()
+    segment = feed.open_segment("s1")
+    feed.push(tone(0.5), segment)
+    feed.take_chunk()  # 17 000 samples needed, 8 000 of them the segment's
+    feed.push(tone(0.25), segment)
+    feed.end_segment(segment)
+    feed.take_chunk()
+    assert segment.end_sample - segment.start_sample == 17 * SPF + 4000  # the span includes the padding
+    assert segment.fed_samples == 12_000  # 0.75 s of the agent's audio
