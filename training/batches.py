@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import sys
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -387,15 +387,24 @@ def encode_dataset(
     key: str = "",
     workers: int = 0,
     vae_batch: int = 16,
+    conditioning_key: str | None = None,
 ) -> ModelInputs:
     """Encode `dataset.clip(i)` for every i once; with `cache`, reuse the file when it was written for the
     same indices and `key` (a description of the data config, VAE checkpoint and preset); of a cache with the
     same key but other indices, the clips it holds are reused and only the others encoded. workers > 0
     draws the clips and their conditioning in that many processes (`draw_in_workers`); vae_batch: clips per
-    VAE call."""
+    VAE call.
+
+    conditioning_key: the part of `key` that is not the VAE (data, seed, model, audio front-end). A cache
+    with the same conditioning_key but another VAE keeps its CLIP, audio, face and mouth inputs and has only
+    its latents encoded again (`reencode_pixels`): a new VAE costs the VAE work, not the wav2vec2 and
+    espeak-ng work per clip again.
+    """
     indices = list(indices)
     cached: ModelInputs | None = None
     have: dict[int, int] = {}
+    rewrite = False  # the cache's pixels were encoded again: write it back even with no clip missing
+    show_all = world()[0] == 0
     if cache is not None and cache.is_file():
         state = torch.load(cache, weights_only=True)
         if state.get("key") == key and "mouth" in state:
@@ -403,11 +412,25 @@ def encode_dataset(
                 return ModelInputs.from_state(state)
             cached = ModelInputs.from_state(state)
             have = {int(i): n for n, i in enumerate(state.get("indices", []))}
-        elif world()[0] == 0:
+        elif (
+            conditioning_key is not None and "mouth" in state
+            and cache_conditioning_key(state) == conditioning_key
+        ):
+            old = [int(i) for i in state.get("indices", [])]
+            if show_all:
+                print(f"note: {cache} was encoded with another VAE; encoding its {len(old)} clips' latents "
+                      "again (their audio, image and face inputs are kept)", file=sys.stderr)  # fmt: skip
+            cached = reencode_pixels(
+                ModelInputs.from_state(state), dataset, old, encoder, vae_batch, show_all
+            )
+            have = {i: n for n, i in enumerate(old)}
+            state = {**state, "indices": old}
+            rewrite = True
+        elif show_all:
             print(f"note: {cache} was encoded for other data, another VAE or model, or by an older version; "
                   "encoding again", file=sys.stderr)  # fmt: skip
     missing = [i for i in indices if i not in have]  # a grown data set encodes only its new clips
-    show = world()[0] == 0 and len(missing) > 1
+    show = show_all and len(missing) > 1
     name = cache.name if cache is not None else "clips"
     inputs = None
     if missing and workers > 0:
@@ -420,11 +443,57 @@ def encode_dataset(
         new_at = {i: len(have) + n for n, i in enumerate(missing)}
         pool = cached if inputs is None else collate([cached, inputs])
         inputs = pool.select([have[i] if i in have else new_at[i] for i in indices])
+    if inputs is None and cached is not None:  # pixels encoded again, every clip asked for was cached
+        inputs = cached.select([have[i] for i in indices])
     assert inputs is not None
+    extra = {} if conditioning_key is None else {"conditioning_key": conditioning_key}
     if cache is not None and world()[0] == 0 and missing:  # (a subset of a cache leaves the file as it is)
         cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({**inputs.state(), "indices": indices, "key": key}, cache)
+        torch.save({**inputs.state(), "indices": indices, "key": key, **extra}, cache)
+    elif cache is not None and world()[0] == 0 and rewrite:  # the whole re-encoded cache, subset or not
+        assert cached is not None
+        torch.save({**cached.state(), "indices": list(have), "key": key, **extra}, cache)
     return inputs
+
+
+def cache_conditioning_key(state: Mapping[str, Any]) -> str | None:
+    """The conditioning key an encoded-clip cache was written with; for a cache from before it was stored,
+    its key (``data|seed=…|vae=…|model|front-end``) without the VAE part."""
+    if "conditioning_key" in state:
+        return str(state["conditioning_key"])
+    key = str(state.get("key", ""))
+    head, sep, rest = key.partition("|vae=")
+    if not sep or "|" not in rest:
+        return None
+    return head + "|" + rest.split("|", 1)[1]
+
+
+@torch.no_grad()
+def reencode_pixels(
+    inputs: ModelInputs,
+    dataset: Any,
+    indices: Sequence[int],
+    encoder: ClipEncoder,
+    vae_batch: int = 16,
+    progress: bool = False,
+) -> ModelInputs:
+    """`inputs` (clips `indices` of `dataset`) with latents and y encoded again by `encoder`'s VAE; every
+    other field kept. The clips are drawn again, `vae_batch` at a time (a pure function of seed and index)."""
+    if len(indices) != inputs.batch_size:
+        raise ValueError(f"{len(indices)} indices for {inputs.batch_size} encoded clips")
+    latent_frames = inputs.latents.shape[2]
+    latents, ys = [], []
+    bar = tqdm(
+        total=len(indices), desc="encode latents again", unit="clip", disable=not progress, leave=False
+    )
+    for start in range(0, len(indices), vae_batch):
+        clips = [dataset.clip(i) for i in indices[start : start + vae_batch]]
+        z, y = encoder._encode_pixels(clips, latent_frames)
+        latents.append(z)
+        ys.append(y)
+        bar.update(len(clips))
+    bar.close()
+    return replace(inputs, latents=torch.cat(latents), y=torch.cat(ys))
 
 
 @dataclass

@@ -243,12 +243,15 @@ def load_clip_inputs(
     dataset = SyntheticTalkingDataset(data, seed)
     vae = vae_identity(vae_checkpoint, seed)  # its content: a copied run directory keeps its clips
     key = f"{data!r}|seed={seed}|vae={vae}|{encoder.model.name}|{encoder.featurizer_config!r}"
+    # everything the inputs depend on but the VAE (a new VAE encodes the latents again, nothing else)
+    conditioning = f"{data!r}|seed={seed}|{encoder.model.name}|{encoder.featurizer_config!r}"
     tag = "" if encoder.chunk_latents == 3 else f"_f{encoder.chunk_latents}"  # chunking crops differently
     train = encode_dataset(dataset, range(num_clips), encoder, cache_dir / f"inputs_train{tag}.pt", key,
-                           workers=workers, vae_batch=vae_batch)  # fmt: skip
+                           workers=workers, vae_batch=vae_batch, conditioning_key=conditioning)  # fmt: skip
     val_indices = range(1_000_000, 1_000_000 + val_clips)
     val = encode_dataset(dataset, val_indices, encoder, cache_dir / f"inputs_val{tag}.pt", key,
-                         workers=min(workers, val_clips), vae_batch=vae_batch)  # fmt: skip
+                         workers=min(workers, val_clips), vae_batch=vae_batch,
+                         conditioning_key=conditioning)  # fmt: skip
     return train, val
 
 

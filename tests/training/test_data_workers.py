@@ -12,7 +12,13 @@ import torch
 
 from decoder.checkpoint import save_vae_checkpoint
 from proto.model_config import get_model_preset
-from training.batches import ClipEncoder, encode_dataset, load_or_build_vae, vae_identity
+from training.batches import (
+    ClipEncoder,
+    cache_conditioning_key,
+    encode_dataset,
+    load_or_build_vae,
+    vae_identity,
+)
 from training.data import Clip, DataConfig, SyntheticTalkingDataset
 from training.devices import check_device
 from training.distill import StudentConfig
@@ -140,5 +146,49 @@ def test_the_clip_cache_follows_the_vae_content_not_its_path(
     again, _ = load_clip_inputs(DATA, encoder, 2, 1, tmp_path / "cache", 0, str(copied))
     assert torch.equal(again.latents, first.latents)
     save_vae_checkpoint(load_or_build_vae(None, "tiny", seed=2), copied)  # other weights, same path
-    with pytest.raises(AssertionError, match="encoded again"):
-        load_clip_inputs(DATA, encoder, 2, 1, tmp_path / "cache", 0, str(copied))
+    other = ClipEncoder(get_model_preset("tiny"), load_or_build_vae(str(copied), "tiny"))
+    monkeypatch.setattr(other, "encode_many", refuse)  # only the latents are encoded again (next test)
+    third, _ = load_clip_inputs(DATA, other, 2, 1, tmp_path / "cache", 0, str(copied))
+    assert not torch.allclose(third.latents, first.latents)
+    assert torch.equal(third.audio_span, first.audio_span)
+
+
+def test_another_vae_encodes_the_latents_again_and_keeps_the_rest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch.set_num_threads(1)
+    dataset = _CountingDataset(SyntheticTalkingDataset(DATA, seed=4))
+    cache = tmp_path / "inputs.pt"
+    first = ClipEncoder(get_model_preset("tiny"), load_or_build_vae(None, "tiny", seed=1))
+    old = encode_dataset(dataset, [0, 1, 2], first, cache, key="vae1", conditioning_key="c")
+    second = ClipEncoder(get_model_preset("tiny"), load_or_build_vae(None, "tiny", seed=2))
+    conditioned: list[int] = []
+    real_rest = second._encode_rest
+    monkeypatch.setattr(second, "_encode_rest", lambda clip, n: conditioned.append(1) or real_rest(clip, n))
+    dataset.drawn.clear()
+    new = encode_dataset(dataset, [2, 0, 3], second, cache, key="vae2", conditioning_key="c", vae_batch=2)
+    assert sorted(dataset.drawn) == [0, 1, 2, 3]  # the cached clips drawn again for their pixels, 3 anew
+    assert len(conditioned) == 1  # ... but only clip 3 had its audio, image and faces encoded
+    fresh = encode_dataset(SyntheticTalkingDataset(DATA, seed=4), [2, 0, 3], second, vae_batch=3)
+    for field in dataclasses.fields(fresh):
+        a, b = getattr(new, field.name), getattr(fresh, field.name)
+        assert a.shape == b.shape and torch.allclose(a, b, rtol=0, atol=1e-5), field.name
+    assert torch.equal(new.audio_span[:2], old.audio_span[[2, 0]])
+    assert not torch.allclose(new.latents[:2], old.latents[[2, 0]])
+    conditioned.clear()
+    saved = torch.load(cache, weights_only=True)
+    assert saved["key"] == "vae2" and saved["conditioning_key"] == "c" and saved["indices"] == [2, 0, 3]
+    dataset.drawn.clear()
+    again = encode_dataset(dataset, [0, 2], second, cache, key="vae2", conditioning_key="c")
+    assert dataset.drawn == [] and torch.equal(again.latents, new.latents[[1, 0]])
+    # other data (another conditioning key): everything encoded afresh
+    encode_dataset(dataset, [0], second, cache, key="vae2 other", conditioning_key="other")
+    assert dataset.drawn == [0] and len(conditioned) == 1
+
+
+def test_caches_from_before_the_conditioning_key_read_it_from_their_key() -> None:
+    key = "DataConfig(height=64)|seed=0|vae=sha256:ab12|tiny|FeaturizerConfig(dim=32)"
+    expected = "DataConfig(height=64)|seed=0|tiny|FeaturizerConfig(dim=32)"
+    assert cache_conditioning_key({"key": key}) == expected
+    assert cache_conditioning_key({"key": key, "conditioning_key": "c"}) == "c"
+    assert cache_conditioning_key({"key": "k"}) is None
