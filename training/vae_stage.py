@@ -11,6 +11,12 @@ Objective per batch of windows x [B, 3, T, H, W] in [-1, 1]:
   instead of pulling raw mu towards 0, which after normalisation would be a constant offset.
 - The L1 term weighs pixels inside the mouth boxes ``1 + mouth_weight``: the mouth is a few pixels of a 64x64
   frame but carries the lip-sync signal every later stage is judged on.
+- ``mouth_motion_weight`` adds the mean L1 error of the frame-to-frame *differences* inside the mouth boxes
+  (a window's consecutive frames). A latent frame covers 4 video frames, and the default's VAE keeps about
+  the mouth averaged over them: its reconstruction of real speech follows the envelope as well as that
+  average does and no better (lip-sync 0.49 vs 0.51, ground truth 0.87; ``training.lipsync_chain``), losing
+  the syllables. Off by default: continuing that VAE with it for 15 minutes did not change this
+  (training/README.md, *What limits lip-sync*).
 - Training streams, as inference does (truncated back-propagation through time): a batch of B clips is
   encoded and decoded ``stream_windows`` windows in a row through one encoder and one decoder
   ``FeatureCache``, each window a training step, the caches detached in between. The causal convolutions
@@ -104,6 +110,7 @@ class VAEStageConfig:
             lr * lr_final_fraction. inflate_warmup_steps: a second warm-up where the streams begin.
         kl_weight: weight of the per-element mean KL (normalised latent space) against the per-pixel losses.
         mouth_weight: extra L1 weight inside mouth boxes (the mouth is ~1.5 % of a frame).
+        mouth_motion_weight: weight of the mouth's frame-difference L1 (see the module docstring; 0 = off).
         init_logvar: initial bias of the posterior's log-variance channels. Starting far below 0 makes the
             KL's first gradients push every variance up to the prior's at once (posterior collapse: held-out
             latents with std 0.09 and no reconstruction after 200 steps); 0 does not.
@@ -133,6 +140,7 @@ class VAEStageConfig:
     inflate_warmup_steps: int = 100
     kl_weight: float = 1e-4
     mouth_weight: float = 10.0
+    mouth_motion_weight: float = 0.0
     init_logvar: float = 0.0
     grad_clip: float = 1.0
     seed: int = 0
@@ -168,6 +176,8 @@ class VAEStageConfig:
             raise ValueError(f"VAEStageConfig.image_fraction must be in [0, 1), got {self.image_fraction}")
         if self.image_batch < 1 or self.image_clip_frames < 1 or (self.image_clip_frames - 1) % 4:
             raise ValueError("VAEStageConfig: image_batch must be >= 1 and image_clip_frames 1 + 4k")
+        if self.mouth_weight < 0 or self.mouth_motion_weight < 0:
+            raise ValueError("VAEStageConfig: mouth_weight and mouth_motion_weight must be >= 0")
         if self.lr <= 0 or not 0 < self.lr_final_fraction <= 1:
             raise ValueError("VAEStageConfig: lr must be > 0 and lr_final_fraction in (0, 1]")
         get_vae_preset(self.vae_preset)
@@ -425,7 +435,20 @@ def vae_loss(
     l2 = F.mse_loss(recon, video)
     kl = normalised_kl(vae, mu, logvar)
     loss = l1 + l2 + cfg.kl_weight * kl
-    return loss, {"l1": float(l1.detach()), "l2": float(l2.detach()), "kl": float(kl.detach())}
+    parts = {"l1": float(l1.detach()), "l2": float(l2.detach()), "kl": float(kl.detach())}
+    if cfg.mouth_motion_weight > 0 and video.shape[2] > 1:
+        motion = mouth_motion_l1(recon, video, mouth)
+        loss = loss + cfg.mouth_motion_weight * motion
+        parts["motion"] = float(motion.detach())
+    return loss, parts
+
+
+def mouth_motion_l1(recon: torch.Tensor, video: torch.Tensor, mouth: torch.Tensor) -> torch.Tensor:
+    """Mean |(x_hat[t] - x_hat[t-1]) - (x[t] - x[t-1])| over the pixels inside a mouth box in frame t or
+    t-1 (videos [B, 3, T, H, W], mouth [B, 1, T, H, W] in {0, 1}); 0 when no mouth is in view."""
+    error = ((recon[:, :, 1:] - recon[:, :, :-1]) - (video[:, :, 1:] - video[:, :, :-1])).abs()
+    mask = torch.maximum(mouth[:, :, 1:], mouth[:, :, :-1])
+    return (error * mask).sum() / (mask.sum() * error.shape[1]).clamp(min=1.0)
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> float:

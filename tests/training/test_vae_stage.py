@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import random
 import shutil
@@ -26,6 +27,7 @@ from training.vae_stage import (
     image_dataset,
     inflate_image_vae,
     latent_statistics,
+    mouth_motion_l1,
     normalised_kl,
     sample_batch,
     sample_images,
@@ -78,6 +80,37 @@ def test_kl_vanishes_when_the_posterior_is_the_normalised_prior() -> None:
     std = torch.tensor(cfg.latent_std).view(1, -1, 1, 1, 1).expand(shape)
     assert float(normalised_kl(vae, mean, 2 * std.log())) == pytest.approx(0.0, abs=1e-6)
     assert float(normalised_kl(vae, mean + std, 2 * std.log())) == pytest.approx(0.5, rel=1e-5)
+
+
+def test_the_mouth_motion_term_penalises_a_mouth_averaged_over_each_latent_frame() -> None:
+    # A mouth box (rows 2-3, cols 2-4) whose darkness changes every frame, and a reconstruction that holds
+    # each latent frame's average (frames 1-4, 5-8): the motion term counts the frame-to-frame changes
+    # inside each latent frame that the reconstruction lost.
+    t, h, w = 9, 8, 8
+    video = torch.zeros(1, 3, t, h, w)
+    darkness = torch.tensor([0.0, 1.0, -1.0, 1.0, -1.0, 0.5, -0.5, 0.5, -0.5])
+    video[:, :, :, 2:4, 2:5] = darkness.view(1, 1, t, 1, 1)
+    mouth = torch.zeros(1, 1, t, h, w)
+    mouth[:, :, :, 2:4, 2:5] = 1.0
+    averaged = video.clone()
+    for first in (1, 5):
+        averaged[:, :, first : first + 4] = video[:, :, first : first + 4].mean(dim=2, keepdim=True)
+    assert float(mouth_motion_l1(video, video, mouth)) == 0.0
+    # the 8 differences the average drops: 1, -2, 2, -2, then 1.5 (from the first average), -1, 1, -1
+    expected = (1 + 2 + 2 + 2 + 1.5 + 1 + 1 + 1) / 8
+    assert float(mouth_motion_l1(averaged, video, mouth)) == pytest.approx(expected, rel=1e-6)
+    # motion outside the mouth boxes is not its business
+    elsewhere = video.clone()
+    elsewhere[:, :, 1::2, 6:, 6:] += 1.0
+    assert float(mouth_motion_l1(elsewhere, video, mouth)) == 0.0
+    # and the loss carries it with its weight
+    cfg = dataclasses.replace(SMALL, mouth_motion_weight=2.0)
+    vae = build_trainable_vae(cfg)
+    torch.manual_seed(0)
+    with_motion, parts = vae_loss(vae, video, mouth, cfg)
+    torch.manual_seed(0)
+    without, _ = vae_loss(vae, video, mouth, SMALL)
+    assert float((with_motion - without).detach()) == pytest.approx(2.0 * parts["motion"], rel=1e-5)
 
 
 def test_batches_are_a_function_of_the_step() -> None:
