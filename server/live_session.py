@@ -74,6 +74,24 @@ class Segment:
     received_all: bool = False
     pending_samples: int = 0  # received, not yet fed
     started_sent: bool = False
+    runs: list[list[int]] = field(default_factory=list)  # [timeline start, length] of each stretch fed
+
+    def record_fed(self, position: int, count: int) -> None:
+        """`count` of its samples were fed at timeline sample `position` (after what was fed before)."""
+        if self.start_sample is None:
+            self.start_sample = position
+        if self.runs and self.runs[-1][0] + self.runs[-1][1] == position:
+            self.runs[-1][1] += count
+        else:
+            self.runs.append([position, count])
+        self.end_sample = position + count
+        self.fed_samples += count
+        self.pending_samples -= count
+
+    def own_samples_before(self, sample: int) -> int:
+        """How many of its own samples lie on the timeline before `sample` (silence that filled an underrun
+        inside its span is not counted)."""
+        return sum(max(0, min(start + length, sample) - start) for start, length in self.runs)
 
 
 @dataclass
@@ -193,11 +211,7 @@ class SpeechFeed:
                 self._pending[0] = (pcm[take:], segment)
             position = self._fed + got
             if segment is not None:
-                if segment.start_sample is None:
-                    segment.start_sample = position
-                segment.end_sample = position + take
-                segment.fed_samples += take
-                segment.pending_samples -= take
+                segment.record_fed(position, take)
             if self.utterances and self.utterances[-1].start_sample is None:
                 self.utterances[-1].start_sample = position
             pieces.append(pcm[:take])
@@ -639,7 +653,7 @@ class LiveSession:
             return
         played_to = first_unplayed * self.feed.spf
         position = 0.0
-        if dropped and dropped[0].start_sample is not None:
-            position = max(0, played_to - dropped[0].start_sample) / self.feed.sample_rate
+        if dropped:  # the agent's audio played before the cut, not the span (as playback_finished reports)
+            position = dropped[0].own_samples_before(played_to) / self.feed.sample_rate
         if dropped or self.protocol.pending_segments:
             self.protocol.playback_finished(position, interrupted=True)

@@ -97,3 +97,31 @@ def test_a_segment_counts_its_own_samples_not_the_silence_that_filled_an_underru
     feed.take_chunk()
     assert segment.end_sample - segment.start_sample == 17 * SPF + 4000  # the span includes the padding
     assert segment.fed_samples == 12_000  # 0.75 s of the agent's audio
+
+
+def test_an_interruption_reports_the_agents_audio_played_not_the_silence_in_its_span(make_feed) -> None:
+    from proto.model_config import get_model_preset
+    from proto.stream_config import StreamConfig
+    from server.live_session import LiveSession
+
+    class Protocol:
+        def __init__(self) -> None:
+            self.pending_segments: list[str] = []
+            self.finished: list[tuple[float, bool]] = []
+
+        def playback_finished(self, position_s: float, interrupted: bool) -> None:
+            self.finished.append((position_s, interrupted))
+
+    feed = make_feed()
+    stream = StreamConfig(height=64, width=64, train_latent_frames=15)
+    session = LiveSession("s", get_model_preset("tiny"), stream, feed, None, None, seed=0)  # type: ignore[arg-type]
+    session.protocol = Protocol()  # type: ignore[assignment]
+    segment = feed.open_segment("s1")
+    feed.push(tone(0.5), segment)
+    feed.take_chunk()  # samples 0-17 000: the segment's 8 000, then 9 000 of silence (an underrun)
+    feed.push(tone(0.5), segment)
+    feed.take_chunk()  # samples 17 000-29 000: the segment's remaining 8 000, then silence
+    assert segment.runs == [[0, 8000], [17_000, 8000]]
+    session.on_clear(20)  # frames from 20 (sample 20 000) on dropped: 8 000 + 3 000 of its samples played
+    assert session.protocol.finished == [(11_000 / RATE, True)]
+    assert segment.own_samples_before(10**9) == segment.fed_samples == 16_000
