@@ -111,6 +111,9 @@ class VAEStageConfig:
         kl_weight: weight of the per-element mean KL (normalised latent space) against the per-pixel losses.
         mouth_weight: extra L1 weight inside mouth boxes (the mouth is ~1.5 % of a frame).
         mouth_motion_weight: weight of the mouth's frame-difference L1 (see the module docstring; 0 = off).
+        mouth_stream_every, mouth_crop: every `mouth_stream_every`-th training stream (0 = none) is cut to
+            mouth_crop x mouth_crop squares always centred on the speaker's mouth, so that the mouth is a
+            large part of what the step reconstructs (the other streams keep `crop`).
         init_logvar: initial bias of the posterior's log-variance channels. Starting far below 0 makes the
             KL's first gradients push every variance up to the prior's at once (posterior collapse: held-out
             latents with std 0.09 and no reconstruction after 200 steps); 0 does not.
@@ -141,6 +144,8 @@ class VAEStageConfig:
     kl_weight: float = 1e-4
     mouth_weight: float = 10.0
     mouth_motion_weight: float = 0.0
+    mouth_stream_every: int = 0
+    mouth_crop: int = 16
     init_logvar: float = 0.0
     grad_clip: float = 1.0
     seed: int = 0
@@ -178,6 +183,8 @@ class VAEStageConfig:
             raise ValueError("VAEStageConfig: image_batch must be >= 1 and image_clip_frames 1 + 4k")
         if self.mouth_weight < 0 or self.mouth_motion_weight < 0:
             raise ValueError("VAEStageConfig: mouth_weight and mouth_motion_weight must be >= 0")
+        if self.mouth_stream_every < 0 or self.mouth_crop < 8 or self.mouth_crop % 8:
+            raise ValueError("VAEStageConfig: mouth_stream_every must be >= 0 and mouth_crop a multiple of 8")
         if self.lr <= 0 or not 0 < self.lr_final_fraction <= 1:
             raise ValueError("VAEStageConfig: lr must be > 0 and lr_final_fraction in (0, 1]")
         get_vae_preset(self.vae_preset)
@@ -223,7 +230,9 @@ def sample_stream(
     (seed, stream).
 
     With `cfg.crop`, each clip is a crop x crop square of the frames at a multiple of 8 px (the latent
-    grid), centred on the speaker's mouth (at frame 0) half of the time and anywhere otherwise.
+    grid), centred on the speaker's mouth (at frame 0) half of the time and anywhere otherwise; a mouth
+    stream (`cfg.mouth_stream_every`) is cut to `cfg.mouth_crop` squares on the mouth (a silent clip's:
+    anywhere).
 
     Returns:
         video [B, 3, stream_frames, h, w] in [-1, 1]; mouth [B, 1, stream_frames, h, w] in {0, 1}.
@@ -231,15 +240,18 @@ def sample_stream(
     rng = np.random.default_rng([cfg.seed, 0xA, stream])
     height, width = cfg.data.height, cfg.data.width
     frames = slice(0, cfg.stream_frames)
+    crop, on_mouth = cfg.crop, 0.5
+    if cfg.mouth_stream_every and stream % cfg.mouth_stream_every == cfg.mouth_stream_every - 1:
+        crop, on_mouth = cfg.mouth_crop, 1.0
     videos, mouths = [], []
     for b in range(cfg.batch_size):
         clip = dataset.clip(stream * cfg.batch_size + b)
         video = video_to_tensor(clip.video[frames])
         mouth = torch.from_numpy(mouth_mask(clip, frames, height, width))[None]
-        if cfg.crop is not None and cfg.crop < min(height, width):
-            top, left = _crop_origin(rng, clip, 0, cfg.crop, height, width)
-            video = video[:, :, top : top + cfg.crop, left : left + cfg.crop]
-            mouth = mouth[:, :, top : top + cfg.crop, left : left + cfg.crop]
+        if crop is not None and crop < min(height, width):
+            top, left = _crop_origin(rng, clip, 0, crop, height, width, on_mouth)
+            video = video[:, :, top : top + crop, left : left + crop]
+            mouth = mouth[:, :, top : top + crop, left : left + crop]
         videos.append(video)
         mouths.append(mouth)
     return torch.stack(videos), torch.stack(mouths)
@@ -367,10 +379,17 @@ class StreamCaches:
 
 
 def _crop_origin(
-    rng: np.random.Generator, clip: Clip, frame: int, crop: int, height: int, width: int
+    rng: np.random.Generator,
+    clip: Clip,
+    frame: int,
+    crop: int,
+    height: int,
+    width: int,
+    on_mouth: float = 0.5,
 ) -> tuple[int, int]:
-    """Top-left corner (multiples of 8) of a crop: around a mouth with probability 1/2, else uniform."""
-    if clip.speaker >= 0 and rng.random() < 0.5:
+    """Top-left corner (multiples of 8) of a crop: around a mouth with probability `on_mouth`, else
+    uniform."""
+    if clip.speaker >= 0 and rng.random() < on_mouth:
         x0, y0, x1, y1 = clip.mouth_boxes_px[clip.speaker, frame]
         cy, cx = (y0 + y1) / 2 - crop / 2, (x0 + x1) / 2 - crop / 2
         top = int(np.clip(round(cy / 8) * 8, 0, height - crop))

@@ -113,6 +113,19 @@ def test_the_mouth_motion_term_penalises_a_mouth_averaged_over_each_latent_frame
     assert float((with_motion - without).detach()) == pytest.approx(2.0 * parts["motion"], rel=1e-5)
 
 
+def test_every_kth_stream_is_cut_to_squares_on_the_speakers_mouth() -> None:
+    cfg = dataclasses.replace(SMALL, mouth_stream_every=2, mouth_crop=16, batch_size=3)
+    dataset = SyntheticTalkingDataset(cfg.data, seed=0)
+    video, mouth = sample_stream(dataset, cfg, 0)  # an ordinary stream: whole 32 px frames
+    assert video.shape[-2:] == (32, 32)
+    video, mouth = sample_stream(dataset, cfg, 1)  # a mouth stream
+    assert video.shape == (3, 3, cfg.stream_frames, 16, 16) and mouth.shape[-2:] == (16, 16)
+    speaking = [b for b in range(3) if dataset.clip(cfg.batch_size + b).speaker >= 0]
+    assert speaking and all(float(mouth[b, :, 0].sum()) > 0 for b in speaking)  # the mouth is in the square
+    with pytest.raises(ValueError, match="mouth_crop"):
+        dataclasses.replace(SMALL, mouth_crop=12)
+
+
 def test_batches_are_a_function_of_the_step() -> None:
     ds = SyntheticTalkingDataset(SMALL.data, seed=0)
     a, ma = sample_batch(ds, SMALL, step=3)
