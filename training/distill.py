@@ -35,6 +35,8 @@ samples from the same noise on held-out clips, and `val_x0_mse` to the clips' la
 
 from __future__ import annotations
 
+import hashlib
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -53,6 +55,7 @@ from training.batches import (
     as_training_model,
     load_or_build_vae,
     token_weight,
+    vae_identity,
 )
 from training.data import DataConfig
 from training.devices import check_device
@@ -308,16 +311,32 @@ def load_teacher(cfg: StudentConfig) -> ChunkAudioWanModel:
     return teacher.to(check_device(cfg.device)).eval().requires_grad_(False)
 
 
+def ode_pairs_key(inputs: ModelInputs, cfg: StudentConfig) -> str:
+    """What the ODE pairs depend on: the teacher (its checkpoint's content), the clips (their latents and
+    conditioning) and the solver's settings, as one SHA-256."""
+    digest = hashlib.sha256(vae_identity(cfg.teacher_checkpoint, cfg.seed).encode())  # any file's content
+    for name in ("latents", "y", "audio_span", "speaking", "face_mask", "clip_fea", "context"):
+        digest.update(getattr(inputs, name).detach().float().cpu().contiguous().numpy().tobytes())
+    settings = (cfg.seed, cfg.ode_steps, cfg.timestep_shift, cfg.guidance_scale)
+    digest.update(repr(settings).encode())
+    return digest.hexdigest()
+
+
 def ode_pairs(
     teacher: nn.Module, inputs: ModelInputs, cfg: StudentConfig, cache: Path, chunk: int = 16
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(noise, teacher ODE x0) `[N, 16, L, h, w]` per training clip, computed once and cached; on the
+    """(noise, teacher ODE x0) `[N, 16, L, h, w]` per training clip, computed once and cached (keyed by
+    `ode_pairs_key`: a retrained teacher, a new VAE's latents or other solver settings solve again); on the
     clips' device."""
     dev = inputs.latents.device
+    key = ode_pairs_key(inputs, cfg)
     if cache.is_file():
         state = torch.load(cache, map_location="cpu", weights_only=True)
-        if state["noise"].shape == inputs.latents.shape and state.get("steps") == cfg.ode_steps:
+        if state.get("key") == key:
             return state["noise"].to(dev), state["x0"].to(dev)
+        if world()[0] == 0:
+            print(f"note: {cache} was solved for another teacher, other clips or settings; solving again",
+                  file=sys.stderr)  # fmt: skip
     g = torch.Generator().manual_seed(cfg.seed + 7)
     noise = torch.randn(inputs.latents.shape, generator=g).to(dev)
     x0 = torch.cat(
@@ -334,7 +353,7 @@ def ode_pairs(
         ]
     )
     if world()[0] == 0:
-        torch.save({"noise": noise.cpu(), "x0": x0.cpu(), "steps": cfg.ode_steps}, cache)
+        torch.save({"noise": noise.cpu(), "x0": x0.cpu(), "steps": cfg.ode_steps, "key": key}, cache)
     return noise, x0
 
 

@@ -164,3 +164,30 @@ def test_train_student_writes_a_checkpoint_the_server_loads(tmp_path: Path) -> N
     assert changed, "training left the student equal to its teacher initialisation"
     records = [json.loads(line) for line in (tmp_path / "student_log.jsonl").read_text().splitlines()]
     assert {"dmd", "regression", "critic", "val_ode_mse", "val_x0_mse"} <= set(records[-1])
+
+
+def test_ode_pairs_are_solved_again_for_another_teacher(
+    inputs: ModelInputs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import training.distill as distill
+    from training.teacher import save_model
+
+    paths = []
+    for seed in (1, 2):
+        paths.append(save_model(_random_model(seed), "tiny", tmp_path / f"teacher{seed}.safetensors"))
+    cache = tmp_path / "ode_pairs.pt"
+    cfg = _config(teacher_checkpoint=str(paths[0]), ode_steps=2)
+    teacher = load_teacher(cfg)
+    noise, first = distill.ode_pairs(teacher, inputs, cfg, cache)
+    solved = []
+    real_ode = distill.teacher_ode
+    monkeypatch.setattr(distill, "teacher_ode", lambda *a, **k: solved.append(1) or real_ode(*a, **k))
+    _, again = distill.ode_pairs(teacher, inputs, cfg, cache)  # the same teacher and clips: from the cache
+    assert not solved and torch.equal(again, first)
+    other = replace(cfg, teacher_checkpoint=str(paths[1]))
+    _, retrained = distill.ode_pairs(load_teacher(other), inputs, other, cache)  # a retrained teacher
+    assert solved and not torch.allclose(retrained, first)
+    solved.clear()
+    shifted = replace(inputs, latents=inputs.latents + 0.5)  # a new VAE's latents, same shapes
+    distill.ode_pairs(load_teacher(other), shifted, other, cache)
+    assert solved
