@@ -395,10 +395,10 @@ def encode_dataset(
     draws the clips and their conditioning in that many processes (`draw_in_workers`); vae_batch: clips per
     VAE call.
 
-    conditioning_key: the part of `key` that is not the VAE (data, seed, model, audio front-end). A cache
-    with the same conditioning_key but another VAE keeps its CLIP, audio, face and mouth inputs and has only
-    its latents encoded again (`reencode_pixels`): a new VAE costs the VAE work, not the wav2vec2 and
-    espeak-ng work per clip again.
+    conditioning_key: the part of `key` that is not the VAE (data, seed, model, audio front-end). Of a cache
+    with the same conditioning_key but another VAE, the clips asked for keep their CLIP, audio, face and
+    mouth inputs and have only their latents encoded again (`reencode_pixels`; the cache is rewritten with
+    them alone): a new VAE costs the VAE work, not the wav2vec2 and espeak-ng work per clip again.
     """
     indices = list(indices)
     cached: ModelInputs | None = None
@@ -416,15 +416,15 @@ def encode_dataset(
             conditioning_key is not None and "mouth" in state
             and cache_conditioning_key(state) == conditioning_key
         ):
-            old = [int(i) for i in state.get("indices", [])]
+            held = {int(i): n for n, i in enumerate(state.get("indices", []))}
+            keep = [i for i in indices if i in held]  # only the clips asked for are encoded again
             if show_all:
-                print(f"note: {cache} was encoded with another VAE; encoding its {len(old)} clips' latents "
-                      "again (their audio, image and face inputs are kept)", file=sys.stderr)  # fmt: skip
-            cached = reencode_pixels(
-                ModelInputs.from_state(state), dataset, old, encoder, vae_batch, show_all
-            )
-            have = {i: n for n, i in enumerate(old)}
-            state = {**state, "indices": old}
+                print(f"note: {cache} was encoded with another VAE; encoding {len(keep)} of its clips' "
+                      "latents again (keeping their audio, image and face inputs)",
+                      file=sys.stderr)  # fmt: skip
+            old = ModelInputs.from_state(state).select([held[i] for i in keep])
+            cached = reencode_pixels(old, dataset, keep, encoder, vae_batch, show_all)
+            have = {i: n for n, i in enumerate(keep)}
             rewrite = True
         elif show_all:
             print(f"note: {cache} was encoded for other data, another VAE or model, or by an older version; "
@@ -450,7 +450,7 @@ def encode_dataset(
     if cache is not None and world()[0] == 0 and missing:  # (a subset of a cache leaves the file as it is)
         cache.parent.mkdir(parents=True, exist_ok=True)
         torch.save({**inputs.state(), "indices": indices, "key": key, **extra}, cache)
-    elif cache is not None and world()[0] == 0 and rewrite:  # the whole re-encoded cache, subset or not
+    elif cache is not None and world()[0] == 0 and rewrite:  # the re-encoded clips (those asked for)
         assert cached is not None
         torch.save({**cached.state(), "indices": list(have), "key": key, **extra}, cache)
     return inputs

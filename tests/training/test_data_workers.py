@@ -167,7 +167,7 @@ def test_another_vae_encodes_the_latents_again_and_keeps_the_rest(
     monkeypatch.setattr(second, "_encode_rest", lambda clip, n: conditioned.append(1) or real_rest(clip, n))
     dataset.drawn.clear()
     new = encode_dataset(dataset, [2, 0, 3], second, cache, key="vae2", conditioning_key="c", vae_batch=2)
-    assert sorted(dataset.drawn) == [0, 1, 2, 3]  # the cached clips drawn again for their pixels, 3 anew
+    assert sorted(dataset.drawn) == [0, 2, 3]  # cached clips asked for: drawn for their pixels; 3 anew
     assert len(conditioned) == 1  # ... but only clip 3 had its audio, image and faces encoded
     fresh = encode_dataset(SyntheticTalkingDataset(DATA, seed=4), [2, 0, 3], second, vae_batch=3)
     for field in dataclasses.fields(fresh):
