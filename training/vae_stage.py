@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import functools
 import json
 import math
@@ -111,6 +112,11 @@ class VAEStageConfig:
         kl_weight: weight of the per-element mean KL (normalised latent space) against the per-pixel losses.
         mouth_weight: extra L1 weight inside mouth boxes (the mouth is ~1.5 % of a frame).
         mouth_motion_weight: weight of the mouth's frame-difference L1 (see the module docstring; 0 = off).
+        espeak_fraction: when set, the share of speaking clips voiced by espeak-ng (overrides `data`'s; the
+            command line cannot reach `data`'s fields).
+        init_state: start from this stage-A training state (a `vae_state.pt` past the image phase: weights,
+            Adam moments and RNGs) with the step count, schedule and clock at 0: a second run on an
+            existing VAE (--resume instead continues its schedule).
         mouth_stream_every, mouth_crop: every `mouth_stream_every`-th training stream (0 = none) is cut to
             mouth_crop x mouth_crop squares always centred on the speaker's mouth, so that the mouth is a
             large part of what the step reconstructs (the other streams keep `crop`).
@@ -146,6 +152,8 @@ class VAEStageConfig:
     mouth_motion_weight: float = 0.0
     mouth_stream_every: int = 0
     mouth_crop: int = 16
+    espeak_fraction: float | None = None
+    init_state: str | None = None
     init_logvar: float = 0.0
     grad_clip: float = 1.0
     seed: int = 0
@@ -157,6 +165,9 @@ class VAEStageConfig:
     data_workers: int = 0
 
     def __post_init__(self) -> None:
+        if self.espeak_fraction is not None:
+            voiced = dataclasses.replace(self.data, espeak_fraction=self.espeak_fraction)
+            object.__setattr__(self, "data", voiced)  # a frozen dataclass
         check_device(self.device)
         if self.data_workers < 0:
             raise ValueError(f"VAEStageConfig.data_workers must be >= 0, got {self.data_workers}")
@@ -680,6 +691,11 @@ def train_vae(cfg: VAEStageConfig, out_dir: str | Path, resume: bool = False) ->
         elapsed_before = float(extra.get("elapsed_s", 0.0))
         history = list(extra.get("evals", []))
         stream_start = extra.get("stream_start", 0)  # states from before the image phase: streams only
+    elif cfg.init_state is not None:  # another run's weights, optimizer and RNGs; step and clock from 0
+        _, extra = load_training_state(cfg.init_state, model=vae, optimizer=opt)
+        if extra.get("stream_start", 0) is None:
+            raise ValueError(f"init_state {cfg.init_state} is in the image phase; start from a later state")
+        stream_start = 0
     else:
         torch.manual_seed(cfg.seed)
     log = _Log(out / LOG_FILE, append=resumed)

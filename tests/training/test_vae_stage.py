@@ -212,6 +212,41 @@ def test_train_vae_writes_a_checkpoint_that_load_vae_reads(tmp_path: Path) -> No
     assert '"event": "eval", "step": 0' in log and '"event": "eval", "step": 2' in log
 
 
+def test_a_run_can_start_from_another_runs_state_with_a_fresh_schedule(tmp_path: Path) -> None:
+    first = dataclasses.replace(SMALL, steps=4)
+    train_vae(first, tmp_path / "a")
+    second = dataclasses.replace(
+        SMALL, steps=2, image_fraction=0.0, init_state=str(tmp_path / "a" / "vae_state.pt"), lr=1e-3
+    )
+    train_vae(second, tmp_path / "b")
+    events = [json.loads(line) for line in (tmp_path / "b" / "vae_log.jsonl").read_text().splitlines()]
+    evals = [e for e in events if e["event"] == "eval"]
+    trains = [e for e in events if e["event"] == "train"]
+    last_of_first = [
+        json.loads(line) for line in (tmp_path / "a" / "vae_log.jsonl").read_text().splitlines()
+        if '"eval"' in line
+    ][-1]
+    assert evals[0]["step"] == 0 and evals[0]["psnr"] == pytest.approx(last_of_first["psnr"], abs=1e-9)
+    assert trains[0]["step"] == 1 and trains[0]["lr"] == pytest.approx(1e-3)  # the schedule starts over
+    assert torch.load(tmp_path / "b" / "vae_state.pt", weights_only=True)["step"] == 2
+    state = torch.load(tmp_path / "a" / "vae_state.pt", weights_only=True)
+    state["extra"]["stream_start"] = None  # a state saved in the image phase
+    torch.save(state, tmp_path / "image.pt")
+    with pytest.raises(ValueError, match="image phase"):
+        train_vae(dataclasses.replace(second, init_state=str(tmp_path / "image.pt")), tmp_path / "c")
+
+
+def test_espeak_fraction_overrides_the_data_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    import training.data
+
+    monkeypatch.setattr(training.data.shutil, "which", lambda name: "/usr/bin/" + name)
+    cfg = dataclasses.replace(SMALL, espeak_fraction=0.5)
+    assert cfg.data.espeak_fraction == 0.5 and cfg.data.num_frames == SMALL.data.num_frames
+    monkeypatch.setattr(training.data.shutil, "which", lambda name: None)
+    with pytest.raises(ValueError, match="espeak-ng"):
+        dataclasses.replace(SMALL, espeak_fraction=0.5)
+
+
 def test_standardising_the_latents_is_an_exact_reparametrisation() -> None:
     vae = build_trainable_vae(SMALL).eval()
     with torch.no_grad():
