@@ -178,7 +178,7 @@ def test_ode_pairs_are_solved_again_for_another_teacher(
     cache = tmp_path / "ode_pairs.pt"
     cfg = _config(teacher_checkpoint=str(paths[0]), ode_steps=2)
     teacher = load_teacher(cfg)
-    noise, first = distill.ode_pairs(teacher, inputs, cfg, cache)
+    _, first = distill.ode_pairs(teacher, inputs, cfg, cache)
     solved = []
     real_ode = distill.teacher_ode
     monkeypatch.setattr(distill, "teacher_ode", lambda *a, **k: solved.append(1) or real_ode(*a, **k))
