@@ -45,9 +45,8 @@ from training.teacher import dit_data_config
 from training.vae_stage import tensor_to_video
 from workers.checkpoint import load_dit_checkpoint
 
-CHAIN_INDEX_START = (
-    2_000_000  # held out: training draws from 0.. and 1,000,000.., evaluation from 3,000,000..
-)
+# held out: training draws from 0.. and 1,000,000.., evaluation from 3,000,000..
+CHAIN_INDEX_START = 2_000_000
 TEACHER_STEPS = 16
 
 

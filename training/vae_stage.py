@@ -12,11 +12,11 @@ Objective per batch of windows x [B, 3, T, H, W] in [-1, 1]:
 - The L1 term weighs pixels inside the mouth boxes ``1 + mouth_weight``: the mouth is a few pixels of a 64x64
   frame but carries the lip-sync signal every later stage is judged on.
 - ``mouth_motion_weight`` adds the mean L1 error of the frame-to-frame *differences* inside the mouth boxes
-  (a window's consecutive frames). A latent frame covers 4 video frames, and the default's VAE keeps about
-  the mouth averaged over them: its reconstruction of real speech follows the envelope as well as that
-  average does and no better (lip-sync 0.49 vs 0.51, ground truth 0.87; ``training.lipsync_chain``), losing
-  the syllables. Off by default: continuing that VAE with it for 15 minutes did not change this
-  (training/README.md, *What limits lip-sync*).
+  (a window's consecutive frames). A latent frame covers 4 video frames, and a VAE trained without it keeps
+  about the mouth averaged over them (the previous default's reconstructed real speech at lip-sync 0.49,
+  a mouth held per latent frame scores 0.51, ground truth 0.87; ``training.lipsync_chain``), losing the
+  syllables. The term alone did not change that; with mouth streams (`mouth_stream_every`) it did (0.70;
+  the default's VAE). Off by default (training/README.md, *Stage A for lip-sync*).
 - Training streams, as inference does (truncated back-propagation through time): a batch of B clips is
   encoded and decoded ``stream_windows`` windows in a row through one encoder and one decoder
   ``FeatureCache``, each window a training step, the caches detached in between. The causal convolutions
