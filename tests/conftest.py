@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -18,3 +20,5 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(autouse=True)
 def _deterministic_torch() -> None:
     torch.manual_seed(0)
+    if "TM_TEST_THREADS" in os.environ:  # tests/test_cpu_matrix.py: equality tests at another thread count
+        torch.set_num_threads(int(os.environ["TM_TEST_THREADS"]))

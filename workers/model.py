@@ -206,33 +206,8 @@ class WanCrossAttention(nn.Module):
                 )
             k_audio = self._heads(self.norm_k_audio(self.k_audio(audio_tokens)))
             v_audio = self._heads(self.v_audio(audio_tokens))
-            out = out + _audio_attention(q, k_audio, v_audio, face_mask)
+            out = out + frame_local_audio_attention(q, k_audio, v_audio, face_mask)
         return self.o(out.flatten(2))
-
-
-# On CPU, MKL's sgemm (behind Linear and sdpa) runs fewer than 4 rows through another kernel whose results
-# differ in the last bits. A sequence-parallel band can hold fewer than 4 tokens of a frame where the whole
-# frame holds 4 or more (e.g. 2 of 4 at 32x32 with 2 workers), so the frame-local audio attention pads each
-# frame's queries to at least this many rows, keeping every topology bit-identical.
-_MIN_FRAME_ROWS = 4
-
-
-def _audio_attention(
-    q: torch.Tensor, k_audio: torch.Tensor, v_audio: torch.Tensor, face_mask: torch.Tensor | None
-) -> torch.Tensor:
-    """`frame_local_audio_attention` (q `[B, F·S, H, D]`, k/v `[B, C, F, N, H, D]`, face_mask `[B, C, F·S]`)
-    with each frame's S queries zero-padded to `_MIN_FRAME_ROWS` when fewer; padded rows are dropped."""
-    b, length, h, d = q.shape
-    frames = k_audio.shape[2]
-    s = length // frames
-    if s >= _MIN_FRAME_ROWS:
-        return frame_local_audio_attention(q, k_audio, v_audio, face_mask)
-    pad = _MIN_FRAME_ROWS - s
-    q = F.pad(q.reshape(b, frames, s, h, d), (0, 0, 0, 0, 0, pad)).flatten(1, 2)
-    if face_mask is not None:
-        face_mask = F.pad(face_mask.unflatten(-1, (frames, s)), (0, pad)).flatten(-2)
-    out = frame_local_audio_attention(q, k_audio, v_audio, face_mask)
-    return out.view(b, frames, _MIN_FRAME_ROWS, h, d)[:, :, :s].reshape(b, length, h, d)
 
 
 class WanAttentionBlock(nn.Module):

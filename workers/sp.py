@@ -13,12 +13,11 @@ back in the canonical frame-major order of the unsharded model, in the same copy
 anyway; ``heads_to_frames`` undoes it. Every head therefore attends over exactly the keys, in exactly the
 order, that one rank would use: the attention's float reductions, the RoPE positions and the cached
 keys/values (``[B, L, H/P, D]``, frame-major) are those of the single-rank model, and a boolean attention
-mask applies unchanged. The token-wise layers (and cross-attention queries) see F·S/P rows instead of F·S;
-on CPU with one thread per rank, MKL's float32 GEMM gives every row the same bits whatever the row count,
-from 4 rows up (fewer take another kernel: the frame-local audio attention pads to 4, ``workers.model``).
-Together that makes the SP topologies bit-identical to one worker on CPU (float32, tested at 2 workers).
-Exceptions, by the same mechanism: sdpa splits the queries in blocks of 32/64/256 and a last block of 1–3
-rows differs, and several MKL threads partition rows differently. On GPUs exactness is not a goal.
+mask applies unchanged. The token-wise layers (and cross-attention queries) see F·S/P rows instead of F·S,
+and each attention sees H/P heads: the same sums, but matrix products of other shapes, for which CPU BLAS
+(MKL/oneDNN; Intel vs AMD, AVX-512 or not, thread counts) and GPU kernels may pick other kernels and round
+differently. The SP topologies therefore equal one worker within float32 rounding (max abs <= 1e-5 on the
+latents at the tiny presets, tests/workers/test_sp_engine.py), not bit for bit.
 """
 
 from __future__ import annotations

@@ -25,8 +25,8 @@ Positions (StreamConfig.position_mode), in latent frames, F = chunk frames, T = 
 Sequence parallelism (`sp_group` of P ranks, every rank calls the same methods with the same inputs): each
 rank runs the blocks on its band of every frame and caches keys/values of its H/P heads for all tokens
 (`workers.sp`); the velocity is gathered on every rank after the head, so the sampler steps, and the
-returned x0, are the same on all of them, and on CPU (float32, one thread per rank) bit-identical to one
-rank's. P must divide the heads and the tokens of a frame (checked when the engine is built).
+returned x0, are the same on all of them, and equal one rank's within float32 rounding (<= 1e-5 on CPU).
+P must divide the heads and the tokens of a frame (checked when the engine is built).
 
 The full-sequence references the streaming engine must reproduce (the correctness anchor) are here too:
 `sparse_causal_mask`, `clean_context_mask`, `full_sequence_denoise` and `teacher_forced_denoise`.

@@ -10,6 +10,8 @@ from decoder.feature_cache import FeatureCache
 from decoder.vae import CausalConv3d, build_vae
 from proto.vae_config import get_vae_preset
 
+pytestmark = pytest.mark.equality  # tests/test_cpu_matrix.py reruns these at 2 threads and on AVX2
+
 # (in, out, kernel, stride, padding): every CausalConv3d shape the Wan VAE uses, with odd sizes around them.
 LAYERS = [
     (5, 7, 3, 1, 1),  # residual convolutions, conv1, head

@@ -12,6 +12,8 @@ from decoder.streaming import DecodeSession, convert_to_channels_last, frames_to
 from decoder.vae import WanVAE, build_vae
 from proto.vae_config import get_vae_preset
 
+pytestmark = pytest.mark.equality  # tests/test_cpu_matrix.py reruns these at 2 threads and on AVX2
+
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread() -> Iterator[None]:
@@ -45,7 +47,9 @@ def test_seven_chunks_equal_whole_video_decode(vae: WanVAE) -> None:
     assert [c.shape[2] for c in chunks] == [9, 12, 12, 12, 12, 12, 12]
     assert streamed.shape == whole.shape == (1, 3, 81, 16, 24)
     assert (streamed - whole).abs().max().item() <= 1e-5
-    assert torch.equal(frames_to_uint8(streamed), frames_to_uint8(whole))
+    # 1e-5 moves a pixel by far less than a level: only values on a rounding boundary may flip, by one.
+    levels = (frames_to_uint8(streamed).int() - frames_to_uint8(whole).int()).abs()
+    assert levels.max().item() <= 1 and levels.float().mean().item() <= 1e-3
 
 
 def test_cached_per_latent_decode_equals_one_causal_pass(vae: WanVAE) -> None:

@@ -11,6 +11,7 @@ machine a fresh interpreter spends seconds importing torch, a fork from the prel
 from __future__ import annotations
 
 import datetime
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,11 +20,17 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+THREADS_ENV = "TM_TEST_THREADS"  # torch threads per rank (default 1); tests/test_cpu_matrix.py sets 2
+
+
+def rank_threads() -> int:
+    return int(os.environ.get(THREADS_ENV, "1"))
+
 
 def _child(
     rank: int, fn: Callable[..., None], world_size: int, init_file: str, args: tuple[Any, ...]
 ) -> None:
-    torch.set_num_threads(1)
+    torch.set_num_threads(rank_threads())
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=30))
     try:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from run_helpers import read_frames, run_cli, write_inputs
+from run_helpers import assert_frames_match, read_frames, run_cli, write_inputs
 
 from proto.wire import ChunkRequest
 from server.executor import ScoredChunk
@@ -48,30 +48,33 @@ def disaggregated_2(inputs, tmp_path_factory) -> tuple[np.ndarray, Path]:
 
 
 @pytest.mark.slow
+@pytest.mark.equality
 def test_disaggregated_1_plus_1_gives_the_same_frames_as_self_contained_1(
     inputs, self_contained_1, tmp_path
 ) -> None:
     frames, _ = _run(inputs, tmp_path, "dis1", "--score-workers", "1", "--decoder", "dedicated")
     assert frames.shape == (23, 32, 32, 3)
     assert frames.std() > 5  # random weights give visible noise, not a constant picture
-    np.testing.assert_array_equal(frames, self_contained_1[0])
+    assert_frames_match(frames, self_contained_1[0])
 
 
 @pytest.mark.slow
+@pytest.mark.equality
 def test_disaggregated_2_plus_1_gives_the_same_frames_as_self_contained_2(
     inputs, disaggregated_2, tmp_path
 ) -> None:
     frames, _ = _run(inputs, tmp_path, "sc2", "--score-workers", "2", "--decoder", "colocated")
-    np.testing.assert_array_equal(disaggregated_2[0], frames)
+    assert_frames_match(disaggregated_2[0], frames)
 
 
 @pytest.mark.slow
+@pytest.mark.equality
 def test_disaggregated_2_plus_1_gives_the_same_frames_as_self_contained_1(
     self_contained_1, disaggregated_2
 ) -> None:
-    # Ulysses attends over the keys in the single-worker order, so the latents, and the frames, are identical.
+    # Ulysses attends over the keys in the single-worker order, so the latents agree to float32 rounding.
     assert disaggregated_2[0].shape == (23, 32, 32, 3)
-    np.testing.assert_array_equal(disaggregated_2[0], self_contained_1[0])
+    assert_frames_match(disaggregated_2[0], self_contained_1[0])
 
 
 @pytest.mark.slow

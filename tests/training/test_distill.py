@@ -59,6 +59,7 @@ def _config(**overrides: object) -> StudentConfig:
     return replace(StudentConfig(data=DATA, num_clips=2, val_clips=1, batch_size=2), **overrides)
 
 
+@pytest.mark.equality
 def test_student_training_forward_equals_streaming_chunk_by_chunk(inputs: ModelInputs) -> None:
     # The served model is a plain WanModel; training runs the same weights through its chunked-audio subclass.
     model = _random_wan(0)

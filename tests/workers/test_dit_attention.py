@@ -5,6 +5,8 @@ import torch
 
 from workers.attention import attention, flash_available, resolve_backend
 
+pytestmark = pytest.mark.equality  # tests/test_cpu_matrix.py reruns these at 2 threads and on AVX2
+
 
 def _qkv():
     gen = torch.Generator().manual_seed(0)

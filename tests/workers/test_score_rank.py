@@ -14,6 +14,8 @@ from workers.factory import build_score_model
 from workers.score_rank import ScoreRank
 from workers.streaming import StreamingDiT
 
+pytestmark = pytest.mark.equality  # tests/test_cpu_matrix.py reruns these at 2 threads and on AVX2
+
 CFG = get_model_preset("tiny")
 STREAM = StreamConfig(height=64, width=64)
 CHARACTERS = 2

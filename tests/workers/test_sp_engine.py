@@ -1,8 +1,10 @@
-"""Ulysses sequence parallelism in the streaming engine: 2 workers give exactly the latents of 1 worker.
+"""Ulysses sequence parallelism in the streaming engine: 2 workers give the latents of 1 worker.
 
 The SP world runs in real processes over gloo (tests/distributed/dist_world.py), one torch thread per rank;
 each rank also runs the single-rank engine on the same inputs, so the comparison needs no cross-process
-plumbing. Equality is bitwise (float32, CPU): SP attends over the keys in the single-rank order.
+plumbing. SP attends over the keys in the single-rank order, but its matrix products have other shapes (a
+band of a frame's tokens, a slice of the heads), and CPU BLAS kernels round differently per shape (Intel vs
+AMD, AVX-512 or not): equality is float32 within ``SP_ATOL`` (1e-5), not bitwise.
 """
 
 from __future__ import annotations
@@ -24,9 +26,19 @@ from workers.factory import build_score_model
 from workers.sp import check_sp_shapes, frames_to_heads, heads_to_frames, shard_frames
 from workers.streaming import StreamingDiT, sparse_causal_mask
 
+pytestmark = pytest.mark.equality  # tests/test_cpu_matrix.py reruns these at 2 threads and on AVX2
+
 CFG = get_model_preset("tiny")
 A = CFG.audio
 CHUNKS = 3
+# Float32 rounding of the same sums in other orders: ~1e-6 seen (Intel Xeon); a wrong key order or head
+# slice gives differences of order 1e-1.
+SP_ATOL = 1e-5
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return (a - b).abs().max().item()
 
 
 def _inputs(stream: StreamConfig) -> dict:
@@ -70,25 +82,25 @@ def _sp_equals_single(rank: int, world: int, cache_mode: str, size: int) -> None
     single, single_state = _run(StreamingDiT(model, stream), inputs)
     parallel, state = _run(StreamingDiT(model, stream, sp_group=dist.group.WORLD), inputs)
     for i, (a, b) in enumerate(zip(single, parallel, strict=True)):
-        err = (a - b).abs().max().item()
-        assert torch.equal(a, b), f"rank {rank} chunk {i}: SP {world} differs from SP 1 by {err}"
-    # Each rank caches its own H/P heads of every token of the chunk, exactly as one rank caches them.
+        err = _max_diff(a, b)
+        assert err <= SP_ATOL, f"rank {rank} chunk {i}: SP {world} differs from SP 1 by {err}"
+    # Each rank caches its own H/P heads of every token of the chunk, as one rank caches them.
     heads = CFG.num_heads // world
     assert state.cache.k.shape[-3:] == (stream.tokens_per_chunk, heads, CFG.head_dim)
     mine = slice(rank * heads, (rank + 1) * heads)
-    assert torch.equal(state.cache.k, single_state.cache.k[..., mine, :])
-    assert torch.equal(state.cache.v, single_state.cache.v[..., mine, :])
+    assert _max_diff(state.cache.k, single_state.cache.k[..., mine, :]) <= SP_ATOL
+    assert _max_diff(state.cache.v, single_state.cache.v[..., mine, :]) <= SP_ATOL
     # The chunks are not trivially alike (the comparison can fail).
     assert (single[0] - single[2]).abs().max().item() > 1e-2
 
 
 @pytest.mark.parametrize("cache_mode", ["per-step", "clean-context"])
-def test_two_sp_workers_give_bit_identical_latents_to_one(tmp_path, cache_mode) -> None:
+def test_two_sp_workers_give_the_latents_of_one(tmp_path, cache_mode) -> None:
     run_world(_sp_equals_single, 2, tmp_path, cache_mode, 64)
 
 
-def test_two_sp_workers_are_bit_identical_when_a_band_holds_fewer_than_4_tokens_of_a_frame(tmp_path) -> None:
-    # 32x32: 4 tokens per latent frame, 2 per worker (the frame-local audio attention pads them).
+def test_two_sp_workers_give_the_latents_of_one_when_a_band_holds_2_tokens_of_a_frame(tmp_path) -> None:
+    # 32x32: 4 tokens per latent frame, 2 per worker (BLAS takes another kernel for so few rows).
     run_world(_sp_equals_single, 2, tmp_path, "per-step", 32)
 
 
@@ -140,8 +152,8 @@ def _masked_forward_equals_single(rank: int, world: int) -> None:
         single = model(x, t, cross_kv=cross_kv, y=y, attn_mask=mask)
         parallel = model(x, t, cross_kv=cross_kv, y=y, attn_mask=mask, sp_group=dist.group.WORLD)
         unmasked = model(x, t, cross_kv=cross_kv, y=y)
-    assert torch.equal(single, parallel)
-    assert not torch.equal(single, unmasked)  # the mask matters
+    assert _max_diff(single, parallel) <= SP_ATOL
+    assert _max_diff(single, unmasked) > 1e-3  # the mask matters
 
 
 def test_sp_forward_with_the_sparse_causal_mask_equals_one_rank(tmp_path) -> None:

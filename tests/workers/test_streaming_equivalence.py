@@ -16,6 +16,8 @@ from workers.streaming import (
     teacher_forced_denoise,
 )
 
+pytestmark = pytest.mark.equality  # tests/test_cpu_matrix.py reruns these at 2 threads and on AVX2
+
 CFG = get_model_preset("tiny")
 A = CFG.audio
 CHUNKS, F, LAT = 7, 3, 8

@@ -8,6 +8,8 @@ from proto.stream_config import StreamConfig
 from workers.model import WanModel
 from workers.streaming import StreamingDiT
 
+pytestmark = pytest.mark.equality  # tests/test_cpu_matrix.py reruns these at 2 threads and on AVX2
+
 CFG = get_model_preset("tiny")
 STREAM = StreamConfig(height=64, width=64)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from test_score_rank import CFG, STREAM, open_message, request, session_inputs
 
@@ -27,6 +28,8 @@ from workers.worker_loop import run_worker_loop
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "distributed"))
 from dist_world import run_world
+
+pytestmark = pytest.mark.equality  # tests/test_cpu_matrix.py reruns these at 2 threads and on AVX2
 
 TOPOLOGY = Topology(score_workers=2, decoder="dedicated", num_heads=CFG.num_heads, preset=CFG.name)
 REPLY_TIMEOUT_S = 15.0

@@ -1,0 +1,60 @@
+"""The equality tests (marker ``equality``: SP N vs 1, disaggregated vs self-contained, streaming vs full
+sequence, FSDP vs one process, fast paths vs reference) again, in a fresh pytest process per cell of a small
+CPU matrix, so that a CI machine with another thread count or another instruction set cannot turn them red.
+
+The main run has one torch thread per rank (``--threads 1``) and this machine's own kernels. The cells:
+
+- ``2-threads``: two torch threads in every process and rank (``TM_TEST_THREADS``; MKL and oneDNN then split
+  rows and reductions differently);
+- ``avx2``: PyTorch's own kernels, MKL and oneDNN held to AVX2 (``ATEN_CPU_CAPABILITY``,
+  ``MKL_ENABLE_INSTRUCTIONS``, ``ONEDNN_MAX_CPU_ISA``), the instruction set of an AMD EPYC before Zen 4 — on
+  an AVX-512 Intel Xeon this runs the other family's code paths; on an AVX2 machine it is the native one.
+
+MKL also takes other code paths on AMD than on Intel CPUs whatever the instruction set; no environment
+setting reproduces that, which is why the tolerances are stated with room (tests/workers/test_sp_engine.py).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CELL_ENV = "TM_CPU_MATRIX_CELL"
+CELLS = {
+    "2-threads": {"TM_TEST_THREADS": "2", "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"},
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
+}
+# The equality tests that exist today; a cell that selects fewer ran something else than it claims.
+MIN_EQUALITY_TESTS = 60
+
+
+def _env(cell: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(CELLS[cell])
+    env[CELL_ENV] = cell
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    return env
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cell", sorted(CELLS))
+def test_the_equality_tests_hold_in_another_cpu_setting(cell: str) -> None:
+    if os.environ.get(CELL_ENV):
+        pytest.skip("already inside a matrix cell")
+    env = _env(cell)
+    if cell == "avx2":  # the setting reaches PyTorch (MKL's and oneDNN's have no query; they read the same way)
+        probe = [sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"]
+        capability = subprocess.run(probe, env=env, capture_output=True, text=True, check=True).stdout
+        assert capability.strip() == "AVX2", capability
+    cmd = [sys.executable, "-m", "pytest", "-m", "equality", "-q", "-p", "no:cacheprovider", "tests"]
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    tail = "\n".join(result.stdout.splitlines()[-40:])
+    assert result.returncode == 0, f"cell {cell} {CELLS[cell]}:\n{tail}\n{result.stderr[-2000:]}"
+    passed = re.search(r"(\d+) passed", tail)
+    assert passed and int(passed.group(1)) >= MIN_EQUALITY_TESTS, tail
