@@ -26,15 +26,17 @@ def _build_parser() -> argparse.ArgumentParser:
         "run",
         help="generate a talking-head MP4 from a portrait and a speech clip",
         description="Generate a talking-head MP4 from a portrait and a speech clip with the real "
-        "master/worker pipeline on this machine. The tiny preset's weights are seeded random: its video is "
-        "noise; the pipeline, the timing and the audio/video sync are what it shows.",
+        "master/worker pipeline on this machine. The tiny preset serves the trained toy default "
+        "(server/weights/tiny, 64x64, drawn characters); --random-weights gives seeded random weights "
+        "(noise, for plumbing tests).",
     )
     build_run_parser(run)
     serve = commands.add_parser(
         "serve",
         help="the production server: sessions API, LiveKit avatar publishing, metrics",
         description="Serve live avatar sessions: FastAPI control plane on rank 0, LiveKit publishing, "
-        "silence-mode video between utterances. The tiny preset's weights are seeded random.",
+        "silence-mode video between utterances. The tiny preset serves the trained toy default "
+        "(server/weights/tiny, 64x64); --random-weights gives seeded random weights (noise).",
     )
     build_serve_parser(serve)
     inspect = commands.add_parser("inspect", help="parameters, memory and FLOPs of a preset (meta device)")

@@ -8,7 +8,8 @@ The main run has one torch thread per rank (``--threads 1``) and this machine's 
   rows and reductions differently);
 - ``avx2``: PyTorch's own kernels, MKL and oneDNN held to AVX2 (``ATEN_CPU_CAPABILITY``,
   ``MKL_ENABLE_INSTRUCTIONS``, ``ONEDNN_MAX_CPU_ISA``), the instruction set of an AMD EPYC before Zen 4 — on
-  an AVX-512 Intel Xeon this runs the other family's code paths; on an AVX2 machine it is the native one.
+  an AVX-512 Intel Xeon this runs the other family's code paths (a float32 GEMM and an sdpa call gave other
+  bits under it, checked on an Intel Xeon); on an AVX2 machine it is the native one.
 
 MKL also takes other code paths on AMD than on Intel CPUs whatever the instruction set; no environment
 setting reproduces that, which is why the tolerances are stated with room (tests/workers/test_sp_engine.py).
@@ -48,7 +49,7 @@ def test_the_equality_tests_hold_in_another_cpu_setting(cell: str) -> None:
     if os.environ.get(CELL_ENV):
         pytest.skip("already inside a matrix cell")
     env = _env(cell)
-    if cell == "avx2":  # the setting reaches PyTorch (MKL's and oneDNN's have no query; they read the same way)
+    if cell == "avx2":  # the setting reaches PyTorch (MKL and oneDNN have no query; they read theirs alike)
         probe = [sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"]
         capability = subprocess.run(probe, env=env, capture_output=True, text=True, check=True).stdout
         assert capability.strip() == "AVX2", capability
