@@ -34,7 +34,8 @@ DEFAULT_MAX_AUDIO_S = 600.0
 @dataclass(frozen=True, kw_only=True)
 class WeightsOptions:
     """What a trained bundle fixes (``bundle_settings``), shared by ``run`` and ``serve`` options; the
-    defaults are those of seeded random weights. Subclasses define ``seed``."""
+    defaults are those of seeded random weights. Subclasses define ``seed``, ``height``, ``width`` and
+    ``steps`` (``--steps``: N evenly spaced denoising steps instead of the weights' own)."""
 
     seed: int  # redeclared (positionally) by the subclasses
     train_latent_frames: int = 21
@@ -47,6 +48,18 @@ class WeightsOptions:
     def tiny_encoder_seed(self) -> int:
         """Seed of the tiny random umT5/CLIP/wav2vec2: the bundle's training seed, else ``--seed``."""
         return self.seed if self.encoder_seed is None else self.encoder_seed
+
+    def stream_config(self) -> StreamConfig:
+        steps = self.default_denoising_steps
+        if self.steps is not None:  # type: ignore[attr-defined]
+            steps = evenly_spaced_steps(self.steps)  # type: ignore[attr-defined]
+        return StreamConfig(
+            height=self.height,  # type: ignore[attr-defined]
+            width=self.width,  # type: ignore[attr-defined]
+            denoising_steps=steps,
+            timestep_shift=self.timestep_shift,
+            train_latent_frames=self.train_latent_frames,
+        )
 
 
 @dataclass(frozen=True)
@@ -95,18 +108,6 @@ class RunOptions(WeightsOptions):
             device=self.device,  # type: ignore[arg-type]
             num_heads=self.model_config.num_heads,
             preset=self.preset,
-        )
-
-    def stream_config(self) -> StreamConfig:
-        steps = self.default_denoising_steps
-        if self.steps is not None:
-            steps = evenly_spaced_steps(self.steps)
-        return StreamConfig(
-            height=self.height,
-            width=self.width,
-            denoising_steps=steps,
-            timestep_shift=self.timestep_shift,
-            train_latent_frames=self.train_latent_frames,
         )
 
 
@@ -168,7 +169,6 @@ def build_run_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads per rank (default: cores / ranks)"
     )
-    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the stream's 2)")
     parser.add_argument(
         "--no-overlap",
         dest="overlap",
@@ -194,7 +194,7 @@ def build_run_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
 
 
 def add_weights_arguments(parser: argparse.ArgumentParser) -> None:
-    """--checkpoint / --vae-checkpoint / --random-weights (shared by ``run`` and ``serve``)."""
+    """--checkpoint / --vae-checkpoint / --random-weights / --steps (shared by ``run`` and ``serve``)."""
     parser.add_argument(
         "--checkpoint",
         default=None,
@@ -209,6 +209,18 @@ def add_weights_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="seeded random DiT and VAE instead of the trained default (noise; for plumbing tests)",
     )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="N evenly spaced denoising steps instead of the weights' own (2; benchmarks raise it to make "
+        "the score stage heavier)",
+    )
+
+
+def check_steps(steps: int | None) -> None:
+    if steps is not None and not 1 <= steps <= 1000:
+        raise ValueError(f"--steps must be between 1 and 1000, got {steps}")
 
 
 def _size(args: argparse.Namespace, bundle: ModelBundle | None = None) -> tuple[int, int]:
@@ -251,8 +263,7 @@ def options_from_args(args: argparse.Namespace) -> RunOptions:
     threads = args.threads if args.threads is not None else max(1, (os.cpu_count() or 1) // max(world, 1))
     if threads < 1:
         raise ValueError(f"--threads must be at least 1, got {threads}")
-    if args.steps is not None and not 1 <= args.steps <= 1000:
-        raise ValueError(f"--steps must be between 1 and 1000, got {args.steps}")
+    check_steps(args.steps)
     if args.chunk_timeout <= 0:
         raise ValueError(f"--chunk-timeout must be positive, got {args.chunk_timeout}")
     options = RunOptions(

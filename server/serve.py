@@ -56,11 +56,16 @@ import torch
 import torch.distributed as dist
 
 from proto.model_config import ModelConfig, get_model_preset, model_preset_names
-from proto.stream_config import StreamConfig
 from proto.topology import Topology
 from proto.vae_config import get_vae_preset
 from server.model_bundle import resolve_weights
-from server.run_options import WeightsOptions, add_weights_arguments, bundle_settings, default_decoder
+from server.run_options import (
+    WeightsOptions,
+    add_weights_arguments,
+    bundle_settings,
+    check_steps,
+    default_decoder,
+)
 from server.settings import ApiSettings
 
 log = logging.getLogger("talkingmachines.serve")
@@ -93,6 +98,7 @@ class ServeOptions(WeightsOptions):
     umt5_checkpoint: str | None
     device: str
     threads: int
+    steps: int | None
     chunk_timeout_s: float
     ahead_s: float
     video_bitrate: int
@@ -111,15 +117,6 @@ class ServeOptions(WeightsOptions):
             device=self.device,  # type: ignore[arg-type]
             num_heads=self.model_config.num_heads,
             preset=self.preset,
-        )
-
-    def stream_config(self) -> StreamConfig:
-        return StreamConfig(
-            height=self.height,
-            width=self.width,
-            denoising_steps=self.default_denoising_steps,
-            timestep_shift=self.timestep_shift,
-            train_latent_frames=self.train_latent_frames,
         )
 
     def api_settings(self) -> ApiSettings:
@@ -233,6 +230,7 @@ def parse_serve_options(argv: list[str]) -> ServeOptions:
     threads = args.threads if args.threads is not None else max(1, (os.cpu_count() or 1) // world)
     if args.video_delay_frames < 0:
         raise ValueError(f"--video-delay-frames must be >= 0, got {args.video_delay_frames}")
+    check_steps(args.steps)
     if args.chunk_timeout <= 0 or args.ahead <= 0:
         raise ValueError("--chunk-timeout and --ahead must be positive seconds")
     options = ServeOptions(
@@ -253,6 +251,7 @@ def parse_serve_options(argv: list[str]) -> ServeOptions:
         umt5_checkpoint=args.umt5_checkpoint,
         device=device,
         threads=threads,
+        steps=args.steps,
         chunk_timeout_s=args.chunk_timeout,
         ahead_s=args.ahead,
         video_bitrate=args.video_bitrate,
