@@ -6,11 +6,19 @@ Threads (all on the master, rank 0):
   session set-up there (VAE encode of the reference image, CLIP and umT5, the LiveKit join) and then asks the
   engine to open the session on the workers; the other methods only touch thread-safe session state.
 - The **engine thread** is the only one that talks to the score side (the executor's collectives must be
-  issued in one order by one thread). Each tick it picks, among the running sessions whose playout buffer is
-  below ``ahead_s`` (≈ one chunk), the one whose playout runs dry first (earliest deadline — round-robin
-  when all are equally served), prepares its next chunk (speech if there is some, else silence mode), scores
-  it, decodes it and hands frames + audio to the session's output. Generation therefore stays a bounded
-  distance ahead of playout, and an idle session keeps its video alive with silence chunks.
+  issued in one order by one thread). It runs the chunks of every session as a pipeline: it submits chunk
+  t+1's request, decodes chunk t (of the same or another session) while the workers score t+1, picks and
+  prepares chunk t+2 (audio features, its request) while they still score, then collects t+1. On a
+  disaggregated group the time between chunks is therefore about max(score + transfer, decode + prepare),
+  not their sum; on a self-contained group (the master scores inline) the steps run in turn. At most one
+  chunk is in flight on the workers and one prepared ahead; session opens and closes go out between chunks,
+  when nothing is in flight. Sessions are picked earliest deadline first: among the running sessions whose
+  playout buffer (counting their chunk in flight) is below ``ahead_s`` (≈ one chunk), the one whose
+  playout runs dry first — round-robin when all are equally served. Generation therefore stays a bounded
+  distance ahead of playout, and an idle session keeps its video alive with silence chunks. A session's
+  frames depend only on its own inputs (its seed, image, speech), never on which other sessions are live.
+- The **publish thread** (``server.live_publish``) puts each decoded chunk into its session's output (the
+  file output's encoding, the LiveKit hand-off) and ticks the outputs, off the engine thread's path.
 - The **LiveKit loop** (one asyncio loop thread) runs every session's publisher, avatar-worker protocol and
   real-time player.
 
@@ -22,10 +30,10 @@ Failure: a ``WorkerError`` from the executor, or a score-worker process found de
 ``dead_workers``), fails every live session with a reason naming the rank; ``ready()`` turns false and new
 sessions get 503; the master, its API and its metrics stay up.
 
-Timing semantics in serve: generation is paced by playout, so the wall-clock gap between chunks is the
-playout rate by construction. The TTBC this backend reports is therefore the chunk's *busy time* (prepare +
-score + transfer + decode + publish hand-off), i.e. the time between chunks when the generator runs flat out
-(which it does whenever a buffer is low); a deadline miss is a busy time above the chunk's duration.
+Timings (``server.live_publish``): a session's TTBC is the time between two consecutive publishes of its
+chunks (the same definition as ``run``'s); in a call it follows the playout (a chunk is made when the buffer
+needs one), so the headroom shows in the stage times, and a chunk is counted late (``deadline_misses``) when
+the session's playout had run dry before it arrived.
 """
 
 from __future__ import annotations
@@ -62,13 +70,15 @@ from server.audio_features import (
 )
 from server.backend import BackendFailed, InvalidRequest, NoCapacity, SessionEnded, UnknownSession
 from server.conditioning import ConditioningEncoders
-from server.executor import Executor, WorkerError
+from server.executor import Executor, ScoredChunk, WorkerError
+from server.live_publish import ChunkPublisher, DecodedChunk
 from server.live_session import (
     AsyncLoopThread,
     FileSessionOutput,
     LiveKitSessionOutput,
     LiveSession,
     PlayoutHooks,
+    PreparedInputs,
     SpeechFeed,
 )
 from server.livekit.avatar_protocol import AvatarProtocol
@@ -104,6 +114,17 @@ class LiveConfig:
     video_delay_frames: int = 1
     wav2vec_checkpoint: str | None = None
     encoder_seed: int | None = None  # the tiny random wav2vec2's seed (None: `seed`)
+
+
+@dataclass
+class _Work:
+    """A session's chunk on its way through the engine: prepared, then submitted, then scored."""
+
+    session: LiveSession
+    prepared: PreparedInputs
+    epoch: int  # the session's epoch when prepared (a clear since then drops the chunk at publish)
+    prepare_s: float
+    scored: ScoredChunk | None = None
 
 
 @dataclass
@@ -155,7 +176,14 @@ class LiveBackend:
         self._stop = threading.Event()
         self._ready = False
         self._failed: str | None = None
-        self._in_flight: str | None = None  # engine thread: the session whose chunk request awaits its reply
+        # Engine thread: the chunk whose request awaits its reply, the one prepared to go next, the one scored
+        # and not yet decoded, and the sessions to close on the workers once nothing is in flight.
+        self._in_flight: _Work | None = None
+        self._next: _Work | None = None
+        self._scored: _Work | None = None
+        self._deferred_closes: list[str] = []
+        self._reply_pending: set[str] = set()  # sessions whose chunk reply was not read (never closed)
+        self._publisher = ChunkPublisher(metrics, self._live_sessions)
         self._draining: tuple[float, str] | None = None  # (Retry-After seconds, why) once draining
         self._loop = AsyncLoopThread()
         self._engine = threading.Thread(target=self._run_engine, name="master-engine", daemon=True)
@@ -165,6 +193,7 @@ class LiveBackend:
     # ---- lifecycle -------------------------------------------------------------------------------------
 
     def start(self) -> LiveBackend:
+        self._publisher.start()
         self._engine.start()
         return self
 
@@ -202,6 +231,7 @@ class LiveBackend:
                 self._call(lambda: self.executor.shutdown(reason), timeout_s=10)
             self._stop.set()
             self._engine.join(timeout=10)
+        self._publisher.stop()
         self._loop.stop()
 
     # ---- SessionBackend --------------------------------------------------------------------------------
@@ -493,28 +523,113 @@ class LiveBackend:
         except WorkerError as exc:
             self._fail_all(str(exc))
         while not self._stop.is_set():
-            self._run_commands()
+            self._run_commands()  # nothing is in flight here: opens and closes go out between chunks
             if self._failed is not None:
+                self._next = self._scored = None
                 time.sleep(_TICK_S)
                 continue
             self._check_workers()
-            session = self._pick()
-            if session is None:
+            if not self._turn():
                 time.sleep(_TICK_S)
-                continue
-            self._step(session)
         self._run_commands()
 
-    def _step(self, session: LiveSession) -> None:
-        """Engine thread: one chunk of ``session``; a worker failure fails every session, any other failure
-        only this one."""
+    def _turn(self) -> bool:
+        """Engine thread: one turn of the pipeline (module docstring). False when there was nothing to do."""
+        for session_id, reason in self._publisher.failures():
+            self._fail_one(session_id, reason)
+        if self._next is None:
+            self._next = self._guarded(None, lambda: self._prepare(self._pick()))
+        work, self._next = self._next, None
+        if work is not None and not self._schedulable(work.session):
+            work = None  # closed or failed since it was prepared; its chunk never goes out
+        if work is not None and not self._guarded(work.session, lambda: self._submit(work)):
+            work = None
+        scored, self._scored = self._scored, None
+        if scored is not None:  # decoded while the workers score `work` (disaggregated)
+            self._guarded(scored.session, lambda: self._decode(scored))
+        if work is None:
+            return scored is not None
+        if self._next is None:  # prepared while the workers still score `work`
+            self._next = self._guarded(None, lambda: self._prepare(self._pick(in_flight=work)))
+        self._guarded(work.session, lambda: self._collect(work))
+        return True
+
+    def _guarded(self, session: LiveSession | None, fn: Callable[[], Any]) -> Any:
+        """Run one pipeline step: a worker failure fails every session, any other failure only ``session``
+        (or the session being prepared, which ``_prepare`` names itself). None when it failed."""
         try:
-            self._generate(session)
+            return fn()
         except WorkerError as exc:
             self._fail_all(str(exc))
+        except _SessionStepError as exc:
+            log.error("session %s failed while generating: %s", exc.session.id, exc.__cause__)
+            self._fail_one(exc.session.id, f"generation failed: {exc.__cause__}")
         except Exception as exc:  # a bug or bad state in one session must not take the others down
+            if session is None:
+                log.exception("picking the next session failed")
+                return None
             log.exception("session %s failed while generating", session.id)
             self._fail_one(session.id, f"generation failed: {exc}")
+        return None
+
+    def _schedulable(self, session: LiveSession) -> bool:
+        entry = self._sessions.get(session.id)
+        return entry is not None and entry.session is session and not entry.closing and session.live
+
+    def _prepare(self, session: LiveSession | None) -> _Work | None:
+        """The next chunk of ``session`` (None: no session is due): audio features and its request."""
+        if session is None:
+            return None
+        start = time.perf_counter()
+        epoch = session.epoch
+        try:
+            prepared = session.prepare_chunk()
+        except Exception as exc:
+            raise _SessionStepError(session) from exc
+        return _Work(session, prepared, epoch, time.perf_counter() - start)
+
+    def _submit(self, work: _Work) -> bool:
+        self._in_flight = work
+        try:
+            self.executor.submit(work.prepared.request, work.prepared.tensors)
+        except BaseException:
+            self._in_flight = None
+            raise
+        return True
+
+    def _collect(self, work: _Work) -> None:
+        try:
+            work.scored = self.executor.collect(work.prepared.request)
+        except BaseException:
+            # Its reply may still be due on the wire: a SessionClose now could leave that reply to be read
+            # as another session's, so this session's caches stay on the workers (logged at close).
+            self._reply_pending.add(work.session.id)
+            raise
+        finally:
+            self._in_flight = None
+        self._scored = work
+        closes, self._deferred_closes = self._deferred_closes, []
+        for session_id in closes:
+            self._close_on_workers(session_id)
+
+    def _decode(self, work: _Work) -> None:
+        """Decode a scored chunk to host frames and hand it to the publish thread."""
+        session, scored = work.session, work.scored
+        assert scored is not None
+        if not session.live or session.output is None:
+            return
+        start = time.perf_counter()
+        # On CUDA the latent arrives on the executor's receive stream: order the decode after it.
+        latent = scored.transfer.wait()["latent"] if scored.transfer is not None else scored.latent
+        frames = session.decoder.decode_chunk(latent).cpu().numpy()
+        stages = {
+            "prepare": work.prepare_s,
+            "score": scored.score_s,
+            "transfer": max(0.0, scored.roundtrip_s - scored.score_s),
+            "decode": time.perf_counter() - start,
+        }
+        deadline = self.config.stream.chunk_duration_s(work.prepared.request.chunk_index)
+        self._publisher.submit(DecodedChunk(session, work.prepared, frames, work.epoch, stages, deadline))
 
     def _run_commands(self) -> None:
         while True:
@@ -538,31 +653,38 @@ class LiveBackend:
 
     def _fail_one(self, session_id: str, reason: str) -> None:
         """Engine thread: session ``session_id`` failed alone (its output or its own data, not the workers):
-        finish it as failed and free its caches on the workers. Skipped while a chunk request of it is in
-        flight (a failure between submit and collect): its reply is still due, and a SessionClose before
-        it would leave the reply to be read as another session's."""
+        finish it as failed and free its caches on the workers (once its chunk in flight, if any, is
+        collected: a SessionClose before the reply would leave the reply to be read as another session's)."""
         entry = self._sessions.get(session_id)
         if entry is None:
             return
         self._finish(entry, SessionState.failed, reason)  # out of _sessions: never picked again
-        if self._in_flight == session_id:
-            log.error("session %s failed with a chunk request in flight; its caches stay on the workers",
-                      session_id)  # fmt: skip
-            return
         self._close_on_workers(session_id)
 
     def _close_on_workers(self, session_id: str) -> None:
         """Engine thread: free a finished session's caches on the score workers (``close`` does the same
-        for client-side closes)."""
+        for client-side closes); deferred while a chunk is in flight."""
         if self._failed is not None:
+            return
+        if session_id in self._reply_pending:
+            log.error("session %s failed with its chunk reply unread; its caches stay on the workers",
+                      session_id)  # fmt: skip
+            return
+        if self._in_flight is not None:
+            self._deferred_closes.append(session_id)
             return
         try:
             self.executor.close_session(SessionClose(session_id))
         except WorkerError as exc:
             self._fail_all(str(exc))
 
-    def _pick(self) -> LiveSession | None:
-        """The running session whose playout runs dry first among those below ``ahead_s``."""
+    def _live_sessions(self) -> list[LiveSession]:
+        with self._lock:
+            return [entry.session for entry in self._sessions.values()]
+
+    def _pick(self, in_flight: _Work | None = None) -> LiveSession | None:
+        """The running session whose playout runs dry first among those below ``ahead_s``; a chunk in
+        flight counts as buffered for its session."""
         best: tuple[float, LiveSession] | None = None
         report_offset = time.monotonic() - self._last_offset_report > 1.0
         for entry in list(self._sessions.values()):
@@ -574,7 +696,6 @@ class LiveBackend:
                 self._close_on_workers(session.id)
                 continue
             try:
-                session.output.tick()  # a file output writes its due frames here
                 buffered = session.output.buffered_s()
             except Exception as exc:  # one session's broken output must not stop the engine for all
                 log.exception("session %s failed while publishing", session.id)
@@ -586,49 +707,11 @@ class LiveBackend:
                 if stats.samples:
                     self.metrics.set_av_offset(stats.last_s)
                 self._last_offset_report = time.monotonic()
+            if in_flight is not None and in_flight.session is session:
+                buffered += self.config.stream.chunk_duration_s(in_flight.prepared.request.chunk_index)
             if buffered < self.config.ahead_s and (best is None or buffered < best[0]):
                 best = (buffered, session)
         return best[1] if best is not None else None
-
-    def _generate(self, session: LiveSession) -> None:
-        """One chunk of ``session``: prepare, score, decode, hand to the output; record its timings."""
-        assert session.output is not None
-        start = time.perf_counter()
-        epoch = session.epoch
-        prepared = session.prepare_chunk()
-        prepared_at = time.perf_counter()
-        self._in_flight = session.id
-        self.executor.submit(prepared.request, prepared.tensors)
-        scored = self.executor.collect(prepared.request)
-        self._in_flight = None
-        scored_at = time.perf_counter()
-        frames_t = session.decoder.decode_chunk(scored.latent)
-        frames = frames_t.cpu().numpy()
-        decoded_at = time.perf_counter()
-        frames = session.probe(frames, prepared.pcm)
-        if session.epoch == epoch:
-            session.output.put_chunk(frames, prepared.pcm, prepared.first_frame)
-        done = time.perf_counter()
-        deadline = self.config.stream.chunk_duration_s(prepared.request.chunk_index)
-        busy = done - start
-        with session.times.lock:
-            session.chunks_generated += 1
-            session.times.ttbc.append(busy)
-            if len(session.times.ttbc) > 1000:  # bounded memory over hours: keep the recent window
-                del session.times.ttbc[:500]
-            if busy > deadline:
-                session.times.deadline_misses += 1
-        self.metrics.observe_chunk(
-            busy,
-            {
-                "prepare": prepared_at - start,
-                "score": scored.score_s,
-                "transfer": max(0.0, scored.roundtrip_s - scored.score_s),
-                "decode": decoded_at - scored_at,
-                "publish": done - decoded_at,
-            },
-            deadline_s=deadline,
-        )
 
     def _warm_up(self) -> None:
         """Open a throw-away session, generate one chunk end to end, close it."""
@@ -642,3 +725,11 @@ class LiveBackend:
         scored = self.executor.collect(prepared.request)
         session.decoder.decode_chunk(scored.latent)
         self.executor.close_session(SessionClose("warm-up"))
+
+
+class _SessionStepError(Exception):
+    """A session's own step failed (its ``__cause__``); only that session fails."""
+
+    def __init__(self, session: LiveSession) -> None:
+        super().__init__(session.id)
+        self.session = session

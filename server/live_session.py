@@ -513,7 +513,8 @@ class SessionTimes:
     ttbc: list[float] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
     deadline_misses: int = 0
-    last_publish: float | None = None
+    last_publish: float | None = None  # perf_counter of the session's latest publish
+    last_epoch: int = 0  # the session's epoch at that publish (a clear since then is not a stall)
     first_frame_latency_s: float | None = None
 
 

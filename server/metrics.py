@@ -105,20 +105,31 @@ class Metrics:
         self._lock = threading.Lock()
 
     def observe_chunk(
-        self, ttbc_s: float, stages: Mapping[str, float], deadline_s: float = CHUNK_SECONDS
+        self,
+        ttbc_s: float | None,
+        stages: Mapping[str, float],
+        deadline_s: float = CHUNK_SECONDS,
+        missed: bool | None = None,
     ) -> None:
-        """One published chunk: its TTBC, each stage's seconds, and its deadline (the chunk's duration).
+        """One published chunk: its TTBC (time since the session's previous publish; None for a session's
+        first chunk), each stage's seconds, and its deadline (the chunk's duration). ``missed``: whether the
+        chunk was late; None counts a TTBC over the deadline as late (an unpaced stream, ``run``), while
+        ``serve`` (paced by playout) says whether the viewer's playout had run dry.
 
         Raises:
             ValueError: a stage outside ``STAGES`` (labels are a closed set), or a non-finite time.
         """
-        ttbc_s = _finite(ttbc_s, "ttbc_s")
         unknown = set(stages) - set(STAGES)
         if unknown:
             raise ValueError(f"unknown stage(s) {sorted(unknown)}; the stages are {', '.join(STAGES)}")
-        self.ttbc.observe(ttbc_s)
+        deadline_s = _finite(deadline_s, "deadline_s")
+        if ttbc_s is not None:
+            ttbc_s = _finite(ttbc_s, "ttbc_s")
+            self.ttbc.observe(ttbc_s)
         self.chunks.inc()
-        if ttbc_s > _finite(deadline_s, "deadline_s"):
+        if missed is None:
+            missed = ttbc_s is not None and ttbc_s > deadline_s
+        if missed:
             self.deadline_misses.inc()
         for stage, seconds in stages.items():
             self.stage.labels(stage=stage).observe(_finite(seconds, f"stage {stage!r}"))

@@ -340,4 +340,4 @@ def test_agent_session_reports_first_frame_latency_and_chunks(agent: Observed) -
     assert agent.info["state"] == "running"
     assert agent.info["first_frame_latency_s"] is not None
     assert 0.0 < agent.info["first_frame_latency_s"] < 5.0
-    assert agent.info["ttbc"]["count"] == agent.info["chunks_generated"] > 0
+    assert agent.info["ttbc"]["count"] == agent.info["chunks_generated"] - 1 > 0

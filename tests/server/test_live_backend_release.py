@@ -105,7 +105,7 @@ def test_a_session_that_fails_while_generating_is_freed_on_the_workers_alone() -
     broken.prepare_chunk = _failing_prepare
     backend._sessions = {s.id: _Entry(s, [], None) for s in (broken, playing)}  # type: ignore[arg-type]
 
-    backend._step(broken)  # type: ignore[arg-type]
+    backend._turn()  # the engine picks `broken` (both are due; the first wins the tie) and fails preparing it
 
     assert executor.closed == ["broken"] and executor.submitted == []
     info = backend.get("broken")
@@ -132,10 +132,11 @@ def test_no_close_while_the_failed_sessions_chunk_request_awaits_its_reply() -> 
     executor = _RecordingExecutor(collect_error=ValueError("latent of the wrong shape"))
     backend = _backend(executor)
     broken = _session("broken", None)
-    broken.prepare_chunk = lambda: SimpleNamespace(request=SimpleNamespace(session_id="broken"), tensors={})
+    request = SimpleNamespace(session_id="broken", chunk_index=0)
+    broken.prepare_chunk = lambda: SimpleNamespace(request=request, tensors={})
     backend._sessions = {"broken": _Entry(broken, [], None)}  # type: ignore[arg-type]
 
-    backend._step(broken)  # type: ignore[arg-type]
+    backend._turn()  # type: ignore[arg-type]
 
-    assert executor.submitted == ["broken"] and executor.closed == []  # its reply is still due
+    assert executor.submitted == ["broken"] and executor.closed == []  # its reply may still be due
     assert backend.get("broken").state == SessionState.failed

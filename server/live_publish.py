@@ -1,0 +1,168 @@
+"""The publish side of ``talkingmachines serve``'s engine: decoded chunks go to their session's output on a
+thread of their own, so that encoding (the file output's x264/AAC) and the LiveKit hand-off never sit on
+the engine thread's critical path (which scores, decodes and prepares).
+
+``ChunkPublisher`` owns one thread. The engine thread ``submit``s a decoded chunk (bounded queue: it blocks
+while ``depth`` chunks wait, which keeps generation a bounded distance ahead of publishing); the thread puts
+it into the session's output, records the session's timings and the metrics, and between chunks ticks every
+output (a file output writes the frames whose playout time has come). An output that raises is reported
+through ``failures()`` for the engine thread to fail that session alone (it talks to the workers).
+
+Timings (one definition for ``run`` and ``serve``, ``server/stats.py``): a session's TTBC is the time between
+two consecutive publishes of its chunks; its first chunk has none. Stage times are recorded separately. A
+chunk is *late* (a deadline miss) when its session's output had already played everything before it
+arrived — the viewer saw a stall — except for a session's first chunk and the first chunk after a clear.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from server.live_session import LiveSession, PreparedInputs
+from server.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+_TICK_S = 0.005
+_SUBMIT_POLL_S = 0.1
+_KEEP_TTBC = 1000  # per-session TTBC samples kept (bounded memory over hours)
+
+
+@dataclass
+class DecodedChunk:
+    """A session's chunk, decoded to host frames ``[T, H, W, 3]`` uint8, with its timings so far.
+
+    epoch: the session's ``epoch`` when the chunk was prepared (a clear since then drops the chunk).
+    stages: seconds of prepare, score, transfer and decode.
+    """
+
+    session: LiveSession
+    prepared: PreparedInputs
+    frames: np.ndarray
+    epoch: int
+    stages: dict[str, float]
+    deadline_s: float
+
+
+class ChunkPublisher:
+    """The publish thread (see the module docstring).
+
+    Args:
+        metrics: the ``tm_`` recorder.
+        sessions: returns the live sessions whose outputs are ticked between chunks.
+        depth: decoded chunks that may wait for the thread before ``submit`` blocks.
+    """
+
+    def __init__(
+        self, metrics: Metrics, sessions: Callable[[], Iterable[LiveSession]], depth: int = 1
+    ) -> None:
+        self.metrics = metrics
+        self.sessions = sessions
+        self._queue: queue.Queue[DecodedChunk] = queue.Queue(maxsize=depth)
+        self._failures: queue.Queue[tuple[str, str]] = queue.Queue()
+        self._stop = threading.Event()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._thread = threading.Thread(target=self._run, name="master-publish", daemon=True)
+
+    def start(self) -> ChunkPublisher:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Publish what is queued, then stop the thread."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    def submit(self, chunk: DecodedChunk) -> None:
+        """Queue a decoded chunk; blocks while the queue is full (the thread is publishing)."""
+        self._idle.clear()
+        while True:
+            try:
+                self._queue.put(chunk, timeout=_SUBMIT_POLL_S)
+                return
+            except queue.Full:
+                if not self._thread.is_alive():
+                    raise RuntimeError("the publish thread stopped") from None
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Block until every submitted chunk is published (tests and the warm-up)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._queue.empty() and self._idle.is_set():
+                return True
+            time.sleep(0.002)
+        return False
+
+    def failures(self) -> list[tuple[str, str]]:
+        """(session id, reason) of every output that failed since the last call."""
+        out = []
+        while True:
+            try:
+                out.append(self._failures.get_nowait())
+            except queue.Empty:
+                return out
+
+    # ---- the thread ------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            try:
+                chunk = self._queue.get(timeout=_TICK_S)
+            except queue.Empty:
+                if self._stop.is_set():
+                    return
+                self._idle.set()
+                self._tick()
+                continue
+            self._publish(chunk)
+            self._tick()
+
+    def _tick(self) -> None:
+        for session in list(self.sessions()):
+            output = session.output
+            if output is None or not session.live:
+                continue
+            try:
+                output.tick()  # a file output writes its due frames here
+            except Exception as exc:  # one session's broken output must not stop the others
+                log.exception("session %s failed while publishing", session.id)
+                self._failures.put((session.id, f"publishing failed: {exc}"))
+
+    def _publish(self, chunk: DecodedChunk) -> None:
+        session, prepared = chunk.session, chunk.prepared
+        output = session.output
+        if output is None or not session.live or session.epoch != chunk.epoch:
+            return  # ended, or cleared (barge-in) since the chunk was prepared: its frames are stale
+        times = session.times
+        start = time.perf_counter()
+        try:
+            stalled = times.last_publish is not None and times.last_epoch == chunk.epoch
+            stalled = stalled and output.buffered_s() <= 0.0
+            frames = session.probe(chunk.frames, prepared.pcm)
+            output.put_chunk(frames, prepared.pcm, prepared.first_frame)
+        except Exception as exc:
+            log.exception("session %s failed while publishing", session.id)
+            self._failures.put((session.id, f"publishing failed: {exc}"))
+            return
+        published = time.perf_counter()
+        ttbc = None if times.last_publish is None else published - times.last_publish
+        with times.lock:
+            times.last_publish, times.last_epoch = published, chunk.epoch
+            session.chunks_generated += 1
+            if ttbc is not None:
+                times.ttbc.append(ttbc)
+                if len(times.ttbc) > _KEEP_TTBC:
+                    del times.ttbc[: _KEEP_TTBC // 2]
+            if stalled:
+                times.deadline_misses += 1
+        stages = {**chunk.stages, "publish": published - start}
+        self.metrics.observe_chunk(ttbc, stages, deadline_s=chunk.deadline_s, missed=stalled)
