@@ -118,7 +118,9 @@ def test_a_size_that_is_not_a_multiple_of_16_exits_2(tmp_path, good_inputs, caps
     assert "StreamConfig.height=100 must be a positive multiple of 16" in err
 
 
-def test_a_configuration_that_cannot_fit_the_memory_exits_2_with_the_plan(tmp_path, good_inputs, capsys) -> None:
+def test_a_configuration_that_cannot_fit_the_memory_exits_2_with_the_plan(
+    tmp_path, good_inputs, capsys
+) -> None:
     image, audio = good_inputs
     argv = ["--image", str(image), "--audio", str(audio), "--out", str(tmp_path / "o.mp4")]
     err = _usage_error(capsys, [*argv, "--device", "cpu", "--device-memory", "0.001"])

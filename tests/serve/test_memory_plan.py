@@ -107,7 +107,8 @@ def test_activation_estimate_is_close_to_a_traced_forward(monkeypatch) -> None:
     assert 0.9 * traced <= estimate <= 1.25 * traced, (estimate, traced)  # 1.00x here
     # the 18B at 512x512 in bf16 on the meta device; attention as a fused kernel (no score matrix) would run
     monkeypatch.setattr("workers.model.attention", lambda q, k, v, mask=None: torch.empty_like(q))
-    estimate = dit_activation_bytes(get_model_preset("talkingmachines-18b"), StreamConfig(), 1, torch.bfloat16)
+    config = get_model_preset("talkingmachines-18b")
+    estimate = dit_activation_bytes(config, StreamConfig(), 1, torch.bfloat16)
     traced = _traced_forward_peak("talkingmachines-18b", 512, torch.bfloat16, "meta")
     assert 0.9 * traced <= estimate <= 1.25 * traced, (estimate / GIB, traced / GIB)  # 8.56 vs 8.39 GiB
 
