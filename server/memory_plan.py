@@ -481,7 +481,7 @@ def alternatives(
     only when ``sessions_option`` names the setting), a lower resolution (the largest that fits)."""
 
     def replan(topo: Topology, strm: StreamConfig, sessions: int) -> MemoryPlan:
-        return plan_memory(config, strm, topo, sessions=sessions, dtype=plan.dtype, **plan_kwargs)
+        return plan_memory(config, strm, topo, sessions=sessions, **{**plan_kwargs, "dtype": plan.dtype})
 
     found = []
     for p in sp_degrees(config, stream):
