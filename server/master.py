@@ -54,6 +54,7 @@ from server.conditioning import ConditioningConfig, ConditioningEncoders
 from server.executor import ColocatedExecutor, DedicatedExecutor, Executor, WorkerError
 from server.image_io import load_image
 from server.launcher import EXIT_PEER_LOST
+from server.memory_plan import plan_for_options
 from server.pipeline import ChunkPipeline, FrameSink, PreparedChunk
 from server.publishers.file import Mp4FilePublisher
 from server.rank_registry import local_rss
@@ -325,6 +326,7 @@ def run_master(
         file=sys.stderr,
         flush=True,
     )
+    print(f"talkingmachines run: {plan_for_options(options).summary()}", file=sys.stderr, flush=True)
     try:
         executor.open_session(message, tensors)
         pipeline.run(scheduler, stats)

@@ -3,8 +3,9 @@
 Every rank of the world receives the same argument list and parses it with ``parse_run_options``, so the
 master and the workers agree on the preset, the stream configuration and the seed without another message.
 ``validate_inputs`` is the CLI's gate: bad inputs (unreadable audio, an image too large, an unknown preset,
-a worker count that does not divide the heads, a bad size) fail there with a clear message and exit code 2,
-before a single process starts.
+a worker count that does not divide the heads, a bad size, a configuration whose memory plan does not fit
+the devices: ``server.memory_plan``) fail there with a clear message and exit code 2, before a single
+process starts.
 """
 
 from __future__ import annotations
@@ -91,6 +92,7 @@ class RunOptions(WeightsOptions):
     max_audio_s: float
     max_image_pixels: int
     progress: bool
+    device_memory_gib: float | None = None
 
     @property
     def model_config(self) -> ModelConfig:
@@ -190,7 +192,20 @@ def build_run_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     parser.add_argument("--max-audio-seconds", type=float, default=DEFAULT_MAX_AUDIO_S)
     parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS)
     parser.add_argument("--quiet", dest="progress", action="store_false", help="no per-chunk progress lines")
+    add_memory_arguments(parser)
     return parser
+
+
+def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
+    """--device-memory (shared by ``run`` and ``serve``): the budget of the start-up memory plan."""
+    parser.add_argument(
+        "--device-memory",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="memory per GPU (the host's on CPU) the start-up memory plan checks against, in GiB; "
+        "default: the GPUs' free memory, or the host's available memory (server.memory_plan)",
+    )
 
 
 def add_weights_arguments(parser: argparse.ArgumentParser) -> None:
@@ -292,6 +307,7 @@ def options_from_args(args: argparse.Namespace) -> RunOptions:
         max_audio_s=args.max_audio_seconds,
         max_image_pixels=args.max_image_pixels,
         progress=args.progress,
+        device_memory_gib=args.device_memory,
         **bundle_settings(weights.bundle),  # type: ignore[arg-type]
     )
     if weights.bundle is None and not args.random_weights:
@@ -358,3 +374,6 @@ def validate_inputs(options: RunOptions) -> None:
         )
     if not math.isfinite(options.max_audio_s) or options.max_audio_s <= 0:
         raise ValueError(f"--max-audio-seconds must be positive, got {options.max_audio_s}")
+    from server.memory_plan import check_options_memory
+
+    check_options_memory(options, sessions=1)  # last: it may measure the GPUs

@@ -61,6 +61,7 @@ from proto.vae_config import get_vae_preset
 from server.model_bundle import resolve_weights
 from server.run_options import (
     WeightsOptions,
+    add_memory_arguments,
     add_weights_arguments,
     bundle_settings,
     check_steps,
@@ -105,6 +106,7 @@ class ServeOptions(WeightsOptions):
     sync_probe: bool
     video_delay_frames: int
     log_level: str
+    device_memory_gib: float | None = None
 
     @property
     def model_config(self) -> ModelConfig:
@@ -175,6 +177,7 @@ def build_serve_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         "longer; see server.live_session.LiveKitSessionOutput)",
     )
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    add_memory_arguments(parser)
     return parser
 
 
@@ -203,8 +206,13 @@ def _config_defaults(argv: list[str]) -> dict[str, Any]:
     return {key.replace("-", "_"): value for key, value in table.items()}
 
 
-def parse_serve_options(argv: list[str]) -> ServeOptions:
-    """Parse and validate ``serve``'s arguments (config ``[serve]`` table < command line)."""
+def parse_serve_options(argv: list[str], *, check_memory: bool = True) -> ServeOptions:
+    """Parse and validate ``serve``'s arguments (config ``[serve]`` table < command line).
+
+    check_memory: refuse a group whose memory plan (``server.memory_plan``, ``max_sessions`` sessions) does
+    not fit the devices. Done once before any rank starts; the ranks parse again without it (by then other
+    ranks hold memory the plan already counts).
+    """
     parser = build_serve_parser(argparse.ArgumentParser(prog="talkingmachines serve"))
     defaults = _config_defaults(argv)
     known = {action.dest for action in parser._actions}
@@ -258,6 +266,7 @@ def parse_serve_options(argv: list[str]) -> ServeOptions:
         sync_probe=args.sync_probe,
         video_delay_frames=args.video_delay_frames,
         log_level=args.log_level,
+        device_memory_gib=args.device_memory,
         **bundle_settings(weights.bundle),  # type: ignore[arg-type]
     )
     if weights.bundle is None:
@@ -274,7 +283,11 @@ def parse_serve_options(argv: list[str]) -> ServeOptions:
         raise ValueError(
             f"preset {options.preset!r} needs --checkpoint (only tiny has seeded random weights)"
         )
-    options.api_settings()  # a missing API key or a bad [api] table fails before any rank starts
+    settings = options.api_settings()  # a missing API key or a bad [api] table fails before any rank starts
+    if check_memory:
+        from server.memory_plan import check_options_memory
+
+        check_options_memory(options, sessions=settings.max_sessions, sessions_option="max_sessions")
     return options
 
 
@@ -285,7 +298,7 @@ def main(argv: list[str]) -> int:
     """The rank entry: rank 0 serves, the others run the worker loop. Returns the rank's exit code."""
     from server.rank_main import run_rank
 
-    options = parse_serve_options(argv)
+    options = parse_serve_options(argv, check_memory=False)  # checked before the ranks started
     return run_rank(
         options.topology(),
         options.threads,
@@ -375,6 +388,9 @@ def _serve_master(options: ServeOptions, groups: Any, store: dist.Store, score_r
         settings.host,
         settings.port,
     )
+    from server.memory_plan import plan_for_options
+
+    log.info("%s", plan_for_options(options, sessions=settings.max_sessions).summary())
     try:
         server.run()
     finally:
@@ -492,8 +508,10 @@ def _build_vae(options: ServeOptions, device: torch.device) -> Any:
 
 
 def serve_local(argv: list[str]) -> int:
-    """Run the group on this machine: host the store, spawn the score-worker ranks, be rank 0 here."""
-    options = parse_serve_options(argv)
+    """Run the group on this machine: host the store, spawn the score-worker ranks, be rank 0 here.
+
+    The CLI has validated ``argv`` (memory plan included) before calling this."""
+    options = parse_serve_options(argv, check_memory=False)
     topology = options.topology()
     store = dist.TCPStore(
         "127.0.0.1",

@@ -116,3 +116,14 @@ def test_a_size_that_is_not_a_multiple_of_16_exits_2(tmp_path, good_inputs, caps
     argv = ["--image", str(image), "--audio", str(audio), "--out", str(tmp_path / "o.mp4")]
     err = _usage_error(capsys, [*argv, "--resolution", "100x64"])
     assert "StreamConfig.height=100 must be a positive multiple of 16" in err
+
+
+def test_a_configuration_that_cannot_fit_the_memory_exits_2_with_the_plan(
+    tmp_path, good_inputs, capsys
+) -> None:
+    image, audio = good_inputs
+    argv = ["--image", str(image), "--audio", str(audio), "--out", str(tmp_path / "o.mp4")]
+    err = _usage_error(capsys, [*argv, "--device", "cpu", "--device-memory", "0.001"])
+    assert "disaggregated 1+1 with tiny (float32) at 64x64 for 1 session(s) does not fit" in err
+    assert "where 0.0010 GiB is available (--device-memory)" in err
+    assert "DiT weights" in err and "KV cache" in err and "decode cache" in err

@@ -1,0 +1,187 @@
+"""The start-up memory plan (``server.memory_plan``): its figures against what is really allocated, and the
+refusal of ``serve`` options that cannot fit (``run``'s CLI refusal is in tests/runtime)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from decoder.streaming import DecodeSession
+from proto.model_config import get_model_preset
+from proto.stream_config import StreamConfig
+from proto.topology import Topology
+from server.memory_plan import (
+    GIB,
+    LiveTensorBytes,
+    alternatives,
+    dit_activation_bytes,
+    kv_cache_bytes,
+    plan_memory,
+    vae_sizes,
+)
+from server.serve import parse_serve_options
+from workers.audio import AudioConditioning
+from workers.factory import build_score_model
+from workers.model import WanModel
+from workers.streaming import StreamingDiT
+
+H100_18B_WEIGHTS_GIB = 33.4  # benchmarks/README.md "GPU results": the 18B in bf16 on one H100
+
+
+def _tiny_plan(stream: StreamConfig, sessions: int = 1, decoder: str = "dedicated") -> object:
+    topology = Topology(score_workers=1, decoder=decoder, device="cpu", num_heads=4)
+    return plan_memory(get_model_preset("tiny"), stream, topology, sessions=sessions)
+
+
+@pytest.mark.parametrize("cache_mode", ["per-step", "clean-context"])
+def test_tiny_weights_and_kv_cache_equal_the_bytes_a_session_allocates(cache_mode: str) -> None:
+    config = get_model_preset("tiny")
+    stream = StreamConfig(height=64, width=64, cache_mode=cache_mode)
+    worker = _tiny_plan(stream).ranks[1]
+    model = build_score_model("tiny")
+    weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    assert worker.dit_weights == weights
+    engine = StreamingDiT(model, stream)
+    clip = torch.zeros(config.clip_tokens, config.clip_dim)
+    state = engine.open_session(torch.zeros(config.text_len, config.text_dim), clip)
+    assert worker.kv_cache_per_session == state.nbytes  # self-attention cache + cross-attention K/V, exactly
+    # each of N SP ranks keeps H/N heads of the self-attention cache and all heads of the cross-attention
+    halves = kv_cache_bytes(config, stream, 2, torch.float32)
+    assert halves["self_attn"] * 2 == state.cache.nbytes
+    assert halves["cross_attn"] == state.nbytes - state.cache.nbytes
+
+
+def test_tiny_decode_cache_equals_a_decode_sessions_cache() -> None:
+    from decoder.vae import build_vae
+    from proto.vae_config import get_vae_preset
+
+    stream = StreamConfig(height=64, width=64)
+    master = _tiny_plan(stream).ranks[0]
+    vae = build_vae(get_vae_preset("tiny"))
+    session = DecodeSession(vae, 64, 64)
+    with torch.no_grad():
+        session.decode_chunk(torch.zeros(1, 16, 3, 8, 8))
+    y = 20 * stream.train_latent_frames * 8 * 8 * 4  # the I2V conditioning the master keeps per session
+    assert master.decode_cache_per_session == session.cache.nbytes() + y
+    assert master.vae_weights == sum(p.numel() * 4 for p in vae.parameters())
+
+
+def _traced_forward_peak(preset: str, size: int, dtype: torch.dtype, device: str) -> int:
+    """Live bytes created by one steady-state (chunk 2) streaming forward, weights and caches excluded."""
+    config = get_model_preset(preset)
+    stream = StreamConfig(height=size, width=size)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = WanModel(config).eval()
+    finally:
+        torch.set_default_dtype(default)
+    engine = StreamingDiT(model, stream)
+    clip = torch.zeros(config.clip_tokens, config.clip_dim, device=device)
+    state = engine.open_session(torch.zeros(config.text_len, config.text_dim, device=device), clip)
+    f, h, w = stream.chunk_latent_frames, stream.latent_height, stream.latent_width
+    audio = config.audio
+    assert audio is not None
+    features = torch.zeros(
+        1, 1, f + audio.window - 1, audio.frames_per_latent, audio.wav2vec_layers, audio.wav2vec_dim
+    )
+    conditioning = AudioConditioning(
+        features=features.to(device), speaking=torch.ones(1, 1, f, dtype=torch.bool, device=device)
+    )
+    x = torch.zeros(16, f, h, w, device=device)
+    y = torch.zeros(20, f, h, w, device=device)
+    with torch.no_grad(), LiveTensorBytes() as trace:
+        engine._forward(state, x, 500.0, 0, 2, y, conditioning, [])
+    return trace.peak
+
+
+def test_activation_estimate_is_close_to_a_traced_forward(monkeypatch) -> None:
+    # tiny: a real forward on the CPU (SDPA's fused kernel, no mask)
+    stream = StreamConfig(height=64, width=64)
+    estimate = dit_activation_bytes(get_model_preset("tiny"), stream, 1, torch.float32)
+    traced = _traced_forward_peak("tiny", 64, torch.float32, "cpu")
+    assert 0.9 * traced <= estimate <= 1.25 * traced, (estimate, traced)  # 1.00x here
+    # the 18B at 512x512 in bf16 on the meta device; attention as a fused kernel (no score matrix) would run
+    monkeypatch.setattr("workers.model.attention", lambda q, k, v, mask=None: torch.empty_like(q))
+    config = get_model_preset("talkingmachines-18b")
+    estimate = dit_activation_bytes(config, StreamConfig(), 1, torch.bfloat16)
+    traced = _traced_forward_peak("talkingmachines-18b", 512, torch.bfloat16, "meta")
+    assert 0.9 * traced <= estimate <= 1.25 * traced, (estimate / GIB, traced / GIB)  # 8.56 vs 8.39 GiB
+
+
+def test_18b_weights_match_the_h100_measurement_and_sp_splits_the_cache_not_the_weights() -> None:
+    config = get_model_preset("talkingmachines-18b")
+    one = plan_memory(config, StreamConfig(), Topology(1, "dedicated", "cuda", config.num_heads))
+    two = plan_memory(config, StreamConfig(), Topology(2, "dedicated", "cuda", config.num_heads))
+    worker1, worker2 = one.ranks[1], two.ranks[1]
+    assert worker1.dit_weights / GIB == pytest.approx(H100_18B_WEIGHTS_GIB, rel=0.02)
+    assert worker2.dit_weights == worker1.dit_weights
+    cross = kv_cache_bytes(config, StreamConfig(), 1, torch.bfloat16)["cross_attn"]
+    assert worker2.kv_cache_per_session - cross == (worker1.kv_cache_per_session - cross) // 2
+    # per-step cache of the 7-frame chunks: 10.9 GiB a step (benchmarks/README.md)
+    seven = StreamConfig(chunk_latent_frames=7, train_latent_frames=21)
+    per_step = kv_cache_bytes(config, seven, 1, torch.bfloat16)["self_attn"] / seven.num_steps
+    assert per_step / GIB == pytest.approx(10.9, abs=0.1)
+    # ... which did not fit an 80 GB H100 at 2 steps; the plan says so, and fits the 3-frame chunks
+    h100 = 79 * GIB
+    assert not plan_memory(config, seven, Topology(1, "colocated", "cuda", 40)).fits(h100)
+    assert plan_memory(config, StreamConfig(), Topology(1, "colocated", "cuda", 40)).fits(h100)
+
+
+def test_every_suggested_alternative_fits_when_planned_again() -> None:
+    config = get_model_preset("talkingmachines-18b")
+    stream, topology, budget = StreamConfig(), Topology(1, "colocated", "cuda", 40), 80 * GIB
+    plan = plan_memory(config, stream, topology, sessions=4)
+    assert not plan.fits(budget)
+    found = {a.option.split()[0]: a for a in alternatives(plan, config, stream, topology, budget)}
+    assert set(found) == {"--score-workers", "max_sessions", "--resolution"}
+    workers = int(found["--score-workers"].option.split()[1])
+    again = plan_memory(config, stream, dataclasses.replace(topology, score_workers=workers), sessions=4)
+    assert again.fits(budget) and again.need() == found["--score-workers"].plan.need()
+    sessions = int(found["max_sessions"].option.split()[-1])
+    assert plan_memory(config, stream, topology, sessions=sessions).fits(budget)
+    assert not plan_memory(config, stream, topology, sessions=sessions + 1).fits(budget)  # the most that fit
+    h, w = map(int, found["--resolution"].option.split()[1].split("x"))
+    assert plan_memory(config, StreamConfig(height=h, width=w), topology, sessions=4).fits(budget)
+
+
+def _serve_config(tmp_path: Path, max_sessions: int) -> Path:
+    path = tmp_path / "serve.toml"
+    path.write_text(f'[serve]\nresolution = "64x64"\n[api]\napi_key = "k"\nmax_sessions = {max_sessions}\n')
+    return path
+
+
+def test_serve_refuses_a_budget_it_cannot_fit_naming_the_numbers(tmp_path: Path) -> None:
+    argv = ["--config", str(_serve_config(tmp_path, 4)), "--device", "cpu", "--random-weights"]
+    with pytest.raises(ValueError) as refused:
+        parse_serve_options([*argv, "--device-memory", "0.001"])
+    message = str(refused.value)
+    assert "disaggregated 1+1 with tiny (float32) at 64x64 for 4 session(s) does not fit" in message
+    assert "where 0.0010 GiB is available (--device-memory)" in message
+    for part in ("DiT weights", "KV cache", "x 4 =", "decode cache", "DiT activations", "margin"):
+        assert part in message
+    assert "no more score workers, fewer sessions or lower resolution fits" in message  # nothing fits 1 MiB
+    assert parse_serve_options([*argv, "--device-memory", "1000"]).device_memory_gib == 1000
+
+
+def test_serve_suggests_fewer_sessions_and_that_configuration_is_accepted(tmp_path: Path) -> None:
+    stream = StreamConfig(height=64, width=64)
+    need = {n: _tiny_plan(stream, sessions=n).need() for n in (1, 2, 8)}
+    budget = f"{(need[1] + need[2]) / 2 / GIB:.6f}"  # room for one session, not for two
+    argv = ["--device", "cpu", "--random-weights", "--device-memory", budget]
+    with pytest.raises(ValueError, match=r"max_sessions = 1: needs"):
+        parse_serve_options(["--config", str(_serve_config(tmp_path, 8)), *argv])
+    options = parse_serve_options(["--config", str(_serve_config(tmp_path, 1)), *argv])
+    assert options.device_memory_gib == float(budget)
+
+
+def test_vae_sizes_of_wan21_match_inspect() -> None:
+    from decoder.inspect import describe_vae
+
+    sizes, described = vae_sizes("wan2.1", 512, 512), describe_vae("wan2.1")
+    assert sizes["parameters"] == described["parameters"]["total"]
+    assert sizes["decode_cache_elements"] == described["decode_cache"]["elements"]
