@@ -97,6 +97,11 @@ class ScoreRankLike(Protocol):
     def close_session(self, msg: SessionClose) -> None: ...
 
 
+def _key(request: ChunkRequest) -> tuple[str, int]:
+    """In-flight chunks are told apart by session and chunk: two sessions' chunk 3 are different chunks."""
+    return request.session_id, request.chunk_index
+
+
 def _contiguous(tensors: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {name: t.to(device).contiguous() for name, t in tensors.items()}
 
@@ -179,13 +184,13 @@ class DedicatedExecutor:
         self.result_specs = tuple(result_specs)
         self.result_timeout_s = result_timeout_s
         self.recv_stream = recv_stream
-        self._sent_at: dict[int, float] = {}
+        self._sent_at: dict[tuple[str, int], float] = {}  # (session, chunk) -> when its request went out
 
     def open_session(self, message: SessionOpen, tensors: Mapping[str, torch.Tensor]) -> None:
         self._out.broadcast(message, tensors)
 
     def submit(self, request: ChunkRequest, tensors: Mapping[str, torch.Tensor]) -> None:
-        self._sent_at[request.chunk_index] = time.perf_counter()
+        self._sent_at[_key(request)] = time.perf_counter()
         self._out.broadcast(request, tensors)
 
     def collect(self, request: ChunkRequest) -> ScoredChunk:
@@ -228,7 +233,7 @@ class DedicatedExecutor:
             if isinstance(exc, WorkerError | WireError):
                 raise
             raise self._out.lost_peer(what, exc) from exc
-        roundtrip = time.perf_counter() - self._sent_at.pop(request.chunk_index)
+        roundtrip = time.perf_counter() - self._sent_at.pop(_key(request))
         return ScoredChunk(
             request=request,
             latent=transfer.tensors["latent"],
@@ -252,7 +257,7 @@ class ColocatedExecutor:
         self.groups = groups
         self.score_rank = score_rank
         self._alone = groups.topology.world_size == 1
-        self._done: dict[int, ScoredChunk] = {}
+        self._done: dict[tuple[str, int], ScoredChunk] = {}
 
     def _broadcast(self, message: Message, tensors: Mapping[str, torch.Tensor] | None = None) -> None:
         if not self._alone:
@@ -277,10 +282,10 @@ class ColocatedExecutor:
         if latent is None:
             raise WorkerError("the colocated master is the SP leader but its ScoreRank returned no latent")
         elapsed = time.perf_counter() - start
-        self._done[request.chunk_index] = ScoredChunk(request, latent, score_s=elapsed, roundtrip_s=elapsed)
+        self._done[_key(request)] = ScoredChunk(request, latent, score_s=elapsed, roundtrip_s=elapsed)
 
     def collect(self, request: ChunkRequest) -> ScoredChunk:
-        return self._done.pop(request.chunk_index)
+        return self._done.pop(_key(request))
 
     def close_session(self, message: SessionClose) -> None:
         self._broadcast(message)
