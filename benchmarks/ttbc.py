@@ -368,7 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resolution", type=parse_resolution, default=(64, 64))
     parser.add_argument("--steps", type=int, default=2, help="denoising steps of the four-case comparison")
     parser.add_argument("--chunk-frames", type=int, default=3, help="latent frames per chunk (3 or 7)")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="score model weights")
+    parser.add_argument(
+        "--dtype", choices=tuple(DTYPES), default="fp32", help="run's --dtype: float32 or bfloat16"
+    )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--sp", type=int, default=2, help="N, the score workers of cases 2 and 4")
     parser.add_argument("--warmup", type=int, default=1, help="chunks after chunk 0 left out of TTBC")

@@ -6,7 +6,8 @@ Each rank plays exactly the role ``server.run_job.main`` gives it (``server.mast
 
 - ``--chunk-frames F``: latent frames per chunk (``StreamConfig.chunk_latent_frames``; the paper's ablation
   uses 3 and 7). ``run`` always streams the default 3.
-- ``--dtype fp32|bf16``: the score model's weight dtype (``run`` always builds float32).
+- ``--dtype fp32|bf16``: ``run --dtype float32|bfloat16`` under the benchmark's names (the DiT's and the
+  encoders' dtype; bf16 also decodes under bfloat16 autocast, as ``run`` does).
 - CPU pinning: with ``TM_TTBC_CORES=0,1`` in the environment, rank ``r`` pins itself to core
   ``cores[r % len(cores)]`` before torch starts its threads, so every rank owns one core and the cases
   are comparable on a small machine.
@@ -43,14 +44,14 @@ from workers.score_rank import ScoreRank
 CORES_ENV = "TM_TTBC_CORES"
 RANK_DIR_ENV = "TM_TTBC_RANK_DIR"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+RUN_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # the benchmark's names -> ``run --dtype``
 
 
 @dataclasses.dataclass(frozen=True)
 class BenchRunOptions(RunOptions):
-    """``RunOptions`` plus the chunk size (latent frames) and the score model's dtype name."""
+    """``RunOptions`` plus the chunk size (latent frames)."""
 
     chunk_latent_frames: int = 3
-    dtype: str = "fp32"
 
     def stream_config(self) -> StreamConfig:
         return dataclasses.replace(super().stream_config(), chunk_latent_frames=self.chunk_latent_frames)
@@ -64,7 +65,8 @@ def parse_bench_options(argv: list[str]) -> BenchRunOptions:
     ours, rest = parser.parse_known_args(argv)
     base = parse_run_options(rest)
     fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(RunOptions)}
-    options = BenchRunOptions(**fields, chunk_latent_frames=ours.chunk_frames, dtype=ours.dtype)
+    fields["dtype"] = RUN_DTYPES[ours.dtype]  # the rank parser took --dtype: ``base`` holds run's auto
+    options = BenchRunOptions(**fields, chunk_latent_frames=ours.chunk_frames)
     options.stream_config()  # validates the chunk size against the training window
     return options
 
@@ -159,7 +161,7 @@ def main(argv: list[str]) -> int:
     def build_score_rank(groups: ProcessGroups) -> ScoreRank:
         devices.append(groups.device)
         model = build_score_model(
-            options.preset, options.checkpoint, seed=options.seed, dtype=DTYPES[options.dtype],
+            options.preset, options.checkpoint, seed=options.seed, dtype=options.torch_dtype,
             device=groups.device,
         )
         counter.append(ForwardCounter(model))

@@ -42,6 +42,7 @@ class ConditioningConfig:
     clip_tokens: 1 + (image_size / 14)^2; 257 for ViT-H/14 at 224 px (the `tiny` preset uses 17: 56 px).
     clip_checkpoint / umt5_checkpoint: local folders; None builds the tiny random encoder (seed `tiny_seed`).
         The umT5 folder must also hold its tokenizer files (tokenizer.json or spiece.model).
+    dtype: the encoders' weights and compute (`--dtype`); their outputs are float32 whatever it is.
     """
 
     clip_dim: int
@@ -52,6 +53,7 @@ class ConditioningConfig:
     umt5_checkpoint: str | None = None
     tiny_seed: int = 0
     device: str = "cpu"
+    dtype: torch.dtype = torch.float32
 
     def __post_init__(self) -> None:
         for name in ("clip_dim", "text_dim", "text_len", "clip_tokens"):
@@ -146,7 +148,8 @@ def _checkpoint_dir(path: str, what: str) -> Path:
 
 
 class ConditioningEncoders:
-    """The CLIP visual tower and the umT5 text encoder of one serving group (eval mode, float32)."""
+    """The CLIP visual tower and the umT5 text encoder of one serving group (eval mode, in `config.dtype`;
+    they return float32)."""
 
     def __init__(
         self, config: ConditioningConfig, clip: CLIPVisionModel, umt5: UMT5EncoderModel, tokenizer: Any
@@ -189,7 +192,9 @@ class ConditioningEncoders:
                 folder = _checkpoint_dir(config.umt5_checkpoint, "umT5")
                 umt5 = UMT5EncoderModel.from_pretrained(str(folder), local_files_only=True)
                 tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-        return cls(config, clip.to(config.device).eval(), umt5.to(config.device).eval(), tokenizer)
+        # Random tiny weights are drawn in float32 (above), then cast: the same model in every dtype.
+        to = {"device": config.device, "dtype": config.dtype}
+        return cls(config, clip.to(**to).eval(), umt5.to(**to).eval(), tokenizer)
 
     def preprocess_image(self, image: np.ndarray) -> torch.Tensor:
         """uint8 `[H, W, 3]` RGB → CLIP pixels `[1, 3, S, S]` float32, exactly as Wan: map to [-1, 1],
@@ -210,7 +215,7 @@ class ConditioningEncoders:
     @torch.no_grad()
     def encode_image(self, image: np.ndarray) -> torch.Tensor:
         """Reference image uint8 `[H, W, 3]` → CLIP context `[clip_tokens, clip_dim]` float32 (CPU)."""
-        pixels = self.preprocess_image(image).to(self.config.device)
+        pixels = self.preprocess_image(image).to(self.config.device, self.config.dtype)
         hidden = self.clip(pixel_values=pixels, output_hidden_states=True).hidden_states
         return hidden[-2][0].float().cpu()
 

@@ -102,6 +102,7 @@ class LiveConfig:
     video_bitrate: LiveKit encoder ceiling, bits/s.
     sync_probe: paint frames with loud audio white (A/V offset measurements; off in production).
     video_delay_frames: LiveKit video sent this many frames after its audio (receive-path compensation).
+    vae_autocast_dtype: the decoder's autocast dtype (``--dtype bfloat16``), None: the VAE's own float32.
     """
 
     model: ModelConfig
@@ -114,6 +115,7 @@ class LiveConfig:
     video_delay_frames: int = 1
     wav2vec_checkpoint: str | None = None
     encoder_seed: int | None = None  # the tiny random wav2vec2's seed (None: `seed`)
+    vae_autocast_dtype: torch.dtype | None = None
 
 
 @dataclass
@@ -418,7 +420,9 @@ class LiveBackend:
             stream,
             feed,
             conditioning,
-            DecodeSession(self.vae, stream.height, stream.width),
+            DecodeSession(
+                self.vae, stream.height, stream.width, autocast_dtype=self.config.vae_autocast_dtype
+            ),
             seed=self.config.seed,
             sync_probe=self.config.sync_probe,
         )

@@ -68,7 +68,8 @@ PUSH_PIECE_S = 0.04
 
 
 def build_master_vae(options: RunOptions, device: torch.device) -> WanVAE:
-    """The VAE from ``--vae-checkpoint``, or seeded random weights (the same for every ``--seed``)."""
+    """The VAE from ``--vae-checkpoint``, or seeded random weights (the same for every ``--seed``); float32
+    whatever ``--dtype`` (the decoder autocasts instead: ``RunOptions.vae_autocast_dtype``)."""
     cfg = get_vae_preset(options.vae_preset)
     if options.vae_checkpoint is not None:
         return load_vae(options.vae_checkpoint, cfg, device=device)
@@ -208,6 +209,7 @@ def open_session_message(
             umt5_checkpoint=options.umt5_checkpoint,
             tiny_seed=options.tiny_encoder_seed,
             device=str(device),
+            dtype=options.torch_dtype,
         )
     )
     return single_character_open(model, stream, encoders, options.prompt, image)
@@ -312,7 +314,7 @@ def run_master(
         sink = recorder = RecordingSink(publisher, options.save_frames)
     pipeline = ChunkPipeline(
         executor,
-        DecodeSession(vae, stream.height, stream.width),
+        DecodeSession(vae, stream.height, stream.width, autocast_dtype=options.vae_autocast_dtype),
         sink,
         overlap=topology.disaggregated and options.overlap,
         samples_per_frame=scheduler.samples_per_frame,
@@ -320,7 +322,8 @@ def run_master(
         on_chunk=_progress(scheduler.num_chunks) if options.progress else None,
     )
     print(
-        f"talkingmachines run: {topology.name}, preset {options.preset}, {stream.width}x{stream.height} "
+        f"talkingmachines run: {topology.name}, preset {options.preset}, dtype {options.dtype}, "
+        f"{stream.width}x{stream.height} "
         f"@ {stream.fps} fps, {audio.size / featurizer.config.sample_rate:.2f} s of audio -> "
         f"{scheduler.num_chunks} chunks; weights: {options.weights}",
         file=sys.stderr,

@@ -17,6 +17,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from proto.model_config import ModelConfig, get_model_preset, model_preset_names
 from proto.stream_config import StreamConfig
 from proto.topology import Topology
@@ -30,15 +32,24 @@ from server.model_bundle import ModelBundle, resolve_weights
 DEFAULT_TINY_SIZE = (128, 128)
 DEFAULT_SIZE = (512, 512)
 DEFAULT_MAX_AUDIO_S = 600.0
+DTYPE_CHOICES = ("auto", "float32", "bfloat16")
+DTYPE_HELP = (
+    "precision of the DiT and the CLIP/umT5 encoders (default auto: bfloat16 on CUDA, float32 on CPU). "
+    "bfloat16 keeps Wan's float32 islands (time embedding, modulation, norms, head) and float32 latents; "
+    "the VAE keeps float32 weights and decodes under bfloat16 autocast (the one-off reference encode stays "
+    "float32); wav2vec2 runs on the host CPU in float32 whatever the choice"
+)
 
 
 @dataclass(frozen=True, kw_only=True)
 class WeightsOptions:
-    """What a trained bundle fixes (``bundle_settings``), shared by ``run`` and ``serve`` options; the
-    defaults are those of seeded random weights. Subclasses define ``seed``, ``height``, ``width`` and
-    ``steps`` (``--steps``: N evenly spaced denoising steps instead of the weights' own)."""
+    """What a trained bundle fixes (``bundle_settings``) and the precision the models run in (``--dtype``),
+    shared by ``run`` and ``serve`` options; the defaults are those of seeded random weights in float32.
+    Subclasses define ``seed``, ``height``, ``width`` and ``steps`` (``--steps``: N evenly spaced denoising
+    steps instead of the weights' own)."""
 
     seed: int  # redeclared (positionally) by the subclasses
+    dtype: str = "float32"  # --dtype resolved for the device (``resolve_dtype``): "float32" or "bfloat16"
     train_latent_frames: int = 21
     default_denoising_steps: tuple[int, ...] = (1000, 500)
     timestep_shift: float = 5.0
@@ -61,6 +72,27 @@ class WeightsOptions:
             timestep_shift=self.timestep_shift,
             train_latent_frames=self.train_latent_frames,
         )
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The DiT's and the CLIP/umT5 encoders' dtype (their outputs are float32 on the wire)."""
+        return getattr(torch, self.dtype)
+
+    @property
+    def vae_autocast_dtype(self) -> torch.dtype | None:
+        """The VAE decoder's autocast dtype (``DecodeSession``): its weights stay float32."""
+        return torch.bfloat16 if self.dtype == "bfloat16" else None
+
+
+def resolve_dtype(choice: str, device: str) -> str:
+    """``--dtype`` for ``device``: ``auto`` is bfloat16 on CUDA (an 18B DiT in float32 needs ~72 GB for its
+    weights alone) and float32 on the CPU; ``ValueError`` for anything not in ``DTYPE_CHOICES`` (a config
+    file's value bypasses argparse's check)."""
+    if choice not in DTYPE_CHOICES:
+        raise ValueError(f"--dtype {choice!r} is not one of {', '.join(DTYPE_CHOICES)}")
+    if choice == "auto":
+        return "bfloat16" if device == "cuda" else "float32"
+    return choice
 
 
 @dataclass(frozen=True)
@@ -209,7 +241,7 @@ def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_weights_arguments(parser: argparse.ArgumentParser) -> None:
-    """--checkpoint / --vae-checkpoint / --random-weights / --steps (shared by ``run`` and ``serve``)."""
+    """--checkpoint, --vae-checkpoint, --random-weights, --steps, --dtype (shared by run and serve)."""
     parser.add_argument(
         "--checkpoint",
         default=None,
@@ -224,6 +256,7 @@ def add_weights_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="seeded random DiT and VAE instead of the trained default (noise; for plumbing tests)",
     )
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help=DTYPE_HELP)
     parser.add_argument(
         "--steps",
         type=int,
@@ -298,6 +331,7 @@ def options_from_args(args: argparse.Namespace) -> RunOptions:
         clip_checkpoint=args.clip_checkpoint,
         umt5_checkpoint=args.umt5_checkpoint,
         device=device,
+        dtype=resolve_dtype(args.dtype, device),
         threads=threads,
         steps=args.steps,
         overlap=args.overlap,

@@ -25,6 +25,7 @@ Configuration: ``--config FILE`` (TOML or JSON). Its ``[api]`` table is ``server
     preset = "tiny"
     resolution = "32x32"
     decoder = "colocated"
+    dtype = "auto"  # bfloat16 on CUDA, float32 on CPU
 
     [api]
     api_key = "change-me"
@@ -66,6 +67,7 @@ from server.run_options import (
     bundle_settings,
     check_steps,
     default_decoder,
+    resolve_dtype,
 )
 from server.settings import ApiSettings
 
@@ -258,6 +260,7 @@ def parse_serve_options(argv: list[str], *, check_memory: bool = True) -> ServeO
         clip_checkpoint=args.clip_checkpoint,
         umt5_checkpoint=args.umt5_checkpoint,
         device=device,
+        dtype=resolve_dtype(str(args.dtype), device),
         threads=threads,
         steps=args.steps,
         chunk_timeout_s=args.chunk_timeout,
@@ -311,7 +314,9 @@ def _build_score_rank(options: ServeOptions, groups: Any) -> Any:
     from workers.factory import build_score_model
     from workers.score_rank import ScoreRank
 
-    model = build_score_model(options.preset, options.checkpoint, seed=options.seed, device=groups.device)
+    model = build_score_model(
+        options.preset, options.checkpoint, seed=options.seed, dtype=options.torch_dtype, device=groups.device
+    )
     return ScoreRank(model, options.stream_config(), groups)
 
 
@@ -348,6 +353,7 @@ def _serve_master(options: ServeOptions, groups: Any, store: dist.Store, score_r
             umt5_checkpoint=options.umt5_checkpoint,
             tiny_seed=options.tiny_encoder_seed,
             device=str(device),
+            dtype=options.torch_dtype,
         )
     )
     workers = [r for r in topology.worker_ranks if r != 0]
@@ -367,6 +373,7 @@ def _serve_master(options: ServeOptions, groups: Any, store: dist.Store, score_r
         video_delay_frames=options.video_delay_frames,
         wav2vec_checkpoint=options.wav2vec_checkpoint,
         encoder_seed=options.tiny_encoder_seed,
+        vae_autocast_dtype=options.vae_autocast_dtype,
     )
     backend = LiveBackend(config, executor, vae, encoders, metrics, dead_workers=dead_workers).start()
     app = create_app(backend, settings, metrics)
@@ -378,10 +385,11 @@ def _serve_master(options: ServeOptions, groups: Any, store: dist.Store, score_r
     drain = Drain(backend, settings.drain_timeout_s, settings.retry_after_s, stop=server.stop_now)
     server.on_sigterm = drain.begin
     log.info(
-        "talkingmachines serve: %s, preset %s (%s), %dx%d @ %d fps on http://%s:%d",
+        "talkingmachines serve: %s, preset %s (%s), dtype %s, %dx%d @ %d fps on http://%s:%d",
         topology.name,
         options.preset,
         options.weights,
+        options.dtype,
         stream.width,
         stream.height,
         stream.fps,

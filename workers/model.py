@@ -20,6 +20,8 @@ Modulation, time embedding and head run in float32 whatever the weight dtype, as
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -42,6 +44,25 @@ def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:
     freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
     args = t.to(torch.float64)[:, None] * freqs[None, :]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+
+
+def _modulation(*shape: int) -> nn.Parameter:
+    """N(0, 1/dim) modulation drawn in float32 and stored in the default dtype (see `_init_f32`)."""
+    drawn = torch.randn(*shape, dtype=torch.float32) / shape[-1] ** 0.5
+    return nn.Parameter(drawn.to(torch.get_default_dtype()))
+
+
+def _init_f32(weight: torch.Tensor, init: Callable[[torch.Tensor], object]) -> None:
+    """Run the random ``init`` on a float32 copy of ``weight`` and store it. bfloat16 draws from a seed are
+    not the float32 draws rounded (a bfloat16 ``uniform_`` maps values rounding up to its upper bound to the
+    lower one), so this keeps seeded random weights built in bfloat16 the float32 ones rounded: a bfloat16
+    ``--random-weights`` run is the same model. One float32 tensor at a time, as large as one weight."""
+    if weight.dtype == torch.float32:
+        init(weight)
+        return
+    tmp = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
+    init(tmp)
+    weight.copy_(tmp)
 
 
 def _linear_f32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -230,7 +251,7 @@ class WanAttentionBlock(nn.Module):
         self.ffn = nn.Sequential(
             nn.Linear(dim, config.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(config.ffn_dim, dim)
         )
-        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+        self.modulation = _modulation(1, 6, dim)
 
     def forward(
         self,
@@ -280,7 +301,7 @@ class Head(nn.Module):
         super().__init__()
         self.norm = WanLayerNorm(config.dim, eps=config.eps, elementwise_affine=False)
         self.head = nn.Linear(config.dim, config.patch_out_dim)
-        self.modulation = nn.Parameter(torch.randn(1, 2, config.dim) / config.dim**0.5)
+        self.modulation = _modulation(1, 2, config.dim)
 
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         """x `[B, F·S, dim]`, e `[B, F, dim]` (float32) → `[B, F·S, patch_out_dim]` float32."""
@@ -347,15 +368,15 @@ class WanModel(nn.Module):
         """
         for module in self.modules():
             if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
+                _init_f32(module.weight, nn.init.xavier_uniform_)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-        nn.init.xavier_uniform_(self.patch_embedding.weight.flatten(1))
+        _init_f32(self.patch_embedding.weight, lambda w: nn.init.xavier_uniform_(w.flatten(1)))
         nn.init.zeros_(self.patch_embedding.bias)
         for seq in (self.text_embedding, self.time_embedding):
             for module in seq:
                 if isinstance(module, nn.Linear):
-                    nn.init.normal_(module.weight, std=0.02)
+                    _init_f32(module.weight, lambda w: nn.init.normal_(w, std=0.02))
         if zero_head:
             nn.init.zeros_(self.head.head.weight)
         if zero_audio and self.config.audio is not None:

@@ -174,7 +174,7 @@ def test_rank_options_carry_the_chunk_size_and_dtype() -> None:
     options = parse_bench_options(["--chunk-frames", "7", "--dtype", "bf16", *run])
     assert options.stream_config().chunk_latent_frames == 7
     assert options.stream_config().height == 64
-    assert options.dtype == "bf16"
+    assert options.dtype == "bfloat16"  # run's --dtype name: DiT, encoders and VAE autocast follow it
 
 
 def test_rank_options_reject_a_chunk_size_the_training_window_cannot_hold() -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from server.model_bundle import DEFAULT_BUNDLE_DIR, load_bundle
-from server.run_options import parse_run_options
+from server.run_options import parse_run_options, resolve_dtype
 from server.serve import parse_serve_options
 
 
@@ -81,3 +83,45 @@ def test_the_default_decoder_fits_the_visible_gpus(
     run_argv = ["--image", "a.png", "--audio", "a.wav", "--out", "a.mp4", "--device", device,
                 "--score-workers", str(workers)]  # fmt: skip
     assert parse_run_options(run_argv).decoder == placement
+
+
+RUN_ARGV = ["--image", "a.png", "--audio", "a.wav", "--out", "a.mp4"]
+
+
+@pytest.mark.parametrize(
+    ("device", "flag", "dtype"),
+    [("cpu", None, "float32"), ("cuda", None, "bfloat16"), ("cpu", "auto", "float32"),
+     ("cuda", "auto", "bfloat16"), ("cuda", "float32", "float32"), ("cpu", "bfloat16", "bfloat16")],
+)  # fmt: skip
+def test_dtype_auto_is_bfloat16_on_cuda_and_float32_on_the_cpu(
+    tmp_path: Path, device: str, flag: str | None, dtype: str
+) -> None:
+    # Parsing only: --device cuda parses on a machine without a GPU (validate_inputs / the ranks refuse it).
+    extra = ["--device", device, *(["--dtype", flag] if flag else [])]
+    run = parse_run_options([*RUN_ARGV, *extra])
+    serve = parse_serve_options(["--config", str(_config(tmp_path, "")), *extra])
+    assert run.dtype == serve.dtype == resolve_dtype(flag or "auto", device) == dtype
+    assert run.torch_dtype == serve.torch_dtype == getattr(torch, dtype)
+    # The VAE keeps float32 weights and autocasts its decode in bfloat16.
+    autocast = torch.bfloat16 if dtype == "bfloat16" else None
+    assert run.vae_autocast_dtype == serve.vae_autocast_dtype == autocast
+
+
+def test_serve_table_sets_the_dtype_and_the_command_line_wins(tmp_path: Path) -> None:
+    argv = ["--config", str(_config(tmp_path, 'dtype = "bfloat16"')), "--device", "cpu"]
+    assert parse_serve_options(argv).dtype == "bfloat16"
+    assert parse_serve_options([*argv, "--dtype", "float32"]).dtype == "float32"
+
+
+def test_a_bad_dtype_is_a_clear_error(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        parse_run_options([*RUN_ARGV, "--device", "cpu", "--dtype", "float16"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    choices = r"\(choose from '?auto'?, '?float32'?, '?bfloat16'?\)"  # Python 3.12+ quotes them
+    assert re.search(r"argument --dtype: invalid choice: 'float16' " + choices, err), err
+    # A config file's value does not go through argparse's choices: the same names, checked when resolved.
+    with pytest.raises(ValueError, match=r"--dtype 'fp16' is not one of auto, float32, bfloat16"):
+        parse_serve_options(["--config", str(_config(tmp_path, 'dtype = "fp16"')), "--device", "cpu"])
+    with pytest.raises(ValueError, match="is not one of"):
+        resolve_dtype("bf16", "cuda")
