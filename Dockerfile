@@ -38,6 +38,7 @@ COPY deploy/constraints.txt deploy/constraints.txt
 COPY pyproject.toml README.md ./
 COPY proto proto
 COPY workers workers
+COPY engine engine
 COPY decoder decoder
 COPY server server
 COPY --from=web /build/server/static/call server/static/call

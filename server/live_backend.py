@@ -6,19 +6,15 @@ Threads (all on the master, rank 0):
   session set-up there (VAE encode of the reference image, CLIP and umT5, the LiveKit join) and then asks the
   engine to open the session on the workers; the other methods only touch thread-safe session state.
 - The **engine thread** is the only one that talks to the score side (the executor's collectives must be
-  issued in one order by one thread). It runs the chunks of every session as a pipeline: it submits chunk
-  t+1's request, decodes chunk t (of the same or another session) while the workers score t+1, picks and
-  prepares chunk t+2 (audio features, its request) while they still score, then collects t+1. On a
-  disaggregated group the time between chunks is therefore about max(score + transfer, decode + prepare),
-  not their sum; on a self-contained group (the master scores inline) the steps run in turn. At most one
-  chunk is in flight on the workers and one prepared ahead; session opens and closes go out between chunks,
-  when nothing is in flight. Sessions are picked earliest deadline first: among the running sessions whose
-  playout buffer (counting their chunk in flight) is below ``ahead_s`` (≈ one chunk), the one whose
-  playout runs dry first — round-robin when all are equally served. Generation therefore stays a bounded
-  distance ahead of playout, and an idle session keeps its video alive with silence chunks. A session's
-  frames depend only on its own inputs (its seed, image, speech), never on which other sessions are live.
-- The **publish thread** (``server.live_publish``) puts each decoded chunk into its session's output (the
-  file output's encoding, the LiveKit hand-off) and ticks the outputs, off the engine thread's path.
+  issued in one order by one thread). It runs ``engine.pipeline.ChunkEngine``: every session's chunks as one
+  pipeline (submit chunk t+1, decode chunk t while the workers score t+1, prepare t+2, collect t+1), sessions
+  picked earliest deadline first (``engine.scheduler``: among the running sessions whose playout buffer,
+  counting their chunk in flight, is below ``ahead_s``, the one whose playout runs dry first), so generation
+  stays a bounded distance ahead of playout and an idle session keeps its video alive with silence chunks.
+  Session opens and closes go out between chunks, when nothing is in flight. A session's frames depend only
+  on its own inputs (its seed, image, speech), never on which other sessions are live.
+- The **publish thread** (``engine.publish``) puts each decoded chunk into its session's output (the file
+  output's encoding, the LiveKit hand-off) and ticks the outputs, off the engine thread's path.
 - The **LiveKit loop** (one asyncio loop thread) runs every session's publisher, avatar-worker protocol and
   real-time player.
 
@@ -30,7 +26,7 @@ Failure: a ``WorkerError`` from the executor, or a score-worker process found de
 ``dead_workers``), fails every live session with a reason naming the rank; ``ready()`` turns false and new
 sessions get 503; the master, its API and its metrics stay up.
 
-Timings (``server.live_publish``): a session's TTBC is the time between two consecutive publishes of its
+Timings (``engine.publish``): a session's TTBC is the time between two consecutive publishes of its
 chunks (the same definition as ``run``'s); in a call it follows the playout (a chunk is made when the buffer
 needs one), so the headroom shows in the stage times, and a chunk is counted late (``deadline_misses``) when
 the session's playout had run dry before it arrived.
@@ -56,6 +52,10 @@ import torch
 from decoder.encode import I2VConditioning
 from decoder.streaming import DecodeSession
 from decoder.vae import WanVAE
+from engine.executor import Executor, WorkerError
+from engine.pipeline import ChunkEngine, Work
+from engine.publish import ChunkPublisher
+from engine.scheduler import earliest_deadline
 from proto.api import Face, FileOutput, LiveKitOutput, SessionCreate, SessionInfo, SessionState, TTBCStats
 from proto.chunk_specs import pad_text_context, session_open_specs
 from proto.model_config import ModelConfig
@@ -70,15 +70,12 @@ from server.audio_features import (
 )
 from server.backend import BackendFailed, InvalidRequest, NoCapacity, SessionEnded, UnknownSession
 from server.conditioning import ConditioningEncoders
-from server.executor import Executor, ScoredChunk, WorkerError
-from server.live_publish import ChunkPublisher, DecodedChunk
 from server.live_session import (
     AsyncLoopThread,
     FileSessionOutput,
     LiveKitSessionOutput,
     LiveSession,
     PlayoutHooks,
-    PreparedInputs,
     SpeechFeed,
 )
 from server.livekit.avatar_protocol import AvatarProtocol
@@ -119,17 +116,6 @@ class LiveConfig:
 
 
 @dataclass
-class _Work:
-    """A session's chunk on its way through the engine: prepared, then submitted, then scored."""
-
-    session: LiveSession
-    prepared: PreparedInputs
-    epoch: int  # the session's epoch when prepared (a clear since then drops the chunk at publish)
-    prepare_s: float
-    scored: ScoredChunk | None = None
-
-
-@dataclass
 class _Entry:
     session: LiveSession
     faces: list[Face]
@@ -144,7 +130,7 @@ class LiveBackend:
 
     Args:
         config: stream/model settings of the group.
-        executor: the transport to the score side (``server.executor``); used by the engine thread only.
+        executor: the transport to the score side (``engine.executor``); used by the engine thread only.
         vae: the master's VAE (I2V encode at set-up, streaming decode per session).
         encoders: CLIP + umT5 for the session conditioning.
         metrics: the ``tm_`` recorder shared with the API.
@@ -178,14 +164,8 @@ class LiveBackend:
         self._stop = threading.Event()
         self._ready = False
         self._failed: str | None = None
-        # Engine thread: the chunk whose request awaits its reply, the one prepared to go next, the one scored
-        # and not yet decoded, and the sessions to close on the workers once nothing is in flight.
-        self._in_flight: _Work | None = None
-        self._next: _Work | None = None
-        self._scored: _Work | None = None
-        self._deferred_closes: list[str] = []
-        self._reply_pending: set[str] = set()  # sessions whose chunk reply was not read (never closed)
         self._publisher = ChunkPublisher(metrics, self._live_sessions)
+        self._chunks = ChunkEngine(executor, config.stream, self._publisher, self)
         self._draining: tuple[float, str] | None = None  # (Retry-After seconds, why) once draining
         self._loop = AsyncLoopThread()
         self._engine = threading.Thread(target=self._run_engine, name="master-engine", daemon=True)
@@ -529,111 +509,13 @@ class LiveBackend:
         while not self._stop.is_set():
             self._run_commands()  # nothing is in flight here: opens and closes go out between chunks
             if self._failed is not None:
-                self._next = self._scored = None
+                self._chunks.reset()
                 time.sleep(_TICK_S)
                 continue
             self._check_workers()
-            if not self._turn():
+            if not self._chunks.turn():
                 time.sleep(_TICK_S)
         self._run_commands()
-
-    def _turn(self) -> bool:
-        """Engine thread: one turn of the pipeline (module docstring). False when there was nothing to do."""
-        for session_id, reason in self._publisher.failures():
-            self._fail_one(session_id, reason)
-        if self._next is None:
-            self._next = self._guarded(None, lambda: self._prepare(self._pick()))
-        work, self._next = self._next, None
-        if work is not None and not self._schedulable(work.session):
-            work = None  # closed or failed since it was prepared; its chunk never goes out
-        if work is not None and not self._guarded(work.session, lambda: self._submit(work)):
-            work = None
-        scored, self._scored = self._scored, None
-        if scored is not None:  # decoded while the workers score `work` (disaggregated)
-            self._guarded(scored.session, lambda: self._decode(scored))
-        if work is None:
-            return scored is not None
-        if self._next is None:  # prepared while the workers still score `work`
-            self._next = self._guarded(None, lambda: self._prepare(self._pick(in_flight=work)))
-        self._guarded(work.session, lambda: self._collect(work))
-        return True
-
-    def _guarded(self, session: LiveSession | None, fn: Callable[[], Any]) -> Any:
-        """Run one pipeline step: a worker failure fails every session, any other failure only ``session``
-        (or the session being prepared, which ``_prepare`` names itself). None when it failed."""
-        try:
-            return fn()
-        except WorkerError as exc:
-            self._fail_all(str(exc))
-        except _SessionStepError as exc:
-            log.error("session %s failed while generating: %s", exc.session.id, exc.__cause__)
-            self._fail_one(exc.session.id, f"generation failed: {exc.__cause__}")
-        except Exception as exc:  # a bug or bad state in one session must not take the others down
-            if session is None:
-                log.exception("picking the next session failed")
-                return None
-            log.exception("session %s failed while generating", session.id)
-            self._fail_one(session.id, f"generation failed: {exc}")
-        return None
-
-    def _schedulable(self, session: LiveSession) -> bool:
-        entry = self._sessions.get(session.id)
-        return entry is not None and entry.session is session and not entry.closing and session.live
-
-    def _prepare(self, session: LiveSession | None) -> _Work | None:
-        """The next chunk of ``session`` (None: no session is due): audio features and its request."""
-        if session is None:
-            return None
-        start = time.perf_counter()
-        epoch = session.epoch
-        try:
-            prepared = session.prepare_chunk()
-        except Exception as exc:
-            raise _SessionStepError(session) from exc
-        return _Work(session, prepared, epoch, time.perf_counter() - start)
-
-    def _submit(self, work: _Work) -> bool:
-        self._in_flight = work
-        try:
-            self.executor.submit(work.prepared.request, work.prepared.tensors)
-        except BaseException:
-            self._in_flight = None
-            raise
-        return True
-
-    def _collect(self, work: _Work) -> None:
-        try:
-            work.scored = self.executor.collect(work.prepared.request)
-        except BaseException:
-            # Its reply may still be due on the wire: a SessionClose now could leave that reply to be read
-            # as another session's, so this session's caches stay on the workers (logged at close).
-            self._reply_pending.add(work.session.id)
-            raise
-        finally:
-            self._in_flight = None
-        self._scored = work
-        closes, self._deferred_closes = self._deferred_closes, []
-        for session_id in closes:
-            self._close_on_workers(session_id)
-
-    def _decode(self, work: _Work) -> None:
-        """Decode a scored chunk to host frames and hand it to the publish thread."""
-        session, scored = work.session, work.scored
-        assert scored is not None
-        if not session.live or session.output is None:
-            return
-        start = time.perf_counter()
-        # On CUDA the latent arrives on the executor's receive stream: order the decode after it.
-        latent = scored.transfer.wait()["latent"] if scored.transfer is not None else scored.latent
-        frames = session.decoder.decode_chunk(latent).cpu().numpy()
-        stages = {
-            "prepare": work.prepare_s,
-            "score": scored.score_s,
-            "transfer": max(0.0, scored.roundtrip_s - scored.score_s),
-            "decode": time.perf_counter() - start,
-        }
-        deadline = self.config.stream.chunk_duration_s(work.prepared.request.chunk_index)
-        self._publisher.submit(DecodedChunk(session, work.prepared, frames, work.epoch, stages, deadline))
 
     def _run_commands(self) -> None:
         while True:
@@ -655,55 +537,40 @@ class LiveBackend:
         if dead:
             self._fail_all(f"{', '.join(dead)}; restart the server to serve again")
 
-    def _fail_one(self, session_id: str, reason: str) -> None:
-        """Engine thread: session ``session_id`` failed alone (its output or its own data, not the workers):
-        finish it as failed and free its caches on the workers (once its chunk in flight, if any, is
-        collected: a SessionClose before the reply would leave the reply to be read as another session's)."""
+    # ---- engine.pipeline.EngineOwner (engine thread) ------------------------------------------------------
+
+    def schedulable(self, session: LiveSession) -> bool:  # type: ignore[override]
+        entry = self._sessions.get(session.id)
+        return entry is not None and entry.session is session and not entry.closing and session.live
+
+    def session_failed(self, session_id: str, reason: str) -> bool:
         entry = self._sessions.get(session_id)
         if entry is None:
-            return
+            return False
         self._finish(entry, SessionState.failed, reason)  # out of _sessions: never picked again
-        self._close_on_workers(session_id)
+        return True
 
-    def _close_on_workers(self, session_id: str) -> None:
-        """Engine thread: free a finished session's caches on the score workers (``close`` does the same
-        for client-side closes); deferred while a chunk is in flight."""
-        if self._failed is not None:
-            return
-        if session_id in self._reply_pending:
-            log.error("session %s failed with its chunk reply unread; its caches stay on the workers",
-                      session_id)  # fmt: skip
-            return
-        if self._in_flight is not None:
-            self._deferred_closes.append(session_id)
-            return
-        try:
-            self.executor.close_session(SessionClose(session_id))
-        except WorkerError as exc:
-            self._fail_all(str(exc))
+    def group_failed(self, reason: str) -> None:
+        self._fail_all(reason)
 
-    def _live_sessions(self) -> list[LiveSession]:
-        with self._lock:
-            return [entry.session for entry in self._sessions.values()]
-
-    def _pick(self, in_flight: _Work | None = None) -> LiveSession | None:
-        """The running session whose playout runs dry first among those below ``ahead_s``; a chunk in
-        flight counts as buffered for its session."""
-        best: tuple[float, LiveSession] | None = None
+    def pick(self, in_flight: Work | None) -> LiveSession | None:
+        """Earliest deadline first among the running sessions (``engine.scheduler``); a session whose output
+        ended is finished here, and a chunk in flight counts as buffered for its session."""
         report_offset = time.monotonic() - self._last_offset_report > 1.0
+        candidates: list[tuple[LiveSession, float]] = []
         for entry in list(self._sessions.values()):
             session = entry.session
             if not session.live or session.output is None or entry.closing:
                 continue
             if session.output.end_reason is not None:  # the room or the publisher went away
                 self._finish(entry, SessionState.ended, session.output.end_reason)
-                self._close_on_workers(session.id)
+                self._chunks.close_on_workers(session.id)
                 continue
             try:
                 buffered = session.output.buffered_s()
             except Exception as exc:  # one session's broken output must not stop the engine for all
                 log.exception("session %s failed while publishing", session.id)
-                self._fail_one(session.id, f"publishing failed: {exc}")
+                self._chunks.fail_session(session.id, f"publishing failed: {exc}")
                 continue
             self.metrics.set_buffer(session.id, buffered)
             if report_offset and isinstance(session.output, LiveKitSessionOutput):
@@ -713,9 +580,12 @@ class LiveBackend:
                 self._last_offset_report = time.monotonic()
             if in_flight is not None and in_flight.session is session:
                 buffered += self.config.stream.chunk_duration_s(in_flight.prepared.request.chunk_index)
-            if buffered < self.config.ahead_s and (best is None or buffered < best[0]):
-                best = (buffered, session)
-        return best[1] if best is not None else None
+            candidates.append((session, buffered))
+        return earliest_deadline(candidates, self.config.ahead_s)
+
+    def _live_sessions(self) -> list[LiveSession]:
+        with self._lock:
+            return [entry.session for entry in self._sessions.values()]
 
     def _warm_up(self) -> None:
         """Open a throw-away session, generate one chunk end to end, close it."""
@@ -727,13 +597,6 @@ class LiveBackend:
         prepared = session.prepare_chunk()
         self.executor.submit(prepared.request, prepared.tensors)
         scored = self.executor.collect(prepared.request)
-        session.decoder.decode_chunk(scored.latent)
+        latent = scored.transfer.wait()["latent"] if scored.transfer is not None else scored.latent
+        session.decoder.decode_chunk(latent)
         self.executor.close_session(SessionClose("warm-up"))
-
-
-class _SessionStepError(Exception):
-    """A session's own step failed (its ``__cause__``); only that session fails."""
-
-    def __init__(self, session: LiveSession) -> None:
-        super().__init__(session.id)
-        self.session = session

@@ -31,6 +31,7 @@ from decoder.checkpoint import load_vae
 from decoder.encode import I2VConditioning
 from decoder.streaming import DecodeSession
 from decoder.vae import WanVAE, build_vae
+from engine.executor import ColocatedExecutor, DedicatedExecutor, Executor, WorkerError
 from proto.chunk_specs import (
     chunk_request_specs,
     chunk_result_specs,
@@ -51,7 +52,6 @@ from server.audio_features import (
 )
 from server.audio_io import load_audio
 from server.conditioning import ConditioningConfig, ConditioningEncoders
-from server.executor import ColocatedExecutor, DedicatedExecutor, Executor, WorkerError
 from server.image_io import load_image
 from server.launcher import EXIT_PEER_LOST
 from server.memory_plan import plan_for_options

@@ -32,8 +32,8 @@ import numpy as np
 import torch
 
 from decoder.streaming import DecodeSession
+from engine.executor import Executor, ScoredChunk
 from proto.wire import ChunkRequest
-from server.executor import Executor, ScoredChunk
 from server.stats import ChunkTiming, StreamStats
 
 # How often a waiting thread checks whether another one gave up, seconds.
@@ -138,7 +138,7 @@ class ChunkPipeline:
     """Runs a stream's chunks through an executor, the decoder and a sink, recording ``ChunkTiming`` rows.
 
     Args:
-        executor: the transport to the score side (``server.executor``).
+        executor: the transport to the score side (``engine.executor``).
         decoder: the session's streaming VAE decoder (on the master's device).
         sink: the publisher; ``write(frames [T, H, W, 3] uint8, audio [T * spf] float32)``.
         overlap: run the transport and the publishing on their own threads (disaggregated) or everything

@@ -323,10 +323,10 @@ def _build_score_rank(options: ServeOptions, groups: Any) -> Any:
 def _serve_master(options: ServeOptions, groups: Any, store: dist.Store, score_rank: Any) -> int:
     import uvicorn
 
+    from engine.executor import ColocatedExecutor, DedicatedExecutor, Executor
     from proto.chunk_specs import chunk_result_specs
     from server.api import create_app
     from server.conditioning import ConditioningConfig, ConditioningEncoders
-    from server.executor import ColocatedExecutor, DedicatedExecutor, Executor
     from server.live_backend import LiveBackend, LiveConfig
     from server.metrics import Metrics
     from server.rank_registry import dead_ranks

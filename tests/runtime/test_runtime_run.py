@@ -15,8 +15,8 @@ import soundfile as sf
 import torch
 from run_helpers import assert_frames_match, read_frames, run_cli, write_inputs
 
+from engine.executor import ScoredChunk
 from proto.wire import ChunkRequest
-from server.executor import ScoredChunk
 from server.pipeline import ChunkPipeline, PreparedChunk
 from server.stats import StreamStats
 

@@ -6,8 +6,8 @@ from types import SimpleNamespace
 
 import torch
 
+from engine.executor import ColocatedExecutor
 from proto.wire import ChunkRequest
-from server.executor import ColocatedExecutor
 
 
 class _ScoreRank:

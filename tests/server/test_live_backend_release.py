@@ -64,7 +64,7 @@ def test_an_output_that_ended_finishes_its_session_and_closes_it_on_the_workers(
     gone, playing = _session("gone", "the room was deleted"), _session("playing", None)
     backend._sessions = {s.id: _Entry(s, [], None) for s in (gone, playing)}  # type: ignore[arg-type]
 
-    picked = backend._pick()  # what the engine thread does every tick
+    picked = backend.pick(None)  # what the engine thread does every tick
 
     assert picked is playing  # the live one still gets chunks
     assert executor.closed == ["gone"]  # exactly the ended one is freed on the workers
@@ -105,7 +105,7 @@ def test_a_session_that_fails_while_generating_is_freed_on_the_workers_alone() -
     broken.prepare_chunk = _failing_prepare
     backend._sessions = {s.id: _Entry(s, [], None) for s in (broken, playing)}  # type: ignore[arg-type]
 
-    backend._turn()  # the engine picks `broken` (both are due; the first wins the tie) and fails preparing it
+    backend._chunks.turn()  # picks `broken` (both are due; the first wins the tie) and fails preparing it
 
     assert executor.closed == ["broken"] and executor.submitted == []
     info = backend.get("broken")
@@ -124,7 +124,7 @@ def test_a_session_whose_output_breaks_is_freed_on_the_workers() -> None:
     broken.output.buffered_s = boom
     backend._sessions = {s.id: _Entry(s, [], None) for s in (broken, playing)}  # type: ignore[arg-type]
 
-    assert backend._pick() is playing
+    assert backend.pick(None) is playing
     assert executor.closed == ["broken"] and backend.get("broken").state == SessionState.failed
 
 
@@ -136,7 +136,7 @@ def test_no_close_while_the_failed_sessions_chunk_request_awaits_its_reply() -> 
     broken.prepare_chunk = lambda: SimpleNamespace(request=request, tensors={})
     backend._sessions = {"broken": _Entry(broken, [], None)}  # type: ignore[arg-type]
 
-    backend._turn()  # type: ignore[arg-type]
+    backend._chunks.turn()  # type: ignore[arg-type]
 
     assert executor.submitted == ["broken"] and executor.closed == []  # its reply may still be due
     assert backend.get("broken").state == SessionState.failed

@@ -11,11 +11,11 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from engine.executor import ScoredChunk
 from proto.api import SessionState
 from proto.model_config import get_model_preset
 from proto.stream_config import StreamConfig
 from proto.wire import SessionClose
-from server.executor import ScoredChunk
 from server.live_backend import LiveBackend, LiveConfig, _Entry
 from server.live_session import SessionTimes
 from server.metrics import Metrics
@@ -122,8 +122,8 @@ def _backend(log: _Log, *sessions: _Session, ahead_s: float = 100.0) -> LiveBack
 
 def _turns(backend: LiveBackend, count: int) -> None:
     for _ in range(count):
-        backend._turn()
-    backend._turn()  # the last scored chunk is decoded on the next turn
+        backend._chunks.turn()
+    backend._chunks.turn()  # the last scored chunk is decoded on the next turn
     assert backend._publisher.wait_idle(5)
 
 
@@ -161,7 +161,7 @@ def test_a_session_with_a_chunk_in_flight_counts_it_as_buffered() -> None:
     log = _Log()
     session = _session(log, "a")
     backend = _backend(log, session, ahead_s=0.5)  # less than one chunk (0.5625 s for chunk 0)
-    backend._turn()
+    backend._chunks.turn()
     # Chunk 0 was in flight while the engine picked again: nothing was prepared ahead for `a`.
     assert [e for e in log if e.startswith("prepare")] == ["prepare a0"]
     backend._publisher.stop()
@@ -177,9 +177,9 @@ def test_a_close_while_a_chunk_is_in_flight_waits_for_its_reply() -> None:
         b.output.end_reason = "the room was deleted"  # b's room goes away while b0 is scored
         return decode(latent)
 
-    backend._turn()  # a0 scored; b0 prepared ahead
+    backend._chunks.turn()  # a0 scored; b0 prepared ahead
     a.decoder.decode_chunk = decode_while_b_ends
-    backend._turn()  # b0 in flight; picking finds b ended: its close waits for b0's reply
+    backend._chunks.turn()  # b0 in flight; picking finds b ended: its close waits for b0's reply
     backend._publisher.stop()
     assert log.index("close b") > log.index("collect b0")
     assert backend.get("b").state == SessionState.ended
@@ -189,7 +189,7 @@ def test_frames_of_a_chunk_prepared_before_a_clear_are_not_published() -> None:
     log = _Log()
     session = _session(log, "a")
     backend = _backend(log, session)
-    backend._turn()  # a0 scored, a1 prepared
+    backend._chunks.turn()  # a0 scored, a1 prepared
     session.epoch += 1  # barge-in: a0 and a1 were prepared before it
     _turns(backend, 2)
     backend._publisher.stop()

@@ -1,6 +1,6 @@
-"""The publish side of ``talkingmachines serve``'s engine: decoded chunks go to their session's output on a
-thread of their own, so that encoding (the file output's x264/AAC) and the LiveKit hand-off never sit on
-the engine thread's critical path (which scores, decodes and prepares).
+"""The publish side of the engine: decoded chunks go to their session's output on a thread of their own, so
+that encoding (the file output's x264/AAC) and the LiveKit hand-off never sit on the engine thread's
+critical path (which scores, decodes and prepares).
 
 ``ChunkPublisher`` owns one thread. The engine thread ``submit``s a decoded chunk (bounded queue: it blocks
 while ``depth`` chunks wait, which keeps generation a bounded distance ahead of publishing); the thread puts
@@ -22,17 +22,66 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
+import torch
 
-from server.live_session import LiveSession, PreparedInputs
-from server.metrics import Metrics
+from proto.wire import ChunkRequest
 
 log = logging.getLogger(__name__)
 
 _TICK_S = 0.005
 _SUBMIT_POLL_S = 0.1
 _KEEP_TTBC = 1000  # per-session TTBC samples kept (bounded memory over hours)
+
+
+class PreparedChunkInputs(Protocol):
+    """A chunk's request and what the master keeps to publish it (``server.live_session.PreparedInputs``)."""
+
+    request: ChunkRequest
+    tensors: dict[str, torch.Tensor]
+    pcm: np.ndarray  # [frames * samples per frame] float32, the audio of the chunk's output frames
+    first_frame: int  # absolute index of the chunk's first output video frame
+
+
+class SessionOutput(Protocol):
+    """Where a session's frames go (``server.live_session``'s file and LiveKit outputs)."""
+
+    def put_chunk(self, frames: np.ndarray, pcm: np.ndarray, first_frame: int) -> None: ...
+
+    def tick(self) -> None: ...
+
+    def buffered_s(self) -> float: ...
+
+    @property
+    def end_reason(self) -> str | None: ...
+
+
+class EngineSession(Protocol):
+    """What the engine needs of a session (``server.live_session.LiveSession``)."""
+
+    id: str
+    epoch: int  # bumped by every clear (barge-in)
+    output: SessionOutput | None
+    decoder: Any  # decoder.streaming.DecodeSession: decode_chunk(latent) -> uint8 [T, H, W, 3]
+    times: Any  # server.live_session.SessionTimes
+    chunks_generated: int
+
+    @property
+    def live(self) -> bool: ...
+
+    def prepare_chunk(self) -> PreparedChunkInputs: ...
+
+    def probe(self, frames: np.ndarray, pcm: np.ndarray) -> np.ndarray: ...
+
+
+class ChunkMetrics(Protocol):
+    """The recorder of published chunks (``server.metrics.Metrics``)."""
+
+    def observe_chunk(
+        self, ttbc_s: float | None, stages: dict[str, float], deadline_s: float, missed: bool | None
+    ) -> None: ...
 
 
 @dataclass
@@ -43,8 +92,8 @@ class DecodedChunk:
     stages: seconds of prepare, score, transfer and decode.
     """
 
-    session: LiveSession
-    prepared: PreparedInputs
+    session: EngineSession
+    prepared: PreparedChunkInputs
     frames: np.ndarray
     epoch: int
     stages: dict[str, float]
@@ -61,7 +110,7 @@ class ChunkPublisher:
     """
 
     def __init__(
-        self, metrics: Metrics, sessions: Callable[[], Iterable[LiveSession]], depth: int = 1
+        self, metrics: ChunkMetrics, sessions: Callable[[], Iterable[EngineSession]], depth: int = 1
     ) -> None:
         self.metrics = metrics
         self.sessions = sessions

@@ -1,0 +1,11 @@
+"""The engine: how the master runs sessions' chunks on a serving group (vLLM-style scheduler → executor →
+outputs).
+
+- ``engine.scheduler``: which session's chunk goes next (earliest deadline first, bounded ahead of playout);
+- ``engine.executor``: the transport to the score side, one interface for the disaggregated and the
+  self-contained topologies (``DedicatedExecutor``, ``ColocatedExecutor``);
+- ``engine.pipeline``: ``ChunkEngine``, the pipelined loop (submit t+1, decode t, prepare t+2, collect t+1);
+- ``engine.publish``: the publish thread (outputs, TTBC and stage timings, late chunks).
+
+``talkingmachines serve`` (``server.live_backend``) runs its live sessions on it.
+"""

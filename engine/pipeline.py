@@ -1,0 +1,226 @@
+"""The chunk pipeline of the engine: sessions' chunks through prepare → submit → score → decode → publish.
+
+``ChunkEngine.turn`` (called in a loop by the one thread that talks to the score side) submits chunk t+1's
+request, decodes chunk t (of the same or another session) while the workers score t+1, prepares chunk t+2
+while they still score, then collects t+1; the publish thread (``engine.publish``) hands decoded chunks to
+their outputs. On a disaggregated group the time between chunks is therefore about max(score + transfer,
+decode + prepare), not their sum; on a self-contained group (the master scores inline in ``submit``) the
+steps run in turn. At most one chunk is in flight and one prepared ahead; ``idle()`` says when nothing is
+in flight, the only time session opens and closes may go to the workers (a SessionClose before a chunk's
+reply could leave that reply to be read as another session's, so closes asked for meanwhile are deferred).
+
+Which session goes next is the owner's choice (``EngineOwner.pick``, e.g. earliest deadline first,
+``engine.scheduler``); a chunk in flight is passed to it so it can count that chunk as buffered. Failures:
+a ``WorkerError`` fails the whole group (``EngineOwner.group_failed``); anything else fails only the session
+whose step raised (``EngineOwner.session_failed``), whose caches are then freed on the workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from engine.executor import Executor, ScoredChunk, WorkerError
+from engine.publish import ChunkPublisher, DecodedChunk, EngineSession, PreparedChunkInputs
+from proto.stream_config import StreamConfig
+from proto.wire import SessionClose
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Work:
+    """A session's chunk on its way through the engine: prepared, then submitted, then scored."""
+
+    session: EngineSession
+    prepared: PreparedChunkInputs
+    epoch: int  # the session's epoch when prepared (a clear since then drops the chunk at publish)
+    prepare_s: float
+    scored: ScoredChunk | None = None
+
+
+class EngineOwner(Protocol):
+    """What the engine asks of the component that owns the sessions (``server.live_backend.LiveBackend``)."""
+
+    def pick(self, in_flight: Work | None) -> EngineSession | None:
+        """The session whose chunk goes next (None: none is due); ``in_flight`` is being scored."""
+        ...
+
+    def schedulable(self, session: EngineSession) -> bool:
+        """Whether a chunk prepared for ``session`` may still go out (not closed or failed since)."""
+        ...
+
+    def session_failed(self, session_id: str, reason: str) -> bool:
+        """Finish the session as failed; False if it was already gone."""
+        ...
+
+    def group_failed(self, reason: str) -> None:
+        """The score side failed: fail every session."""
+        ...
+
+
+class _SessionStepError(Exception):
+    """A session's own step failed (its ``__cause__``); only that session fails."""
+
+    def __init__(self, session: EngineSession) -> None:
+        super().__init__(session.id)
+        self.session = session
+
+
+class ChunkEngine:
+    """The pipeline's state and its ``turn`` (see the module docstring).
+
+    Args:
+        executor: the transport to the score side (``engine.executor``).
+        stream: the group's stream configuration (chunk durations, the deadline of each chunk).
+        publisher: the publish thread decoded chunks go to (started and stopped by the owner).
+        owner: sessions, their scheduling and their failures.
+    """
+
+    def __init__(
+        self, executor: Executor, stream: StreamConfig, publisher: ChunkPublisher, owner: EngineOwner
+    ) -> None:
+        self.executor = executor
+        self.stream = stream
+        self.publisher = publisher
+        self.owner = owner
+        self.in_flight: Work | None = None  # submitted, its reply not yet collected
+        self._next: Work | None = None  # prepared, not yet submitted
+        self._scored: Work | None = None  # collected, not yet decoded
+        self._deferred_closes: list[str] = []
+        self._reply_pending: set[str] = set()  # sessions whose chunk reply was not read (never closed)
+
+    def idle(self) -> bool:
+        return self.in_flight is None
+
+    def reset(self) -> None:
+        """Drop the prepared and scored chunks (the group failed: nothing more goes out)."""
+        self._next = self._scored = None
+
+    def turn(self) -> bool:
+        """One turn of the pipeline. False when there was nothing to do."""
+        for session_id, reason in self.publisher.failures():
+            self.fail_session(session_id, reason)
+        if self._next is None:
+            self._next = self._guarded(None, lambda: self._prepare(self.owner.pick(None)))
+        work, self._next = self._next, None
+        if work is not None and not self.owner.schedulable(work.session):
+            work = None  # closed or failed since it was prepared; its chunk never goes out
+        if work is not None and not self._guarded(work.session, lambda: self._submit(work)):
+            work = None
+        scored, self._scored = self._scored, None
+        if scored is not None:  # decoded while the workers score `work` (disaggregated)
+            self._guarded(scored.session, lambda: self._decode(scored))
+        if work is None:
+            return scored is not None
+        if self._next is None:  # prepared while the workers still score `work`
+            self._next = self._guarded(None, lambda: self._prepare(self.owner.pick(work)))
+        self._guarded(work.session, lambda: self._collect(work))
+        return True
+
+    def fail_session(self, session_id: str, reason: str) -> None:
+        """Session ``session_id`` failed alone (its output or its own data, not the workers): finish it as
+        failed and free its caches on the workers once nothing is in flight."""
+        if self.owner.session_failed(session_id, reason):
+            self.close_on_workers(session_id)
+
+    def close_on_workers(self, session_id: str) -> None:
+        """Free a finished session's caches on the score workers; deferred while a chunk is in flight."""
+        if session_id in self._reply_pending:
+            log.error("session %s failed with its chunk reply unread; its caches stay on the workers",
+                      session_id)  # fmt: skip
+            return
+        if self.in_flight is not None:
+            self._deferred_closes.append(session_id)
+            return
+        try:
+            self.executor.close_session(SessionClose(session_id))
+        except WorkerError as exc:
+            self.owner.group_failed(str(exc))
+
+    # ---- steps ---------------------------------------------------------------------------------------
+
+    def _guarded(self, session: EngineSession | None, fn: Callable[[], Any]) -> Any:
+        """Run one step: a worker failure fails every session, any other failure only ``session`` (or the
+        session being prepared, which ``_prepare`` names itself). None when it failed."""
+        try:
+            return fn()
+        except WorkerError as exc:
+            self.owner.group_failed(str(exc))
+        except _SessionStepError as exc:
+            log.error("session %s failed while generating: %s", exc.session.id, exc.__cause__)
+            self.fail_session(exc.session.id, f"generation failed: {exc.__cause__}")
+        except Exception as exc:  # a bug or bad state in one session must not take the others down
+            if session is None:
+                log.exception("picking the next session failed")
+                return None
+            log.exception("session %s failed while generating", session.id)
+            self.fail_session(session.id, f"generation failed: {exc}")
+        return None
+
+    def _prepare(self, session: EngineSession | None) -> Work | None:
+        """The next chunk of ``session`` (None: no session is due): audio features and its request."""
+        if session is None:
+            return None
+        start = time.perf_counter()
+        epoch = session.epoch
+        try:
+            prepared = session.prepare_chunk()
+        except Exception as exc:
+            raise _SessionStepError(session) from exc
+        return Work(session, prepared, epoch, time.perf_counter() - start)
+
+    def _submit(self, work: Work) -> bool:
+        self.in_flight = work
+        try:
+            self.executor.submit(work.prepared.request, work.prepared.tensors)
+        except BaseException:
+            self.in_flight = None
+            raise
+        return True
+
+    def _collect(self, work: Work) -> None:
+        try:
+            work.scored = self.executor.collect(work.prepared.request)
+        except BaseException:
+            # Its reply may still be due on the wire: a SessionClose now could leave that reply to be read
+            # as another session's, so this session's caches stay on the workers (logged at close).
+            self._reply_pending.add(work.session.id)
+            raise
+        finally:
+            self.in_flight = None
+        self._scored = work
+        closes, self._deferred_closes = self._deferred_closes, []
+        for session_id in closes:
+            self.close_on_workers(session_id)
+
+    def _decode(self, work: Work) -> None:
+        """Decode a scored chunk to host frames and hand it to the publish thread."""
+        session, scored = work.session, work.scored
+        assert scored is not None
+        if not session.live or session.output is None:
+            return
+        start = time.perf_counter()
+        frames = _host_frames(session, scored)
+        stages = {
+            "prepare": work.prepare_s,
+            "score": scored.score_s,
+            "transfer": max(0.0, scored.roundtrip_s - scored.score_s),
+            "decode": time.perf_counter() - start,
+        }
+        deadline = self.stream.chunk_duration_s(work.prepared.request.chunk_index)
+        self.publisher.submit(DecodedChunk(session, work.prepared, frames, work.epoch, stages, deadline))
+
+
+def _host_frames(session: EngineSession, scored: ScoredChunk) -> np.ndarray:
+    """The chunk's frames as uint8 ``[T, H, W, 3]`` in host memory."""
+    # On CUDA the latent arrives on the executor's receive stream: order the decode after it.
+    latent = scored.transfer.wait()["latent"] if scored.transfer is not None else scored.latent
+    frames: torch.Tensor = session.decoder.decode_chunk(latent)
+    return frames.cpu().numpy()
