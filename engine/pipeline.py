@@ -84,12 +84,21 @@ class ChunkEngine:
     """
 
     def __init__(
-        self, executor: Executor, stream: StreamConfig, publisher: ChunkPublisher, owner: EngineOwner
+        self,
+        executor: Executor,
+        stream: StreamConfig,
+        publisher: ChunkPublisher,
+        owner: EngineOwner,
+        *,
+        overlap: bool = True,
+        device: torch.device | None = None,
     ) -> None:
         self.executor = executor
         self.stream = stream
         self.publisher = publisher
         self.owner = owner
+        self.overlap = overlap
+        self.frames = HostFrames(device or torch.device("cpu"), ring=publisher.depth + 2)
         self.in_flight: Work | None = None  # submitted, its reply not yet collected
         self._next: Work | None = None  # prepared, not yet submitted
         self._scored: Work | None = None  # collected, not yet decoded
@@ -99,6 +108,10 @@ class ChunkEngine:
     def idle(self) -> bool:
         return self.in_flight is None
 
+    def busy(self) -> bool:
+        """A chunk is prepared, in flight or scored and not yet decoded."""
+        return self.in_flight is not None or self._next is not None or self._scored is not None
+
     def reset(self) -> None:
         """Drop the prepared and scored chunks (the group failed: nothing more goes out)."""
         self._next = self._scored = None
@@ -107,6 +120,8 @@ class ChunkEngine:
         """One turn of the pipeline. False when there was nothing to do."""
         for session_id, reason in self.publisher.failures():
             self.fail_session(session_id, reason)
+        if not self.overlap:
+            return self._serial_turn()
         if self._next is None:
             self._next = self._guarded(None, lambda: self._prepare(self.owner.pick(None)))
         work, self._next = self._next, None
@@ -122,6 +137,18 @@ class ChunkEngine:
         if self._next is None:  # prepared while the workers still score `work`
             self._next = self._guarded(None, lambda: self._prepare(self.owner.pick(work)))
         self._guarded(work.session, lambda: self._collect(work))
+        return True
+
+    def _serial_turn(self) -> bool:
+        """Without overlap (``run --no-overlap``): prepare, score, decode and publish one chunk in turn."""
+        work = self._guarded(None, lambda: self._prepare(self.owner.pick(None)))
+        if work is None or not self._guarded(work.session, lambda: self._submit(work)):
+            return False
+        self._guarded(work.session, lambda: self._collect(work))
+        scored, self._scored = self._scored, None
+        if scored is not None:
+            self._guarded(scored.session, lambda: self._decode(scored))
+            self.publisher.wait_idle(timeout_s=float("inf"))
         return True
 
     def fail_session(self, session_id: str, reason: str) -> None:
@@ -207,7 +234,7 @@ class ChunkEngine:
         if not session.live or session.output is None:
             return
         start = time.perf_counter()
-        frames = _host_frames(session, scored)
+        frames = self.frames.decode(session.decoder, scored)
         stages = {
             "prepare": work.prepare_s,
             "score": scored.score_s,
@@ -215,12 +242,58 @@ class ChunkEngine:
             "decode": time.perf_counter() - start,
         }
         deadline = self.stream.chunk_duration_s(work.prepared.request.chunk_index)
-        self.publisher.submit(DecodedChunk(session, work.prepared, frames, work.epoch, stages, deadline))
+        borrowed = self.frames.cuda  # a pinned buffer of the ring, reused once published
+        chunk = DecodedChunk(session, work.prepared, frames, work.epoch, stages, deadline, borrowed=borrowed)
+        self.publisher.submit(chunk)
 
 
-def _host_frames(session: EngineSession, scored: ScoredChunk) -> np.ndarray:
-    """The chunk's frames as uint8 ``[T, H, W, 3]`` in host memory."""
-    # On CUDA the latent arrives on the executor's receive stream: order the decode after it.
-    latent = scored.transfer.wait()["latent"] if scored.transfer is not None else scored.latent
-    frames: torch.Tensor = session.decoder.decode_chunk(latent)
-    return frames.cpu().numpy()
+class HostFrames:
+    """Decoded frames into host memory.
+
+    On CPU: the decoder's uint8 frames, as a NumPy array. On CUDA: the decode runs on a side stream that waits
+    for the latent's transfer event (or, colocated, for the stream that produced it), never for the device;
+    the frames are copied on a copy stream that waits for the decode stream into page-locked host buffers
+    (non-blocking), the allocator is told which streams use which tensors (``record_stream``), and the host
+    waits for that copy's event alone. The pinned buffers form a ring of ``ring`` per frame shape: one chunk
+    is being published, the publish queue holds the others, one is being copied, so a buffer is reused only
+    after its chunk was published (outputs that keep frames copy them: ``DecodedChunk.borrowed``).
+    """
+
+    def __init__(self, device: torch.device, ring: int) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.ring = ring
+        if self.cuda:
+            self.decode_stream = torch.cuda.Stream(device)
+            self.copy_stream = torch.cuda.Stream(device)
+        self._pinned: dict[tuple[int, ...], list[torch.Tensor]] = {}
+        self._next = 0
+
+    def decode(self, decoder: Any, scored: ScoredChunk) -> np.ndarray:
+        """The chunk's frames as uint8 ``[T, H, W, 3]`` in host memory."""
+        if not self.cuda:
+            frames: torch.Tensor = decoder.decode_chunk(scored.latent)
+            return frames.cpu().numpy()
+        if scored.transfer is not None:
+            latent = scored.transfer.wait(self.decode_stream)["latent"]
+        else:  # produced on this thread's current stream (colocated): order the decode after it
+            self.decode_stream.wait_stream(torch.cuda.current_stream(self.device))
+            latent = scored.latent
+        frames = decoder.decode_chunk(latent, stream=self.decode_stream)
+        self.copy_stream.wait_stream(self.decode_stream)
+        host = self._buffer(tuple(frames.shape))
+        with torch.cuda.stream(self.copy_stream):
+            host.copy_(frames, non_blocking=True)
+            frames.record_stream(self.copy_stream)
+            copied = torch.cuda.Event()
+            copied.record(self.copy_stream)
+        copied.synchronize()  # the host waits for this copy only, not for the device
+        return host.numpy()
+
+    def _buffer(self, shape: tuple[int, ...]) -> torch.Tensor:
+        ring = self._pinned.setdefault(shape, [])
+        slot = self._next % self.ring
+        self._next += 1
+        while len(ring) <= slot:
+            ring.append(torch.empty(shape, dtype=torch.uint8, pin_memory=True))
+        return ring[slot]

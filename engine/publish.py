@@ -90,6 +90,7 @@ class DecodedChunk:
 
     epoch: the session's ``epoch`` when the chunk was prepared (a clear since then drops the chunk).
     stages: seconds of prepare, score, transfer and decode.
+    borrowed: ``frames`` live in a reused (pinned) buffer: an output that keeps them gets a copy.
     """
 
     session: EngineSession
@@ -98,6 +99,18 @@ class DecodedChunk:
     epoch: int
     stages: dict[str, float]
     deadline_s: float
+    borrowed: bool = False
+
+
+@dataclass
+class Published:
+    """A chunk its output took: its TTBC (None for a session's first), the five stage times, and when
+    (``perf_counter``)."""
+
+    chunk: DecodedChunk
+    ttbc_s: float | None
+    stages: dict[str, float]
+    published_at: float
 
 
 class ChunkPublisher:
@@ -107,13 +120,24 @@ class ChunkPublisher:
         metrics: the ``tm_`` recorder.
         sessions: returns the live sessions whose outputs are ticked between chunks.
         depth: decoded chunks that may wait for the thread before ``submit`` blocks.
+        keeps_frames: the outputs keep frames after ``put_chunk`` (playout queues): borrowed frames are
+            copied first. ``run``'s MP4 sink encodes them at once and needs no copy.
+        on_published: called on the publish thread after each chunk (``run``'s per-chunk stats).
     """
 
     def __init__(
-        self, metrics: ChunkMetrics, sessions: Callable[[], Iterable[EngineSession]], depth: int = 1
+        self,
+        metrics: ChunkMetrics | None,
+        sessions: Callable[[], Iterable[EngineSession]],
+        depth: int = 1,
+        keeps_frames: bool = True,
+        on_published: Callable[[Published], None] | None = None,
     ) -> None:
         self.metrics = metrics
         self.sessions = sessions
+        self.depth = depth
+        self.keeps_frames = keeps_frames
+        self.on_published = on_published
         self._queue: queue.Queue[DecodedChunk] = queue.Queue(maxsize=depth)
         self._failures: queue.Queue[tuple[str, str]] = queue.Queue()
         self._stop = threading.Event()
@@ -196,7 +220,8 @@ class ChunkPublisher:
         try:
             stalled = times.last_publish is not None and times.last_epoch == chunk.epoch
             stalled = stalled and output.buffered_s() <= 0.0
-            frames = session.probe(chunk.frames, prepared.pcm)
+            frames = chunk.frames.copy() if chunk.borrowed and self.keeps_frames else chunk.frames
+            frames = session.probe(frames, prepared.pcm)
             output.put_chunk(frames, prepared.pcm, prepared.first_frame)
         except Exception as exc:
             log.exception("session %s failed while publishing", session.id)
@@ -214,4 +239,11 @@ class ChunkPublisher:
             if stalled:
                 times.deadline_misses += 1
         stages = {**chunk.stages, "publish": published - start}
-        self.metrics.observe_chunk(ttbc, stages, deadline_s=chunk.deadline_s, missed=stalled)
+        if self.metrics is not None:
+            self.metrics.observe_chunk(ttbc, stages, deadline_s=chunk.deadline_s, missed=stalled)
+        if self.on_published is not None:
+            try:
+                self.on_published(Published(chunk, ttbc, stages, published))
+            except Exception as exc:
+                log.exception("recording chunk %d of %s failed", prepared.request.chunk_index, session.id)
+                self._failures.put((session.id, f"recording the chunk's timing failed: {exc}"))
