@@ -19,7 +19,7 @@ from workers.score_rank import ScoreRank
 def build_score_rank(options: RunOptions, groups: ProcessGroups) -> ScoreRank:
     """This rank's score share: the DiT from ``--checkpoint``, or seeded random weights equal on all ranks."""
     model = build_score_model(options.preset, options.checkpoint, seed=options.seed, device=groups.device)
-    return ScoreRank(model, options.stream_config(), groups)
+    return ScoreRank(model, options.stream_config(), groups, compile=options.compile_score)
 
 
 def main(argv: list[str]) -> int:

@@ -81,3 +81,12 @@ def test_the_default_decoder_fits_the_visible_gpus(
     run_argv = ["--image", "a.png", "--audio", "a.wav", "--out", "a.mp4", "--device", device,
                 "--score-workers", str(workers)]  # fmt: skip
     assert parse_run_options(run_argv).decoder == placement
+
+
+def test_compile_is_opt_in_for_run_and_serve(tmp_path: Path) -> None:
+    argv = ["--config", str(_config(tmp_path, "")), "--device", "cpu"]
+    assert not parse_serve_options(argv).compile_score
+    assert parse_serve_options([*argv, "--compile"]).compile_score
+    run = ["--image", "i.png", "--audio", "a.wav", "--out", "o.mp4", "--device", "cpu"]
+    assert not parse_run_options(run).compile_score
+    assert parse_run_options([*run, "--compile"]).compile_score
