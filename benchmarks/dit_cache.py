@@ -7,9 +7,14 @@ conditioning on). One long session runs `--chunks` chunks. Chunk 2 is the first 
 attends to c_0, c_{t−1} and itself, like every later chunk), so its time is measured on fresh short sessions
 (chunks 0, 1, 2); those short sessions are interleaved with the long session's chunks around chunk 200, so
 both medians see the same machine load. Memory is the storage bytes of every tensor the long session holds
-(self-attention cache and cross-attention K/V), read after chunk 2 and after chunk 200.
+(self-attention cache and cross-attention K/V), read after chunk 2 and after chunk 200. Allocations per
+denoising step: one more chunk 2 (a fresh session) and the long session's last chunk (after the timed ones,
+so profiling slows no timed chunk) run under `torch.profiler.profile(profile_memory=True)`; every profiled op
+whose own (self) CPU memory usage is positive counts as an allocation of that many bytes, summed over the
+chunk and divided by its passes.
 
-Targets (issue 2): time ratio chunk 200 / chunk 2 ≤ 1.05, memory ratio exactly 1.00.
+Targets (issue 2): time ratio chunk 200 / chunk 2 ≤ 1.05, memory ratio exactly 1.00; allocations per step
+flat (the same count and bytes at chunk 2 and late in the stream).
 """
 
 from __future__ import annotations
@@ -84,6 +89,16 @@ def _timed_chunk(engine: StreamingDiT, state: SessionState, index: int, inputs: 
     return elapsed
 
 
+def _allocations(engine: StreamingDiT, state: SessionState, index: int, inputs: dict[str, Any]) -> dict:
+    """Ops that allocated CPU memory while denoising chunk `index`, and their bytes, per denoising pass."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
+        engine.denoise_chunk(state, index, **inputs)
+    sizes = [e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0]
+    passes = engine.passes_per_chunk
+    return {"count_per_step": len(sizes) / passes, "bytes_per_step": sum(sizes) / passes}
+
+
 def run(preset: str, height: int, width: int, chunks: int, target: int, repeats: int) -> dict[str, Any]:
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -124,7 +139,15 @@ def run(preset: str, height: int, width: int, chunks: int, target: int, repeats:
             target_times.append(elapsed)
         if i in (2, target):
             bytes_at[i] = _session_bytes(long)
+    late = chunks
+    allocations = {f"chunk_{late}": _allocations(engine, long, late, long_inputs.chunk())}
     engine.close_session(long)
+    short_inputs = _Inputs(engine, seed=99)
+    short = engine.open_session(short_inputs.context, short_inputs.clip)
+    for j in range(2):
+        _timed_chunk(engine, short, j, short_inputs.chunk())
+    allocations = {"chunk_2": _allocations(engine, short, 2, short_inputs.chunk()), **allocations}
+    engine.close_session(short)
 
     t2 = statistics.median(chunk2_times)
     tn = statistics.median(target_times)
@@ -154,11 +177,14 @@ def run(preset: str, height: int, width: int, chunks: int, target: int, repeats:
             "all_chunks_long_session_ms": [round(t * 1e3, 2) for t in times],
         },
         "cache_bytes": {"chunk_2": bytes_at[2], f"chunk_{target}": bytes_at[target]},
+        "allocations_per_step": allocations,
         "ratios": {
             f"time_chunk{target}_over_chunk2": tn / t2,
             f"memory_chunk{target}_over_chunk2": bytes_at[target] / bytes_at[2],
+            f"allocation_bytes_chunk{late}_over_chunk2": allocations[f"chunk_{late}"]["bytes_per_step"]
+            / allocations["chunk_2"]["bytes_per_step"],
         },
-        "targets": {"time_ratio_max": 1.05, "memory_ratio": 1.0},
+        "targets": {"time_ratio_max": 1.05, "memory_ratio": 1.0, "allocations": "flat"},
     }
 
 
@@ -182,7 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(document, indent=2) + "\n")
     medians = {k: v for k, v in result["time_s"].items() if "median" in k}
-    print(json.dumps({"time_s": medians, **result["ratios"], "cache_bytes": result["cache_bytes"]}, indent=2))
+    summary = {"time_s": medians, **result["ratios"], "cache_bytes": result["cache_bytes"]}
+    print(json.dumps({**summary, "allocations_per_step": result["allocations_per_step"]}, indent=2))
     return 0
 
 

@@ -8,15 +8,16 @@ master, which also denoises when the decoder is colocated):
 - **DiT weights** (every score worker holds all of them, Ulysses splits heads, not weights): parameters ×
   the run's dtype (``default_dtype``: bfloat16 on CUDA, float32 on CPU, unless the caller passes one).
 - **KV cache per session** (``workers.kv_cache.ChunkKVCache`` + ``workers.streaming.SessionState``): the
-  self-attention cache ``layers × slots × 2 chunks (c_0, c_t−1) × L_chunk × H/N × head_dim × 2 (K, V) ×
-  bytes`` (slots = denoising steps in ``per-step`` mode, 1 in ``clean-context``; each SP rank keeps its H/N
-  heads), plus the text (+ CLIP) cross-attention K/V, which every rank keeps for all heads:
+  self-attention cache ``layers × slots × 3 chunks (c_0, c_t−1, c_t: one preallocated view attention reads)
+  × L_chunk × H/N × head_dim × 2 (K, V) × bytes`` (slots = denoising steps in ``per-step`` mode, 1 in
+  ``clean-context``; each SP rank keeps its H/N heads), plus the text (+ CLIP) cross-attention K/V, which
+  every rank keeps for all heads:
   ``layers × L_ctx × dim × 2 × bytes``. Exact: tests/workers/test_memory_plan.py compares it with the
   tensors a tiny session allocates. × sessions (1 for ``run``, ``max_sessions`` for ``serve``).
 - **DiT activations** of one forward of a steady-state chunk (t ≥ 2), an *estimate* (``dit_activation_bytes``
-  states the formula): the tensors held across the whole forward (the cached prefix c_0 ‖ c_t−1 concatenated
-  for every block, the chunk's own keys/values for every block, ``kv_out``) plus the largest per-block working
-  set (q/k/v and their Ulysses copies, the keys rotated in float64 as ``workers.rope`` does, or the FFN's
+  states the formula): the tensors held across the whole pass (every block's audio keys/values, projected
+  once per chunk; the chunk's keys/values go straight into the cache) plus the largest per-block working set
+  (q/k/v and their Ulysses copies, the rotated q and k and the float32 rotation's temporaries, or the FFN's
   hidden layer). It assumes a fused attention kernel (flash / memory-efficient SDPA, as on CUDA and CPU
   without a mask): the ``math`` backend's [H, Lq, Lkv] score matrix is not counted. A meta-device trace of
   one forward (``trace_peak_bytes``) agrees with it within the tolerance the tests state.
@@ -64,7 +65,7 @@ MARGIN_FRACTION = 0.10
 CUDA_FIXED_MARGIN = 1 * GIB
 CPU_FIXED_MARGIN = GIB // 2
 VAE_DTYPE = torch.float32  # the master builds the VAE in float32 and decodes without autocast
-ROPE_BYTES = 8  # workers.rope.apply_rope rotates in float64
+ROPE_BYTES = 4  # the streaming engine's RoPE tables are float32 (workers.rope.rotate computes in their dtype)
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
@@ -103,7 +104,7 @@ def kv_cache_bytes(
     slots = stream.num_steps if stream.cache_mode == "per-step" else 1
     b = _bytes(dtype)
     heads = config.num_heads // sp_degree
-    self_attn = config.num_layers * slots * 2 * stream.tokens_per_chunk * heads * config.head_dim * 2 * b
+    self_attn = config.num_layers * slots * 3 * stream.tokens_per_chunk * heads * config.head_dim * 2 * b
     context = config.text_len + (config.clip_tokens if config.has_image_branch else 0)
     cross = config.num_layers * context * config.dim * 2 * b
     return {"self_attn": self_attn, "cross_attn": cross}
@@ -114,17 +115,17 @@ def dit_activation_bytes(
 ) -> int:
     """Estimated peak of one DiT forward over a steady-state chunk on one of N = ``sp_degree`` ranks.
 
-    With b = bytes per element, n layers, L = tokens per chunk, L_kv = 3·L (c_0, c_t−1, c_t), L/N local
-    tokens and E = (H/N)·head_dim = dim/N channels of this rank's heads:
+    With b = bytes per element, n layers, L = tokens per chunk, F frames, L/N local tokens and
+    E = (H/N)·head_dim = dim/N channels of this rank's heads:
 
-    - held for the whole forward: the prefix c_0 ‖ c_t−1 concatenated for every block, ``n · 2 · 2L · E · b``,
-      and the chunk's keys/values for the cache, ``n · 2 · L · E · b`` (kept in both cache modes: per-step
-      passes and the clean-context refresh store them);
+    - held for the whole pass: every block's audio keys/values (projected once per chunk),
+      ``n · 2 · C · F · N_audio · dim · b``; the chunk's keys/values are written into the preallocated cache
+      block by block and attention reads a view of it (no concatenated prefix, nothing collected);
     - the largest block working set, the self-attention's:
-      q, k, v ``3 · L · E · b`` (twice with N > 1: the tokens' shard and the gathered heads), the keys and
-      values with the prefix ``2 · L_kv · E · b``, the rotated queries ``L · E · b`` and the float64 rotation
-      of the keys (input, products, stacked result: ``3 · L_kv · E · 8``); or the FFN's
-      ``2 · (L/N) · ffn · b`` if larger;
+      q, k, v ``3 · L · E · b`` (twice with N > 1: the tokens' shard and the gathered heads), one rotated
+      tensor ``L · E · b`` (k is rotated and written into the cache before q is rotated) and the float32
+      rotation's temporaries (products and stacked result ``2 · L · E · 4``, plus the float32 copy of the
+      input when b < 4); or the FFN's ``2 · (L/N) · ffn · b`` if larger;
     - float32 norm/modulation temporaries of the residual stream, ``3 · (L/N) · dim · 4``, and the gathered
       float32 head output ``2 · L · patch_out · 4``.
 
@@ -132,12 +133,13 @@ def dit_activation_bytes(
     """
     b = _bytes(dtype)
     n, length = config.num_layers, stream.tokens_per_chunk
-    l_kv = 3 * length
     local = length // sp_degree
     channels = config.dim // sp_degree
-    held = n * 2 * 2 * length * channels * b + n * 2 * length * channels * b
+    audio_tokens = 0 if config.audio is None else stream.chunk_latent_frames * config.audio.num_tokens
+    held = n * 2 * audio_tokens * config.dim * b  # one speaking character
     qkv = 3 * length * channels * b * (2 if sp_degree > 1 else 1)
-    attention = qkv + 2 * l_kv * channels * b + length * channels * b + 3 * l_kv * channels * ROPE_BYTES
+    rotation = (2 if b >= ROPE_BYTES else 3) * length * channels * ROPE_BYTES
+    attention = qkv + length * channels * b + rotation
     ffn = 2 * local * config.ffn_dim * b
     residual = 3 * local * config.dim * 4 + 2 * length * config.patch_out_dim * 4
     return held + max(attention, ffn) + residual

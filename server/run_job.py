@@ -22,7 +22,7 @@ def build_score_rank(options: RunOptions, groups: ProcessGroups) -> ScoreRank:
     model = build_score_model(
         options.preset, options.checkpoint, seed=options.seed, dtype=options.torch_dtype, device=groups.device
     )
-    return ScoreRank(model, options.stream_config(), groups)
+    return ScoreRank(model, options.stream_config(), groups, compile=options.compile_score)
 
 
 def main(argv: list[str]) -> int:

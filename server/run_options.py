@@ -55,6 +55,7 @@ class WeightsOptions:
     timestep_shift: float = 5.0
     encoder_seed: int | None = None
     weights: str = "seeded random weights"
+    compile_score: bool = False  # --compile: torch.compile the score model's blocks (StreamingDiT)
 
     @property
     def tiny_encoder_seed(self) -> int:
@@ -264,6 +265,12 @@ def add_weights_arguments(parser: argparse.ArgumentParser) -> None:
         help="N evenly spaced denoising steps instead of the weights' own (2; benchmarks raise it to make "
         "the score stage heavier)",
     )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the score model's transformer blocks (inductor; the first chunks compile, then "
+        "agree with eager within float32 rounding)",
+    )
 
 
 def check_steps(steps: int | None) -> None:
@@ -342,6 +349,7 @@ def options_from_args(args: argparse.Namespace) -> RunOptions:
         max_image_pixels=args.max_image_pixels,
         progress=args.progress,
         device_memory_gib=args.device_memory,
+        compile_score=args.compile,
         **bundle_settings(weights.bundle),  # type: ignore[arg-type]
     )
     if weights.bundle is None and not args.random_weights:

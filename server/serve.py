@@ -269,6 +269,7 @@ def parse_serve_options(argv: list[str], *, check_memory: bool = True) -> ServeO
         sync_probe=args.sync_probe,
         video_delay_frames=args.video_delay_frames,
         log_level=args.log_level,
+        compile_score=args.compile,
         device_memory_gib=args.device_memory,
         **bundle_settings(weights.bundle),  # type: ignore[arg-type]
     )
@@ -317,7 +318,7 @@ def _build_score_rank(options: ServeOptions, groups: Any) -> Any:
     model = build_score_model(
         options.preset, options.checkpoint, seed=options.seed, dtype=options.torch_dtype, device=groups.device
     )
-    return ScoreRank(model, options.stream_config(), groups)
+    return ScoreRank(model, options.stream_config(), groups, compile=options.compile_score)
 
 
 def _serve_master(options: ServeOptions, groups: Any, store: dist.Store, score_rank: Any) -> int:

@@ -1,10 +1,27 @@
-"""Fixed-size self-attention cache of the two context chunks of sparse causal attention.
+"""Fixed-size, preallocated self-attention cache of sparse causal attention, written in place.
 
 For every block and every slot (a denoising step index in `per-step` mode, a single slot in `clean-context`
-mode) it holds keys and values of two chunks: `FIRST` (c_0, which carries the reference image) and `PREVIOUS`
-(c_{t−1}). Keys are stored after the q/k RMSNorm and before RoPE, in head layout `[B, L, H, D]` (L = tokens
-per chunk, frame-major on every topology; H = the heads this rank holds), so RoPE can be applied at use for
-any window position and so a sequence-parallel rank keeps exactly its heads' slice of what one rank keeps.
+mode) one buffer of three chunk positions, `[B, 3·L, H, D]` (L = tokens per chunk, frame-major on every
+topology; H = the heads this rank holds, so a sequence-parallel rank keeps exactly its heads' slice):
+
+- position 0, the sink: c_0 (which carries the reference image), written by chunk 0 and kept;
+- positions 1 and 2, a ring: chunk t ≥ 1 writes its keys/values into position 1 + (t − 1) mod 2, and the
+  other ring position holds c_{t−1}.
+
+A pass over chunk t writes the chunk's keys/values into its position (in place, per block, as the block
+computes them) and attention reads the one view `[:, :visible]` of the buffer (visible = min(t + 1, 3)
+chunks): no per-block concatenation, nothing accumulated over the forward. From chunk 3 on the ring puts
+c_t before c_{t−1} in that view; attention does not depend on the order of its keys (up to float rounding,
+<= 1e-5 here; tests/workers/test_streaming_equivalence.py).
+
+Keys are stored rotated (RoPE applied, in the tables' float32) at the positions the chunk took when it was
+computed. c_0 is always at frames 0 … F − 1, so it is rotated exactly once, when stored. The previous chunk
+is used at its own positions in `absolute` mode and in `window` mode while the stream is inside the training
+clip; once the window stops moving, c_{t−1} was computed at T − F but is attended at T − 2F: the engine then
+rotates that ring position once per chunk (not per step) by −F frames on the temporal axis
+(`shift_position`, rotations by angles add), which adds one rounding of the stored dtype to those keys
+(float32: ~1e-7 relative; bfloat16: one more bf16 rounding than rotating un-rotated keys at use).
+
 The storage is allocated once: memory never grows with the number of chunks.
 """
 
@@ -12,14 +29,13 @@ from __future__ import annotations
 
 import torch
 
-FIRST = 0
-PREVIOUS = 1
+from workers.rope import rotate
 
-KV = tuple[torch.Tensor, torch.Tensor]
+SINK = 0
 
 
 class ChunkKVCache:
-    """Keys/values `[layers, slots, 2 roles, B, L, H, D]` for c_0 (role FIRST) and c_{t−1} (role PREVIOUS)."""
+    """Keys (rotated) and values `[layers, slots, B, 3·L, H, D]`: the sink c_0 and a ring of two chunks."""
 
     def __init__(
         self,
@@ -32,7 +48,8 @@ class ChunkKVCache:
         dtype: torch.dtype,
         device: torch.device | str,
     ) -> None:
-        shape = (num_layers, num_slots, 2, batch, tokens, heads, head_dim)
+        shape = (num_layers, num_slots, batch, 3 * tokens, heads, head_dim)
+        self.tokens = tokens
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
@@ -49,27 +66,25 @@ class ChunkKVCache:
         """Bytes held by the cache tensors (constant for the session's lifetime)."""
         return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
 
-    def store(self, slot: int, role: int, kvs: list[KV]) -> None:
-        """Write one chunk's per-block (k, v) `[B, L, H, D]` into `slot`/`role`, in place."""
-        if len(kvs) != self.num_layers:
-            raise ValueError(f"got keys/values for {len(kvs)} blocks, the cache holds {self.num_layers}")
-        for layer, (k, v) in enumerate(kvs):
-            if k.shape != self.k.shape[3:]:
-                raise ValueError(
-                    f"block {layer} keys have shape {tuple(k.shape)}, "
-                    f"the cache expects {tuple(self.k.shape[3:])}"
-                )
-            self.k[layer, slot, role].copy_(k)
-            self.v[layer, slot, role].copy_(v)
+    @staticmethod
+    def position(chunk_index: int) -> int:
+        """The chunk position (0: sink, 1 or 2: ring) that chunk `chunk_index` writes."""
+        return SINK if chunk_index == 0 else 1 + (chunk_index - 1) % 2
 
-    def prefix(self, slot: int, roles: tuple[int, ...]) -> list[KV]:
-        """Per-block (k, v) `[B, len(roles)·L, H, D]`: the chunks of `roles` concatenated in that order."""
-        if len(roles) == 1:
-            return [(self.k[i, slot, roles[0]], self.v[i, slot, roles[0]]) for i in range(self.num_layers)]
-        return [
-            (
-                torch.cat([self.k[i, slot, r] for r in roles], dim=1),
-                torch.cat([self.v[i, slot, r] for r in roles], dim=1),
-            )
-            for i in range(self.num_layers)
-        ]
+    def write_offset(self, chunk_index: int) -> int:
+        """First token of chunk `chunk_index`'s keys/values in every block's buffer."""
+        return self.position(chunk_index) * self.tokens
+
+    def visible(self, chunk_index: int) -> int:
+        """Tokens that chunk `chunk_index` attends to: the buffer's first min(t + 1, 3) chunk positions."""
+        return min(chunk_index + 1, 3) * self.tokens
+
+    def slot_views(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values `[layers, B, 3·L, H, D]` of one slot (views, written in place)."""
+        return self.k[:, slot], self.v[:, slot]
+
+    def shift_position(self, position: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """Rotate the keys stored at chunk `position` (all blocks, slots) in place by cos/sin `[L, D/2]`."""
+        start = position * self.tokens
+        keys = self.k[:, :, :, start : start + self.tokens]
+        keys.copy_(rotate(keys, cos, sin))

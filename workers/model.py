@@ -9,8 +9,12 @@ state dict loads with `load_state_dict` and no renaming: `patch_embedding`, `tex
 Differences from the original forward, all needed for streaming and none changing the math:
 - timesteps may be per latent frame (`t` `[B, F]`), the modulation broadcast per frame (causal students);
 - RoPE positions are explicit per token (`frame_positions`, `prefix_frame_positions`);
-- self-attention can take a pre-RoPE key/value prefix (the cached chunks) and return the keys/values of the
-  current tokens (`kv_out`), and can take a boolean mask (the full-sequence reference of sparse attention);
+- self-attention can take a pre-RoPE key/value prefix (`prefix_kv`, e.g. a flop count of a cached forward)
+  and a boolean mask (the full-sequence reference of sparse attention);
+- `forward_step`, the streaming engine's pass over one chunk: time embeddings and float32 RoPE tables come
+  precomputed, each block writes its chunk's rotated keys/values in place into the session's preallocated
+  cache buffer and attends over one view of it (`workers.kv_cache`); the audio keys/values come projected
+  once per chunk (`audio_kv`);
 - text/image cross-attention keys/values can be precomputed once per session (`cross_attention_kv`);
 - with an `sp_group`, Ulysses sequence parallelism: each rank runs its band of every frame, self-attention
   switches to head sharding (all tokens in the unsharded frame-major order) around its core, the head's
@@ -20,7 +24,7 @@ Modulation, time embedding and head run in float32 whatever the weight dtype, as
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -36,6 +40,9 @@ from workers.ulysses import group_size
 
 KV = tuple[torch.Tensor, torch.Tensor]
 Rope = tuple[torch.Tensor, torch.Tensor]
+# One block's cache for a streaming pass: (keys, values) buffers `[B, 3·L, H, D]`, the first token the pass
+# writes its chunk's rotated keys/values at, and how many tokens it attends to (`workers.kv_cache`).
+CacheView = tuple[torch.Tensor, torch.Tensor, int, int]
 
 
 def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:
@@ -96,10 +103,11 @@ class WanSelfAttention(nn.Module):
     """Self-attention with RMSNorm on q/k over the full width and 3-D RoPE.
 
     The core is split so sequence parallelism can wrap it: `project` gives q, k, v `[B, L, H, D]` after the
-    q/k norms and before RoPE (the layout the KV cache stores); `attend` prepends a cached prefix, applies
-    RoPE and calls `workers.attention.attention`. With an SP group of P ranks, `forward` projects its token
-    shard, switches q/k/v to head sharding (all L tokens in frame-major order, H/P heads) around `attend`,
-    and back.
+    q/k norms and before RoPE; `attend` prepends a pre-RoPE prefix, applies RoPE and calls
+    `workers.attention.attention`; `attend_cached` rotates q and k, writes k and v into a cache buffer in
+    place and attends over the buffer's visible view. With an SP group of P ranks, `forward` projects its
+    token shard, switches q/k/v to head sharding (all L tokens in frame-major order, H/P heads) around the
+    core, and back.
     """
 
     def __init__(self, dim: int, num_heads: int, eps: float) -> None:
@@ -141,6 +149,17 @@ class WanSelfAttention(nn.Module):
             v = torch.cat([prefix[1], v], dim=1)
         return attention(apply_rope(q, *rope_q), apply_rope(k, *rope_k), v, mask=mask)
 
+    def attend_cached(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: Rope, cache: CacheView
+    ) -> torch.Tensor:
+        """Rotate q, k `[B, L, H, D]` by `rope` (the chunk's cos/sin `[L, D/2]`), write k and v into the cache
+        buffers at tokens [at, at + L) and attend over the buffers' first `visible` tokens."""
+        k_buf, v_buf, at, visible = cache
+        length = k.shape[1]
+        k_buf[:, at : at + length].copy_(apply_rope(k, *rope))
+        v_buf[:, at : at + length].copy_(v)
+        return attention(apply_rope(q, *rope), k_buf[:, :visible], v_buf[:, :visible])
+
     def forward(
         self,
         x: torch.Tensor,
@@ -150,16 +169,22 @@ class WanSelfAttention(nn.Module):
         mask: torch.Tensor | None = None,
         sp_group: dist.ProcessGroup | None = None,
         frames: int = 1,
-    ) -> tuple[torch.Tensor, KV]:
-        """x `[B, L, dim]` → (output `[B, L, dim]`, pre-RoPE (k, v) `[B, L, H, D]` of x for caching).
+        cache: CacheView | None = None,
+    ) -> torch.Tensor:
+        """x `[B, L, dim]` → output `[B, L, dim]`.
 
+        With `cache` (a streaming pass): the keys/values of x go into the cache (rotated by `rope_q`) and
+        attention reads it (`attend_cached`); prefix, mask and rope_k are unused.
         With `sp_group` of P ranks: x is this rank's band of each of its `frames` frames, `[B, L/P, dim]`
-        (`workers.sp`), the output is too; rope tables, prefix and the returned (k, v) cover all L (+ Lp)
-        tokens in frame-major order, as without SP, for this rank's H/P heads.
+        (`workers.sp`), the output is too; rope tables, prefix and the cache cover all L (+ Lp) tokens in
+        frame-major order, as without SP, for this rank's H/P heads.
         """
         q, k, v = (frames_to_heads(t, sp_group, frames) for t in self.project(x))
-        out = heads_to_frames(self.attend(q, k, v, rope_q, rope_k, prefix, mask), sp_group, frames)
-        return self.o(out.flatten(2)), (k, v)
+        if cache is not None:
+            out = self.attend_cached(q, k, v, rope_q, cache)
+        else:
+            out = self.attend(q, k, v, rope_q, rope_k, prefix, mask)
+        return self.o(heads_to_frames(out, sp_group, frames).flatten(2))
 
 
 class WanCrossAttention(nn.Module):
@@ -207,27 +232,33 @@ class WanCrossAttention(nn.Module):
             kv["v_img"] = self._heads(self.v_img(image))
         return kv
 
+    def audio_kv(self, audio_tokens: torch.Tensor) -> KV:
+        """Audio keys/values `[B, C, F, N, H, D]` of tokens `[B, C, F, N, token_dim]` (once per chunk)."""
+        if not self.has_audio:
+            raise ValueError(
+                "audio conditioning was given but this model has no audio layers (ModelConfig.audio)"
+            )
+        k_audio = self._heads(self.norm_k_audio(self.k_audio(audio_tokens)))
+        return k_audio, self._heads(self.v_audio(audio_tokens))
+
     def forward(
         self,
         x: torch.Tensor,
         kv: dict[str, torch.Tensor],
         audio_tokens: torch.Tensor | None = None,
         face_mask: torch.Tensor | None = None,
+        audio_kv: KV | None = None,
     ) -> torch.Tensor:
-        """x `[B, L, dim]`, kv from `context_kv`; audio_tokens `[B, C, F, N, token_dim]` (L = F·S) and
-        face_mask `[B, C, L]` or None → `[B, L, dim]`."""
+        """x `[B, L, dim]`, kv from `context_kv`; audio_tokens `[B, C, F, N, token_dim]` (L = F·S), or their
+        `audio_kv`, and face_mask `[B, C, L]` or None → `[B, L, dim]`."""
         q = self._heads(self.norm_q(self.q(x)))
         out = attention(q, kv["k"], kv["v"])
         if self.has_image:
             out = out + attention(q, kv["k_img"], kv["v_img"])
-        if audio_tokens is not None:
-            if not self.has_audio:
-                raise ValueError(
-                    "audio conditioning was given but this model has no audio layers (ModelConfig.audio)"
-                )
-            k_audio = self._heads(self.norm_k_audio(self.k_audio(audio_tokens)))
-            v_audio = self._heads(self.v_audio(audio_tokens))
-            out = out + frame_local_audio_attention(q, k_audio, v_audio, face_mask)
+        if audio_kv is None and audio_tokens is not None:
+            audio_kv = self.audio_kv(audio_tokens)
+        if audio_kv is not None:
+            out = out + frame_local_audio_attention(q, *audio_kv, face_mask)
         return self.o(out.flatten(2))
 
 
@@ -265,10 +296,14 @@ class WanAttentionBlock(nn.Module):
         prefix: KV | None = None,
         mask: torch.Tensor | None = None,
         sp_group: dist.ProcessGroup | None = None,
-    ) -> tuple[torch.Tensor, KV]:
-        """x `[B, F·S, dim]`, e0 `[B, F, 6, dim]` (float32) → (x, pre-RoPE self-attention (k, v)).
+        cache: CacheView | None = None,
+        audio_kv: KV | None = None,
+    ) -> torch.Tensor:
+        """x `[B, F·S, dim]`, e0 `[B, F, 6, dim]` (float32) → x.
 
-        With `sp_group`, S is this rank's band of every frame (`workers.sp`); all else is token-wise.
+        cache: this block's streaming cache view (`WanSelfAttention.forward`); audio_kv: the audio keys/values
+        projected once per chunk, instead of audio_tokens. With `sp_group`, S is this rank's band of every
+        frame (`workers.sp`); all else is token-wise.
         """
         b, length, dim = x.shape
         frames = e0.shape[1]
@@ -285,13 +320,12 @@ class WanAttentionBlock(nn.Module):
             g = y.float().view(b, frames, length // frames, dim) * m[gate][:, :, None]
             return (res.float() + g.view(b, length, dim)).type_as(res)
 
-        y, kv = self.self_attn(
-            modulate(self.norm1(x), 1, 0), rope_q, rope_k, prefix, mask, sp_group, frames
+        y = self.self_attn(
+            modulate(self.norm1(x), 1, 0), rope_q, rope_k, prefix, mask, sp_group, frames, cache
         )
         x = gated(x, y, 2)
-        x = x + self.cross_attn(self.norm3(x), cross_kv, audio_tokens, face_mask)
-        x = gated(x, self.ffn(modulate(self.norm2(x), 4, 3)), 5)
-        return x, kv
+        x = x + self.cross_attn(self.norm3(x), cross_kv, audio_tokens, face_mask, audio_kv)
+        return gated(x, self.ffn(modulate(self.norm2(x), 4, 3)), 5)
 
 
 class Head(nn.Module):
@@ -432,6 +466,31 @@ class WanModel(nn.Module):
         x = torch.einsum("bfhwpqrc->bcfphqwr", x)
         return x.reshape(out.shape[0], c, frames * pt, height * ph, width * pw)
 
+    def embed(
+        self, x: torch.Tensor, y: torch.Tensor | None, sp_group: dist.ProcessGroup | None = None
+    ) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """Latents x `[B, 16, F, H, W]` (+ I2V y `[B, 20, F, H, W]`) → (tokens `[B, F·h·w, dim]`, this SP
+        rank's band of every frame with `sp_group`; the token grid (F, h, w))."""
+        cfg = self.config
+        b, _, frames, height, width = x.shape
+        if cfg.has_image_branch:
+            y_shape = (b, cfg.in_dim - cfg.out_dim, frames, height, width)
+            if y is None or y.shape != y_shape:
+                raise ValueError(
+                    f"i2v preset {cfg.name!r} needs y of shape {y_shape}, "
+                    f"got {None if y is None else tuple(y.shape)}"
+                )
+            x = torch.cat([x, y.to(x.dtype)], dim=1)
+        elif y is not None:
+            raise ValueError(f"preset {cfg.name!r} is t2v and takes no y conditioning")
+        h = self.patch_embedding(x.to(self.patch_embedding.weight.dtype))
+        grid = (h.shape[2], h.shape[3], h.shape[4])
+        h = h.flatten(2).transpose(1, 2)
+        if group_size(sp_group) > 1:
+            check_sp_shapes(cfg.num_heads, grid[1] * grid[2], group_size(sp_group), cfg.name)
+            h = shard_frames(h, sp_group, grid[0])
+        return h, grid
+
     def forward(
         self,
         x: torch.Tensor,
@@ -446,7 +505,6 @@ class WanModel(nn.Module):
         attn_mask: torch.Tensor | None = None,
         prefix_kv: list[KV] | None = None,
         prefix_frame_positions: torch.Tensor | None = None,
-        kv_out: list[KV] | None = None,
         sp_group: dist.ProcessGroup | None = None,
     ) -> torch.Tensor:
         """Velocity prediction `[B, 16, F, H, W]` (float32) for noisy latents x `[B, 16, F, H, W]`.
@@ -457,40 +515,22 @@ class WanModel(nn.Module):
         audio: per-frame audio inputs (needs ModelConfig.audio); None = no audio branch.
         frame_positions: temporal RoPE positions `[F]` of x's latent frames (default 0..F−1).
         attn_mask: boolean self-attention mask `[Lq, Lp + Lq]`, True = may attend (sdpa/math backends).
-        prefix_kv / prefix_frame_positions: per block cached pre-RoPE (k, v) `[B, Lp, H, D]` prepended to the
-            keys, and the temporal positions `[Fp]` they take in this call.
-        kv_out: if given, receives each block's pre-RoPE (k, v) `[B, F·h·w, H, D]` of x's tokens, in
-            block order.
+        prefix_kv / prefix_frame_positions: per block pre-RoPE (k, v) `[B, Lp, H, D]` prepended to the keys,
+            and the temporal positions `[Fp]` they take in this call.
         sp_group: Ulysses sequence parallelism over this group's P ranks (every rank passes the same inputs):
             each rank runs the blocks on its band of every frame (`workers.sp`), the output is gathered on
-            every rank; prefix_kv and kv_out are then this rank's head shard `[B, L, H/P, D]`, tokens in
-            frame-major order as without SP (so attn_mask applies unchanged).
+            every rank; prefix_kv is then this rank's head shard `[B, L, H/P, D]`, tokens in frame-major
+            order as without SP (so attn_mask applies unchanged).
+
+        RoPE runs in float64 here (Wan's path); the streaming engine uses `forward_step`.
         """
         cfg = self.config
-        b, _, frames, height, width = x.shape
-        if cfg.has_image_branch:
-            y_shape = (b, cfg.in_dim - cfg.out_dim, frames, height, width)
-            if y is None or y.shape != y_shape:
-                raise ValueError(
-                    f"i2v preset {cfg.name!r} needs y of shape {y_shape}, "
-                    f"got {None if y is None else tuple(y.shape)}"
-                )
-            x = torch.cat([x, y.to(x.dtype)], dim=1)
-        elif y is not None:
-            raise ValueError(f"preset {cfg.name!r} is t2v and takes no y conditioning")
+        b = x.shape[0]
         if cross_kv is None:
             if context is None:
                 raise ValueError("WanModel.forward needs cross_kv or context")
             cross_kv = self.cross_attention_kv(context, clip_fea)
-
-        h = self.patch_embedding(x.to(self.patch_embedding.weight.dtype))
-        grid = h.shape[2:]
-        h = h.flatten(2).transpose(1, 2)
-        sp = group_size(sp_group)
-        frame_tokens = grid[1] * grid[2]
-        if sp > 1:
-            check_sp_shapes(cfg.num_heads, frame_tokens, sp, cfg.name)
-            h = shard_frames(h, sp_group, grid[0])
+        h, grid = self.embed(x, y, sp_group)
 
         if t.ndim == 1:
             t = t[:, None].expand(b, grid[0])
@@ -512,23 +552,71 @@ class WanModel(nn.Module):
 
         audio_tokens = face_mask = None
         if audio is not None:
-            if cfg.audio is None:
-                raise ValueError(f"preset {cfg.name!r} has no audio layers; pass audio=None")
-            audio_tokens = audio.tokens
-            if audio_tokens is None:
-                audio_tokens = self.audio_proj(audio.features, audio.speaking)
-            face_mask = audio.face_mask
-            if face_mask is not None:
-                face_mask = shard_frames(face_mask, sp_group, grid[0], dim=2)
+            audio_tokens, face_mask = self.audio_inputs(audio, grid[0], sp_group)
 
         for i, block in enumerate(self.blocks):
             prefix = None if prefix_kv is None else prefix_kv[i]
-            h, kv = block(
+            h = block(
                 h, e0, rope_q, rope_k, cross_kv[i], audio_tokens, face_mask, prefix, attn_mask, sp_group
             )
-            if kv_out is not None:
-                kv_out.append(kv)
 
+        out = gather_frames(self.head(h, e), sp_group, grid[0])
+        return self.unpatchify(out, *grid)
+
+    def audio_inputs(
+        self, audio: AudioConditioning, frames: int, sp_group: dist.ProcessGroup | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(tokens `[B, C, F, N, token_dim]`, projected if given as features; this rank's face mask)."""
+        if self.config.audio is None:
+            raise ValueError(f"preset {self.config.name!r} has no audio layers; pass audio=None")
+        tokens = audio.tokens
+        if tokens is None:
+            tokens = self.audio_proj(audio.features, audio.speaking)
+        face_mask = audio.face_mask
+        if face_mask is not None:
+            face_mask = shard_frames(face_mask, sp_group, frames, dim=2)
+        return tokens, face_mask
+
+    def forward_step(
+        self,
+        x: torch.Tensor,
+        e: torch.Tensor,
+        e0: torch.Tensor,
+        rope: Rope,
+        cache_k: torch.Tensor,
+        cache_v: torch.Tensor,
+        write_at: int,
+        visible: int,
+        cross_kv: list[dict[str, torch.Tensor]],
+        y: torch.Tensor | None = None,
+        audio_kv: list[KV] | None = None,
+        face_mask: torch.Tensor | None = None,
+        sp_group: dist.ProcessGroup | None = None,
+        blocks: Sequence[nn.Module] | None = None,
+    ) -> torch.Tensor:
+        """One streaming pass over a chunk x `[B, 16, F, H, W]` → velocity `[B, 16, F, H, W]` (float32).
+
+        e `[B, F, dim]`, e0 `[B, F, 6, dim]`: `time_embed` of the pass's timestep, computed once per session.
+        rope: float32 cos/sin `[F·h·w, D/2]` of the chunk's tokens. cache_k/cache_v `[layers, B, 3·L, H, D]`:
+        one slot of the session's cache; every block writes the chunk's rotated keys and values at tokens
+        [write_at, write_at + L) and attends over tokens [0, visible) (`workers.kv_cache`). audio_kv: per
+        block audio keys/values (`WanCrossAttention.audio_kv`, once per chunk), face_mask this rank's.
+        blocks: the blocks to run (default `self.blocks`; the engine passes compiled ones).
+        """
+        h, grid = self.embed(x, y, sp_group)
+        for i, block in enumerate(self.blocks if blocks is None else blocks):
+            h = block(
+                h,
+                e0,
+                rope,
+                rope,
+                cross_kv[i],
+                None,
+                face_mask,
+                sp_group=sp_group,
+                cache=(cache_k[i], cache_v[i], write_at, visible),
+                audio_kv=None if audio_kv is None else audio_kv[i],
+            )
         out = gather_frames(self.head(h, e), sp_group, grid[0])
         return self.unpatchify(out, *grid)
 

@@ -2,9 +2,12 @@
 
 Each head of width D holds D/2 complex pairs (x[2j], x[2j+1]); the first pairs rotate with the temporal
 position, then the row, then the column (split from ModelConfig.rope_pairs, 22/21/21 for D = 128). Axis a
-with n_a pairs uses angle pos · θ^(−2j / (2·n_a)), j < n_a, exactly Wan's per-axis `rope_params`. Angles and
-the rotation are computed in float64 as in Wan. Positions are given per token, so a sequence shard or a
-cached chunk can be rotated for any window position without a 1024-entry table.
+with n_a pairs uses angle pos · θ^(−2j / (2·n_a)), j < n_a, exactly Wan's per-axis `rope_params`. Angles are
+always computed in float64 as in Wan; the rotation runs in the tables' dtype: `rope_cos_sin` gives float64
+tables (Wan's path, used by the full-sequence references and training), and the streaming engine casts them
+once to float32 (`StreamingDiT`, built per chunk position at session open), which stays within 1e-5 of the
+float64 path on the tiny presets (tests/workers/test_streaming_static.py). Positions are given per token, so a
+sequence shard or a cached chunk can be rotated for any window position without a 1024-entry table.
 """
 
 from __future__ import annotations
@@ -43,16 +46,35 @@ def rope_cos_sin(config: ModelConfig, positions: torch.Tensor) -> tuple[torch.Te
     return torch.cos(angles), torch.sin(angles)
 
 
+def temporal_shift_cos_sin(
+    config: ModelConfig, shift: int, tokens: int, device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin `[tokens, D/2]` (float64) of a rotation by `shift` latent frames on the temporal axis only.
+
+    Rotating keys already rotated at positions p by this table gives them positions p + shift (rotations by
+    angles add), which is how the streaming cache moves its previous chunk back one chunk in window mode.
+    """
+    positions = torch.tensor([[shift, 0, 0]], dtype=torch.int64, device=device).expand(tokens, 3)
+    return rope_cos_sin(config, positions)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs of `x` `[..., L, H, D]` by cos/sin `[L, D/2]`, computed in the tables' dtype
+    (float64: Wan's path; float32: the streaming engine's), the result in x's dtype."""
+    pairs = x.to(cos.dtype).unflatten(-1, (-1, 2))
+    real, imag = pairs.unbind(-1)
+    c = cos[:, None, :]
+    s = sin[:, None, :]
+    return torch.stack((real * c - imag * s, real * s + imag * c), dim=-1).flatten(-2).to(x.dtype)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of `x` `[B, L, H, D]` by angles with cos/sin `[L, D/2]`; keeps x's dtype."""
-    b, length, heads, d = x.shape
+    """Rotate interleaved pairs of `x` `[B, L, H, D]` by angles with cos/sin `[L, D/2]`; keeps x's dtype.
+
+    The arithmetic runs in the tables' dtype (`rotate`)."""
+    length, d = x.shape[1], x.shape[3]
     if cos.shape != (length, d // 2):
         raise ValueError(
             f"RoPE table has shape {tuple(cos.shape)}, expected {(length, d // 2)} for x {tuple(x.shape)}"
         )
-    pairs = x.to(torch.float64).reshape(b, length, heads, d // 2, 2)
-    real, imag = pairs[..., 0], pairs[..., 1]
-    c = cos[None, :, None, :]
-    s = sin[None, :, None, :]
-    rotated = torch.stack((real * c - imag * s, real * s + imag * c), dim=-1)
-    return rotated.reshape(b, length, heads, d).to(x.dtype)
+    return rotate(x, cos, sin)

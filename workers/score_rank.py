@@ -39,10 +39,15 @@ class ScoreRank:
             ``sp_group`` must be ``groups.sp``).
         stream: the serving group's stream configuration (the same on every rank and on the master).
         groups: this rank's process groups; ``None`` for a single process (no SP, this rank is the leader).
+        compile: build the engine with torch.compile'd blocks (``--compile``; ignored for a ready engine).
     """
 
     def __init__(
-        self, model: WanModel | StreamingDiT, stream: StreamConfig, groups: ProcessGroups | None = None
+        self,
+        model: WanModel | StreamingDiT,
+        stream: StreamConfig,
+        groups: ProcessGroups | None = None,
+        compile: bool = False,
     ) -> None:
         sp_group = None if groups is None else groups.sp
         if isinstance(model, StreamingDiT):
@@ -52,7 +57,7 @@ class ScoreRank:
                 raise ValueError("the engine's sp_group is not this rank's groups.sp; rebuild it")
             self.engine = model
         else:
-            self.engine = StreamingDiT(model, stream, sp_group=sp_group)
+            self.engine = StreamingDiT(model, stream, sp_group=sp_group, compile=compile)
         self.stream = stream
         self.config = self.engine.model.config
         self.rank = 0 if groups is None else groups.rank

@@ -20,7 +20,21 @@ Positions (StreamConfig.position_mode), in latent frames, F = chunk frames, T = 
 - `absolute`: chunk t at F·t … F·t + F − 1;
 - `window`: chunk t at min(F·t, T − F) …, i.e. its training-clip position while inside the clip and the
   clip's last chunk afterwards. c_0 is always at 0 … F − 1 and c_{t−1} right before the current chunk, so the
-  stream never leaves the trained range. Cached keys are un-rotated and get these positions at use.
+  stream never leaves the trained range.
+
+The static step (what every pass reuses is built once, nothing per step is allocated by the engine itself):
+- at session open: the time embeddings of every pass (`SessionState.time_emb`; the schedule is fixed), and,
+  once per engine and device, the float32 RoPE tables of every chunk position (window mode; absolute mode
+  builds the chunk's table once per chunk) and of the temporal shift of the previous chunk;
+- per chunk: the audio projection and every block's audio keys/values (`WanCrossAttention.audio_kv`), the
+  face mask's SP band, and, when the window has stopped moving, one in-place rotation of the previous
+  chunk's cached keys (`ChunkKVCache.shift_position`);
+- per pass: `WanModel.forward_step` writes each block's rotated keys/values in place into the session's
+  preallocated cache and attends over one view of it (`workers.kv_cache`: keys are stored rotated, c_0
+  rotated once when stored). No host→device copy and no host sync happens inside the denoising loop.
+- `compile=True` (`--compile`): every block runs `torch.compile`d (inductor); the first chunks compile
+  (one graph per distinct (write offset, visible length) of the cache: chunks 0, 1, then even/odd).
+  Compiled and eager agree within float32 rounding (tests/workers/test_streaming_static.py states it).
 
 Sequence parallelism (`sp_group` of P ranks, every rank calls the same methods with the same inputs): each
 rank runs the blocks on its band of every frame and caches keys/values of its H/P heads for all tokens
@@ -34,15 +48,16 @@ The full-sequence references the streaming engine must reproduce (the correctnes
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
 from proto.stream_config import StreamConfig
 from workers.audio import AudioConditioning
-from workers.kv_cache import FIRST, PREVIOUS, ChunkKVCache
-from workers.model import WanModel
+from workers.kv_cache import ChunkKVCache
+from workers.model import KV, WanModel
+from workers.rope import grid_positions, rope_cos_sin, temporal_shift_cos_sin
 from workers.sampler import denoising_schedule, predict_x0, renoise
 from workers.sp import check_sp_shapes
 from workers.ulysses import group_size
@@ -50,11 +65,13 @@ from workers.ulysses import group_size
 
 @dataclass
 class SessionState:
-    """Per-stream state: cross-attention K/V (per block), the self-attention cache, the next chunk index."""
+    """Per-stream state: cross-attention K/V (per block), the self-attention cache, the next chunk index,
+    and the time embeddings (e `[1, F, dim]`, e0 `[1, F, 6, dim]`) of every pass of a chunk."""
 
     cross_kv: list[dict[str, torch.Tensor]]
     cache: ChunkKVCache
     next_chunk: int = 0
+    time_emb: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
     @property
     def nbytes(self) -> int:
@@ -67,7 +84,11 @@ class StreamingDiT:
     """Runs a `WanModel` chunk by chunk with sparse causal attention and a fixed-size KV cache."""
 
     def __init__(
-        self, model: WanModel, stream: StreamConfig, sp_group: dist.ProcessGroup | None = None
+        self,
+        model: WanModel,
+        stream: StreamConfig,
+        sp_group: dist.ProcessGroup | None = None,
+        compile: bool = False,
     ) -> None:
         self.model = model
         self.stream = stream
@@ -77,27 +98,66 @@ class StreamingDiT:
         self.timesteps, self.sigmas = denoising_schedule(
             stream.denoising_steps, stream.timestep_shift, stream.warp_denoising_steps
         )
+        # The timestep of every pass of a chunk: the denoising steps, then the clean-context refresh at 0.
+        self.pass_timesteps = self.timesteps + ((0.0,) if stream.cache_mode == "clean-context" else ())
+        self.compiled = compile
+        # torch.compile wraps the blocks without changing the model (references and training stay eager).
+        self.blocks: list[torch.nn.Module] | None = (
+            [torch.compile(block, dynamic=False) for block in model.blocks] if compile else None
+        )
+        self._rope_tables: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def passes_per_chunk(self) -> int:
         """Forward passes per chunk: len(steps), plus the σ = 0 refresh in clean-context mode."""
         return len(self.timesteps) + (1 if self.stream.cache_mode == "clean-context" else 0)
 
-    def chunk_positions(self, chunk_index: int) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, ...]]:
-        """(temporal positions `[F]` of chunk `chunk_index`, positions `[k·F]` of its cached context chunks or
-        None, their cache roles)."""
+    def chunk_start(self, chunk_index: int) -> int:
+        """First temporal position of chunk `chunk_index` (`position_mode`)."""
         f = self.stream.chunk_latent_frames
         if self.stream.position_mode == "absolute":
-            start = f * chunk_index
-        else:
-            start = min(f * chunk_index, self.stream.train_latent_frames - f)
+            return f * chunk_index
+        return min(f * chunk_index, self.stream.train_latent_frames - f)
+
+    def chunk_positions(self, chunk_index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(temporal positions `[F]` of chunk `chunk_index`, positions `[k·F]` its attended context chunks
+        take, c_0 then c_{t−1}, or None)."""
+        f = self.stream.chunk_latent_frames
+        start = self.chunk_start(chunk_index)
         current = torch.arange(start, start + f)
         if chunk_index == 0:
-            return current, None, ()
+            return current, None
         first = torch.arange(f)
         if chunk_index == 1:
-            return current, first, (FIRST,)
-        return current, torch.cat([first, torch.arange(start - f, start)]), (FIRST, PREVIOUS)
+            return current, first
+        return current, torch.cat([first, torch.arange(start - f, start)])
+
+    def previous_shift(self, chunk_index: int) -> int:
+        """Temporal positions to move c_{t−1}'s stored keys by at the start of chunk t (0 = none): it was
+        rotated at its own start and is attended right before chunk t."""
+        if chunk_index < 2:
+            return 0
+        f = self.stream.chunk_latent_frames
+        return self.chunk_start(chunk_index) - f - self.chunk_start(chunk_index - 1)
+
+    def _table(self, key: tuple[str, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 cos/sin `[L, D/2]` (computed in float64, cast once): ("chunk", start) = the tokens of a
+        chunk starting at `start`, ("shift", n) = a temporal rotation by n positions. Cached per engine in
+        window mode (a bounded set of keys); built per call in absolute mode (positions grow endlessly)."""
+        table = self._rope_tables.get(key)
+        if table is not None and table[0].device == device:
+            return table
+        cfg, stream = self.model.config, self.stream
+        kind, n = key
+        if kind == "chunk":
+            frames = torch.arange(n, n + stream.chunk_latent_frames, device=device)
+            cos, sin = rope_cos_sin(cfg, grid_positions(frames, stream.token_height, stream.token_width))
+        else:
+            cos, sin = temporal_shift_cos_sin(cfg, n, stream.tokens_per_chunk, device=device)
+        table = (cos.float(), sin.float())
+        if stream.position_mode == "window":
+            self._rope_tables[key] = table
+        return table
 
     def open_session(self, context: torch.Tensor, clip_fea: torch.Tensor | None = None) -> SessionState:
         """Start a stream. context: umT5 features `[Lt, text_dim]`; clip_fea `[clip_tokens, clip_dim]`."""
@@ -109,6 +169,16 @@ class StreamingDiT:
                 context[None].to(param.device), None if clip_fea is None else clip_fea[None].to(param.device)
             )
         slots = len(self.timesteps) if self.stream.cache_mode == "per-step" else 1
+        with torch.no_grad():
+            frames = self.stream.chunk_latent_frames
+            time_emb = [
+                model.time_embed(torch.full((1, frames), t, dtype=torch.float64, device=param.device))
+                for t in self.pass_timesteps
+            ]
+        if self.stream.position_mode == "window":  # every chunk position's table, once per engine
+            last = self.stream.train_latent_frames // self.stream.chunk_latent_frames + 1
+            for start in sorted({self.chunk_start(i) for i in range(last + 1)}):
+                self._table(("chunk", start), param.device)
         cache = ChunkKVCache(
             num_layers=cfg.num_layers,
             num_slots=slots,
@@ -119,7 +189,7 @@ class StreamingDiT:
             dtype=param.dtype,
             device=param.device,
         )
-        return SessionState(cross_kv=cross_kv, cache=cache)
+        return SessionState(cross_kv=cross_kv, cache=cache, time_emb=time_emb)
 
     def reset_session(self, state: SessionState) -> None:
         """Restart at chunk 0 with the same prompt and image (the cache is overwritten in place)."""
@@ -128,39 +198,54 @@ class StreamingDiT:
     def close_session(self, state: SessionState) -> None:
         """Release the session's tensors; the state cannot be used afterwards."""
         state.cross_kv = []
+        state.time_emb = []
         state.cache.k = state.cache.v = torch.empty(0)
         state.next_chunk = -1
 
-    def _forward(
+    def chunk_inputs(
+        self, chunk_index: int, audio: AudioConditioning | None, device: torch.device
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor], list[KV] | None, torch.Tensor | None]:
+        """What every pass of a chunk reuses: its float32 RoPE table, every block's audio keys/values (the
+        audio projected once) and this rank's face mask."""
+        rope = self._table(("chunk", self.chunk_start(chunk_index)), device)
+        if audio is None:
+            return rope, None, None
+        tokens, face_mask = self.model.audio_inputs(audio, self.stream.chunk_latent_frames, self.sp_group)
+        audio_kv = [block.cross_attn.audio_kv(tokens) for block in self.model.blocks]
+        return rope, audio_kv, face_mask
+
+    def step(
         self,
         state: SessionState,
         x: torch.Tensor,
-        t: float,
-        slot: int,
+        pass_index: int,
         chunk_index: int,
         y: torch.Tensor | None,
-        audio: AudioConditioning | None,
-        kv_out: list | None,
+        chunk_inputs: tuple[tuple[torch.Tensor, torch.Tensor], list[KV] | None, torch.Tensor | None],
     ) -> torch.Tensor:
-        current, context_pos, roles = self.chunk_positions(chunk_index)
-        prefix = state.cache.prefix(slot, roles) if roles else None
-        return self.model(
+        """One pass over chunk `chunk_index` at `pass_timesteps[pass_index]`: the velocity `[16, F, h, w]`;
+        the chunk's keys/values are written into the pass's cache slot."""
+        rope, audio_kv, face_mask = chunk_inputs
+        cache = state.cache
+        slot = pass_index if self.stream.cache_mode == "per-step" else 0
+        k, v = cache.slot_views(slot)
+        e, e0 = state.time_emb[pass_index]
+        return self.model.forward_step(
             x[None],
-            torch.tensor([t], device=x.device, dtype=torch.float64),
-            cross_kv=state.cross_kv,
+            e,
+            e0,
+            rope,
+            k,
+            v,
+            cache.write_offset(chunk_index),
+            cache.visible(chunk_index),
+            state.cross_kv,
             y=None if y is None else y[None],
-            audio=audio,
-            frame_positions=current.to(x.device),
-            prefix_kv=prefix,
-            prefix_frame_positions=None if context_pos is None else context_pos.to(x.device),
-            kv_out=kv_out,
+            audio_kv=audio_kv,
+            face_mask=face_mask,
             sp_group=self.sp_group,
+            blocks=self.blocks,
         )[0]
-
-    def _store(self, state: SessionState, slot: int, chunk_index: int, kvs: list) -> None:
-        state.cache.store(slot, PREVIOUS, kvs)
-        if chunk_index == 0:
-            state.cache.store(slot, FIRST, kvs)
 
     @torch.no_grad()
     def denoise_chunk(
@@ -192,21 +277,23 @@ class StreamingDiT:
             noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(param.device)
         if tuple(noise.shape) != shape:
             raise ValueError(f"noise has shape {tuple(noise.shape)}, expected [steps, 16, F, h, w] = {shape}")
-        per_step = self.stream.cache_mode == "per-step"
+        noise = noise.to(param.device)
+        if y is not None:
+            y = y.to(param.device)
+        shift = self.previous_shift(chunk_index)
+        if shift:  # the window stopped moving: c_{t−1} moves back, once per chunk, in place
+            cos, sin = self._table(("shift", shift), param.device)
+            state.cache.shift_position(state.cache.position(chunk_index - 1), cos, sin)
+        inputs = self.chunk_inputs(chunk_index, audio, param.device)
         x = noise[0]
         x0 = x
-        for s, (t, sigma) in enumerate(zip(self.timesteps, self.sigmas, strict=True)):
-            kv_out: list | None = [] if per_step else None
-            v = self._forward(state, x, t, s if per_step else 0, chunk_index, y, audio, kv_out)
+        for s, sigma in enumerate(self.sigmas):
+            v = self.step(state, x, s, chunk_index, y, inputs)
             x0 = predict_x0(x, v.to(x.dtype), sigma)
-            if kv_out is not None:
-                self._store(state, s, chunk_index, kv_out)
-            if s + 1 < len(self.timesteps):
+            if s + 1 < len(self.sigmas):
                 x = renoise(x0, self.sigmas[s + 1], noise[s + 1])
-        if not per_step:
-            kv_out = []
-            self._forward(state, x0, 0.0, 0, chunk_index, y, audio, kv_out)
-            self._store(state, 0, chunk_index, kv_out)
+        if self.stream.cache_mode == "clean-context":  # the σ = 0 refresh writes the chunk's clean keys
+            self.step(state, x0, len(self.sigmas), chunk_index, y, inputs)
         state.next_chunk += 1
         return x0
 

@@ -125,3 +125,12 @@ def test_a_bad_dtype_is_a_clear_error(tmp_path: Path, capsys) -> None:
         parse_serve_options(["--config", str(_config(tmp_path, 'dtype = "fp16"')), "--device", "cpu"])
     with pytest.raises(ValueError, match="is not one of"):
         resolve_dtype("bf16", "cuda")
+
+
+def test_compile_is_opt_in_for_run_and_serve(tmp_path: Path) -> None:
+    argv = ["--config", str(_config(tmp_path, "")), "--device", "cpu"]
+    assert not parse_serve_options(argv).compile_score
+    assert parse_serve_options([*argv, "--compile"]).compile_score
+    run = ["--image", "i.png", "--audio", "a.wav", "--out", "o.mp4", "--device", "cpu"]
+    assert not parse_run_options(run).compile_score
+    assert parse_run_options([*run, "--compile"]).compile_score

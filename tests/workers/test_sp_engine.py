@@ -86,7 +86,7 @@ def _sp_equals_single(rank: int, world: int, cache_mode: str, size: int) -> None
         assert err <= SP_ATOL, f"rank {rank} chunk {i}: SP {world} differs from SP 1 by {err}"
     # Each rank caches its own H/P heads of every token of the chunk, as one rank caches them.
     heads = CFG.num_heads // world
-    assert state.cache.k.shape[-3:] == (stream.tokens_per_chunk, heads, CFG.head_dim)
+    assert state.cache.k.shape[-3:] == (3 * stream.tokens_per_chunk, heads, CFG.head_dim)  # c_0 + ring of 2
     mine = slice(rank * heads, (rank + 1) * heads)
     assert _max_diff(state.cache.k, single_state.cache.k[..., mine, :]) <= SP_ATOL
     assert _max_diff(state.cache.v, single_state.cache.v[..., mine, :]) <= SP_ATOL

@@ -34,7 +34,7 @@ def session_inputs() -> dict[str, torch.Tensor]:
 
 
 def _positions(engine: StreamingDiT, chunk: int) -> tuple[list[int], list[int] | None]:
-    current, context, _ = engine.chunk_positions(chunk)
+    current, context = engine.chunk_positions(chunk)
     return current.tolist(), None if context is None else context.tolist()
 
 
@@ -64,8 +64,8 @@ def test_chunk_60_is_finite_and_the_cache_never_grows(model, session_inputs):
     assert bool(torch.isfinite(x0).all()) and x0.abs().max() > 0
     assert state.nbytes == bytes_at_3
     assert state.cache.k.data_ptr() == pointer_at_3
-    # Two slots (steps) × {c_0, c_{t−1}} × k and v, per block, float32.
-    assert state.cache.nbytes == CFG.num_layers * 2 * 2 * 2 * STREAM.tokens_per_chunk * CFG.dim * 4
+    # Two slots (steps) × {c_0, ring of two: c_{t−1} and c_t} × k and v, per block, float32.
+    assert state.cache.nbytes == CFG.num_layers * 2 * 3 * 2 * STREAM.tokens_per_chunk * CFG.dim * 4
 
 
 @pytest.mark.parametrize(("cache_mode", "passes"), [("per-step", 2), ("clean-context", 3)])
@@ -73,7 +73,7 @@ def test_forward_passes_per_chunk(model, session_inputs, cache_mode, passes):
     engine = StreamingDiT(model, StreamConfig(height=64, width=64, cache_mode=cache_mode))
     state = engine.open_session(session_inputs["context"], session_inputs["clip_fea"])
     calls = []
-    handle = model.register_forward_hook(lambda *_: calls.append(1))
+    handle = model.head.register_forward_hook(lambda *_: calls.append(1))  # the head runs once a pass
     try:
         for chunk in range(3):
             engine.denoise_chunk(
