@@ -26,7 +26,7 @@ A = CFG.audio
 CHUNKS, F, LAT = 6, 3, 8
 # float32 RoPE tables vs Wan's float64 rotation, ring order vs c_0, c_{t−1}, c_t: observed 1.7e-6
 ATOL = 1e-5
-COMPILE_ATOL = 1e-5  # inductor reorders float32 math (observed below 1e-6 at the tiny preset)
+COMPILE_ATOL = 1e-5  # inductor reorders float32 math (observed up to 1.9e-6 on an Intel Xeon, 5 chunks)
 
 
 @pytest.fixture(scope="module")
