@@ -92,11 +92,13 @@ def _cpu_and_wait() -> tuple[float, float | None]:
 
 
 class ForwardCounter:
-    """Counts the DiT's forward passes (a hook, no synchronisation, so it does not perturb timings)."""
+    """Counts the DiT's forward passes (a hook on its output head, which every pass runs once — the
+    streaming engine calls ``forward_step``, not ``forward`` — with no synchronisation, so it does not
+    perturb timings)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.count = 0
-        model.register_forward_pre_hook(self._hook)
+        model.head.register_forward_pre_hook(self._hook)
 
     def _hook(self, module: torch.nn.Module, args: Any) -> None:
         self.count += 1

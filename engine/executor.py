@@ -249,6 +249,36 @@ class DedicatedExecutor:
         self._out.broadcast(Shutdown(reason))
 
 
+class InProcessExecutor:
+    """The score side in this very process, with no other ranks (``training.evaluate``, tests): the
+    ``ScoreRank`` denoises inline in ``submit``, the latent never leaves the process."""
+
+    def __init__(self, score_rank: ScoreRankLike, device: torch.device | str = "cpu") -> None:
+        self.score_rank = score_rank
+        self.device = torch.device(device)
+        self._done: dict[tuple[str, int], ScoredChunk] = {}
+
+    def open_session(self, message: SessionOpen, tensors: Mapping[str, torch.Tensor]) -> None:
+        self.score_rank.open_session(message, _contiguous(tensors, self.device))
+
+    def submit(self, request: ChunkRequest, tensors: Mapping[str, torch.Tensor]) -> None:
+        start = time.perf_counter()
+        latent = self.score_rank.denoise(request, _contiguous(tensors, self.device))
+        if latent is None:
+            raise WorkerError("the in-process ScoreRank returned no latent")
+        elapsed = time.perf_counter() - start
+        self._done[_key(request)] = ScoredChunk(request, latent, score_s=elapsed, roundtrip_s=elapsed)
+
+    def collect(self, request: ChunkRequest) -> ScoredChunk:
+        return self._done.pop(_key(request))
+
+    def close_session(self, message: SessionClose) -> None:
+        self.score_rank.close_session(message)
+
+    def shutdown(self, reason: str) -> None:
+        pass
+
+
 class ColocatedExecutor:
     """Transport of a self-contained topology: rank 0 broadcasts to ranks 1..N-1 and scores inline."""
 

@@ -22,6 +22,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -32,6 +33,8 @@ from decoder.encode import I2VConditioning
 from decoder.streaming import DecodeSession
 from decoder.vae import WanVAE, build_vae
 from engine.executor import ColocatedExecutor, DedicatedExecutor, Executor, WorkerError
+from engine.pipeline import ChunkEngine, Work
+from engine.publish import ChunkPublisher, Published
 from proto.chunk_specs import (
     chunk_request_specs,
     chunk_result_specs,
@@ -54,8 +57,8 @@ from server.audio_io import load_audio
 from server.conditioning import ConditioningConfig, ConditioningEncoders
 from server.image_io import load_image
 from server.launcher import EXIT_PEER_LOST
+from server.live_session import PreparedInputs, SessionTimes
 from server.memory_plan import plan_for_options
-from server.pipeline import ChunkPipeline, FrameSink, PreparedChunk
 from server.publishers.file import Mp4FilePublisher
 from server.rank_registry import local_rss
 from server.run_options import RunOptions
@@ -90,8 +93,15 @@ def build_featurizer(options: RunOptions, model: ModelConfig, stream: StreamConf
     return featurizer
 
 
+class FrameSink(Protocol):
+    """Where ``run`` writes (``server.publishers.file.Mp4FilePublisher`` is one)."""
+
+    def write(self, frames: np.ndarray, audio: np.ndarray) -> None: ...
+
+
 class ChunkScheduler:
-    """Turns the session's audio into ``PreparedChunk`` requests, in order, as their audio arrives.
+    """Turns the session's audio into chunk requests (``PreparedInputs``), in order, as their audio arrives;
+    the last chunk's ``pcm`` stops where the audio stops (its frames are trimmed to it).
 
     Args:
         audio: ``[N]`` float32 16 kHz mono, the whole input (pushed piece by piece as a live source would).
@@ -145,15 +155,14 @@ class ChunkScheduler:
             else:
                 self.featurizer.end_of_stream()
 
-    def __iter__(self) -> Iterator[PreparedChunk]:
+    def __iter__(self) -> Iterator[PreparedInputs]:
         while True:
-            start = time.perf_counter()
             index = self._next_ready()
             if index is None:
                 return
-            yield self._prepare(index, start)
+            yield self._prepare(index)
 
-    def _prepare(self, index: int, start: float) -> PreparedChunk:
+    def _prepare(self, index: int) -> PreparedInputs:
         chunk_audio = self.featurizer.features_for_chunk(index)
         tensors: dict[str, torch.Tensor] = {}
         for spec in self.specs:
@@ -174,7 +183,8 @@ class ChunkScheduler:
         )
         frames = self.featurizer.output_frames(index)
         keep = max(0, min(len(frames), self.total_frames - frames.start))
-        return PreparedChunk(request, tensors, chunk_audio.pcm, keep, time.perf_counter() - start)
+        pcm = chunk_audio.pcm[: keep * self.samples_per_frame]
+        return PreparedInputs(request, tensors, pcm, first_frame=frames.start)
 
 
 class RecordingSink:
@@ -196,6 +206,137 @@ class RecordingSink:
 
     def close(self) -> None:
         self._file.close()
+
+
+class _SinkOutput:
+    """``run``'s output as the engine sees it: frames go to the MP4 sink as soon as they come (no playout
+    pacing, so nothing is ever buffered and the session is always due); the last chunk is trimmed to its
+    audio (``pcm`` holds exactly the frames to keep)."""
+
+    end_reason = None
+
+    def __init__(self, sink: FrameSink, samples_per_frame: int) -> None:
+        self.sink = sink
+        self.spf = samples_per_frame
+
+    def put_chunk(self, frames: np.ndarray, pcm: np.ndarray, first_frame: int) -> None:
+        self.sink.write(frames[: pcm.size // self.spf], pcm)
+
+    def tick(self) -> None:
+        pass
+
+    def buffered_s(self) -> float:
+        return 0.0
+
+
+class RunSession:
+    """``run``'s one session on the engine (``engine.pipeline.EngineSession``): its chunks come from the
+    ``ChunkScheduler`` (the whole audio file through the streaming front-end), its frames go to the sink."""
+
+    epoch = 0
+
+    def __init__(self, scheduler: ChunkScheduler, decoder: Any, sink: FrameSink) -> None:
+        self.id = scheduler.session_id
+        self.scheduler = scheduler
+        self.decoder = decoder
+        self.output = _SinkOutput(sink, scheduler.samples_per_frame)
+        self.times = SessionTimes()
+        self.chunks_generated = 0
+        self.error: str | None = None
+        self._chunks = iter(scheduler)
+        self._left = scheduler.num_chunks
+
+    @property
+    def live(self) -> bool:
+        return self.error is None
+
+    def due(self) -> bool:
+        """Chunks are left to prepare (the file is generated flat out)."""
+        return self.live and self._left > 0
+
+    def prepare_chunk(self) -> PreparedInputs:
+        self._left -= 1
+        return next(self._chunks)
+
+    def probe(self, frames: np.ndarray, pcm: np.ndarray) -> np.ndarray:
+        return frames
+
+
+class _RunOwner:
+    """``engine.pipeline.EngineOwner`` of ``run``: one session, failures remembered for the exit code."""
+
+    def __init__(self, session: RunSession) -> None:
+        self.session = session
+        self.group_error: str | None = None
+
+    def pick(self, in_flight: Work | None) -> RunSession | None:
+        return self.session if self.session.due() else None
+
+    def schedulable(self, session: RunSession) -> bool:  # type: ignore[override]
+        return session.live
+
+    def session_failed(self, session_id: str, reason: str) -> bool:
+        self.session.error = self.session.error or reason
+        return False  # the run stops; its workers get Shutdown, not a SessionClose
+
+    def group_failed(self, reason: str) -> None:
+        self.group_error = self.group_error or reason
+
+
+def run_stream(
+    executor: Executor,
+    session: RunSession,
+    stream: StreamConfig,
+    stats: StreamStats,
+    *,
+    overlap: bool,
+    device: torch.device,
+    memory: Callable[[], dict[int, int]] | None = None,
+    on_chunk: Callable[[ChunkTiming], None] | None = None,
+) -> None:
+    """Every chunk of ``session`` through the engine (``engine.pipeline.ChunkEngine``: request t+1 out,
+    decode t, prepare t+2, collect t+1; publishing on its own thread), each recorded in ``stats``.
+
+    Raises:
+        WorkerError: the score side failed (the message names the rank).
+        RuntimeError: the session failed on the master (its input, the decoder or the sink).
+    """
+    start = time.perf_counter()
+
+    def record(published: Published) -> None:
+        chunk = published.chunk
+        timing = ChunkTiming(
+            chunk_index=chunk.prepared.request.chunk_index,
+            frames=chunk.prepared.pcm.size // session.scheduler.samples_per_frame,
+            prepare_s=published.stages["prepare"],
+            score_s=published.stages["score"],
+            transfer_s=published.stages["transfer"],
+            decode_s=published.stages["decode"],
+            publish_s=published.stages["publish"],
+            published_at_s=published.published_at - start,
+            ttbc_s=published.ttbc_s,
+            rss_bytes=memory() if memory is not None else {},
+        )
+        stats.add(timing)
+        if on_chunk is not None:
+            on_chunk(timing)
+
+    owner = _RunOwner(session)
+    publisher = ChunkPublisher(None, lambda: [session], keeps_frames=False, on_published=record)
+    engine = ChunkEngine(executor, stream, publisher, owner, overlap=overlap, device=device)
+    publisher.start()
+    try:
+        while owner.group_error is None and session.live:
+            if not engine.turn() and not engine.busy() and not session.due():
+                break
+    finally:
+        publisher.stop()  # publishes what was decoded
+    for _, reason in publisher.failures():
+        session.error = session.error or reason
+    if owner.group_error is not None:
+        raise WorkerError(owner.group_error)
+    if session.error is not None:
+        raise RuntimeError(session.error)
 
 
 def open_session_message(
@@ -312,15 +453,8 @@ def run_master(
     sink: FrameSink = publisher
     if options.save_frames is not None:
         sink = recorder = RecordingSink(publisher, options.save_frames)
-    pipeline = ChunkPipeline(
-        executor,
-        DecodeSession(vae, stream.height, stream.width, autocast_dtype=options.vae_autocast_dtype),
-        sink,
-        overlap=topology.disaggregated and options.overlap,
-        samples_per_frame=scheduler.samples_per_frame,
-        memory=lambda: local_rss(store, ranks),
-        on_chunk=_progress(scheduler.num_chunks) if options.progress else None,
-    )
+    decoder = DecodeSession(vae, stream.height, stream.width, autocast_dtype=options.vae_autocast_dtype)
+    session = RunSession(scheduler, decoder, sink)
     print(
         f"talkingmachines run: {topology.name}, preset {options.preset}, dtype {options.dtype}, "
         f"{stream.width}x{stream.height} "
@@ -332,7 +466,16 @@ def run_master(
     print(f"talkingmachines run: {plan_for_options(options).summary()}", file=sys.stderr, flush=True)
     try:
         executor.open_session(message, tensors)
-        pipeline.run(scheduler, stats)
+        run_stream(
+            executor,
+            session,
+            stream,
+            stats,
+            overlap=topology.disaggregated and options.overlap,
+            device=device,
+            memory=lambda: local_rss(store, ranks),
+            on_chunk=_progress(scheduler.num_chunks) if options.progress else None,
+        )
         executor.close_session(SessionClose(SESSION_ID))
         executor.shutdown("run finished")
     except WorkerError as exc:

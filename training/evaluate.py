@@ -147,8 +147,10 @@ class Generator:
     @torch.no_grad()
     def generate(self, image: np.ndarray, audio: np.ndarray, seed: int = 0) -> GeneratedStream:
         """Frames for `audio` (float32 16 kHz mono) from the reference `image` (uint8 `[H, W, 3]`)."""
-        # the master's own scheduler and SessionOpen: same audio windows, same seeds, same tensors
-        from server.master import ChunkScheduler, single_character_open
+        # run's own scheduler, SessionOpen and engine: same audio windows, same seeds, same tensors
+        from engine.executor import InProcessExecutor
+        from server.master import ChunkScheduler, RunSession, run_stream, single_character_open
+        from server.stats import StreamStats
 
         stream = self.stream
         featurizer = AudioFeaturizer(self.featurizer_config, self._wav2vec)
@@ -157,24 +159,29 @@ class Generator:
         message, tensors = single_character_open(
             self.config, stream, self.encoders, self.bundle.prompt, image, SESSION
         )
-        self.rank.open_session(message, tensors)
-        decoder = DecodeSession(self.vae, stream.height, stream.width)
-        out = GeneratedStream(np.zeros((0,), np.uint8), chunk_duration_s=stream.chunk_duration_s(1))
-        pieces = []
+        executor = InProcessExecutor(self.rank)
+        executor.open_session(message, tensors)
+        sink = _FrameList()
+        session = RunSession(scheduler, DecodeSession(self.vae, stream.height, stream.width), sink)
+        stats = StreamStats("evaluate", stream.chunk_duration_s(1))
         try:
-            for prepared in scheduler:
-                start = time.perf_counter()
-                latent = self.rank.denoise(prepared.request, prepared.tensors)
-                scored = time.perf_counter()
-                assert latent is not None
-                frames = decoder.decode_chunk(latent).numpy()
-                out.score_s.append(scored - start)
-                out.decode_s.append(time.perf_counter() - scored)
-                pieces.append(frames[: prepared.keep_frames])
+            run_stream(executor, session, stream, stats, overlap=False, device=torch.device("cpu"))
         finally:
-            self.rank.close_session(SessionClose(SESSION))
-        out.frames = np.concatenate(pieces)
+            executor.close_session(SessionClose(SESSION))
+        out = GeneratedStream(np.concatenate(sink.frames), chunk_duration_s=stream.chunk_duration_s(1))
+        out.score_s = [c.score_s for c in stats.chunks]
+        out.decode_s = [c.decode_s for c in stats.chunks]
         return out
+
+
+class _FrameList:
+    """A sink that keeps the frames (``server.master.FrameSink``)."""
+
+    def __init__(self) -> None:
+        self.frames: list[np.ndarray] = []
+
+    def write(self, frames: np.ndarray, audio: np.ndarray) -> None:
+        self.frames.append(frames)
 
 
 def psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:

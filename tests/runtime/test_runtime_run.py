@@ -1,5 +1,5 @@
 """``talkingmachines run`` end to end: real process worlds (gloo, tiny preset, 32x32), video and audio;
-and the master's overlapped chunk pipeline in-process with a scripted score side, decoder and sink."""
+and run's stream through the engine in-process with a scripted score side, decoder and sink."""
 
 from __future__ import annotations
 
@@ -16,8 +16,10 @@ import torch
 from run_helpers import assert_frames_match, read_frames, run_cli, write_inputs
 
 from engine.executor import ScoredChunk
+from proto.stream_config import StreamConfig
 from proto.wire import ChunkRequest
-from server.pipeline import ChunkPipeline, PreparedChunk
+from server.live_session import PreparedInputs
+from server.master import RunSession, run_stream
 from server.stats import StreamStats
 
 SIZE = ("--resolution", "32x32")
@@ -160,16 +162,28 @@ class _StampDecoder:
         return torch.full((2, 1, 1, 3), index, dtype=torch.uint8)
 
 
-def _prepared(count: int) -> list[PreparedChunk]:
-    return [
-        PreparedChunk(
-            ChunkRequest("s", i, speaking=(), noise_seed=i), {}, np.full(2, i, np.float32), 2, prepare_s=0.0
-        )
-        for i in range(count)
-    ]
+class _Scheduler:
+    """What ``RunSession`` takes of a ``ChunkScheduler``: chunk i's pcm is two samples holding i."""
+
+    session_id = "s"
+    samples_per_frame = 1
+
+    def __init__(self, count: int) -> None:
+        self.num_chunks = count
+
+    def __iter__(self):
+        for i in range(self.num_chunks):
+            request = ChunkRequest("s", i, speaking=(), noise_seed=i)
+            yield PreparedInputs(request, {}, np.full(2, i, np.float32), first_frame=2 * i)
 
 
-def test_overlapped_pipeline_publishes_every_chunk_in_order_with_its_timing() -> None:
+def _run_stream(decoder, sink, count: int, stats: StreamStats) -> None:
+    session = RunSession(_Scheduler(count), decoder, sink)  # type: ignore[arg-type]
+    run_stream(_ScriptedExecutor(), session, StreamConfig(height=32, width=32), stats, overlap=True,
+               device=torch.device("cpu"))  # fmt: skip
+
+
+def test_the_engine_publishes_every_chunk_of_a_run_in_order_with_its_timing() -> None:
     written: list[tuple[np.ndarray, np.ndarray]] = []
 
     class Sink:
@@ -177,17 +191,15 @@ def test_overlapped_pipeline_publishes_every_chunk_in_order_with_its_timing() ->
             written.append((frames.copy(), audio.copy()))
 
     stats = StreamStats("test", 0.75)
-    ChunkPipeline(_ScriptedExecutor(), _StampDecoder(), Sink(), overlap=True, samples_per_frame=1).run(
-        _prepared(6), stats
-    )
+    _run_stream(_StampDecoder(), Sink(), 6, stats)
     assert [int(frames[0, 0, 0, 0]) for frames, _ in written] == list(range(6))
     assert [audio.tolist() for _, audio in written] == [[i, i] for i in range(6)]
     assert [c.chunk_index for c in stats.chunks] == list(range(6))
-    assert all(c.publish_s >= 0 and c.decode_s >= 0 for c in stats.chunks)
+    assert all(c.publish_s >= 0 and c.decode_s >= 0 and c.frames == 2 for c in stats.chunks)
     assert stats.chunks[0].ttbc_s is None and all(c.ttbc_s is not None for c in stats.chunks[1:])
 
 
-def test_overlapped_pipeline_decodes_the_next_chunk_while_one_is_being_published() -> None:
+def test_the_engine_decodes_the_next_chunk_while_one_is_being_published() -> None:
     decoder = _StampDecoder()
 
     class SlowSink:
@@ -201,13 +213,11 @@ def test_overlapped_pipeline_decodes_the_next_chunk_while_one_is_being_published
                 time.sleep(0.001)
 
     stats = StreamStats("test", 0.75)
-    ChunkPipeline(_ScriptedExecutor(), decoder, SlowSink(), overlap=True, samples_per_frame=1).run(
-        _prepared(4), stats
-    )
+    _run_stream(decoder, SlowSink(), 4, stats)
     assert [c.chunk_index for c in stats.chunks] == [0, 1, 2, 3]
 
 
-def test_a_publisher_error_ends_the_overlapped_run_with_that_error() -> None:
+def test_a_sink_error_ends_the_run_with_that_error() -> None:
     decoder = _StampDecoder()
 
     class FailingSink:
@@ -216,8 +226,7 @@ def test_a_publisher_error_ends_the_overlapped_run_with_that_error() -> None:
                 raise OSError("disk full while writing chunk 2")
 
     stats = StreamStats("test", 0.75)
-    pipeline = ChunkPipeline(_ScriptedExecutor(), decoder, FailingSink(), overlap=True, samples_per_frame=1)
-    with pytest.raises(OSError, match="disk full while writing chunk 2"):
-        pipeline.run(_prepared(50), stats)
+    with pytest.raises(RuntimeError, match="disk full while writing chunk 2"):
+        _run_stream(decoder, FailingSink(), 50, stats)
     assert [c.chunk_index for c in stats.chunks] == [0, 1]
     assert len(decoder.decoded) < 50  # the decoder stopped soon after, it did not run the stream out
