@@ -265,7 +265,7 @@ class InProcessExecutor:
         start = time.perf_counter()
         latent = self.score_rank.denoise(request, _contiguous(tensors, self.device))
         if latent is None:
-            raise WorkerError("the in-process ScoreRank returned no latent")
+            raise WorkerError("the master's ScoreRank is not the SP leader: it returned no latent")
         elapsed = time.perf_counter() - start
         self._done[_key(request)] = ScoredChunk(request, latent, score_s=elapsed, roundtrip_s=elapsed)
 
@@ -280,14 +280,14 @@ class InProcessExecutor:
 
 
 class ColocatedExecutor:
-    """Transport of a self-contained topology: rank 0 broadcasts to ranks 1..N-1 and scores inline."""
+    """Transport of a self-contained topology: rank 0 broadcasts to ranks 1..N-1 and scores inline (its own
+    share is an ``InProcessExecutor``); a peer lost during the SP collectives is named."""
 
     def __init__(self, groups: ProcessGroups, store: dist.Store, score_rank: ScoreRankLike) -> None:
         self._out = _Broadcaster(groups, store, send_stream=None)
         self.groups = groups
-        self.score_rank = score_rank
+        self._local = InProcessExecutor(score_rank, groups.device)
         self._alone = groups.topology.world_size == 1
-        self._done: dict[tuple[str, int], ScoredChunk] = {}
 
     def _broadcast(self, message: Message, tensors: Mapping[str, torch.Tensor] | None = None) -> None:
         if not self._alone:
@@ -295,31 +295,25 @@ class ColocatedExecutor:
 
     def open_session(self, message: SessionOpen, tensors: Mapping[str, torch.Tensor]) -> None:
         self._broadcast(message, tensors)
-        self.score_rank.open_session(message, _contiguous(tensors, self.groups.device))
+        self._local.open_session(message, tensors)
 
     def submit(self, request: ChunkRequest, tensors: Mapping[str, torch.Tensor]) -> None:
-        start = time.perf_counter()
         self._broadcast(request, tensors)
-        local = _contiguous(tensors, self.groups.device)
         try:
-            latent = self.score_rank.denoise(request, local)
+            self._local.submit(request, tensors)
         except PeerError as exc:
             raise self._out.lost_peer(f"denoising chunk {request.chunk_index}", exc) from exc
         except RuntimeError as exc:
             if "Connection closed by peer" in str(exc) or "Connection reset by peer" in str(exc):
                 raise self._out.lost_peer(f"denoising chunk {request.chunk_index}", exc) from exc
             raise
-        if latent is None:
-            raise WorkerError("the colocated master is the SP leader but its ScoreRank returned no latent")
-        elapsed = time.perf_counter() - start
-        self._done[_key(request)] = ScoredChunk(request, latent, score_s=elapsed, roundtrip_s=elapsed)
 
     def collect(self, request: ChunkRequest) -> ScoredChunk:
-        return self._done.pop(_key(request))
+        return self._local.collect(request)
 
     def close_session(self, message: SessionClose) -> None:
         self._broadcast(message)
-        self.score_rank.close_session(message)
+        self._local.close_session(message)
 
     def shutdown(self, reason: str) -> None:
         self._broadcast(Shutdown(reason))
