@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -61,6 +62,32 @@ def convert_to_channels_last(vae: WanVAE) -> WanVAE:
         elif isinstance(module, nn.Conv2d):
             module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
     return vae
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How a product path (``run``, ``serve``) decodes: the `DecodeSession` options its sessions share."""
+
+    autocast_dtype: torch.dtype | None = None
+    channels_last: bool = False
+    compile_step: bool = False
+    chunk_at_once: bool = False
+
+    def prepare(self, vae: WanVAE) -> WanVAE:
+        """The shared model, ready for these options (channels-last weights when asked for); call once."""
+        return convert_to_channels_last(vae) if self.channels_last else vae
+
+    def session(self, vae: WanVAE, height: int, width: int) -> DecodeSession:
+        """A stream's session on the (prepared) shared model."""
+        return DecodeSession(
+            vae,
+            height,
+            width,
+            autocast_dtype=self.autocast_dtype,
+            channels_last=self.channels_last,
+            compile_step=self.compile_step,
+            chunk_at_once=self.chunk_at_once,
+        )
 
 
 class DecodeSession:

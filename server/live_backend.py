@@ -46,7 +46,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,7 @@ import numpy as np
 import torch
 
 from decoder.encode import I2VConditioning
-from decoder.streaming import DecodeSession
+from decoder.streaming import DecodeOptions
 from decoder.vae import WanVAE
 from proto.api import Face, FileOutput, LiveKitOutput, SessionCreate, SessionInfo, SessionState, TTBCStats
 from proto.chunk_specs import pad_text_context, session_open_specs
@@ -114,6 +114,8 @@ class LiveConfig:
     video_delay_frames: int = 1
     wav2vec_checkpoint: str | None = None
     encoder_seed: int | None = None  # the tiny random wav2vec2's seed (None: `seed`)
+    # The sessions' decode options; the backend's VAE must be prepared for them (`DecodeOptions.prepare`).
+    decode: DecodeOptions = field(default_factory=DecodeOptions)
 
 
 @dataclass
@@ -418,7 +420,7 @@ class LiveBackend:
             stream,
             feed,
             conditioning,
-            DecodeSession(self.vae, stream.height, stream.width),
+            self.config.decode.session(self.vae, stream.height, stream.width),
             seed=self.config.seed,
             sync_probe=self.config.sync_probe,
         )

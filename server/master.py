@@ -29,7 +29,6 @@ import torch.distributed as dist
 
 from decoder.checkpoint import load_vae
 from decoder.encode import I2VConditioning
-from decoder.streaming import DecodeSession
 from decoder.vae import WanVAE, build_vae
 from proto.chunk_specs import (
     chunk_request_specs,
@@ -68,14 +67,16 @@ PUSH_PIECE_S = 0.04
 
 
 def build_master_vae(options: RunOptions, device: torch.device) -> WanVAE:
-    """The VAE from ``--vae-checkpoint``, or seeded random weights (the same for every ``--seed``)."""
+    """The VAE from ``--vae-checkpoint``, or seeded random weights (the same for every ``--seed``), prepared
+    for the ``--vae-*`` decode options (channels-last weights under ``--vae-channels-last``)."""
     cfg = get_vae_preset(options.vae_preset)
     if options.vae_checkpoint is not None:
-        return load_vae(options.vae_checkpoint, cfg, device=device)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(options.seed)
-        vae = build_vae(cfg)
-    return vae.to(device)
+        vae = load_vae(options.vae_checkpoint, cfg, device=device)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(options.seed)
+            vae = build_vae(cfg).to(device)
+    return options.decode_options().prepare(vae)
 
 
 def build_featurizer(options: RunOptions, model: ModelConfig, stream: StreamConfig) -> AudioFeaturizer:
@@ -312,7 +313,7 @@ def run_master(
         sink = recorder = RecordingSink(publisher, options.save_frames)
     pipeline = ChunkPipeline(
         executor,
-        DecodeSession(vae, stream.height, stream.width),
+        options.decode_options().session(vae, stream.height, stream.width),
         sink,
         overlap=topology.disaggregated and options.overlap,
         samples_per_frame=scheduler.samples_per_frame,

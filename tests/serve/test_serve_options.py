@@ -81,3 +81,24 @@ def test_the_default_decoder_fits_the_visible_gpus(
     run_argv = ["--image", "a.png", "--audio", "a.wav", "--out", "a.mp4", "--device", device,
                 "--score-workers", str(workers)]  # fmt: skip
     assert parse_run_options(run_argv).decoder == placement
+
+
+def test_the_decoder_options_reach_serve_and_its_sessions(tmp_path: Path) -> None:
+    import torch
+
+    from decoder.streaming import DecodeOptions
+
+    base = ["--config", str(_config(tmp_path, "")), "--device", "cpu", "--random-weights"]
+    assert parse_serve_options(base).decode_options() == DecodeOptions()
+    argv = [*base, "--vae-autocast", "bfloat16", "--vae-channels-last", "--vae-compile"]
+    options = parse_serve_options([*argv, "--vae-chunk-at-once"])
+    assert (options.vae_autocast, options.vae_channels_last, options.vae_compile) == ("bfloat16", True, True)
+    assert options.decode_options() == DecodeOptions(torch.bfloat16, True, True, True)
+    config = _config(tmp_path, "vae_channels_last = true")
+    table = parse_serve_options(["--config", str(config), "--device", "cpu"])
+    assert table.vae_channels_last is True
+
+
+def test_a_bad_decoder_option_in_the_config_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"--vae-autocast must be one of none, bfloat16, got 'fp8'"):
+        parse_serve_options(["--config", str(_config(tmp_path, 'vae_autocast = "fp8"')), "--device", "cpu"])
