@@ -4,7 +4,10 @@
 
 Decodes a stream of random latent chunks (3 latents each; 9 frames for the first chunk, 12 after) through a
 `DecodeSession` with random weights (timing does not depend on the values) and records wall time per chunk,
-the session's cache size and the process's peak resident memory. FLOPs per chunk come from
+the session's cache size and the process's peak resident memory. The same latents are decoded both ways a
+session can, chunk by chunk in turn: `decode` one decoder call per latent (Wan's loop, the default) and
+`decode_chunk_at_once` one call per chunk; `chunk_at_once_vs_per_latent` records how far their frames
+differ. The peak resident memory is the process's, both sessions included. FLOPs per chunk come from
 `decoder.inspect.describe_vae` (meta-device count) for the benchmarked preset and size and for `wan2.1` at
 512x512.
 """
@@ -23,7 +26,7 @@ import torch
 
 from benchmarks.provenance import provenance
 from decoder.inspect import describe_vae
-from decoder.streaming import DecodeSession
+from decoder.streaming import DecodeSession, frames_to_uint8
 from decoder.vae import build_vae
 from proto.vae_config import get_vae_preset
 
@@ -31,38 +34,26 @@ CHUNK_LATENTS = 3
 FPS = 16
 
 
-
-
 def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def run(preset: str, height: int, width: int, chunks: int, threads: int, seed: int) -> dict[str, Any]:
-    torch.set_num_threads(threads)
-    torch.manual_seed(seed)
-    cfg = get_vae_preset(preset)
-    vae = build_vae(cfg)
-    session = DecodeSession(vae, height, width)
-    lat_h, lat_w = session.latent_size
-    latents = [torch.randn(cfg.z_dim, CHUNK_LATENTS, lat_h, lat_w) for _ in range(chunks)]
-    rss_before = _peak_rss_bytes()
-    seconds, frames = [], []
-    for chunk in latents:
-        start = time.perf_counter()
-        out = session.decode_chunk(chunk)
-        seconds.append(time.perf_counter() - start)
-        frames.append(out.shape[0])
+def _record(
+    session: DecodeSession, seconds: list[float], frames: list[int], preset: str, threads: int
+) -> dict[str, Any]:
+    cfg = session.vae.cfg
     later = seconds[1:]
-    info = describe_vae(preset, height, width)
+    info = describe_vae(preset, session.height, session.width)
     later_median = statistics.median(later) if later else None
     return {
         "preset": preset,
-        "height": height,
-        "width": width,
+        "height": session.height,
+        "width": session.width,
         "dtype": "float32",
         "device": "cpu",
+        "chunk_at_once": session.chunk_at_once,
         "torch_threads": threads,
-        "chunks": chunks,
+        "chunks": len(seconds),
         "frames_per_chunk": frames,
         "seconds_per_chunk": [round(s, 5) for s in seconds],
         "first_chunk_seconds": round(seconds[0], 5),
@@ -76,8 +67,53 @@ def run(preset: str, height: int, width: int, chunks: int, threads: int, seed: i
         if later_median is None
         else round(info["decode_flops"]["later_chunk"] / later_median / 1e9, 3),
         "session_cache_bytes": session.cache_nbytes(),
-        "peak_rss_bytes": _peak_rss_bytes(),
-        "peak_rss_increase_during_decode_bytes": _peak_rss_bytes() - rss_before,
+    }
+
+
+def run(preset: str, height: int, width: int, chunks: int, threads: int, seed: int) -> dict[str, Any]:
+    """Per-latent (the default) and chunk-at-once sessions decode the same chunks, taking turns going first
+    (the load of the shared machine and the allocator's state then weigh on both alike)."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    cfg = get_vae_preset(preset)
+    vae = build_vae(cfg)
+    sessions = {
+        "decode": DecodeSession(vae, height, width, chunk_at_once=False),
+        "decode_chunk_at_once": DecodeSession(vae, height, width, chunk_at_once=True),
+    }
+    lat_h, lat_w = sessions["decode"].latent_size
+    latents = [torch.randn(cfg.z_dim, CHUNK_LATENTS, lat_h, lat_w) for _ in range(chunks)]
+    rss_before = _peak_rss_bytes()
+    seconds: dict[str, list[float]] = {name: [] for name in sessions}
+    frames: dict[str, list[int]] = {name: [] for name in sessions}
+    videos: dict[str, list[torch.Tensor]] = {name: [] for name in sessions}
+    for index, chunk in enumerate(latents):
+        for name in sorted(sessions, reverse=bool(index % 2)):
+            start = time.perf_counter()
+            video = sessions[name].decode_latents(chunk)  # decode_chunk's work, keeping the float frames
+            out = frames_to_uint8(video)
+            seconds[name].append(time.perf_counter() - start)
+            frames[name].append(out.shape[0])
+            videos[name].append(video)
+    result: dict[str, Any] = {
+        name: _record(session, seconds[name], frames[name], preset, threads)
+        for name, session in sessions.items()
+    }
+    result["chunk_at_once_vs_per_latent"] = differences(videos["decode_chunk_at_once"], videos["decode"])
+    # One process decodes both streams: its peak counts both sessions' caches.
+    result["peak_rss_bytes"] = _peak_rss_bytes()
+    result["peak_rss_increase_during_decode_bytes"] = _peak_rss_bytes() - rss_before
+    return result
+
+
+def differences(a: list[torch.Tensor], b: list[torch.Tensor]) -> dict[str, float]:
+    """Max abs difference of two decodes' float frames, and of their uint8 frames (levels, pixel share)."""
+    video_a, video_b = torch.cat(a, dim=2), torch.cat(b, dim=2)
+    levels = (frames_to_uint8(video_a).int() - frames_to_uint8(video_b).int()).abs()
+    return {
+        "max_abs_float": float((video_a - video_b).abs().max()),
+        "max_levels_uint8": int(levels.max()),
+        "share_of_uint8_values_differing": float((levels > 0).float().mean()),
     }
 
 
@@ -96,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     result = {
         "benchmark": "vae_decode",
         **provenance("benchmarks.vae_decode", argv),
-        "decode": run(args.preset, args.height, args.width, args.chunks, args.threads, args.seed),
+        **run(args.preset, args.height, args.width, args.chunks, args.threads, args.seed),
         "wan2.1_at_512x512": {
             key: value
             for key, value in describe_vae("wan2.1", 512, 512).items()
@@ -105,12 +141,16 @@ def main(argv: list[str] | None = None) -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    d = result["decode"]
+    for name in ("decode", "decode_chunk_at_once"):
+        d = result[name]
+        print(
+            f"{name}: {d['preset']} {d['height']}x{d['width']}, {d['torch_threads']} thread(s): "
+            f"first chunk {d['first_chunk_seconds']:.3f} s, "
+            f"later chunks median {d['later_chunk_seconds_median']} s"
+        )
     print(
-        f"{d['preset']} {d['height']}x{d['width']}, {d['torch_threads']} thread(s): "
-        f"first chunk {d['first_chunk_seconds']:.3f} s, "
-        f"later chunks median {d['later_chunk_seconds_median']} s, "
-        f"peak RSS {d['peak_rss_bytes'] / 1e6:.0f} MB; wrote {args.out}"
+        f"chunk at once vs per latent: {result['chunk_at_once_vs_per_latent']}; "
+        f"peak RSS {result['peak_rss_bytes'] / 1e6:.0f} MB; wrote {args.out}"
     )
 
 

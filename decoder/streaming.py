@@ -7,12 +7,21 @@ therefore gives 1 + 4 + 4 = 9 frames and every later chunk 12, and nothing is dr
 exactly the same per-latent steps on the same cache, so chunk-by-chunk output is identical to the
 whole-video decode (tests hold this at 7 chunks).
 
+Whole chunk per call (`chunk_at_once=True`): one decoder call over the chunk's latents, carrying the same
+cache (one causal pass over several latents equals the per-latent steps up to float rounding; the cache's
+layout and size do not depend on how many latents a call takes). On CPU in float32 the frames differ from
+the per-latent path by at most 4e-6 on [-1, 1] (tests allow 1e-4): one uint8 level in fewer than 1 value
+in 10000. It is not the default: on this project's 2-core CPU it is faster only at small sizes (tiny VAE
+at 32x32: 37 vs 55 ms a chunk) and slower at larger ones (tiny at 256x256: 3.1 vs 2.1 s; wan2.1 at 64x64:
+4.1 vs 3.6 s; `benchmarks/vae_decode.py`), and its activation peak is that of 3 latents (wan2.1 at
+512x512: 4.7 GiB against 1.7 GiB; `server.memory_plan` counts the one in use). GPUs are not measured yet.
+
 Memory: the session's `FeatureCache` is allocated on the first latent and updated in place afterwards, so
 its size is constant for the life of the stream (at 512x512 with `wan2.1`: 0.62 G elements, 1.24 GB in bf16).
 
 GPU use: `autocast_dtype=torch.bfloat16` (or float16) runs the decoder under autocast with the cache stored
 in that dtype; `channels_last=True` keeps activations and cache in `torch.channels_last_3d` (call
-`convert_to_channels_last(vae)` once on the shared model); `compile_step=True` compiles the per-latent step.
+`convert_to_channels_last(vae)` once on the shared model); `compile_step=True` compiles the decoder step.
 `decode_chunk(..., stream=s)` enqueues all work on the caller's CUDA stream and returns without
 synchronising; pass `synchronize=True` to wait for the frames.
 """
@@ -21,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -54,6 +64,32 @@ def convert_to_channels_last(vae: WanVAE) -> WanVAE:
     return vae
 
 
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How a product path (``run``, ``serve``) decodes: the `DecodeSession` options its sessions share."""
+
+    autocast_dtype: torch.dtype | None = None
+    channels_last: bool = False
+    compile_step: bool = False
+    chunk_at_once: bool = False
+
+    def prepare(self, vae: WanVAE) -> WanVAE:
+        """The shared model, ready for these options (channels-last weights when asked for); call once."""
+        return convert_to_channels_last(vae) if self.channels_last else vae
+
+    def session(self, vae: WanVAE, height: int, width: int) -> DecodeSession:
+        """A stream's session on the (prepared) shared model."""
+        return DecodeSession(
+            vae,
+            height,
+            width,
+            autocast_dtype=self.autocast_dtype,
+            channels_last=self.channels_last,
+            compile_step=self.compile_step,
+            chunk_at_once=self.chunk_at_once,
+        )
+
+
 class DecodeSession:
     """Decode state of one stream: the VAE's causal feature cache and the frame bookkeeping.
 
@@ -70,10 +106,12 @@ class DecodeSession:
         autocast_dtype: torch.dtype | None = None,
         channels_last: bool = False,
         compile_step: bool = False,
+        chunk_at_once: bool = False,
     ) -> None:
         """height, width: output frame size in pixels, positive multiples of the VAE's spatial stride (8).
 
         autocast_dtype: None runs in the model's dtype (float32 on CPU); torch.bfloat16/float16 autocasts.
+        chunk_at_once: one decoder call per chunk (module docstring); False: one call per latent.
         """
         stride = vae.cfg.spatial_stride
         if height <= 0 or width <= 0 or height % stride or width % stride:
@@ -91,6 +129,7 @@ class DecodeSession:
         self.width = width
         self.autocast_dtype = autocast_dtype
         self.channels_last = channels_last
+        self.chunk_at_once = chunk_at_once
         self.cache = FeatureCache(
             dtype=autocast_dtype,
             memory_format=torch.channels_last_3d if channels_last else torch.contiguous_format,
@@ -125,7 +164,8 @@ class DecodeSession:
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents [z, T, h, w] (or [1, z, T, h, w]) -> video [1, 3, T', H, W], unclamped float.
 
-        Runs on the current CUDA stream (or CPU); the per-latent steps carry the session's cache.
+        Runs on the current CUDA stream (or CPU); the decoder calls (one per latent, or one for the whole
+        chunk) carry the session's cache.
         """
         z = self._check_latents(latents)
         if self.channels_last:
@@ -136,10 +176,14 @@ class DecodeSession:
             else contextlib.nullcontext()
         )
         with torch.inference_mode(), autocast:
-            pieces = [self._step()(z[:, :, i : i + 1], self.cache) for i in range(z.shape[2])]
+            if self.chunk_at_once:
+                video = self._step()(z, self.cache)
+            else:
+                pieces = [self._step()(z[:, :, i : i + 1], self.cache) for i in range(z.shape[2])]
+                video = torch.cat(pieces, dim=2)
         self.frames_decoded += self.frames_for(z.shape[2])
         self.latents_decoded += z.shape[2]
-        return torch.cat(pieces, dim=2)
+        return video
 
     def decode_chunk(
         self,

@@ -42,7 +42,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from decoder.encode import I2VConditioning
-from decoder.streaming import DecodeSession
+from decoder.streaming import DecodeOptions
 from decoder.vae import WanVAE
 from engine.executor import Executor, WorkerError
 from engine.pipeline import ChunkEngine, Work
@@ -99,7 +99,7 @@ class LiveConfig:
     video_bitrate: LiveKit encoder ceiling, bits/s.
     sync_probe: paint frames with loud audio white (A/V offset measurements; off in production).
     video_delay_frames: LiveKit video sent this many frames after its audio (receive-path compensation).
-    vae_autocast_dtype: the decoder's autocast dtype (``--dtype bfloat16``), None: the VAE's own float32.
+    decode: the sessions' ``DecodeSession`` options (``--vae-*``; autocast follows ``--dtype`` by default).
     """
 
     model: ModelConfig
@@ -112,7 +112,8 @@ class LiveConfig:
     video_delay_frames: int = 1
     wav2vec_checkpoint: str | None = None
     encoder_seed: int | None = None  # the tiny random wav2vec2's seed (None: `seed`)
-    vae_autocast_dtype: torch.dtype | None = None
+    # The sessions' decode options; the backend's VAE must be prepared for them (`DecodeOptions.prepare`).
+    decode: DecodeOptions = field(default_factory=DecodeOptions)
 
 
 @dataclass
@@ -400,9 +401,7 @@ class LiveBackend:
             stream,
             feed,
             conditioning,
-            DecodeSession(
-                self.vae, stream.height, stream.width, autocast_dtype=self.config.vae_autocast_dtype
-            ),
+            self.config.decode.session(self.vae, stream.height, stream.width),
             seed=self.config.seed,
             sync_probe=self.config.sync_probe,
         )

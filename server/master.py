@@ -30,7 +30,6 @@ import torch.distributed as dist
 
 from decoder.checkpoint import load_vae
 from decoder.encode import I2VConditioning
-from decoder.streaming import DecodeSession
 from decoder.vae import WanVAE, build_vae
 from engine.executor import ColocatedExecutor, DedicatedExecutor, Executor, WorkerError
 from engine.pipeline import ChunkEngine, Work
@@ -72,14 +71,16 @@ PUSH_PIECE_S = 0.04
 
 def build_master_vae(options: RunOptions, device: torch.device) -> WanVAE:
     """The VAE from ``--vae-checkpoint``, or seeded random weights (the same for every ``--seed``); float32
-    whatever ``--dtype`` (the decoder autocasts instead: ``RunOptions.vae_autocast_dtype``)."""
+    whatever ``--dtype`` (the decoder autocasts instead), prepared for the ``--vae-*`` decode options
+    (channels-last weights under ``--vae-channels-last``)."""
     cfg = get_vae_preset(options.vae_preset)
     if options.vae_checkpoint is not None:
-        return load_vae(options.vae_checkpoint, cfg, device=device)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(options.seed)
-        vae = build_vae(cfg)
-    return vae.to(device)
+        vae = load_vae(options.vae_checkpoint, cfg, device=device)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(options.seed)
+            vae = build_vae(cfg).to(device)
+    return options.decode_options().prepare(vae)
 
 
 def build_featurizer(options: RunOptions, model: ModelConfig, stream: StreamConfig) -> AudioFeaturizer:
@@ -453,7 +454,7 @@ def run_master(
     sink: FrameSink = publisher
     if options.save_frames is not None:
         sink = recorder = RecordingSink(publisher, options.save_frames)
-    decoder = DecodeSession(vae, stream.height, stream.width, autocast_dtype=options.vae_autocast_dtype)
+    decoder = options.decode_options().session(vae, stream.height, stream.width)
     session = RunSession(scheduler, decoder, sink)
     print(
         f"talkingmachines run: {topology.name}, preset {options.preset}, dtype {options.dtype}, "

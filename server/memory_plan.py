@@ -187,9 +187,10 @@ class LiveTensorBytes(TorchDispatchMode):
 
 
 @functools.lru_cache(maxsize=16)
-def vae_sizes(preset: str, height: int, width: int) -> dict[str, int]:
+def vae_sizes(preset: str, height: int, width: int, latents_per_call: int = 1) -> dict[str, int]:
     """Parameters of VAE ``preset``, its decode cache (elements) per session at height x width, and the
-    activation peak (bytes, float32) of one decode step and of one 4-frame encode step (meta device)."""
+    activation peak (bytes, float32) of one decode step (``latents_per_call`` latents: 1, or a chunk's
+    under ``--vae-chunk-at-once``) and of one 4-frame encode step (meta device)."""
     from decoder.feature_cache import FeatureCache
     from decoder.vae import build_vae
     from proto.vae_config import get_vae_preset
@@ -198,7 +199,7 @@ def vae_sizes(preset: str, height: int, width: int) -> dict[str, int]:
     vae = build_vae(cfg, device="meta")
     lat_h, lat_w = height // cfg.spatial_stride, width // cfg.spatial_stride
     cache = FeatureCache(dtype=VAE_DTYPE)
-    latent = torch.empty(1, cfg.z_dim, 1, lat_h, lat_w, device="meta")
+    latent = torch.empty(1, cfg.z_dim, latents_per_call, lat_h, lat_w, device="meta")
     with torch.no_grad():
         vae.decode_step(latent, cache)  # the first step allocates the cache
         with LiveTensorBytes() as decode:
@@ -388,11 +389,13 @@ def plan_memory(
     dtype: torch.dtype | None = None,
     vae_preset: str | None = None,
     encoders: EncoderSources = EncoderSources(),
+    vae_chunk_at_once: bool = False,
 ) -> MemoryPlan:
     """Bytes per rank of ``topology`` serving ``sessions`` streams of ``stream`` with the DiT of ``config``.
 
     dtype: the DiT's (default: ``default_dtype(topology.device)``). vae_preset: default ``tiny`` for the
-    tiny preset, ``wan2.1`` otherwise (as ``run``/``serve`` choose).
+    tiny preset, ``wan2.1`` otherwise (as ``run``/``serve`` choose). vae_chunk_at_once: the decoder takes
+    a whole chunk per call (``--vae-chunk-at-once``), so its activation peak is a chunk's, not a latent's.
     """
     if sessions < 1:
         raise ValueError(f"a memory plan needs at least one session, got {sessions}")
@@ -404,7 +407,9 @@ def plan_memory(
         "kv_cache_per_session": sum(kv_cache_bytes(config, stream, p, dtype).values()),
         "dit_activations": dit_activation_bytes(config, stream, p, dtype),
     }
-    vae = vae_sizes(vae_preset, stream.height, stream.width)
+    vae = vae_sizes(
+        vae_preset, stream.height, stream.width, stream.chunk_latent_frames if vae_chunk_at_once else 1
+    )
     vae_bytes = _bytes(VAE_DTYPE)
     y = 20 * stream.train_latent_frames * stream.latent_height * stream.latent_width * 4 if (
         config.has_image_branch
@@ -614,6 +619,7 @@ def options_plan_kwargs(options: Any) -> dict[str, Any]:
     return {
         "dtype": _options_dtype(options),
         "vae_preset": "tiny" if options.preset == "tiny" else "wan2.1",
+        "vae_chunk_at_once": bool(getattr(options, "vae_chunk_at_once", False)),
         "encoders": EncoderSources(
             clip_checkpoint=options.clip_checkpoint,
             umt5_checkpoint=options.umt5_checkpoint,

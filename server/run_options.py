@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from decoder.streaming import DecodeOptions
 from proto.model_config import ModelConfig, get_model_preset, model_preset_names
 from proto.stream_config import StreamConfig
 from proto.topology import Topology
@@ -41,12 +42,16 @@ DTYPE_HELP = (
 )
 
 
+VAE_AUTOCAST = ("auto", "none", "bfloat16")
+
+
 @dataclass(frozen=True, kw_only=True)
 class WeightsOptions:
     """What a trained bundle fixes (``bundle_settings``) and the precision the models run in (``--dtype``),
     shared by ``run`` and ``serve`` options; the defaults are those of seeded random weights in float32.
     Subclasses define ``seed``, ``height``, ``width`` and ``steps`` (``--steps``: N evenly spaced denoising
-    steps instead of the weights' own)."""
+    steps instead of the weights' own). The ``vae_*`` fields are the decoder options both commands share
+    (``add_decode_arguments``)."""
 
     seed: int  # redeclared (positionally) by the subclasses
     dtype: str = "float32"  # --dtype resolved for the device (``resolve_dtype``): "float32" or "bfloat16"
@@ -56,6 +61,20 @@ class WeightsOptions:
     encoder_seed: int | None = None
     weights: str = "seeded random weights"
     compile_score: bool = False  # --compile: torch.compile the score model's blocks (StreamingDiT)
+    vae_autocast: str = "auto"
+    vae_channels_last: bool = False
+    vae_compile: bool = False
+    vae_chunk_at_once: bool = False
+
+    def decode_options(self) -> DecodeOptions:
+        """The ``DecodeSession`` options of ``--vae-autocast/--vae-channels-last/--vae-compile/...``."""
+        autocast = {"auto": self.vae_autocast_dtype, "none": None, "bfloat16": torch.bfloat16}
+        return DecodeOptions(
+            autocast_dtype=autocast[self.vae_autocast],
+            channels_last=self.vae_channels_last,
+            compile_step=self.vae_compile,
+            chunk_at_once=self.vae_chunk_at_once,
+        )
 
     @property
     def tiny_encoder_seed(self) -> int:
@@ -193,6 +212,7 @@ def build_run_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     parser.add_argument("--width", type=int, default=None, help="pixels (instead of --resolution)")
     parser.add_argument("--prompt", default="a person talking", help="text prompt (umT5)")
     add_weights_arguments(parser)
+    add_decode_arguments(parser)
     parser.add_argument(
         "--wav2vec-checkpoint", default=None, help="local wav2vec2 folder; default: tiny random"
     )
@@ -273,6 +293,59 @@ def add_weights_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
+    """--vae-autocast / --vae-channels-last / --vae-compile / --vae-chunk-at-once (``run`` and ``serve``)."""
+    parser.add_argument(
+        "--vae-autocast",
+        choices=VAE_AUTOCAST,
+        default="auto",
+        help="decode under bfloat16 autocast, cache in bf16 (default auto: bfloat16 when --dtype is "
+        "bfloat16, i.e. on CUDA; none keeps the VAE's float32; allowed on CPU, where frames differ from "
+        "float32 by a few levels)",
+    )
+    parser.add_argument(
+        "--vae-channels-last",
+        action="store_true",
+        help="VAE weights, activations and cache in channels-last layout (faster cuDNN; on CPU a layout "
+        "change only)",
+    )
+    parser.add_argument(
+        "--vae-compile",
+        action="store_true",
+        help="torch.compile the decoder step (compiles on a session's second chunk; on CPU it needs a C++ "
+        "compiler and takes about a minute)",
+    )
+    placement = parser.add_mutually_exclusive_group()
+    placement.add_argument(
+        "--vae-chunk-at-once",
+        dest="vae_chunk_at_once",
+        action="store_true",
+        default=False,
+        help="one decoder call per chunk instead of one per latent (3x the decode activation memory; on CPU "
+        "faster only at small sizes)",
+    )
+    placement.add_argument(
+        "--vae-per-latent",
+        dest="vae_chunk_at_once",
+        action="store_false",
+        help="one decoder call per latent, Wan's loop (the default)",
+    )
+
+
+def decode_settings(args: argparse.Namespace) -> dict[str, object]:
+    """The ``vae_*`` option fields from parsed arguments (``add_decode_arguments``)."""
+    if args.vae_autocast not in VAE_AUTOCAST:  # a config file's value skips argparse's choices
+        raise ValueError(
+            f"--vae-autocast must be one of {', '.join(VAE_AUTOCAST)}, got {args.vae_autocast!r}"
+        )
+    return {
+        "vae_autocast": args.vae_autocast,
+        "vae_channels_last": bool(args.vae_channels_last),
+        "vae_compile": bool(args.vae_compile),
+        "vae_chunk_at_once": bool(args.vae_chunk_at_once),
+    }
+
+
 def check_steps(steps: int | None) -> None:
     if steps is not None and not 1 <= steps <= 1000:
         raise ValueError(f"--steps must be between 1 and 1000, got {steps}")
@@ -350,6 +423,7 @@ def options_from_args(args: argparse.Namespace) -> RunOptions:
         progress=args.progress,
         device_memory_gib=args.device_memory,
         compile_score=args.compile,
+        **decode_settings(args),  # type: ignore[arg-type]
         **bundle_settings(weights.bundle),  # type: ignore[arg-type]
     )
     if weights.bundle is None and not args.random_weights:

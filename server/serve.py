@@ -62,10 +62,12 @@ from proto.vae_config import get_vae_preset
 from server.model_bundle import resolve_weights
 from server.run_options import (
     WeightsOptions,
+    add_decode_arguments,
     add_memory_arguments,
     add_weights_arguments,
     bundle_settings,
     check_steps,
+    decode_settings,
     default_decoder,
     resolve_dtype,
 )
@@ -153,6 +155,7 @@ def build_serve_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     )
     parser.add_argument("--prompt", default="a person talking", help="prompt when a session brings none")
     add_weights_arguments(parser)
+    add_decode_arguments(parser)
     parser.add_argument("--wav2vec-checkpoint", default=None)
     parser.add_argument("--clip-checkpoint", default=None)
     parser.add_argument("--umt5-checkpoint", default=None)
@@ -271,6 +274,7 @@ def parse_serve_options(argv: list[str], *, check_memory: bool = True) -> ServeO
         log_level=args.log_level,
         compile_score=args.compile,
         device_memory_gib=args.device_memory,
+        **decode_settings(args),  # type: ignore[arg-type]
         **bundle_settings(weights.bundle),  # type: ignore[arg-type]
     )
     if weights.bundle is None:
@@ -374,7 +378,7 @@ def _serve_master(options: ServeOptions, groups: Any, store: dist.Store, score_r
         video_delay_frames=options.video_delay_frames,
         wav2vec_checkpoint=options.wav2vec_checkpoint,
         encoder_seed=options.tiny_encoder_seed,
-        vae_autocast_dtype=options.vae_autocast_dtype,
+        decode=options.decode_options(),
     )
     backend = LiveBackend(config, executor, vae, encoders, metrics, dead_workers=dead_workers).start()
     app = create_app(backend, settings, metrics)
@@ -506,11 +510,12 @@ def _build_vae(options: ServeOptions, device: torch.device) -> Any:
 
     cfg = get_vae_preset("tiny" if options.preset == "tiny" else "wan2.1")
     if options.vae_checkpoint is not None:
-        return load_vae(options.vae_checkpoint, cfg, device=device)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(options.seed)
-        vae = build_vae(cfg)
-    return vae.to(device)
+        vae = load_vae(options.vae_checkpoint, cfg, device=device)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(options.seed)
+            vae = build_vae(cfg).to(device)
+    return options.decode_options().prepare(vae)  # channels-last weights under --vae-channels-last
 
 
 # ---- one machine -----------------------------------------------------------------------------------------

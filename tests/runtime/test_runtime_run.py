@@ -62,6 +62,20 @@ def test_disaggregated_1_plus_1_gives_the_same_frames_as_self_contained_1(
 
 @pytest.mark.slow
 @pytest.mark.equality
+def test_vae_channels_last_whole_chunk_decode_gives_the_same_frames_as_the_default_decode(
+    inputs, self_contained_1, tmp_path
+) -> None:
+    # The --vae-* options reach run's decoder (and the I2V encode, which shares the channels-last VAE): the
+    # layout and one decoder call per chunk change float rounding only, at most one level here.
+    options = ("--decoder", "colocated", "--vae-channels-last", "--vae-chunk-at-once")
+    frames, _ = _run(inputs, tmp_path, "vae_options", *options)
+    assert frames.shape == self_contained_1[0].shape
+    diff = np.abs(frames.astype(np.int16) - self_contained_1[0].astype(np.int16))
+    assert diff.max() <= 1 and (diff > 0).mean() <= 0.01
+
+
+@pytest.mark.slow
+@pytest.mark.equality
 def test_disaggregated_2_plus_1_gives_the_same_frames_as_self_contained_2(
     inputs, disaggregated_2, tmp_path
 ) -> None:

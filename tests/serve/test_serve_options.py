@@ -105,6 +105,7 @@ def test_dtype_auto_is_bfloat16_on_cuda_and_float32_on_the_cpu(
     # The VAE keeps float32 weights and autocasts its decode in bfloat16.
     autocast = torch.bfloat16 if dtype == "bfloat16" else None
     assert run.vae_autocast_dtype == serve.vae_autocast_dtype == autocast
+    assert run.decode_options().autocast_dtype == serve.decode_options().autocast_dtype == autocast
 
 
 def test_serve_table_sets_the_dtype_and_the_command_line_wins(tmp_path: Path) -> None:
@@ -134,3 +135,27 @@ def test_compile_is_opt_in_for_run_and_serve(tmp_path: Path) -> None:
     run = ["--image", "i.png", "--audio", "a.wav", "--out", "o.mp4", "--device", "cpu"]
     assert not parse_run_options(run).compile_score
     assert parse_run_options([*run, "--compile"]).compile_score
+
+
+def test_the_decoder_options_reach_serve_and_its_sessions(tmp_path: Path) -> None:
+    import torch
+
+    from decoder.streaming import DecodeOptions
+
+    base = ["--config", str(_config(tmp_path, "")), "--device", "cpu", "--random-weights"]
+    assert parse_serve_options(base).decode_options() == DecodeOptions()
+    argv = [*base, "--vae-autocast", "bfloat16", "--vae-channels-last", "--vae-compile"]
+    options = parse_serve_options([*argv, "--vae-chunk-at-once"])
+    assert (options.vae_autocast, options.vae_channels_last, options.vae_compile) == ("bfloat16", True, True)
+    assert options.decode_options() == DecodeOptions(torch.bfloat16, True, True, True)
+    config = _config(tmp_path, "vae_channels_last = true")
+    table = parse_serve_options(["--config", str(config), "--device", "cpu"])
+    assert table.vae_channels_last is True
+
+
+def test_a_bad_decoder_option_in_the_config_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"--vae-autocast must be one of auto, none, bfloat16, got 'fp8'"):
+        parse_serve_options(["--config", str(_config(tmp_path, 'vae_autocast = "fp8"')), "--device", "cpu"])
+    # --vae-autocast none keeps float32 decoding even under --dtype bfloat16.
+    argv = ["--config", str(_config(tmp_path, "")), "--device", "cpu", "--dtype", "bfloat16"]
+    assert parse_serve_options([*argv, "--vae-autocast", "none"]).decode_options().autocast_dtype is None
