@@ -15,9 +15,9 @@ from server.run_options import parse_run_options
 RUN = ["--image", "a.png", "--audio", "a.wav", "--out", "a.mp4", "--device", "cpu", "--random-weights"]
 
 
-def test_defaults_are_the_plain_float32_per_latent_decode() -> None:
-    options = parse_run_options(RUN)
-    assert (options.vae_autocast, options.vae_channels_last, options.vae_compile) == ("none", False, False)
+def test_defaults_are_the_plain_float32_per_latent_decode_on_the_cpu() -> None:
+    options = parse_run_options(RUN)  # --vae-autocast auto follows --dtype: float32 on the CPU
+    assert (options.vae_autocast, options.vae_channels_last, options.vae_compile) == ("auto", False, False)
     assert options.vae_chunk_at_once is False
     assert options.decode_options() == DecodeOptions()
 
@@ -45,8 +45,8 @@ def test_a_bad_autocast_value_is_refused_with_the_choices(capsys: pytest.Capture
     with pytest.raises(SystemExit) as exc:
         parse_run_options([*RUN, "--vae-autocast", "float16"])
     assert exc.value.code == 2
-    assert "argument --vae-autocast: invalid choice: 'float16' (choose from none, bfloat16)" in (
-        capsys.readouterr().err.replace("'none', 'bfloat16'", "none, bfloat16")
+    assert "argument --vae-autocast: invalid choice: 'float16' (choose from auto, none, bfloat16)" in (
+        capsys.readouterr().err.replace("'auto', 'none', 'bfloat16'", "auto, none, bfloat16")
     )
 
 
