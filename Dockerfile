@@ -39,6 +39,7 @@ COPY pyproject.toml README.md ./
 COPY proto proto
 COPY workers workers
 COPY engine engine
+COPY frontends frontends
 COPY decoder decoder
 COPY server server
 COPY --from=web /build/server/static/call server/static/call

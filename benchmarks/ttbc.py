@@ -48,11 +48,11 @@ import torch
 from benchmarks.provenance import provenance
 from benchmarks.stream_inputs import audio_samples_for_chunks, write_inputs
 from benchmarks.ttbc_rank import CORES_ENV, DTYPES, RANK_DIR_ENV
+from engine.stats import STAGES
 from proto.model_config import get_model_preset
 from proto.stream_config import StreamConfig
 from proto.topology import Topology
 from server.launcher import launch
-from server.stats import STAGES
 from workers.sp import check_sp_shapes
 
 ABLATION_CHUNKS = (3, 7)
@@ -133,7 +133,7 @@ def summarise_case(
     warmup: int,
     forwards_per_chunk: float | None = None,
 ) -> dict[str, Any]:
-    """TTBC distribution and stage breakdown of one run's steady chunks (``server.stats`` rows)."""
+    """TTBC distribution and stage breakdown of one run's steady chunks (``engine.stats`` rows)."""
     steady = steady_rows(per_chunk, warmup)
     ttbc = [row["ttbc_s"] for row in steady if row["ttbc_s"] is not None]
     stages = {name: percentiles([row[f"{name}_s"] for row in steady]) for name in STAGES}

@@ -14,7 +14,7 @@ the per-latent path by at most 4e-6 on [-1, 1] (tests allow 1e-4): one uint8 lev
 in 10000. It is not the default: on this project's 2-core CPU it is faster only at small sizes (tiny VAE
 at 32x32: 37 vs 55 ms a chunk) and slower at larger ones (tiny at 256x256: 3.1 vs 2.1 s; wan2.1 at 64x64:
 4.1 vs 3.6 s; `benchmarks/vae_decode.py`), and its activation peak is that of 3 latents (wan2.1 at
-512x512: 4.7 GiB against 1.7 GiB; `server.memory_plan` counts the one in use). GPUs are not measured yet.
+512x512: 4.7 GiB against 1.7 GiB; `engine.memory_plan` counts the one in use). GPUs are not measured yet.
 
 Memory: the session's `FeatureCache` is allocated on the first latent and updated in place afterwards, so
 its size is constant for the life of the stream (at 512x512 with `wan2.1`: 0.62 G elements, 1.24 GB in bf16).

@@ -24,6 +24,7 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 
+from engine.rank_registry import dead_ranks
 from proto.liveness import PeerError
 from proto.topology import ProcessGroups
 from proto.wire import (
@@ -43,7 +44,6 @@ from proto.wire import (
     recv_header,
     recv_tensors,
 )
-from server.rank_registry import dead_ranks
 
 # A gloo send to a live peer completes at once; a header broadcast that takes longer is a hung world.
 _HEADER_TIMEOUT_S = 30.0

@@ -8,7 +8,7 @@ it into the session's output, records the session's timings and the metrics, and
 output (a file output writes the frames whose playout time has come). An output that raises is reported
 through ``failures()`` for the engine thread to fail that session alone (it talks to the workers).
 
-Timings (one definition for ``run`` and ``serve``, ``server/stats.py``): a session's TTBC is the time between
+Timings (one definition for ``run`` and ``serve``, ``engine/stats.py``): a session's TTBC is the time between
 two consecutive publishes of its chunks; its first chunk has none. Stage times are recorded separately. A
 chunk is *late* (a deadline miss) when its session's output had already played everything before it
 arrived — the viewer saw a stall — except for a session's first chunk and the first chunk after a clear.
@@ -37,7 +37,7 @@ _KEEP_TTBC = 1000  # per-session TTBC samples kept (bounded memory over hours)
 
 
 class PreparedChunkInputs(Protocol):
-    """A chunk's request and what the master keeps to publish it (``server.live_session.PreparedInputs``)."""
+    """A chunk's request and what the master keeps to publish it (``engine.chunks.PreparedInputs``)."""
 
     request: ChunkRequest
     tensors: dict[str, torch.Tensor]
@@ -65,7 +65,7 @@ class EngineSession(Protocol):
     epoch: int  # bumped by every clear (barge-in)
     output: SessionOutput | None
     decoder: Any  # decoder.streaming.DecodeSession: decode_chunk(latent) -> uint8 [T, H, W, 3]
-    times: Any  # server.live_session.SessionTimes
+    times: Any  # engine.chunks.SessionTimes
     chunks_generated: int
 
     @property

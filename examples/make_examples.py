@@ -19,7 +19,7 @@ import numpy as np
 import soundfile as sf
 from PIL import Image, ImageDraw, ImageFilter
 
-from server.audio_io import TARGET_SAMPLE_RATE, load_audio
+from frontends.audio_io import TARGET_SAMPLE_RATE, load_audio
 
 HERE = Path(__file__).resolve().parent
 SENTENCE = "Hello! I am a talking machine, and I turn your voice into a moving face."

@@ -45,6 +45,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.body_limit import MAX_BODY_SIZE_SCOPE_KEY
 
+from frontends.audio_io import TARGET_SAMPLE_RATE, AudioDecodeError, load_audio, resample
+from frontends.faces import resolve_faces
+from frontends.image_io import ImageDecodeError, load_image
 from proto.api import (
     LIVE_STATES,
     AudioAccepted,
@@ -57,7 +60,6 @@ from proto.api import (
     SessionList,
     SpeakersUpdate,
 )
-from server.audio_io import TARGET_SAMPLE_RATE, AudioDecodeError, load_audio, resample
 from server.backend import (
     BackendError,
     BackendFailed,
@@ -68,8 +70,6 @@ from server.backend import (
     UnknownSession,
 )
 from server.call_page import add_call_routes
-from server.faces import resolve_faces
-from server.image_io import ImageDecodeError, load_image
 from server.livekit.token import mint_avatar_token
 from server.metrics import Metrics
 from server.pcm_stream import PcmFormatError, StreamResampler, decode_pcm16

@@ -56,20 +56,20 @@ from engine.executor import Executor, WorkerError
 from engine.pipeline import ChunkEngine, Work
 from engine.publish import ChunkPublisher
 from engine.scheduler import earliest_deadline
-from proto.api import Face, FileOutput, LiveKitOutput, SessionCreate, SessionInfo, SessionState, TTBCStats
-from proto.chunk_specs import pad_text_context, session_open_specs
-from proto.model_config import ModelConfig
-from proto.stream_config import StreamConfig
-from proto.wire import SessionClose, SessionOpen, TensorSpec
-from server.audio_features import (
+from engine.session_open import session_open
+from frontends.audio_features import (
     AudioFeaturizer,
     AudioFeaturizerConfig,
     build_wav2vec2,
     check_matches,
     featurizer_config_for,
 )
+from frontends.conditioning import ConditioningEncoders
+from proto.api import Face, FileOutput, LiveKitOutput, SessionCreate, SessionInfo, SessionState, TTBCStats
+from proto.model_config import ModelConfig
+from proto.stream_config import StreamConfig
+from proto.wire import SessionClose, SessionOpen
 from server.backend import BackendFailed, InvalidRequest, NoCapacity, SessionEnded, UnknownSession
-from server.conditioning import ConditioningEncoders
 from server.live_session import (
     AsyncLoopThread,
     FileSessionOutput,
@@ -379,20 +379,8 @@ class LiveBackend:
         conditioning = None
         if model.has_image_branch:
             conditioning = I2VConditioning.for_stream(self.vae, image, stream)
-        tensors: dict[str, torch.Tensor] = {}
-        for spec in session_open_specs(model, num_characters=len(faces)):
-            if spec.name == "context":
-                tensors["context"] = pad_text_context(self.encoders.encode_prompt(prompt), model)
-            elif spec.name == "clip_fea":
-                tensors["clip_fea"] = self.encoders.encode_image(image)
-            elif spec.name == "face_boxes":
-                tensors["face_boxes"] = torch.tensor([list(f.box_norm) for f in faces], dtype=torch.float32)
-        message = SessionOpen(
-            session_id=session_id,
-            latent_height=stream.latent_height,
-            latent_width=stream.latent_width,
-            num_characters=len(faces),
-            tensors=tuple(TensorSpec.of(name, t.contiguous()) for name, t in tensors.items()),
+        message, tensors = session_open(
+            session_id, model, stream, self.encoders, prompt, image, [f.box_norm for f in faces]
         )
         feed = SpeechFeed([self._featurizer() for _ in faces], list(speaking))
         session = LiveSession(

@@ -39,12 +39,13 @@ import torch
 
 from decoder.encode import I2VConditioning
 from decoder.streaming import DecodeSession
+from engine.chunks import PreparedInputs, SessionTimes
+from frontends.audio_features import AudioFeaturizer, ChunkAudio
 from proto.api import SessionState
 from proto.chunk_specs import chunk_request_specs, chunk_seed
 from proto.model_config import ModelConfig
 from proto.stream_config import StreamConfig
 from proto.wire import ChunkRequest, TensorSpec, check_specs
-from server.audio_features import AudioFeaturizer, ChunkAudio
 from server.livekit.avatar_protocol import AudioChunk, AvatarProtocol, Cleared, SegmentEnded, SegmentStarted
 from server.livekit.publisher import LiveKitPublisher
 from server.publishers.file import Mp4FilePublisher
@@ -92,16 +93,6 @@ class Segment:
         """How many of its own samples lie on the timeline before `sample` (silence that filled an underrun
         inside its span is not counted)."""
         return sum(max(0, min(start + length, sample) - start) for start, length in self.runs)
-
-
-@dataclass
-class PreparedInputs:
-    """A chunk's request and what the master keeps to publish it."""
-
-    request: ChunkRequest
-    tensors: dict[str, torch.Tensor]
-    pcm: np.ndarray  # [frames * spf] float32, the audio of the chunk's output frames
-    first_frame: int  # absolute index of the chunk's first output video frame
 
 
 class SpeechFeed:
@@ -502,20 +493,6 @@ class FileSessionOutput:
     @property
     def end_reason(self) -> str | None:
         return None
-
-
-@dataclass
-class SessionTimes:
-    """Timings of a session for its ``SessionInfo``: TTBC samples, first-frame latency. ``lock`` guards
-    ``ttbc``, ``deadline_misses`` and the session's ``chunks_generated`` together, so a status read between
-    the generator's updates never sees a chunk counted in one and not the other."""
-
-    ttbc: list[float] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
-    deadline_misses: int = 0
-    last_publish: float | None = None  # perf_counter of the session's latest publish
-    last_epoch: int = 0  # the session's epoch at that publish (a clear since then is not a stall)
-    first_frame_latency_s: float | None = None
 
 
 class LiveSession:

@@ -2,7 +2,7 @@
 
 Session set-up (once): the reference image is decoded, fitted to the stream's frame size and encoded by the
 VAE into the I2V conditioning ``y`` (``decoder.encode.I2VConditioning``); CLIP encodes the image and umT5
-the prompt (``server.conditioning``; seeded tiny random encoders by default). They travel to the workers in
+the prompt (``frontends.conditioning``; seeded tiny random encoders by default). They travel to the workers in
 a ``SessionOpen``.
 
 Scheduling (per chunk): the audio file is fed through the same streaming front-end ``serve`` uses —
@@ -17,12 +17,9 @@ trimmed so the video has exactly ``ceil(audio duration × fps)`` frames.
 
 from __future__ import annotations
 
-import math
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -32,41 +29,32 @@ from decoder.checkpoint import load_vae
 from decoder.encode import I2VConditioning
 from decoder.vae import WanVAE, build_vae
 from engine.executor import ColocatedExecutor, DedicatedExecutor, Executor, WorkerError
-from engine.pipeline import ChunkEngine, Work
-from engine.publish import ChunkPublisher, Published
-from proto.chunk_specs import (
-    chunk_request_specs,
-    chunk_result_specs,
-    chunk_seed,
-    pad_text_context,
-    session_open_specs,
-)
-from proto.model_config import ModelConfig
-from proto.stream_config import StreamConfig
-from proto.topology import ProcessGroups
-from proto.vae_config import get_vae_preset
-from proto.wire import ChunkRequest, SessionClose, SessionOpen, TensorSpec, check_specs
-from server.audio_features import (
+from engine.file_stream import SESSION_ID, ChunkScheduler, FrameSink, RunSession, run_stream
+from engine.memory_plan import plan_for_options
+from engine.rank_registry import local_rss
+from engine.session_open import FULL_FRAME, session_open
+from engine.stats import ChunkTiming, StreamStats
+from frontends.audio_features import (
     AudioFeaturizer,
     AudioFeaturizerConfig,
     check_matches,
     featurizer_config_for,
 )
-from server.audio_io import load_audio
-from server.conditioning import ConditioningConfig, ConditioningEncoders
-from server.image_io import load_image
+from frontends.audio_io import load_audio
+from frontends.conditioning import ConditioningConfig, ConditioningEncoders
+from frontends.image_io import load_image
+from proto.chunk_specs import (
+    chunk_result_specs,
+)
+from proto.model_config import ModelConfig
+from proto.stream_config import StreamConfig
+from proto.topology import ProcessGroups
+from proto.vae_config import get_vae_preset
+from proto.wire import SessionClose, SessionOpen
 from server.launcher import EXIT_PEER_LOST
-from server.live_session import PreparedInputs, SessionTimes
-from server.memory_plan import plan_for_options
 from server.publishers.file import Mp4FilePublisher
-from server.rank_registry import local_rss
 from server.run_options import RunOptions
-from server.stats import ChunkTiming, StreamStats
 from workers.score_rank import ScoreRank
-
-SESSION_ID = "run"
-# Audio is pushed into the front-end in pieces of this many seconds, as a live source would deliver it.
-PUSH_PIECE_S = 0.04
 
 
 def build_master_vae(options: RunOptions, device: torch.device) -> WanVAE:
@@ -94,100 +82,6 @@ def build_featurizer(options: RunOptions, model: ModelConfig, stream: StreamConf
     return featurizer
 
 
-class FrameSink(Protocol):
-    """Where ``run`` writes (``server.publishers.file.Mp4FilePublisher`` is one)."""
-
-    def write(self, frames: np.ndarray, audio: np.ndarray) -> None: ...
-
-
-class ChunkScheduler:
-    """Turns the session's audio into chunk requests (``PreparedInputs``), in order, as their audio arrives;
-    the last chunk's ``pcm`` stops where the audio stops (its frames are trimmed to it).
-
-    Args:
-        audio: ``[N]`` float32 16 kHz mono, the whole input (pushed piece by piece as a live source would).
-        conditioning: the session's I2V ``y`` source (i2v presets), else None.
-    """
-
-    def __init__(
-        self,
-        model: ModelConfig,
-        stream: StreamConfig,
-        featurizer: AudioFeaturizer,
-        conditioning: I2VConditioning | None,
-        audio: np.ndarray,
-        seed: int,
-        session_id: str = SESSION_ID,
-    ) -> None:
-        self.model = model
-        self.stream = stream
-        self.featurizer = featurizer
-        self.conditioning = conditioning
-        self.audio = audio
-        self.seed = seed
-        self.session_id = session_id
-        self.specs = chunk_request_specs(model, stream, num_characters=1)
-        spf = featurizer.config.samples_per_frame
-        self.samples_per_frame = spf
-        self.total_frames = max(1, math.ceil(audio.size / spf))
-        self.piece = round(PUSH_PIECE_S * featurizer.config.sample_rate)
-        self._pushed = 0
-
-    @property
-    def num_chunks(self) -> int:
-        """Chunks whose frames cover the audio: the smallest chunk count reaching ``total_frames``."""
-        chunk = 0
-        while self.featurizer.output_frames(chunk).stop < self.total_frames:
-            chunk += 1
-        return chunk + 1
-
-    def _next_ready(self) -> int | None:
-        """Push audio until a chunk is ready (or the audio ends); its index, or None when all are taken."""
-        while True:
-            ready = self.featurizer.ready_chunks()
-            if len(ready):
-                return ready.start
-            if self.featurizer.num_chunks is not None:
-                return None
-            if self._pushed < self.audio.size:
-                piece = self.audio[self._pushed : self._pushed + self.piece]
-                self.featurizer.push(piece)
-                self._pushed += piece.size
-            else:
-                self.featurizer.end_of_stream()
-
-    def __iter__(self) -> Iterator[PreparedInputs]:
-        while True:
-            index = self._next_ready()
-            if index is None:
-                return
-            yield self._prepare(index)
-
-    def _prepare(self, index: int) -> PreparedInputs:
-        chunk_audio = self.featurizer.features_for_chunk(index)
-        tensors: dict[str, torch.Tensor] = {}
-        for spec in self.specs:
-            if spec.name == "y":
-                assert self.conditioning is not None
-                tensors["y"] = self.conditioning.chunk(index).float().cpu().contiguous()
-            elif spec.name == "audio":
-                tensors["audio"] = chunk_audio.span[None].float().contiguous()
-        declared = tuple(TensorSpec.of(name, t) for name, t in tensors.items())
-        check_specs(f"ChunkRequest chunk {index}", self.specs, declared)
-        speaking = (tuple(bool(s) for s in chunk_audio.speaking_latent.tolist()),)
-        request = ChunkRequest(
-            session_id=self.session_id,
-            chunk_index=index,
-            speaking=speaking,
-            noise_seed=chunk_seed(self.seed, index),
-            tensors=declared,
-        )
-        frames = self.featurizer.output_frames(index)
-        keep = max(0, min(len(frames), self.total_frames - frames.start))
-        pcm = chunk_audio.pcm[: keep * self.samples_per_frame]
-        return PreparedInputs(request, tensors, pcm, first_frame=frames.start)
-
-
 class RecordingSink:
     """Publishes to ``sink`` and appends the exact uint8 frames to a raw file (``--save-frames``).
 
@@ -209,137 +103,6 @@ class RecordingSink:
         self._file.close()
 
 
-class _SinkOutput:
-    """``run``'s output as the engine sees it: frames go to the MP4 sink as soon as they come (no playout
-    pacing, so nothing is ever buffered and the session is always due); the last chunk is trimmed to its
-    audio (``pcm`` holds exactly the frames to keep)."""
-
-    end_reason = None
-
-    def __init__(self, sink: FrameSink, samples_per_frame: int) -> None:
-        self.sink = sink
-        self.spf = samples_per_frame
-
-    def put_chunk(self, frames: np.ndarray, pcm: np.ndarray, first_frame: int) -> None:
-        self.sink.write(frames[: pcm.size // self.spf], pcm)
-
-    def tick(self) -> None:
-        pass
-
-    def buffered_s(self) -> float:
-        return 0.0
-
-
-class RunSession:
-    """``run``'s one session on the engine (``engine.pipeline.EngineSession``): its chunks come from the
-    ``ChunkScheduler`` (the whole audio file through the streaming front-end), its frames go to the sink."""
-
-    epoch = 0
-
-    def __init__(self, scheduler: ChunkScheduler, decoder: Any, sink: FrameSink) -> None:
-        self.id = scheduler.session_id
-        self.scheduler = scheduler
-        self.decoder = decoder
-        self.output = _SinkOutput(sink, scheduler.samples_per_frame)
-        self.times = SessionTimes()
-        self.chunks_generated = 0
-        self.error: str | None = None
-        self._chunks = iter(scheduler)
-        self._left = scheduler.num_chunks
-
-    @property
-    def live(self) -> bool:
-        return self.error is None
-
-    def due(self) -> bool:
-        """Chunks are left to prepare (the file is generated flat out)."""
-        return self.live and self._left > 0
-
-    def prepare_chunk(self) -> PreparedInputs:
-        self._left -= 1
-        return next(self._chunks)
-
-    def probe(self, frames: np.ndarray, pcm: np.ndarray) -> np.ndarray:
-        return frames
-
-
-class _RunOwner:
-    """``engine.pipeline.EngineOwner`` of ``run``: one session, failures remembered for the exit code."""
-
-    def __init__(self, session: RunSession) -> None:
-        self.session = session
-        self.group_error: str | None = None
-
-    def pick(self, in_flight: Work | None) -> RunSession | None:
-        return self.session if self.session.due() else None
-
-    def schedulable(self, session: RunSession) -> bool:  # type: ignore[override]
-        return session.live
-
-    def session_failed(self, session_id: str, reason: str) -> bool:
-        self.session.error = self.session.error or reason
-        return False  # the run stops; its workers get Shutdown, not a SessionClose
-
-    def group_failed(self, reason: str) -> None:
-        self.group_error = self.group_error or reason
-
-
-def run_stream(
-    executor: Executor,
-    session: RunSession,
-    stream: StreamConfig,
-    stats: StreamStats,
-    *,
-    overlap: bool,
-    device: torch.device,
-    memory: Callable[[], dict[int, int]] | None = None,
-    on_chunk: Callable[[ChunkTiming], None] | None = None,
-) -> None:
-    """Every chunk of ``session`` through the engine (``engine.pipeline.ChunkEngine``: request t+1 out,
-    decode t, prepare t+2, collect t+1; publishing on its own thread), each recorded in ``stats``.
-
-    Raises:
-        WorkerError: the score side failed (the message names the rank).
-        RuntimeError: the session failed on the master (its input, the decoder or the sink).
-    """
-    start = time.perf_counter()
-
-    def record(published: Published) -> None:
-        chunk = published.chunk
-        timing = ChunkTiming(
-            chunk_index=chunk.prepared.request.chunk_index,
-            frames=chunk.prepared.pcm.size // session.scheduler.samples_per_frame,
-            prepare_s=published.stages["prepare"],
-            score_s=published.stages["score"],
-            transfer_s=published.stages["transfer"],
-            decode_s=published.stages["decode"],
-            publish_s=published.stages["publish"],
-            published_at_s=published.published_at - start,
-            ttbc_s=published.ttbc_s,
-            rss_bytes=memory() if memory is not None else {},
-        )
-        stats.add(timing)
-        if on_chunk is not None:
-            on_chunk(timing)
-
-    owner = _RunOwner(session)
-    publisher = ChunkPublisher(None, lambda: [session], keeps_frames=False, on_published=record)
-    engine = ChunkEngine(executor, stream, publisher, owner, overlap=overlap, device=device)
-    publisher.start()
-    try:
-        while owner.group_error is None and session.live:
-            if not engine.turn() and not engine.busy() and not session.due():
-                break
-    finally:
-        publisher.stop()  # publishes what was decoded
-    for _, reason in publisher.failures():
-        session.error = session.error or reason
-    if owner.group_error is not None:
-        raise WorkerError(owner.group_error)
-    if session.error is not None:
-        raise RuntimeError(session.error)
-
-
 def open_session_message(
     options: RunOptions, model: ModelConfig, stream: StreamConfig, image: np.ndarray, device: torch.device
 ) -> tuple[SessionOpen, dict[str, torch.Tensor]]:
@@ -354,36 +117,7 @@ def open_session_message(
             dtype=options.torch_dtype,
         )
     )
-    return single_character_open(model, stream, encoders, options.prompt, image)
-
-
-def single_character_open(
-    model: ModelConfig,
-    stream: StreamConfig,
-    encoders: ConditioningEncoders,
-    prompt: str,
-    image: np.ndarray,
-    session_id: str = SESSION_ID,
-) -> tuple[SessionOpen, dict[str, torch.Tensor]]:
-    """The ``SessionOpen`` of a one-character stream (what ``run`` sends) and its tensors, from encoders
-    already built (``training.evaluate`` keeps them across streams)."""
-    tensors: dict[str, torch.Tensor] = {}
-    for spec in session_open_specs(model, num_characters=1):
-        if spec.name == "context":
-            tensors["context"] = pad_text_context(encoders.encode_prompt(prompt), model)
-        elif spec.name == "clip_fea":
-            tensors["clip_fea"] = encoders.encode_image(image)
-        elif spec.name == "face_boxes":
-            # One character filling the frame: its audio acts everywhere.
-            tensors["face_boxes"] = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
-    message = SessionOpen(
-        session_id=session_id,
-        latent_height=stream.latent_height,
-        latent_width=stream.latent_width,
-        num_characters=1,
-        tensors=tuple(TensorSpec.of(name, t.contiguous()) for name, t in tensors.items()),
-    )
-    return message, tensors
+    return session_open(SESSION_ID, model, stream, encoders, options.prompt, image, [FULL_FRAME])
 
 
 def make_executor(

@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from server.audio_io import RESAMPLER_ROLLOFF, RESAMPLER_ZERO_CROSSINGS, TARGET_SAMPLE_RATE, resample
+from frontends.audio_io import RESAMPLER_ROLLOFF, RESAMPLER_ZERO_CROSSINGS, TARGET_SAMPLE_RATE, resample
 
 
 class PcmFormatError(ValueError):

@@ -1,6 +1,6 @@
 """One rank's life in a serving group, shared by ``run``, ``serve`` and the TTBC study.
 
-Every rank joins the world, registers its process (``server.rank_registry``) and starts a heartbeat so the
+Every rank joins the world, registers its process (``engine.rank_registry``) and starts a heartbeat so the
 master can name a rank that dies; a score rank builds its share of the DiT; rank 0 then plays the master and
 every other rank serves it with the worker loop; finally the rank leaves the world, whatever happened.
 """
@@ -12,10 +12,10 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from engine.rank_registry import register_rank
 from proto.liveness import Heartbeat
 from proto.topology import ProcessGroups, Topology
 from server.launcher import init_rank, shutdown, world_store
-from server.rank_registry import register_rank
 from workers.score_rank import ScoreRank
 from workers.worker_loop import run_worker_loop
 

@@ -4,7 +4,7 @@ Every rank of the world receives the same argument list and parses it with ``par
 master and the workers agree on the preset, the stream configuration and the seed without another message.
 ``validate_inputs`` is the CLI's gate: bad inputs (unreadable audio, an image too large, an unknown preset,
 a worker count that does not divide the heads, a bad size, a configuration whose memory plan does not fit
-the devices: ``server.memory_plan``) fail there with a clear message and exit code 2, before a single
+the devices: ``engine.memory_plan``) fail there with a clear message and exit code 2, before a single
 process starts.
 """
 
@@ -20,13 +20,13 @@ from pathlib import Path
 import torch
 
 from decoder.streaming import DecodeOptions
+from frontends.audio_io import AudioDecodeError, load_audio
+from frontends.image_io import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
+from frontends.model_bundle import ModelBundle, resolve_weights
 from proto.model_config import ModelConfig, get_model_preset, model_preset_names
 from proto.stream_config import StreamConfig
 from proto.topology import Topology
 from proto.vae_config import get_vae_preset
-from server.audio_io import AudioDecodeError, load_audio
-from server.image_io import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
-from server.model_bundle import ModelBundle, resolve_weights
 
 # Frame size when --resolution/--height/--width are not given. The tiny preset's random VAE decodes a
 # 12-frame chunk at 128x128 in about 1.6 s on one CPU core (64x64: 0.25 s); the real presets stream at 512².
@@ -257,7 +257,7 @@ def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="GIB",
         help="memory per GPU (the host's on CPU) the start-up memory plan checks against, in GiB; "
-        "default: the GPUs' free memory, or the host's available memory (server.memory_plan)",
+        "default: the GPUs' free memory, or the host's available memory (engine.memory_plan)",
     )
 
 
@@ -442,7 +442,7 @@ def parse_run_options(argv: list[str]) -> RunOptions:
 
 def validate_inputs(options: RunOptions) -> None:
     """Everything that can be checked before the world starts; raises ``ValueError`` with the fix."""
-    from server.audio_features import AudioFeaturizerConfig
+    from frontends.audio_features import AudioFeaturizerConfig
 
     try:
         audio = load_audio(options.audio, max_seconds=options.max_audio_s)
@@ -490,6 +490,6 @@ def validate_inputs(options: RunOptions) -> None:
         )
     if not math.isfinite(options.max_audio_s) or options.max_audio_s <= 0:
         raise ValueError(f"--max-audio-seconds must be positive, got {options.max_audio_s}")
-    from server.memory_plan import check_options_memory
+    from engine.memory_plan import check_options_memory
 
     check_options_memory(options, sessions=1)  # last: it may measure the GPUs

@@ -56,10 +56,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from frontends.model_bundle import resolve_weights
 from proto.model_config import ModelConfig, get_model_preset, model_preset_names
 from proto.topology import Topology
 from proto.vae_config import get_vae_preset
-from server.model_bundle import resolve_weights
 from server.run_options import (
     WeightsOptions,
     add_decode_arguments,
@@ -214,7 +214,7 @@ def _config_defaults(argv: list[str]) -> dict[str, Any]:
 def parse_serve_options(argv: list[str], *, check_memory: bool = True) -> ServeOptions:
     """Parse and validate ``serve``'s arguments (config ``[serve]`` table < command line).
 
-    check_memory: refuse a group whose memory plan (``server.memory_plan``, ``max_sessions`` sessions) does
+    check_memory: refuse a group whose memory plan (``engine.memory_plan``, ``max_sessions`` sessions) does
     not fit the devices. Done once before any rank starts; the ranks parse again without it (by then other
     ranks hold memory the plan already counts).
     """
@@ -293,7 +293,7 @@ def parse_serve_options(argv: list[str], *, check_memory: bool = True) -> ServeO
         )
     settings = options.api_settings()  # a missing API key or a bad [api] table fails before any rank starts
     if check_memory:
-        from server.memory_plan import check_options_memory
+        from engine.memory_plan import check_options_memory
 
         check_options_memory(options, sessions=settings.max_sessions, sessions_option="max_sessions")
     return options
@@ -329,12 +329,12 @@ def _serve_master(options: ServeOptions, groups: Any, store: dist.Store, score_r
     import uvicorn
 
     from engine.executor import ColocatedExecutor, DedicatedExecutor, Executor
+    from engine.rank_registry import dead_ranks
+    from frontends.conditioning import ConditioningConfig, ConditioningEncoders
     from proto.chunk_specs import chunk_result_specs
     from server.api import create_app
-    from server.conditioning import ConditioningConfig, ConditioningEncoders
     from server.live_backend import LiveBackend, LiveConfig
     from server.metrics import Metrics
-    from server.rank_registry import dead_ranks
 
     logging.basicConfig(
         level=options.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
@@ -401,7 +401,7 @@ def _serve_master(options: ServeOptions, groups: Any, store: dist.Store, score_r
         settings.host,
         settings.port,
     )
-    from server.memory_plan import plan_for_options
+    from engine.memory_plan import plan_for_options
 
     log.info("%s", plan_for_options(options, sessions=settings.max_sessions).summary())
     try:

@@ -2,9 +2,9 @@
 
     python -m training.audio_probe --widths 8,32 --out training/results/audio_probe.json
 
-The DiT sees the audio only through the wav2vec2 features of `server.audio_features` (for the `tiny` preset a
-seeded random wav2vec2 of `tiny_layers` layers of width `tiny_hidden_size`). If a ridge regression from
-those features (each video frame's features with +-2 frames of context) cannot predict the per-frame
+The DiT sees the audio only through the wav2vec2 features of `frontends.audio_features` (for the `tiny`
+preset a seeded random wav2vec2 of `tiny_layers` layers of width `tiny_hidden_size`). If a ridge regression
+from those features (each video frame's features with +-2 frames of context) cannot predict the per-frame
 loudness envelope of held-out clips, no DiT trained on them can move the mouth with the speech either. The
 probe is fitted on clips of both voices (numpy syllables and, when installed, espeak-ng speech) and scored
 (Pearson r) on held-out clips of each voice. It is how the `tiny` preset's wav2vec2 width was chosen.
@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from frontends.audio_features import AudioFeaturizer, AudioFeaturizerConfig, featurizer_config_for
 from proto.model_config import get_model_preset
-from server.audio_features import AudioFeaturizer, AudioFeaturizerConfig, featurizer_config_for
 from training.data import Clip, DataConfig, SyntheticTalkingDataset
 
 CONTEXT_FRAMES = 2

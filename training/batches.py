@@ -6,10 +6,10 @@ speaking flags `[C, T]`, face boxes `[C, 4]` px, reference image `[H, W, 3]`) be
 - latents: `WanVAE.encode` of the video, normalised, `[16, L, H/8, W/8]`, cropped to K whole chunks of
   `chunk_latents` (L = K·F; Wan's 81 frames give 21 latents = 7 chunks of 3);
 - y: the I2V conditioning `decoder.encode.I2VConditioning` (mask + latents of [image, gray, …]), `[20, L, …]`;
-- context / clip_fea: the prompt and the reference image through `server.conditioning.ConditioningEncoders`
+- context / clip_fea: the prompt and the reference image through `frontends.conditioning.ConditioningEncoders`
   (the seeded tiny random umT5/CLIP `talkingmachines run` uses by default, seed 0);
-- audio: per character, `server.audio_features.AudioFeaturizer` fed the whole clip and asked for every chunk,
-  exactly as a stream would: per chunk its span `[F + W − 1, P, layers, dim]` and speaking flags `[F]`.
+- audio: per character, `frontends.audio_features.AudioFeaturizer` fed the whole clip and asked for every
+  chunk, exactly as a stream would: per chunk its span `[F + W − 1, P, layers, dim]` and speaking flags `[F]`.
   The DiT's audio tokens are projected chunk by chunk from these spans (`ChunkAudioWanModel`), so
   training sees bit for bit the windows inference sees (look-ahead truncated at the chunk's edge included).
 - face_mask `[C, L·S]`: one character gets the whole frame (what `run` sends, box [0, 0, 1, 1]); with
@@ -37,11 +37,11 @@ from tqdm import tqdm
 from decoder.checkpoint import load_vae
 from decoder.encode import i2v_mask, image_to_tensor
 from decoder.vae import WanVAE, build_vae
+from frontends.audio_features import AudioFeaturizer, check_matches, featurizer_config_for
+from frontends.conditioning import ConditioningConfig, ConditioningEncoders
 from proto.chunk_specs import pad_text_context
 from proto.model_config import ModelConfig
 from proto.vae_config import get_vae_preset
-from server.audio_features import AudioFeaturizer, check_matches, featurizer_config_for
-from server.conditioning import ConditioningConfig, ConditioningEncoders
 from training.fsdp import world
 from training.pools import as_arrays, as_tensors
 from workers.audio import AudioConditioning, face_token_mask, normalise_boxes

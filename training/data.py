@@ -6,7 +6,7 @@ character speaks: its mouth opening follows the envelope of the clip's audio (sy
 harmonic voice at 3-6 syllables/s with pauses, or espeak-ng speech when asked for and installed); any other
 character listens with its mouth closed. Some clips are silent throughout (nobody speaks).
 
-Time grid (the same as the server's audio front-end, server/audio_features.py): 16 fps video, 16 kHz audio,
+Time grid (the same as the server's audio front-end, frontends/audio_features.py): 16 fps video, 16 kHz audio,
 video frame ``v`` shows the samples ``[1000 v, 1000 (v + 1))``. Clips have T = 1 + 4k frames (the VAE's
 frame count); the default 33 = 1 + 4*8 frames is 9 latent frames, three chunks of 3 (the paper's 81 frames
 are 21 latents = 7 chunks of 3, i.e. T = 12n - 3).
@@ -30,7 +30,7 @@ SAMPLE_RATE = 16_000
 FPS = 16
 SAMPLES_PER_FRAME = SAMPLE_RATE // FPS
 # The server's speaking flag: a video frame speaks when its audio RMS exceeds this
-# (server.audio_features.AudioFeaturizerConfig.speaking_rms_threshold).
+# (frontends.audio_features.AudioFeaturizerConfig.speaking_rms_threshold).
 SPEAKING_RMS_THRESHOLD = 1e-3
 STYLES = ("realistic", "cartoon", "flat")
 DIT_CLIP_FRAMES = 57
@@ -270,7 +270,7 @@ def synthetic_voice(rng: np.random.Generator, num_frames: int) -> tuple[np.ndarr
 
 def espeak_audio(rng: np.random.Generator, num_frames: int) -> np.ndarray:
     """espeak-ng speech of a few random words, 16 kHz float32 [num_frames * 1000] (zeros around it)."""
-    from server.audio_io import resample  # torch-based; only imported on this opt-in path
+    from frontends.audio_io import resample  # torch-based; only imported on this opt-in path
 
     n = num_frames * SAMPLES_PER_FRAME
     words = " ".join(_WORDS[int(i)] for i in rng.integers(len(_WORDS), size=max(2, num_frames // 6)))

@@ -4,7 +4,7 @@
     python -m training.evaluate --checkpoint RUN/student/bundle --grid RUN      # + Table-1 rows
     python -m training.evaluate --random-weights                                 # the untrained baseline
 
-DIR is a model bundle (``server.model_bundle``: model.json + student.safetensors + vae.pth); without
+DIR is a model bundle (``frontends.model_bundle``: model.json + student.safetensors + vae.pth); without
 ``--checkpoint`` the shipped default (``server/weights/tiny``) is evaluated.
 
 Every number comes from the serving path run in-process: the clip's reference image and audio go through the
@@ -47,13 +47,13 @@ from decoder.checkpoint import load_vae
 from decoder.encode import I2VConditioning
 from decoder.streaming import DecodeSession
 from decoder.vae import build_vae
+from frontends.audio_features import AudioFeaturizer, check_matches, featurizer_config_for
+from frontends.conditioning import ConditioningConfig, ConditioningEncoders
+from frontends.model_bundle import DEFAULT_BUNDLE_DIR, ModelBundle, load_bundle
 from proto.model_config import get_model_preset
 from proto.stream_config import StreamConfig
 from proto.vae_config import get_vae_preset
 from proto.wire import SessionClose
-from server.audio_features import AudioFeaturizer, check_matches, featurizer_config_for
-from server.conditioning import ConditioningConfig, ConditioningEncoders
-from server.model_bundle import DEFAULT_BUNDLE_DIR, ModelBundle, load_bundle
 from training.data import Clip, DataConfig, SyntheticTalkingDataset
 from training.lipsync import lipsync_score, mouth_opening_from_frames
 from training.vae_stage import mouth_mask
@@ -149,15 +149,16 @@ class Generator:
         """Frames for `audio` (float32 16 kHz mono) from the reference `image` (uint8 `[H, W, 3]`)."""
         # run's own scheduler, SessionOpen and engine: same audio windows, same seeds, same tensors
         from engine.executor import InProcessExecutor
-        from server.master import ChunkScheduler, RunSession, run_stream, single_character_open
-        from server.stats import StreamStats
+        from engine.file_stream import ChunkScheduler, RunSession, run_stream
+        from engine.session_open import FULL_FRAME, session_open
+        from engine.stats import StreamStats
 
         stream = self.stream
         featurizer = AudioFeaturizer(self.featurizer_config, self._wav2vec)
         conditioning = I2VConditioning.for_stream(self.vae, image, stream)
         scheduler = ChunkScheduler(self.config, stream, featurizer, conditioning, audio, seed, SESSION)
-        message, tensors = single_character_open(
-            self.config, stream, self.encoders, self.bundle.prompt, image, SESSION
+        message, tensors = session_open(
+            SESSION, self.config, stream, self.encoders, self.bundle.prompt, image, [FULL_FRAME]
         )
         executor = InProcessExecutor(self.rank)
         executor.open_session(message, tensors)
@@ -175,7 +176,7 @@ class Generator:
 
 
 class _FrameList:
-    """A sink that keeps the frames (``server.master.FrameSink``)."""
+    """A sink that keeps the frames (``engine.file_stream.FrameSink``)."""
 
     def __init__(self) -> None:
         self.frames: list[np.ndarray] = []

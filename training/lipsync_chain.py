@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from frontends.model_bundle import DEFAULT_BUNDLE_DIR, load_bundle
 from proto.model_config import get_model_preset
-from server.model_bundle import DEFAULT_BUNDLE_DIR, load_bundle
 from training.batches import ClipEncoder, as_training_model, load_or_build_vae
 from training.data import Clip, SyntheticTalkingDataset
 from training.distill import StudentConfig, student_rollout, teacher_ode

@@ -252,7 +252,7 @@ def run_stage(
 
 def export_bundle(cfg: Any, student_path: Path, out: Path) -> Any:
     """Write `<student dir>/bundle`: the student, the VAE and the settings serving needs (model.json)."""
-    from server.model_bundle import write_bundle
+    from frontends.model_bundle import write_bundle
     from training.data import dit_data_config
 
     data = cfg.data if cfg.data is not None else dit_data_config()

@@ -16,7 +16,7 @@ from types import TracebackType
 import av
 import numpy as np
 
-from server.audio_io import TARGET_SAMPLE_RATE
+from frontends.audio_io import TARGET_SAMPLE_RATE
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,8 @@ import soundfile as sf
 from fastapi.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
+from frontends.audio_io import resample
 from server.api import create_app
-from server.audio_io import resample
 from server.pcm_stream import StreamResampler, decode_pcm16
 from tests.api.api_fakes import API_KEY, AUTH, FakeBackend, make_settings, session_body
 

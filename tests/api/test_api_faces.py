@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from frontends.faces import detect_faces, fallback_box, resolve_faces
+from frontends.image_io import load_image
 from proto.api import Character
-from server.faces import detect_faces, fallback_box, resolve_faces
-from server.image_io import load_image
 
 PORTRAIT = Path(__file__).resolve().parents[2] / "examples" / "portrait.png"
 

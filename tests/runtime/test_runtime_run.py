@@ -15,12 +15,12 @@ import soundfile as sf
 import torch
 from run_helpers import assert_frames_match, read_frames, run_cli, write_inputs
 
+from engine.chunks import PreparedInputs
 from engine.executor import ScoredChunk
+from engine.file_stream import RunSession, run_stream
+from engine.stats import StreamStats
 from proto.stream_config import StreamConfig
 from proto.wire import ChunkRequest
-from server.live_session import PreparedInputs
-from server.master import RunSession, run_stream
-from server.stats import StreamStats
 
 SIZE = ("--resolution", "32x32")
 AUDIO_S = 1.4  # 23 frames: 3 chunks (9 + 12 + 12 frames), so chunk 2 attends to c_0 and c_1

@@ -1,4 +1,4 @@
-"""The start-up memory plan (``server.memory_plan``): its figures against what is really allocated, and the
+"""The start-up memory plan (``engine.memory_plan``): its figures against what is really allocated, and the
 refusal of ``serve`` options that cannot fit (``run``'s CLI refusal is in tests/runtime)."""
 
 from __future__ import annotations
@@ -10,10 +10,7 @@ import pytest
 import torch
 
 from decoder.streaming import DecodeSession
-from proto.model_config import get_model_preset
-from proto.stream_config import StreamConfig
-from proto.topology import Topology
-from server.memory_plan import (
+from engine.memory_plan import (
     GIB,
     LiveTensorBytes,
     alternatives,
@@ -22,6 +19,9 @@ from server.memory_plan import (
     plan_memory,
     vae_sizes,
 )
+from proto.model_config import get_model_preset
+from proto.stream_config import StreamConfig
+from proto.topology import Topology
 from server.serve import parse_serve_options
 from workers.audio import AudioConditioning
 from workers.factory import build_score_model

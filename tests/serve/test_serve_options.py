@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from server.model_bundle import DEFAULT_BUNDLE_DIR, load_bundle
+from frontends.model_bundle import DEFAULT_BUNDLE_DIR, load_bundle
 from server.run_options import parse_run_options, resolve_dtype
 from server.serve import parse_serve_options
 

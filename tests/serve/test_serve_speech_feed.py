@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from server.audio_features import AudioFeaturizer, AudioFeaturizerConfig, build_wav2vec2
+from frontends.audio_features import AudioFeaturizer, AudioFeaturizerConfig, build_wav2vec2
 from server.live_session import SpeechFeed
 
 RATE, SPF = 16000, 1000

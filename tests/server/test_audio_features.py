@@ -1,4 +1,4 @@
-"""server.audio_features: the streaming wav2vec2 front-end (tiny random Wav2Vec2Model, real forwards)."""
+"""frontends.audio_features: the streaming wav2vec2 front-end (tiny random Wav2Vec2Model, real forwards)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from server.audio_features import AudioFeaturizer, AudioFeaturizerConfig, check_matches, featurizer_config_for
+from frontends.audio_features import (
+    AudioFeaturizer,
+    AudioFeaturizerConfig,
+    check_matches,
+    featurizer_config_for,
+)
 
 SPF = 1000  # samples per video frame at 16 kHz, 16 fps
 

@@ -1,4 +1,4 @@
-"""server.audio_io: decoding any rate/format/channel count to 16 kHz mono, and the resampler."""
+"""frontends.audio_io: decoding any rate/format/channel count to 16 kHz mono, and the resampler."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from server.audio_io import AudioDecodeError, load_audio, resample
+from frontends.audio_io import AudioDecodeError, load_audio, resample
 
 
 def _sine(freq_hz: float, rate: int, seconds: float, amplitude: float = 0.5) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""server.conditioning: tiny CLIP visual tower, tiny umT5 with the byte tokenizer, precomputed embeddings."""
+"""frontends.conditioning: tiny CLIP visual tower, tiny umT5 with the byte tokenizer, precomputed
+embeddings."""
 
 from __future__ import annotations
 
@@ -10,8 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from proto.model_config import get_model_preset
-from server.conditioning import (
+from frontends.conditioning import (
     CLIP_MEAN,
     CLIP_STD,
     ByteTokenizer,
@@ -21,6 +21,7 @@ from server.conditioning import (
     load_prompt_embedding,
     tiny_clip_config,
 )
+from proto.model_config import get_model_preset
 
 CONFIG = ConditioningConfig(clip_dim=32, text_dim=24, text_len=16)
 

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from frontends.conditioning import ConditioningConfig, ConditioningEncoders
 from proto.chunk_specs import pad_text_context, session_open_specs
 from proto.model_config import get_model_preset
 from proto.wire import TensorSpec, check_specs
-from server.conditioning import ConditioningConfig, ConditioningEncoders
 
 MODEL = get_model_preset("tiny")
 CONFIG = ConditioningConfig.for_model(MODEL, tiny_seed=4)

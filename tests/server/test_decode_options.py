@@ -8,8 +8,8 @@ import torch
 
 from decoder.streaming import DecodeOptions
 from decoder.vae import build_vae
+from engine.memory_plan import plan_for_options, vae_sizes
 from proto.vae_config import get_vae_preset
-from server.memory_plan import plan_for_options, vae_sizes
 from server.run_options import parse_run_options
 
 RUN = ["--image", "a.png", "--audio", "a.wav", "--out", "a.mp4", "--device", "cpu", "--random-weights"]

@@ -1,4 +1,4 @@
-"""server.image_io: reference images to uint8 RGB, with clear errors."""
+"""frontends.image_io: reference images to uint8 RGB, with clear errors."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from server.image_io import ImageDecodeError, load_image
+from frontends.image_io import ImageDecodeError, load_image
 
 
 def _encode(image: Image.Image, fmt: str) -> bytes:

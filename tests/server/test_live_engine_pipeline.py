@@ -11,13 +11,13 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from engine.chunks import SessionTimes
 from engine.executor import ScoredChunk
 from proto.api import SessionState
 from proto.model_config import get_model_preset
 from proto.stream_config import StreamConfig
 from proto.wire import SessionClose
 from server.live_backend import LiveBackend, LiveConfig, _Entry
-from server.live_session import SessionTimes
 from server.metrics import Metrics
 
 STREAM = StreamConfig(height=32, width=32)

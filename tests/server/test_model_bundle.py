@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from server.model_bundle import (
+from frontends.model_bundle import (
     DEFAULT_BUNDLE_DIR,
     BundleError,
     is_bundle,

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
+from frontends.audio_features import AudioFeaturizer, featurizer_config_for
 from proto.model_config import get_model_preset
-from server.audio_features import AudioFeaturizer, featurizer_config_for
 from training import audio_probe
 from training.data import DataConfig, SyntheticTalkingDataset
 

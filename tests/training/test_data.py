@@ -79,7 +79,7 @@ def test_silent_clips_have_zero_audio_closed_mouths_and_no_speaking_flags() -> N
 
 
 def test_speaking_flags_use_the_server_rms_threshold() -> None:
-    from server.audio_features import AudioFeaturizerConfig
+    from frontends.audio_features import AudioFeaturizerConfig
 
     assert AudioFeaturizerConfig().speaking_rms_threshold == SPEAKING_RMS_THRESHOLD
     clip = _speaking_clips(DataConfig(num_frames=49, silent_prob=0.0), 1)[0]

@@ -13,7 +13,7 @@ import soundfile as sf
 import torch
 from PIL import Image
 
-from server.model_bundle import DEFAULT_BUNDLE_DIR, load_bundle
+from frontends.model_bundle import DEFAULT_BUNDLE_DIR, load_bundle
 from training.evaluate import (
     LIPSYNC_THRESHOLD,
     Generator,

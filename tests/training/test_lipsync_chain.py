@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import training.lipsync_chain as chain
-from server.model_bundle import DEFAULT_BUNDLE_DIR
+from frontends.model_bundle import DEFAULT_BUNDLE_DIR
 
 
 def test_a_latent_rate_mouth_holds_each_latent_frames_mean() -> None:

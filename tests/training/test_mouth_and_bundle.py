@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from server.model_bundle import load_bundle
+from frontends.model_bundle import load_bundle
 from training import run
 from training.batches import mouth_cells
 from training.data import DataConfig, SyntheticTalkingDataset

@@ -238,8 +238,8 @@ def _folder_weight_bytes(path: str) -> int:
 def _tiny_encoder_bytes(config: ModelConfig) -> dict[str, int]:
     from transformers import CLIPVisionModel, UMT5EncoderModel, Wav2Vec2Model
 
-    from server.audio_features import AudioFeaturizerConfig, featurizer_config_for, tiny_wav2vec2_config
-    from server.conditioning import ConditioningConfig, tiny_clip_config, tiny_umt5_config
+    from frontends.audio_features import AudioFeaturizerConfig, featurizer_config_for, tiny_wav2vec2_config
+    from frontends.conditioning import ConditioningConfig, tiny_clip_config, tiny_umt5_config
 
     cond = ConditioningConfig.for_model(config)
     audio = AudioFeaturizerConfig() if config.audio is None else featurizer_config_for(config.audio)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from engine.stats import rss_bytes
 from proto.liveness import stale_ranks
-from server.stats import rss_bytes
 
 _KEY = "tm/rank_process/{rank}"
 

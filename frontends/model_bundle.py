@@ -29,7 +29,7 @@ from typing import Any
 MODEL_JSON = "model.json"
 DIT_FILE = "student.safetensors"
 VAE_FILE = "vae.pth"
-DEFAULT_BUNDLE_DIR = Path(__file__).resolve().parent / "weights" / "tiny"
+DEFAULT_BUNDLE_DIR = Path(__file__).resolve().parent.parent / "server" / "weights" / "tiny"
 """The trained toy-scale default shipped with the package (used for ``--preset tiny``)."""
 
 _REQUIRED = ("preset", "vae_preset", "height", "width", "train_latent_frames", "chunk_latent_frames")

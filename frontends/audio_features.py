@@ -41,8 +41,8 @@ import numpy as np
 import torch
 from transformers import Wav2Vec2Config, Wav2Vec2Model
 
+from frontends.audio_io import TARGET_SAMPLE_RATE
 from proto.model_config import AudioConfig
-from server.audio_io import TARGET_SAMPLE_RATE
 
 # wav2vec2's CNN front-end: 400-sample receptive field, 320-sample hop (20 ms) at 16 kHz.
 _W2V_RECEPTIVE_FIELD = 400
@@ -269,7 +269,7 @@ class AudioFeaturizer:
 
     # --- ingest ----------------------------------------------------------------------------------------
     def push(self, pcm: np.ndarray) -> None:
-        """Append speech audio: `[N]` float32 samples at 16 kHz (resample first with server.audio_io)."""
+        """Append speech audio: `[N]` float32 samples at 16 kHz (resample first with frontends.audio_io)."""
         if self._ended:
             raise RuntimeError("push() after end_of_stream(): open a new AudioFeaturizer for a new stream")
         pcm = np.asarray(pcm)
