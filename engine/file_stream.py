@@ -21,16 +21,15 @@ import numpy as np
 import torch
 
 from decoder.encode import I2VConditioning
-from engine.chunks import PreparedInputs, SessionTimes
+from engine.chunks import PreparedInputs, SessionTimes, chunk_request
 from engine.executor import Executor, WorkerError
 from engine.pipeline import ChunkEngine, Work
 from engine.publish import ChunkPublisher, Published
 from engine.stats import ChunkTiming, StreamStats
 from frontends.audio_features import AudioFeaturizer
-from proto.chunk_specs import chunk_request_specs, chunk_seed
+from proto.chunk_specs import chunk_request_specs
 from proto.model_config import ModelConfig
 from proto.stream_config import StreamConfig
-from proto.wire import ChunkRequest, TensorSpec, check_specs
 
 SESSION_ID = "run"
 # Audio is pushed into the front-end in pieces of this many seconds, as a live source would deliver it.
@@ -108,22 +107,8 @@ class ChunkScheduler:
 
     def _prepare(self, index: int) -> PreparedInputs:
         chunk_audio = self.featurizer.features_for_chunk(index)
-        tensors: dict[str, torch.Tensor] = {}
-        for spec in self.specs:
-            if spec.name == "y":
-                assert self.conditioning is not None
-                tensors["y"] = self.conditioning.chunk(index).float().cpu().contiguous()
-            elif spec.name == "audio":
-                tensors["audio"] = chunk_audio.span[None].float().contiguous()
-        declared = tuple(TensorSpec.of(name, t) for name, t in tensors.items())
-        check_specs(f"ChunkRequest chunk {index}", self.specs, declared)
-        speaking = (tuple(bool(s) for s in chunk_audio.speaking_latent.tolist()),)
-        request = ChunkRequest(
-            session_id=self.session_id,
-            chunk_index=index,
-            speaking=speaking,
-            noise_seed=chunk_seed(self.seed, index),
-            tensors=declared,
+        request, tensors = chunk_request(
+            self.session_id, index, self.seed, self.specs, [chunk_audio], self.conditioning
         )
         frames = self.featurizer.output_frames(index)
         keep = max(0, min(len(frames), self.total_frames - frames.start))

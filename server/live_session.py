@@ -35,17 +35,15 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-import torch
 
 from decoder.encode import I2VConditioning
 from decoder.streaming import DecodeSession
-from engine.chunks import PreparedInputs, SessionTimes
+from engine.chunks import PreparedInputs, SessionTimes, chunk_request
 from frontends.audio_features import AudioFeaturizer, ChunkAudio
 from proto.api import SessionState
-from proto.chunk_specs import chunk_request_specs, chunk_seed
+from proto.chunk_specs import chunk_request_specs
 from proto.model_config import ModelConfig
 from proto.stream_config import StreamConfig
-from proto.wire import ChunkRequest, TensorSpec, check_specs
 from server.livekit.avatar_protocol import AudioChunk, AvatarProtocol, Cleared, SegmentEnded, SegmentStarted
 from server.livekit.publisher import LiveKitPublisher
 from server.publishers.file import Mp4FilePublisher
@@ -548,23 +546,7 @@ class LiveSession:
     def prepare_chunk(self) -> PreparedInputs:
         """The next chunk's request: features for its window (fed just in time), ``y``, speaking flags."""
         index, audio, pcm = self.feed.take_chunk()
-        tensors: dict[str, torch.Tensor] = {}
-        for spec in self.specs:
-            if spec.name == "y":
-                assert self.conditioning is not None
-                tensors["y"] = self.conditioning.chunk(index).float().cpu().contiguous()
-            elif spec.name == "audio":
-                tensors["audio"] = torch.stack([a.span for a in audio]).float().contiguous()
-        declared = tuple(TensorSpec.of(name, t) for name, t in tensors.items())
-        check_specs(f"ChunkRequest {self.id} chunk {index}", self.specs, declared)
-        speaking = tuple(tuple(bool(s) for s in a.speaking_latent.tolist()) for a in audio)
-        request = ChunkRequest(
-            session_id=self.id,
-            chunk_index=index,
-            speaking=speaking,
-            noise_seed=chunk_seed(self.seed, index),
-            tensors=declared,
-        )
+        request, tensors = chunk_request(self.id, index, self.seed, self.specs, audio, self.conditioning)
         first = self.feed.featurizers[0].output_frames(index).start
         return PreparedInputs(request, tensors, pcm, first)
 
