@@ -136,6 +136,32 @@ def measure(decoder: str, args: argparse.Namespace, folder: Path) -> dict[str, A
     }
 
 
+def plot(results: dict[str, dict[str, Any]], path: Path) -> Path:
+    """Per topology: the stages stacked (their sum) beside the measured TTBC p50."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for i, r in enumerate(results.values()):
+        bottom = 0.0
+        for stage in STAGES:
+            ms = r["stage_means_s"].get(stage, 0.0) * 1e3
+            ax.bar(i - 0.2, ms, 0.35, bottom=bottom, color=f"C{STAGES.index(stage)}",
+                   label=stage if i == 0 else None)  # fmt: skip
+            bottom += ms
+        ax.bar(i + 0.2, r["ttbc_p50_s"] * 1e3, 0.35, color="black", label="TTBC p50" if i == 0 else None)
+    ax.set_xticks(range(len(results)), list(results))
+    ax.set_ylabel("ms per chunk")
+    ax.set_title("serve: stages (stacked) vs time between chunks")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.serve_ttbc", description=__doc__.split("\n")[0]
@@ -172,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(document, indent=2) + "\n")
+    plot(results, args.out.with_suffix(".png"))
     print(json.dumps(summary, indent=2))
     return 0
 
