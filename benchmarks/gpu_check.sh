@@ -2,7 +2,9 @@
 # The GPU checks in one call, for a lent single-GPU machine (benchmarks/README.md, "GPU mode"):
 #   1. the machine (nvidia-smi, python, torch);
 #   2. the TTBC study's GPU mode: talkingmachines-18b at 512x512 in bf16 on random weights, case 1 (cases 2-4
-#      need more GPUs and are skipped with the reason) and the chunk {3,7} x steps {2,4} ablation;
+#      need more GPUs and are skipped with the reason) and the chunk {3,7} x steps {2,4} ablation, through
+#      run's rank entry, i.e. the engine serve uses (per-forward time, TTBC, and per rank the memory plan's
+#      figure beside torch.cuda.max_memory_allocated: results.json "peak_memory");
 #   3. the CUDA tests (pytest -m gpu): bf16 VAE decode on a side stream, the compiled decode step, and
 #      `talkingmachines run` on the GPU (overlapped and serial) against the CPU.
 # Each step has its own time limit and writes what it has under $OUT (the TTBC study rewrites

@@ -172,7 +172,8 @@ def rank_cpu(rank_reports: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def peak_memory(rank_reports: list[dict[str, Any]], per_chunk: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per rank: peak RSS (getrusage high-water mark), the largest sampled RSS, peak CUDA allocation."""
+    """Per rank: peak RSS (getrusage high-water mark), the largest sampled RSS, peak CUDA allocation, and
+    what the memory plan (``engine.memory_plan``) planned for it."""
     sampled: dict[str, int] = {}
     for row in per_chunk:
         for rank, value in row.get("rss_bytes", {}).items():
@@ -186,6 +187,8 @@ def peak_memory(rank_reports: list[dict[str, Any]], per_chunk: list[dict[str, An
             "peak_rss_bytes": report["peak_rss_bytes"],
             "sampled_rss_max_bytes": sampled.get(rank),
             "cuda_peak_allocated_bytes": report["cuda_peak_allocated_bytes"],
+            # the start-up memory plan's figure for this rank (no margin), beside the measured peak
+            "memory_plan": report.get("memory_plan"),
         }
     return out
 

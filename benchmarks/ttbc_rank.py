@@ -150,6 +150,19 @@ def rank_report(
     }
 
 
+def _planned(options: BenchRunOptions, rank: int) -> dict[str, int] | None:
+    """What the start-up memory plan (``engine.memory_plan``) gave this rank, to set beside its measured
+    peak (``cuda_peak_allocated_bytes`` on a GPU): everything but the margin, and the parts."""
+    from engine.memory_plan import plan_for_options
+
+    for planned in plan_for_options(options).ranks:
+        if planned.rank == rank:
+            return {"planned_bytes": planned.planned, "weights": planned.weights,
+                    "kv_cache": planned.kv_cache, "decode_cache": planned.decode_cache,
+                    "activations": planned.activations}  # fmt: skip
+    return None
+
+
 def main(argv: list[str]) -> int:
     """Join the world pinned to a core, play this rank's role, report, leave; returns the exit code."""
     started = (time.perf_counter(), *_cpu_and_wait())
@@ -179,5 +192,6 @@ def main(argv: list[str]) -> int:
         forwards = counter[0].count if counter else None
         device = devices[0] if devices else torch.device(topology.device)
         report = rank_report(rank, topology.role(rank), cores, forwards, device, started)
+        report["memory_plan"] = _planned(options, rank)
         (Path(out) / f"rank{rank}.json").write_text(json.dumps(report) + "\n")
     return code
