@@ -1,18 +1,16 @@
-"""The master of ``talkingmachines run``: session set-up, the chunk scheduler, and the stream's main loop.
+"""The master of ``talkingmachines run``: session set-up, then the whole audio file as one session through the
+engine, written to an MP4.
 
 Session set-up (once): the reference image is decoded, fitted to the stream's frame size and encoded by the
 VAE into the I2V conditioning ``y`` (``decoder.encode.I2VConditioning``); CLIP encodes the image and umT5
-the prompt (``frontends.conditioning``; seeded tiny random encoders by default). They travel to the workers in
-a ``SessionOpen``.
+the prompt (``frontends.conditioning``; seeded tiny random encoders by default). They travel to the workers
+in a ``SessionOpen`` (``engine.session_open``).
 
-Scheduling (per chunk): the audio file is fed through the same streaming front-end ``serve`` uses —
-``AudioFeaturizer.push`` in real-time-sized pieces (40 ms), a chunk is requested as soon as
-``ready_chunks`` says its audio window has arrived, and the stream ends with silence (``end_of_stream``)
-so the video covers all the audio. Each ``ChunkRequest`` carries the chunk's ``y``, its audio window, the
-per-latent-frame speaking flags and a noise seed derived from (session seed, chunk index).
-
-Output: frames and the chunk's own audio (``ChunkAudio.pcm``) go to the MP4 publisher; the last chunk is
-trimmed so the video has exactly ``ceil(audio duration × fps)`` frames.
+The stream: ``engine.file_stream`` feeds the file through the same streaming front-end ``serve`` uses and
+runs its chunks through ``engine.pipeline.ChunkEngine`` (request t+1 out, decode t, prepare t+2, collect
+t+1; publishing on its own thread): frames and the chunk's own audio go to the MP4 publisher, the last chunk
+trimmed so the video has exactly ``ceil(audio duration × fps)`` frames. Each published chunk prints a
+progress line and joins the run's TTBC and stage statistics (``engine.stats``).
 """
 
 from __future__ import annotations
