@@ -25,11 +25,8 @@ audio over the limits, 422 malformed image/audio/request or unsupported sample r
 from __future__ import annotations
 
 import asyncio
-import hmac
 import io
-import json
 import logging
-import math
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -60,33 +57,23 @@ from proto.api import (
     SessionList,
     SpeakersUpdate,
 )
+from server.api_errors import ApiError, backend_error, key_matches
+from server.audio_ws import serve_audio_websocket
 from server.backend import (
     BackendError,
-    BackendFailed,
-    InvalidRequest,
-    NoCapacity,
     SessionBackend,
     SessionEnded,
-    UnknownSession,
 )
 from server.call_page import add_call_routes
 from server.livekit.token import mint_avatar_token
 from server.metrics import Metrics
-from server.pcm_stream import PcmFormatError, StreamResampler, decode_pcm16
+from server.pcm_stream import PcmFormatError, decode_pcm16
 from server.settings import ApiSettings
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BODY_LIMIT = 64 * 1024  # bytes, for the small JSON bodies (speakers, clear)
 PCM_MEDIA_TYPE = "audio/pcm"
-
-# WebSocket close codes: 4000 + the HTTP status the same problem gets over HTTP.
-WS_UNAUTHORIZED = 4401
-WS_UNKNOWN_SESSION = 4404
-WS_SESSION_ENDED = 4409
-WS_TOO_LARGE = 4413
-WS_INVALID = 4422
-WS_BACKEND_FAILED = 4503
 
 # Module level: endpoint annotations are strings (postponed evaluation) resolved in this module's globals.
 _BEARER = HTTPBearer(auto_error=False, description="the server's API key")
@@ -106,33 +93,6 @@ _STATUS_CODES = {
 }
 
 
-class ApiError(Exception):
-    """An error answer with its status, code and message (and headers, e.g. Retry-After)."""
-
-    def __init__(self, status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.code = code
-        self.detail = detail
-        self.headers = headers or {}
-        self.retry_after_s = float(self.headers["Retry-After"]) if "Retry-After" in self.headers else None
-
-
-def _backend_error(exc: BackendError) -> ApiError:
-    if isinstance(exc, UnknownSession):
-        return ApiError(404, "unknown_session", str(exc))
-    if isinstance(exc, SessionEnded):
-        return ApiError(409, "session_ended", str(exc))
-    if isinstance(exc, NoCapacity):
-        retry = str(max(1, math.ceil(exc.retry_after_s)))
-        return ApiError(503, "no_capacity", str(exc), {"Retry-After": retry})
-    if isinstance(exc, BackendFailed):
-        return ApiError(503, "backend_failed", exc.reason)
-    if isinstance(exc, InvalidRequest):
-        return ApiError(422, "invalid_request", str(exc))
-    return ApiError(500, "backend_error", str(exc))
-
-
 def _error_response(error: ApiError) -> JSONResponse:
     body = ErrorResponse(code=error.code, detail=error.detail, retry_after_s=error.retry_after_s)
     return JSONResponse(body.model_dump(exclude_none=True), status_code=error.status, headers=error.headers)
@@ -145,22 +105,6 @@ def _parse_media_type(header: str) -> tuple[str, dict[str, str]]:
         key, _, value = param.partition("=")
         parsed[key.strip().lower()] = value.strip().strip('"')
     return kind.lower(), parsed
-
-
-def _key_matches(settings: ApiSettings, presented: str | None) -> bool:
-    if settings.auth_disabled:
-        return True
-    assert settings.api_key is not None  # ApiSettings guarantees a key unless auth is disabled
-    return presented is not None and hmac.compare_digest(
-        presented.encode(), settings.api_key.get_secret_value().encode()
-    )
-
-
-def _bearer(header: str | None) -> str | None:
-    if not header:
-        return None
-    scheme, _, token = header.partition(" ")
-    return token.strip() if scheme.lower() == "bearer" else None
 
 
 class _Ingest:
@@ -318,7 +262,7 @@ def create_app(backend: SessionBackend, settings: ApiSettings, metrics: Metrics 
     create_lock = asyncio.Lock()
 
     async def authorize(credentials: _Credentials) -> None:
-        if not _key_matches(settings, credentials.credentials if credentials else None):
+        if not key_matches(settings, credentials.credentials if credentials else None):
             what = "is missing" if credentials is None else "is wrong"
             raise ApiError(
                 401,
@@ -331,7 +275,7 @@ def create_app(backend: SessionBackend, settings: ApiSettings, metrics: Metrics 
         try:
             return await run_in_threadpool(fn, *args)
         except BackendError as exc:
-            raise _backend_error(exc) from exc
+            raise backend_error(exc) from exc
 
     app = FastAPI(
         title="talkingmachines",
@@ -471,7 +415,7 @@ def create_app(backend: SessionBackend, settings: ApiSettings, metrics: Metrics 
         """Append speech: an audio file, or raw int16 PCM with its rate in the Content-Type."""
         info: SessionInfo = await call(backend.get, session_id)
         if info.state not in LIVE_STATES:
-            raise _backend_error(SessionEnded(session_id, info.reason))
+            raise backend_error(SessionEnded(session_id, info.reason))
         body = await request.body()
         pcm = await run_in_threadpool(ingest.decode_http_audio, body, request.headers.get("content-type", ""))
         await call(backend.push_audio, session_id, pcm)
@@ -481,142 +425,11 @@ def create_app(backend: SessionBackend, settings: ApiSettings, metrics: Metrics 
 
     @app.websocket("/v1/sessions/{session_id}/audio")
     async def audio_websocket(websocket: WebSocket, session_id: str, sample_rate: int | None = None) -> None:
-        """Streaming speech over a WebSocket.
-
-        Protocol: connect with ``Authorization: Bearer <key>`` and ``?sample_rate=R``, or send as the first
-        (text) message ``{"sample_rate": R, "api_key": "<key>"}`` (either field as needed; browsers cannot set
-        headers). The server answers ``{"type": "ready", "sample_rate": R}``. Then send binary frames of
-        little-endian int16 mono PCM at R Hz, whole samples per frame; each frame is resampled (continuously
-        across frames) and pushed as it arrives. ``{"type": "flush"}`` ends a segment: the resampler's tail
-        is pushed and ``{"type": "flushed", "samples": total}`` answers (16 kHz samples pushed so far).
-        On any error the server sends ``{"type": "error", "code", "detail"}`` and closes with 4000 + the HTTP
-        status (4401, 4404, 4409, 4413, 4422, 4503). When the client disconnects, everything it sent is
-        pushed, and the session goes on.
-        """
-        await websocket.accept()
-        pushed = 0
-
-        async def fail(close_code: int, error: ApiError) -> None:
-            await websocket.send_json({"type": "error", "code": error.code, "detail": error.detail})
-            reason = error.detail.encode()[:123].decode(
-                errors="ignore"
-            )  # a close reason is at most 123 bytes
-            await websocket.close(code=close_code, reason=reason)
-
-        async def push(samples: np.ndarray) -> None:
-            nonlocal pushed
-            if samples.size:
-                await call(backend.push_audio, session_id, samples)
-                pushed += samples.size
-                metrics.observe_audio("websocket", samples.size / TARGET_SAMPLE_RATE)
-
-        presented = _bearer(websocket.headers.get("authorization"))
-        authorized = _key_matches(settings, presented)
-        if presented is not None and not authorized:
-            await fail(WS_UNAUTHORIZED, ApiError(401, "unauthorized", "the API key is wrong"))
-            return
-        if not authorized or sample_rate is None:
-            message = await websocket.receive()
-            if message["type"] == "websocket.disconnect":
-                return
-            try:
-                hello = json.loads(message.get("text") or "")
-                if not isinstance(hello, dict):
-                    raise ValueError("not an object")
-            except ValueError:
-                await fail(
-                    WS_INVALID,
-                    ApiError(
-                        422,
-                        "invalid_request",
-                        'the first message must be JSON text: {"sample_rate": 16000, "api_key": "..."}',
-                    ),
-                )
-                return
-            if not authorized and not _key_matches(settings, hello.get("api_key")):
-                await fail(
-                    WS_UNAUTHORIZED,
-                    ApiError(
-                        401,
-                        "unauthorized",
-                        "the API key is missing or wrong; send it in the Authorization header or the first "
-                        "message's api_key",
-                    ),
-                )
-                return
-            sample_rate = sample_rate if sample_rate is not None else hello.get("sample_rate")
-        if not isinstance(sample_rate, int) or isinstance(sample_rate, bool):
-            await fail(
-                WS_INVALID,
-                ApiError(
-                    422,
-                    "unsupported_sample_rate",
-                    "declare an integer sample_rate (query parameter or first message)",
-                ),
-            )
-            return
-        try:
-            ingest.check_rate(sample_rate)
-            info: SessionInfo = await call(backend.get, session_id)
-            if info.state not in LIVE_STATES:
-                raise _backend_error(SessionEnded(session_id, info.reason))
-        except ApiError as exc:
-            await fail(4000 + exc.status, exc)
-            return
-        await websocket.send_json({"type": "ready", "sample_rate": sample_rate})
-        max_frame_bytes = int(settings.max_audio_seconds * sample_rate) * 2
-        resampler = StreamResampler(sample_rate)
-        try:
-            while True:
-                message = await websocket.receive()
-                if message["type"] == "websocket.disconnect":
-                    break
-                data = message.get("bytes")
-                if data is not None:
-                    if len(data) > max_frame_bytes:
-                        await fail(
-                            WS_TOO_LARGE,
-                            ApiError(
-                                413,
-                                "too_large",
-                                f"a frame of {len(data)} bytes is over the limit of {max_frame_bytes} bytes "
-                                f"({settings.max_audio_seconds:g} s)",
-                            ),
-                        )
-                        break
-                    samples = decode_pcm16(data)
-                    await push(resampler.push(samples))
-                    continue
-                try:
-                    command = json.loads(message.get("text") or "")
-                except ValueError:
-                    command = None
-                if not isinstance(command, dict) or command.get("type") != "flush":
-                    await fail(
-                        WS_INVALID,
-                        ApiError(
-                            422,
-                            "invalid_request",
-                            'text messages after the first must be {"type": "flush"}; audio goes in binary '
-                            "frames",
-                        ),
-                    )
-                    break
-                await push(resampler.flush())
-                resampler = StreamResampler(sample_rate)
-                await websocket.send_json({"type": "flushed", "samples": pushed})
-        except PcmFormatError as exc:
-            await fail(WS_INVALID, ApiError(422, "invalid_audio", str(exc)))
-        except ApiError as exc:
-            await fail(4000 + exc.status, exc)
-        finally:
-            # Whatever the client sent before leaving is accepted: push the resampler's held-back tail.
-            try:
-                await push(resampler.flush())
-            except ApiError as exc:
-                log.info(
-                    "session %s: audio tail after the WebSocket closed not pushed: %s", session_id, exc.detail
-                )
+        """Streaming speech over a WebSocket (``server.audio_ws``)."""
+        await serve_audio_websocket(
+            websocket, session_id, sample_rate, backend=backend, settings=settings, metrics=metrics,
+            check_rate=ingest.check_rate, call=call,
+        )  # fmt: skip
 
     @app.post(
         "/v1/sessions/{session_id}/speakers",

@@ -1,0 +1,68 @@
+"""Errors and API-key checks shared by the HTTP routes (``server.api``) and the audio WebSocket
+(``server.audio_ws``): one error shape, the same status for the same problem on both."""
+
+from __future__ import annotations
+
+import hmac
+import math
+
+from server.backend import (
+    BackendError,
+    BackendFailed,
+    InvalidRequest,
+    NoCapacity,
+    SessionEnded,
+    UnknownSession,
+)
+from server.settings import ApiSettings
+
+# WebSocket close codes: 4000 + the HTTP status the same problem gets over HTTP.
+WS_UNAUTHORIZED = 4401
+WS_UNKNOWN_SESSION = 4404
+WS_SESSION_ENDED = 4409
+WS_TOO_LARGE = 4413
+WS_INVALID = 4422
+WS_BACKEND_FAILED = 4503
+
+
+class ApiError(Exception):
+    """An error answer with its status, code and message (and headers, e.g. Retry-After)."""
+
+    def __init__(self, status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.code = code
+        self.detail = detail
+        self.headers = headers or {}
+        self.retry_after_s = float(self.headers["Retry-After"]) if "Retry-After" in self.headers else None
+
+
+def backend_error(exc: BackendError) -> ApiError:
+    if isinstance(exc, UnknownSession):
+        return ApiError(404, "unknown_session", str(exc))
+    if isinstance(exc, SessionEnded):
+        return ApiError(409, "session_ended", str(exc))
+    if isinstance(exc, NoCapacity):
+        retry = str(max(1, math.ceil(exc.retry_after_s)))
+        return ApiError(503, "no_capacity", str(exc), {"Retry-After": retry})
+    if isinstance(exc, BackendFailed):
+        return ApiError(503, "backend_failed", exc.reason)
+    if isinstance(exc, InvalidRequest):
+        return ApiError(422, "invalid_request", str(exc))
+    return ApiError(500, "backend_error", str(exc))
+
+
+def key_matches(settings: ApiSettings, presented: str | None) -> bool:
+    if settings.auth_disabled:
+        return True
+    assert settings.api_key is not None  # ApiSettings guarantees a key unless auth is disabled
+    return presented is not None and hmac.compare_digest(
+        presented.encode(), settings.api_key.get_secret_value().encode()
+    )
+
+
+def bearer(header: str | None) -> str | None:
+    if not header:
+        return None
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else None
