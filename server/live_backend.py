@@ -42,44 +42,26 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
-from decoder.encode import I2VConditioning
-from decoder.streaming import DecodeOptions
 from decoder.vae import WanVAE
 from engine.executor import Executor, WorkerError
 from engine.pipeline import ChunkEngine, Work
 from engine.publish import ChunkPublisher
 from engine.scheduler import earliest_deadline
-from engine.session_open import session_open
-from frontends.audio_features import (
-    AudioFeaturizer,
-    AudioFeaturizerConfig,
-    build_wav2vec2,
-    check_matches,
-    featurizer_config_for,
-)
 from frontends.conditioning import ConditioningEncoders
-from proto.api import Face, FileOutput, LiveKitOutput, SessionCreate, SessionInfo, SessionState, TTBCStats
-from proto.model_config import ModelConfig
-from proto.stream_config import StreamConfig
-from proto.wire import SessionClose, SessionOpen
+from proto.api import Face, SessionCreate, SessionInfo, SessionState, TTBCStats
+from proto.wire import SessionClose
 from server.backend import BackendFailed, InvalidRequest, NoCapacity, SessionEnded, UnknownSession
 from server.live_session import (
     AsyncLoopThread,
-    FileSessionOutput,
     LiveKitSessionOutput,
     LiveSession,
-    PlayoutHooks,
-    SpeechFeed,
 )
-from server.livekit.avatar_protocol import AvatarProtocol
-from server.livekit.publisher import LiveKitPublisher
+from server.live_setup import LiveConfig, SessionSetup
 from server.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -89,31 +71,6 @@ _WORKER_CHECK_S = 0.25
 _ENDED_KEPT = 256  # ended/failed sessions whose info stays visible
 _ENGINE_CALL_TIMEOUT_S = 120.0
 _LIVEKIT_JOIN_TIMEOUT_S = 20.0
-
-
-@dataclass(frozen=True)
-class LiveConfig:
-    """How the backend runs sessions.
-
-    ahead_s: generate a session's next chunk while its playout buffer holds less than this (seconds).
-    video_bitrate: LiveKit encoder ceiling, bits/s.
-    sync_probe: paint frames with loud audio white (A/V offset measurements; off in production).
-    video_delay_frames: LiveKit video sent this many frames after its audio (receive-path compensation).
-    decode: the sessions' ``DecodeSession`` options (``--vae-*``; autocast follows ``--dtype`` by default).
-    """
-
-    model: ModelConfig
-    stream: StreamConfig
-    seed: int = 0
-    default_prompt: str = "a person talking"
-    ahead_s: float = 0.75
-    video_bitrate: int = 1_000_000
-    sync_probe: bool = False
-    video_delay_frames: int = 1
-    wav2vec_checkpoint: str | None = None
-    encoder_seed: int | None = None  # the tiny random wav2vec2's seed (None: `seed`)
-    # The sessions' decode options; the backend's VAE must be prepared for them (`DecodeOptions.prepare`).
-    decode: DecodeOptions = field(default_factory=DecodeOptions)
 
 
 @dataclass
@@ -156,7 +113,8 @@ class LiveBackend:
         self.metrics = metrics
         self.dead_workers = dead_workers
         self.warm_up = warm_up
-        self._featurizer_config, self._wav2vec, self._normalize = self._audio_front_end(config)
+        self._loop = AsyncLoopThread()
+        self.setup = SessionSetup(config, vae, encoders, self._loop)
         self._lock = threading.Lock()
         self._setup_lock = threading.Lock()
         self._sessions: dict[str, _Entry] = {}
@@ -168,7 +126,6 @@ class LiveBackend:
         self._publisher = ChunkPublisher(metrics, self._live_sessions)
         self._chunks = ChunkEngine(executor, config.stream, self._publisher, self)
         self._draining: tuple[float, str] | None = None  # (Retry-After seconds, why) once draining
-        self._loop = AsyncLoopThread()
         self._engine = threading.Thread(target=self._run_engine, name="master-engine", daemon=True)
         self._last_worker_check = 0.0
         self._last_offset_report = 0.0
@@ -235,48 +192,8 @@ class LiveBackend:
         text = prompt.text if prompt is not None and prompt.text else self.config.default_prompt
         session_id = uuid.uuid4().hex[:16]
         with self._setup_lock:
-            session, message, tensors = self._build_session(
-                session_id, image, list(faces), text, spec.speaking
-            )
-        identity: str | None = None
-        output = spec.output
-        hooks = PlayoutHooks(on_frame=session.on_frame, on_clear=session.on_clear)
-        stream = self.config.stream
-        if isinstance(output, LiveKitOutput):
-            assert output.token is not None  # the API mints one when the caller sent none
-            publisher = LiveKitPublisher(
-                output.url,
-                output.token.get_secret_value(),
-                stream.width,
-                stream.height,
-                fps=stream.fps,
-                sample_rate=session.feed.sample_rate,
-                video_bitrate=self.config.video_bitrate,
-            )
-            protocol = AvatarProtocol(agent_identity=output.agent_identity)
-            session.protocol = protocol
-            live_output = LiveKitSessionOutput(
-                self._loop,
-                publisher,
-                protocol,
-                hooks,
-                session.feed,
-                lambda: self._clear_session(session),
-                video_delay_frames=self.config.video_delay_frames,
-            )
-            try:
-                self._loop.submit(live_output.start()).result(timeout=_LIVEKIT_JOIN_TIMEOUT_S)
-            except Exception as exc:
-                raise InvalidRequest(
-                    f"could not join LiveKit room {output.room!r} at {output.url}: {exc}"
-                ) from exc
-            session.output = live_output
-            identity = output.identity
-        else:
-            assert isinstance(output, FileOutput)
-            session.output = FileSessionOutput(
-                Path(output.path), stream.width, stream.height, stream.fps, hooks
-            )
+            session, message, tensors = self.setup.build(session_id, image, list(faces), text, spec.speaking)
+        identity = self.setup.attach_output(session, spec.output, lambda: self._clear_session(session))
         session.first_frame_observer = self.metrics.observe_first_frame
         try:
             self._call(lambda: self.executor.open_session(message, tensors))
@@ -352,48 +269,6 @@ class LiveBackend:
         if not self._ready:
             return False, "warming up the serving group"
         return True, f"ready: {len(self._sessions)} live session(s)"
-
-    # ---- set-up ----------------------------------------------------------------------------------------
-
-    @staticmethod
-    def _audio_front_end(config: LiveConfig) -> tuple[AudioFeaturizerConfig, Any, bool]:
-        grid = {"fps": config.stream.fps, "chunk_latents": config.stream.chunk_latent_frames}
-        tiny_seed = config.seed if config.encoder_seed is None else config.encoder_seed
-        common = {"checkpoint": config.wav2vec_checkpoint, "tiny_seed": tiny_seed, **grid}
-        audio = config.model.audio
-        cfg = AudioFeaturizerConfig(**common) if audio is None else featurizer_config_for(audio, **common)
-        model, normalize = build_wav2vec2(cfg)
-        cfg = replace(cfg, normalize=normalize)
-        if audio is not None:
-            check_matches(AudioFeaturizer(cfg, model=model), audio)
-        return cfg, model, normalize
-
-    def _featurizer(self) -> AudioFeaturizer:
-        """A featurizer sharing the server's wav2vec2 (used by the engine thread only)."""
-        return AudioFeaturizer(self._featurizer_config, model=self._wav2vec)
-
-    def _build_session(
-        self, session_id: str, image: np.ndarray, faces: list[Face], prompt: str, speaking: Sequence[int]
-    ) -> tuple[LiveSession, SessionOpen, dict[str, torch.Tensor]]:
-        model, stream = self.config.model, self.config.stream
-        conditioning = None
-        if model.has_image_branch:
-            conditioning = I2VConditioning.for_stream(self.vae, image, stream)
-        message, tensors = session_open(
-            session_id, model, stream, self.encoders, prompt, image, [f.box_norm for f in faces]
-        )
-        feed = SpeechFeed([self._featurizer() for _ in faces], list(speaking))
-        session = LiveSession(
-            session_id,
-            model,
-            stream,
-            feed,
-            conditioning,
-            self.config.decode.session(self.vae, stream.height, stream.width),
-            seed=self.config.seed,
-            sync_probe=self.config.sync_probe,
-        )
-        return session, message, tensors
 
     # ---- helpers ---------------------------------------------------------------------------------------
 
@@ -579,7 +454,7 @@ class LiveBackend:
         stream = self.config.stream
         image = np.full((stream.height, stream.width, 3), 128, np.uint8)
         face = Face(box=(0, 0, stream.width, stream.height), box_norm=(0.0, 0.0, 1.0, 1.0), source="fallback")
-        session, message, tensors = self._build_session("warm-up", image, [face], "warm up", [0])
+        session, message, tensors = self.setup.build("warm-up", image, [face], "warm up", [0])
         self.executor.open_session(message, tensors)
         prepared = session.prepare_chunk()
         self.executor.submit(prepared.request, prepared.tensors)

@@ -1,0 +1,172 @@
+"""What a new live session of ``serve`` is made of (``server.live_backend`` creates sessions with it): its
+state (I2V conditioning of the reference image, one streaming audio featurizer per character sharing the
+server's wav2vec2, its decoder), its ``SessionOpen`` for the workers, and its output (a LiveKit room joined
+on the server's asyncio loop, or an MP4 file written in real time)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from decoder.encode import I2VConditioning
+from decoder.streaming import DecodeOptions
+from decoder.vae import WanVAE
+from engine.session_open import session_open
+from frontends.audio_features import (
+    AudioFeaturizer,
+    AudioFeaturizerConfig,
+    build_wav2vec2,
+    check_matches,
+    featurizer_config_for,
+)
+from frontends.conditioning import ConditioningEncoders
+from proto.api import Face, FileOutput, LiveKitOutput, Output
+from proto.model_config import ModelConfig
+from proto.stream_config import StreamConfig
+from proto.wire import SessionOpen
+from server.backend import InvalidRequest
+from server.live_session import (
+    AsyncLoopThread,
+    FileSessionOutput,
+    LiveKitSessionOutput,
+    LiveSession,
+    PlayoutHooks,
+    SpeechFeed,
+)
+from server.livekit.avatar_protocol import AvatarProtocol
+from server.livekit.publisher import LiveKitPublisher
+
+_LIVEKIT_JOIN_TIMEOUT_S = 20.0
+
+
+@dataclass(frozen=True)
+class LiveConfig:
+    """How the backend runs sessions.
+
+    ahead_s: generate a session's next chunk while its playout buffer holds less than this (seconds).
+    video_bitrate: LiveKit encoder ceiling, bits/s.
+    sync_probe: paint frames with loud audio white (A/V offset measurements; off in production).
+    video_delay_frames: LiveKit video sent this many frames after its audio (receive-path compensation).
+    decode: the sessions' ``DecodeSession`` options (``--vae-*``; autocast follows ``--dtype`` by default).
+    """
+
+    model: ModelConfig
+    stream: StreamConfig
+    seed: int = 0
+    default_prompt: str = "a person talking"
+    ahead_s: float = 0.75
+    video_bitrate: int = 1_000_000
+    sync_probe: bool = False
+    video_delay_frames: int = 1
+    wav2vec_checkpoint: str | None = None
+    encoder_seed: int | None = None  # the tiny random wav2vec2's seed (None: `seed`)
+    # The sessions' decode options; the backend's VAE must be prepared for them (`DecodeOptions.prepare`).
+    decode: DecodeOptions = field(default_factory=DecodeOptions)
+
+
+class SessionSetup:
+    """Builds sessions for a backend: the server's audio front-end (wav2vec2, built once) and its VAE,
+    encoders and asyncio loop."""
+
+    def __init__(
+        self, config: LiveConfig, vae: WanVAE, encoders: ConditioningEncoders, loop: AsyncLoopThread
+    ) -> None:
+        self.config = config
+        self.vae = vae
+        self.encoders = encoders
+        self.loop = loop
+        self.featurizer_config, self.wav2vec, self.normalize = self._audio_front_end(config)
+
+    @staticmethod
+    def _audio_front_end(config: LiveConfig) -> tuple[AudioFeaturizerConfig, Any, bool]:
+        grid = {"fps": config.stream.fps, "chunk_latents": config.stream.chunk_latent_frames}
+        tiny_seed = config.seed if config.encoder_seed is None else config.encoder_seed
+        common = {"checkpoint": config.wav2vec_checkpoint, "tiny_seed": tiny_seed, **grid}
+        audio = config.model.audio
+        cfg = AudioFeaturizerConfig(**common) if audio is None else featurizer_config_for(audio, **common)
+        model, normalize = build_wav2vec2(cfg)
+        cfg = replace(cfg, normalize=normalize)
+        if audio is not None:
+            check_matches(AudioFeaturizer(cfg, model=model), audio)
+        return cfg, model, normalize
+
+    def featurizer(self) -> AudioFeaturizer:
+        """A featurizer sharing the server's wav2vec2 (used by the engine thread only)."""
+        return AudioFeaturizer(self.featurizer_config, model=self.wav2vec)
+
+    def build(
+        self, session_id: str, image: np.ndarray, faces: list[Face], prompt: str, speaking: Sequence[int]
+    ) -> tuple[LiveSession, SessionOpen, dict[str, torch.Tensor]]:
+        """A new session's state (I2V conditioning, featurizers, decoder) and its ``SessionOpen``."""
+        model, stream = self.config.model, self.config.stream
+        conditioning = None
+        if model.has_image_branch:
+            conditioning = I2VConditioning.for_stream(self.vae, image, stream)
+        message, tensors = session_open(
+            session_id, model, stream, self.encoders, prompt, image, [f.box_norm for f in faces]
+        )
+        feed = SpeechFeed([self.featurizer() for _ in faces], list(speaking))
+        session = LiveSession(
+            session_id,
+            model,
+            stream,
+            feed,
+            conditioning,
+            self.config.decode.session(self.vae, stream.height, stream.width),
+            seed=self.config.seed,
+            sync_probe=self.config.sync_probe,
+        )
+        return session, message, tensors
+
+    def attach_output(
+        self, session: LiveSession, output: Output, on_clear_request: Callable[[], None]
+    ) -> str | None:
+        """Give ``session`` its output (a LiveKit room joined now, or an MP4 file); the LiveKit identity.
+
+        Raises:
+            InvalidRequest: the LiveKit room could not be joined.
+        """
+        identity: str | None = None
+        hooks = PlayoutHooks(on_frame=session.on_frame, on_clear=session.on_clear)
+        stream = self.config.stream
+        if isinstance(output, LiveKitOutput):
+            assert output.token is not None  # the API mints one when the caller sent none
+            publisher = LiveKitPublisher(
+                output.url,
+                output.token.get_secret_value(),
+                stream.width,
+                stream.height,
+                fps=stream.fps,
+                sample_rate=session.feed.sample_rate,
+                video_bitrate=self.config.video_bitrate,
+            )
+            protocol = AvatarProtocol(agent_identity=output.agent_identity)
+            session.protocol = protocol
+            live_output = LiveKitSessionOutput(
+                self.loop,
+                publisher,
+                protocol,
+                hooks,
+                session.feed,
+                on_clear_request,
+                video_delay_frames=self.config.video_delay_frames,
+            )
+            try:
+                self.loop.submit(live_output.start()).result(timeout=_LIVEKIT_JOIN_TIMEOUT_S)
+            except Exception as exc:
+                raise InvalidRequest(
+                    f"could not join LiveKit room {output.room!r} at {output.url}: {exc}"
+                ) from exc
+            session.output = live_output
+            identity = output.identity
+        else:
+            assert isinstance(output, FileOutput)
+            session.output = FileSessionOutput(
+                Path(output.path), stream.width, stream.height, stream.fps, hooks
+            )
+        return identity
