@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import torch
 
-from workers.rope import rotate
-
 SINK = 0
 
 
@@ -83,8 +81,33 @@ class ChunkKVCache:
         """Keys and values `[layers, B, 3·L, H, D]` of one slot (views, written in place)."""
         return self.k[:, slot], self.v[:, slot]
 
-    def shift_position(self, position: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
-        """Rotate the keys stored at chunk `position` (all blocks, slots) in place by cos/sin `[L, D/2]`."""
+    def shift_position(
+        self,
+        position: int,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        work: dict[tuple, torch.Tensor] | None = None,
+    ) -> None:
+        """Rotate the keys stored at chunk `position` (all blocks, slots) in place by cos/sin `[L, D/2]`, in
+        the tables' dtype, one (block, slot) at a time through buffers kept in `work` (the caller keeps it
+        across chunks, so after the first shift none is allocated; a one-block copy, not the cache's size)."""
         start = position * self.tokens
-        keys = self.k[:, :, :, start : start + self.tokens]
-        keys.copy_(rotate(keys, cos, sin))
+        keys = self.k[:, :, :, start : start + self.tokens]  # [layers, slots, B, L, H, D]
+        work = {} if work is None else work
+        shape = tuple(keys.shape[2:])
+        key = (shape, cos.dtype, cos.device)
+        if key not in work:
+            work[key] = torch.empty(shape, dtype=cos.dtype, device=cos.device)
+            half = (*shape[:-1], shape[-1] // 2)
+            work[(*key, "half")] = torch.empty(half, dtype=cos.dtype, device=cos.device)
+        full, real_copy = work[key], work[(*key, "half")]
+        c, s = cos[:, None, :], sin[:, None, :]
+        real, imag = full.unflatten(-1, (-1, 2)).unbind(-1)
+        for layer in range(keys.shape[0]):
+            for slot in range(keys.shape[1]):
+                stored = keys[layer, slot]
+                full.copy_(stored)
+                real_copy.copy_(real)
+                real.mul_(c).addcmul_(imag, s, value=-1)  # real cos - imag sin
+                imag.mul_(c).addcmul_(real_copy, s)  # real sin + imag cos
+                stored.copy_(full)

@@ -94,6 +94,7 @@ class StreamingDiT:
         self.stream = stream
         self.sp_group = sp_group
         self.sp_degree = group_size(sp_group)
+        self._shift_work: dict[tuple, torch.Tensor] = {}  # kv_cache.shift_position's buffers, reused
         check_sp_shapes(model.config.num_heads, stream.tokens_per_frame, self.sp_degree, model.config.name)
         self.timesteps, self.sigmas = denoising_schedule(
             stream.denoising_steps, stream.timestep_shift, stream.warp_denoising_steps
@@ -283,7 +284,7 @@ class StreamingDiT:
         shift = self.previous_shift(chunk_index)
         if shift:  # the window stopped moving: c_{t−1} moves back, once per chunk, in place
             cos, sin = self._table(("shift", shift), param.device)
-            state.cache.shift_position(state.cache.position(chunk_index - 1), cos, sin)
+            state.cache.shift_position(state.cache.position(chunk_index - 1), cos, sin, self._shift_work)
         inputs = self.chunk_inputs(chunk_index, audio, param.device)
         x = noise[0]
         x0 = x
