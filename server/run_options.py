@@ -28,9 +28,10 @@ from proto.stream_config import StreamConfig
 from proto.topology import Topology
 from proto.vae_config import get_vae_preset
 
-# Frame size when --resolution/--height/--width are not given. The tiny preset's random VAE decodes a
-# 12-frame chunk at 128x128 in about 1.6 s on one CPU core (64x64: 0.25 s); the real presets stream at 512².
-DEFAULT_TINY_SIZE = (128, 128)
+# Frame size when --resolution (or --height/--width) is not given and no trained bundle fixes it, for run and
+# serve alike: tiny --random-weights at 32x32 keeps up with real time on a CPU core (the random VAE decodes a
+# 12-frame chunk in about 0.1 s there, 0.25 s at 64x64, 1.6 s at 128x128); the real presets stream at 512².
+DEFAULT_TINY_SIZE = (32, 32)
 DEFAULT_SIZE = (512, 512)
 DEFAULT_MAX_AUDIO_S = 600.0
 DTYPE_CHOICES = ("auto", "float32", "bfloat16")
@@ -185,12 +186,48 @@ def bundle_settings(bundle: ModelBundle | None) -> dict[str, object]:
 
 def build_run_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add ``run``'s arguments to ``parser``."""
-    tiny_h, tiny_w = DEFAULT_TINY_SIZE
     parser.add_argument("--image", required=True, type=Path, help="reference portrait, PNG or JPEG")
     parser.add_argument(
         "--audio", required=True, type=Path, help="speech, WAV/FLAC/OGG (any rate, mono or stereo)"
     )
     parser.add_argument("--out", required=True, type=Path, help="output MP4 (H.264 + AAC, 16 fps)")
+    add_group_arguments(parser, prompt_help="text prompt (umT5)")
+    parser.add_argument("--height", type=int, default=None, help="pixels (instead of --resolution)")
+    parser.add_argument("--width", type=int, default=None, help="pixels (instead of --resolution)")
+    parser.add_argument(
+        "--no-overlap",
+        dest="overlap",
+        action="store_false",
+        help="disaggregated only: decode and score in turn instead of overlapping them (for comparisons)",
+    )
+    parser.add_argument(
+        "--chunk-timeout",
+        type=float,
+        default=CHUNK_TIMEOUT_S["run"],
+        help="seconds to wait for a chunk's latent",
+    )
+    parser.add_argument(
+        "--stats-json", type=Path, default=None, help="write per-chunk timings and memory here"
+    )
+    parser.add_argument(
+        "--save-frames",
+        type=Path,
+        default=None,
+        help="also write the exact uint8 frames, raw [T, H, W, 3] (to compare runs bit for bit)",
+    )
+    parser.add_argument("--max-audio-seconds", type=float, default=DEFAULT_MAX_AUDIO_S)
+    parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS)
+    parser.add_argument("--quiet", dest="progress", action="store_false", help="no per-chunk progress lines")
+    return parser
+
+
+def add_group_arguments(parser: argparse.ArgumentParser, prompt_help: str) -> None:
+    """What ``run`` and ``serve`` share, defined once: the serving group (preset, topology, device, threads),
+    its size, seed and prompt, the weights and their precision (``add_weights_arguments``), the encoders,
+    the decoder options (``add_decode_arguments``) and the memory plan's budget (``add_memory_arguments``).
+    The commands differ only in what is theirs (inputs and outputs for ``run``; the API for ``serve``) and
+    in ``--chunk-timeout``'s default (``CHUNK_TIMEOUT_S``)."""
+    tiny_h, tiny_w = DEFAULT_TINY_SIZE
     parser.add_argument("--preset", default="tiny", help=f"model preset: {', '.join(model_preset_names())}")
     parser.add_argument("--score-workers", type=int, default=1, help="N, the score workers (SP degree)")
     parser.add_argument(
@@ -208,9 +245,7 @@ def build_run_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         f"tiny default; {tiny_h}x{tiny_w} for tiny --random-weights; "
         f"{DEFAULT_SIZE[0]}x{DEFAULT_SIZE[1]} otherwise)",
     )
-    parser.add_argument("--height", type=int, default=None, help="pixels (instead of --resolution)")
-    parser.add_argument("--width", type=int, default=None, help="pixels (instead of --resolution)")
-    parser.add_argument("--prompt", default="a person talking", help="text prompt (umT5)")
+    parser.add_argument("--prompt", default="a person talking", help=prompt_help)
     add_weights_arguments(parser)
     add_decode_arguments(parser)
     parser.add_argument(
@@ -224,29 +259,12 @@ def build_run_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads per rank (default: cores / ranks)"
     )
-    parser.add_argument(
-        "--no-overlap",
-        dest="overlap",
-        action="store_false",
-        help="disaggregated only: decode and score in turn instead of overlapping them (for comparisons)",
-    )
-    parser.add_argument(
-        "--chunk-timeout", type=float, default=60.0, help="seconds to wait for a chunk's latent"
-    )
-    parser.add_argument(
-        "--stats-json", type=Path, default=None, help="write per-chunk timings and memory here"
-    )
-    parser.add_argument(
-        "--save-frames",
-        type=Path,
-        default=None,
-        help="also write the exact uint8 frames, raw [T, H, W, 3] (to compare runs bit for bit)",
-    )
-    parser.add_argument("--max-audio-seconds", type=float, default=DEFAULT_MAX_AUDIO_S)
-    parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS)
-    parser.add_argument("--quiet", dest="progress", action="store_false", help="no per-chunk progress lines")
     add_memory_arguments(parser)
-    return parser
+
+
+# Seconds to wait for a chunk's latent before the score side counts as failed. run streams a file and may
+# start with slow first chunks (a cold GPU, --compile); serve must notice a stuck group while calls wait.
+CHUNK_TIMEOUT_S = {"run": 60.0, "serve": 10.0}
 
 
 def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
@@ -357,7 +375,7 @@ def _size(args: argparse.Namespace, bundle: ModelBundle | None = None) -> tuple[
             raise ValueError("give either --resolution HxW or --height/--width, not both")
         parts = args.resolution.lower().split("x")
         if len(parts) != 2 or not all(p.isdigit() for p in parts):
-            raise ValueError(f"--resolution {args.resolution!r} must look like 128x128 (height x width)")
+            raise ValueError(f"--resolution {args.resolution!r} must look like 64x64 (height x width)")
         return int(parts[0]), int(parts[1])
     default = DEFAULT_TINY_SIZE if args.preset == "tiny" else DEFAULT_SIZE
     if bundle is not None:

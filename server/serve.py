@@ -57,14 +57,15 @@ import torch
 import torch.distributed as dist
 
 from frontends.model_bundle import resolve_weights
-from proto.model_config import ModelConfig, get_model_preset, model_preset_names
+from proto.model_config import ModelConfig, get_model_preset
 from proto.topology import Topology
 from proto.vae_config import get_vae_preset
 from server.run_options import (
+    CHUNK_TIMEOUT_S,
+    DEFAULT_SIZE,
+    DEFAULT_TINY_SIZE,
     WeightsOptions,
-    add_decode_arguments,
-    add_memory_arguments,
-    add_weights_arguments,
+    add_group_arguments,
     bundle_settings,
     check_steps,
     decode_settings,
@@ -75,8 +76,6 @@ from server.settings import ApiSettings
 
 log = logging.getLogger("talkingmachines.serve")
 
-DEFAULT_TINY_SIZE = (32, 32)  # fast enough for real time on a CPU core (decode ≈ 0.1 s per 0.75 s chunk)
-DEFAULT_SIZE = (512, 512)
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 _LAUNCHER_PID_ENV = "TM_LAUNCHER_PID"  # server.launcher's die-with-parent contract
 _WORKER_ENTRY = "server.serve:main"
@@ -139,29 +138,13 @@ def build_serve_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--config", type=Path, default=None, help="TOML/JSON with [api] and [serve] tables")
     parser.add_argument("--host", default=None, help="bind address (default: the config's, 127.0.0.1)")
     parser.add_argument("--port", type=int, default=None, help="HTTP port (default: the config's, 8000)")
-    parser.add_argument("--preset", default="tiny", help=f"model preset: {', '.join(model_preset_names())}")
-    parser.add_argument("--score-workers", type=int, default=1, help="N, the score workers (SP degree)")
+    add_group_arguments(parser, prompt_help="prompt when a session brings none")
     parser.add_argument(
-        "--decoder", choices=("dedicated", "colocated"), default=None,
-        help="default: dedicated, or colocated on CUDA when there are fewer than N + 1 GPUs",
-    )  # fmt: skip
-    parser.add_argument("--seed", type=int, default=0, help="noise and random-weight seed")
-    parser.add_argument(
-        "--resolution",
-        default=None,
-        help="HxW, multiples of 16 (default: a trained bundle's size, 64x64 for the tiny default; "
-        f"{DEFAULT_TINY_SIZE[0]}x{DEFAULT_TINY_SIZE[1]} for tiny --random-weights; "
-        f"{DEFAULT_SIZE[0]}x{DEFAULT_SIZE[1]} otherwise)",
+        "--chunk-timeout",
+        type=float,
+        default=CHUNK_TIMEOUT_S["serve"],
+        help="seconds to wait for a latent",
     )
-    parser.add_argument("--prompt", default="a person talking", help="prompt when a session brings none")
-    add_weights_arguments(parser)
-    add_decode_arguments(parser)
-    parser.add_argument("--wav2vec-checkpoint", default=None)
-    parser.add_argument("--clip-checkpoint", default=None)
-    parser.add_argument("--umt5-checkpoint", default=None)
-    parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads per rank")
-    parser.add_argument("--chunk-timeout", type=float, default=10.0, help="seconds to wait for a latent")
     parser.add_argument(
         "--ahead",
         type=float,
@@ -182,7 +165,6 @@ def build_serve_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         "longer; see server.live_session.LiveKitSessionOutput)",
     )
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
-    add_memory_arguments(parser)
     return parser
 
 

@@ -50,7 +50,7 @@ def test_run_uses_the_trained_default_with_its_settings(tmp_path: Path) -> None:
 def test_random_weights_keep_the_old_behaviour(tmp_path: Path) -> None:
     options = _run_options(tmp_path, "--random-weights", "--seed", "4")
     assert options.checkpoint is None and options.vae_checkpoint is None
-    assert (options.height, options.width) == (128, 128)
+    assert (options.height, options.width) == (32, 32)
     assert options.stream_config().train_latent_frames == 21 and options.tiny_encoder_seed == 4
 
 
