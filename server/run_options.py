@@ -191,7 +191,7 @@ def build_run_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         "--audio", required=True, type=Path, help="speech, WAV/FLAC/OGG (any rate, mono or stereo)"
     )
     parser.add_argument("--out", required=True, type=Path, help="output MP4 (H.264 + AAC, 16 fps)")
-    add_group_arguments(parser, prompt_help="text prompt (umT5)")
+    add_group_arguments(parser, "run", prompt_help="text prompt (umT5)")
     parser.add_argument("--height", type=int, default=None, help="pixels (instead of --resolution)")
     parser.add_argument("--width", type=int, default=None, help="pixels (instead of --resolution)")
     parser.add_argument(
@@ -199,12 +199,6 @@ def build_run_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         dest="overlap",
         action="store_false",
         help="disaggregated only: decode and score in turn instead of overlapping them (for comparisons)",
-    )
-    parser.add_argument(
-        "--chunk-timeout",
-        type=float,
-        default=CHUNK_TIMEOUT_S["run"],
-        help="seconds to wait for a chunk's latent",
     )
     parser.add_argument(
         "--stats-json", type=Path, default=None, help="write per-chunk timings and memory here"
@@ -221,7 +215,7 @@ def build_run_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     return parser
 
 
-def add_group_arguments(parser: argparse.ArgumentParser, prompt_help: str) -> None:
+def add_group_arguments(parser: argparse.ArgumentParser, command: str, prompt_help: str) -> None:
     """What ``run`` and ``serve`` share, defined once: the serving group (preset, topology, device, threads),
     its size, seed and prompt, the weights and their precision (``add_weights_arguments``), the encoders,
     the decoder options (``add_decode_arguments``) and the memory plan's budget (``add_memory_arguments``).
@@ -258,6 +252,12 @@ def add_group_arguments(parser: argparse.ArgumentParser, prompt_help: str) -> No
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads per rank (default: cores / ranks)"
+    )
+    parser.add_argument(
+        "--chunk-timeout",
+        type=float,
+        default=CHUNK_TIMEOUT_S[command],
+        help=f"seconds to wait for a chunk's latent (default for {command}: {CHUNK_TIMEOUT_S[command]:g})",
     )
     add_memory_arguments(parser)
 

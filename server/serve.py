@@ -61,7 +61,6 @@ from proto.model_config import ModelConfig, get_model_preset
 from proto.topology import Topology
 from proto.vae_config import get_vae_preset
 from server.run_options import (
-    CHUNK_TIMEOUT_S,
     DEFAULT_SIZE,
     DEFAULT_TINY_SIZE,
     WeightsOptions,
@@ -138,13 +137,7 @@ def build_serve_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--config", type=Path, default=None, help="TOML/JSON with [api] and [serve] tables")
     parser.add_argument("--host", default=None, help="bind address (default: the config's, 127.0.0.1)")
     parser.add_argument("--port", type=int, default=None, help="HTTP port (default: the config's, 8000)")
-    add_group_arguments(parser, prompt_help="prompt when a session brings none")
-    parser.add_argument(
-        "--chunk-timeout",
-        type=float,
-        default=CHUNK_TIMEOUT_S["serve"],
-        help="seconds to wait for a latent",
-    )
+    add_group_arguments(parser, "serve", prompt_help="prompt when a session brings none")
     parser.add_argument(
         "--ahead",
         type=float,
