@@ -25,15 +25,6 @@ TOKENS = F * 16  # tokens per chunk at 64 × 64 px
 
 
 @pytest.fixture(scope="module")
-def model() -> WanModel:
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    m = WanModel(CFG)
-    m.init_weights(zero_head=False, zero_audio=False)
-    return m.eval()
-
-
-@pytest.fixture(scope="module")
 def clip() -> dict:
     """Noise, I2V conditioning and two characters' audio for a 7-chunk clip."""
     gen = torch.Generator().manual_seed(1)

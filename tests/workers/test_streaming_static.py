@@ -29,15 +29,6 @@ ATOL = 1e-5
 COMPILE_ATOL = 1e-5  # inductor reorders float32 math (observed up to 1.9e-6 on an Intel Xeon, 5 chunks)
 
 
-@pytest.fixture(scope="module")
-def model() -> WanModel:
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    m = WanModel(CFG)
-    m.init_weights(zero_head=False, zero_audio=False)
-    return m.eval()
-
-
 def _inputs(seed: int) -> dict:
     gen = torch.Generator().manual_seed(seed)
     return {
