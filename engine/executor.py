@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from engine.rank_registry import dead_ranks
 from proto.liveness import PeerError
+from proto.staging import HostStaging
 from proto.topology import ProcessGroups
 from proto.wire import (
     ChunkRequest,
@@ -102,8 +103,9 @@ def _key(request: ChunkRequest) -> tuple[str, int]:
     return request.session_id, request.chunk_index
 
 
-def _contiguous(tensors: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {name: t.to(device).contiguous() for name, t in tensors.items()}
+def _contiguous(tensors: Mapping[str, torch.Tensor], staging: HostStaging) -> dict[str, torch.Tensor]:
+    """The tensors on ``staging``'s device (host ones through its pinned buffers), contiguous."""
+    return {name: staging.to_device(name, t.contiguous()) for name, t in tensors.items()}
 
 
 class _Broadcaster:
@@ -117,6 +119,7 @@ class _Broadcaster:
         self.groups = groups
         self.store = store
         self.send_stream = send_stream
+        self.staging = HostStaging(groups.device)
         self.topology = groups.topology
 
     def broadcast(self, message: Message, tensors: Mapping[str, torch.Tensor] | None = None) -> None:
@@ -125,7 +128,7 @@ class _Broadcaster:
         try:
             broadcast_header(message, self.groups.control, src=0, timeout_s=_HEADER_TIMEOUT_S)
             if specs:
-                payload = _contiguous(tensors or {}, self.groups.device)
+                payload = _contiguous(tensors or {}, self.staging)
                 broadcast_tensors(specs, self.groups.data, src=0, tensors=payload, stream=self.send_stream)
         except (PeerError, RuntimeError) as exc:
             if isinstance(exc, WireError):
@@ -256,14 +259,15 @@ class InProcessExecutor:
     def __init__(self, score_rank: ScoreRankLike, device: torch.device | str = "cpu") -> None:
         self.score_rank = score_rank
         self.device = torch.device(device)
+        self.staging = HostStaging(self.device)
         self._done: dict[tuple[str, int], ScoredChunk] = {}
 
     def open_session(self, message: SessionOpen, tensors: Mapping[str, torch.Tensor]) -> None:
-        self.score_rank.open_session(message, _contiguous(tensors, self.device))
+        self.score_rank.open_session(message, _contiguous(tensors, self.staging))
 
     def submit(self, request: ChunkRequest, tensors: Mapping[str, torch.Tensor]) -> None:
         start = time.perf_counter()
-        latent = self.score_rank.denoise(request, _contiguous(tensors, self.device))
+        latent = self.score_rank.denoise(request, _contiguous(tensors, self.staging))
         if latent is None:
             raise WorkerError("the master's ScoreRank is not the SP leader: it returned no latent")
         elapsed = time.perf_counter() - start

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from proto.chunk_specs import chunk_noise, chunk_request_specs, session_open_specs
+from proto.staging import HostStaging
 from proto.stream_config import StreamConfig
 from proto.topology import ProcessGroups
 from proto.wire import ChunkRequest, SessionClose, SessionOpen, TensorSpec, WireError, check_specs
@@ -63,6 +64,8 @@ class ScoreRank:
         self.rank = 0 if groups is None else groups.rank
         self.is_leader = groups is None or groups.is_sp_leader
         self.device = next(self.engine.model.parameters()).device
+        # Noise, flags and host tensors reach the device through pinned buffers, asynchronously.
+        self.staging = HostStaging(self.device)
         self.sessions: dict[str, _Session] = {}
 
     # ---- messages ------------------------------------------------------------------------------------
@@ -109,9 +112,9 @@ class ScoreRank:
                     f"{where}.speaking: expected {session.num_characters} rows of {frames} flags "
                     f"(characters × latent frames), received rows of lengths {list(shape)}"
                 )
-            speaking = torch.tensor(msg.speaking, dtype=torch.bool, device=self.device)
+            speaking = self.staging.tensor("speaking", msg.speaking, torch.bool)
             audio = AudioConditioning(
-                features=tensors["audio"].to(self.device)[None],
+                features=self.staging.to_device("audio", tensors["audio"])[None],
                 speaking=speaking[None],
                 face_mask=session.face_mask,
             )
@@ -121,7 +124,7 @@ class ScoreRank:
             msg.chunk_index,
             y=self._optional(tensors, "y"),
             audio=audio,
-            noise=noise.to(self.device),
+            noise=self.staging.to_device("noise", noise),
         )
         return x0.float().contiguous() if self.is_leader else None
 
@@ -143,7 +146,7 @@ class ScoreRank:
         return session
 
     def _optional(self, tensors: Mapping[str, torch.Tensor], name: str) -> torch.Tensor | None:
-        return tensors[name].to(self.device) if name in tensors else None
+        return self.staging.to_device(name, tensors[name]) if name in tensors else None
 
     @staticmethod
     def _check_tensors(
