@@ -1,4 +1,4 @@
-"""proto.staging.HostStaging: host tensors reach the device unchanged, through reused pinned buffers on CUDA."""
+"""proto.staging.HostStaging: host tensors reach the device unchanged, via pinned buffers on CUDA."""
 
 from __future__ import annotations
 
