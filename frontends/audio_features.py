@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from transformers import Wav2Vec2Config, Wav2Vec2Model
 
-from frontends.audio_io import TARGET_SAMPLE_RATE
+from frontends.audio_io import TARGET_SAMPLE_RATE, pushed_pcm
 from proto.model_config import AudioConfig
 
 # wav2vec2's CNN front-end: 400-sample receptive field, 320-sample hop (20 ms) at 16 kHz.
@@ -272,14 +272,7 @@ class AudioFeaturizer:
         """Append speech audio: `[N]` float32 samples at 16 kHz (resample first with frontends.audio_io)."""
         if self._ended:
             raise RuntimeError("push() after end_of_stream(): open a new AudioFeaturizer for a new stream")
-        pcm = np.asarray(pcm)
-        if pcm.ndim != 1:
-            raise ValueError(f"push() takes mono [N] 16 kHz samples, got shape {list(pcm.shape)}")
-        if not np.issubdtype(pcm.dtype, np.floating):
-            raise TypeError(
-                f"push() takes float samples in [-1, 1], got dtype {pcm.dtype} — convert PCM16 /32768"
-            )
-        self._append(pcm.astype(np.float32, copy=False))
+        self._append(pushed_pcm(pcm))
         self._audio_end = self._received
 
     def push_silence(self, num_samples: int) -> None:

@@ -94,6 +94,18 @@ def load_audio(
     return resample(mono, rate, TARGET_SAMPLE_RATE)
 
 
+def pushed_pcm(pcm: np.ndarray) -> np.ndarray:
+    """What a streaming front-end's `push()` accepts: mono `[N]` float samples in [-1, 1] → float32."""
+    pcm = np.asarray(pcm)
+    if pcm.ndim != 1:
+        raise ValueError(f"push() takes mono [N] 16 kHz samples, got shape {list(pcm.shape)}")
+    if not np.issubdtype(pcm.dtype, np.floating):
+        raise TypeError(
+            f"push() takes float samples in [-1, 1], got dtype {pcm.dtype} — convert PCM16 /32768"
+        )
+    return pcm.astype(np.float32, copy=False)
+
+
 def to_mono(samples: np.ndarray) -> np.ndarray:
     """`[N]` or `[N, C]` samples → `[N]` float32, the mean over channels."""
     if samples.ndim == 1:
