@@ -15,6 +15,7 @@ replace either encoder (`load_image_embedding`, `load_prompt_embedding`).
 
 from __future__ import annotations
 
+import html
 import math
 import re
 from dataclasses import dataclass
@@ -105,8 +106,10 @@ class ByteTokenizer:
 
 
 def clean_prompt(text: str) -> str:
-    """Wan's `clean='whitespace'`: runs of whitespace become one space, ends trimmed."""
-    return re.sub(r"\s+", " ", text).strip()
+    """Wan's `clean='whitespace'`: HTML entities unescaped (twice, as Wan), runs of whitespace become one
+    space, ends trimmed. Wan first runs `ftfy.fix_text` too (mojibake, curly quotes to straight ones, …),
+    which is not a dependency here: prompts that it would change tokenize differently."""
+    return re.sub(r"\s+", " ", html.unescape(html.unescape(text))).strip()
 
 
 def tiny_clip_config(clip_dim: int, image_size: int) -> CLIPVisionConfig:
