@@ -8,13 +8,16 @@ umT5, as Wan 2.1 I2V builds its image and text contexts (reference/wan.md §2.3-
   (Wan trims to the real length and the DiT pads back with zeros; the same tensor).
 
 Either encoder is a local Hugging Face checkpoint (`CLIPVisionModel` / `UMT5EncoderModel`, nothing is
-downloaded) or, by default, a tiny random model whose widths are the model preset's `clip_dim` / `text_dim`.
+downloaded), Wan's own encoder file as a published Wan 2.1 / SoulX-LiveAct folder holds it (converted onto
+the same modules at load time: `frontends.wan_encoders`), or, by default, a tiny random model whose widths
+are the model preset's `clip_dim` / `text_dim`.
 The tiny text encoder uses `ByteTokenizer`, self-contained. Precomputed embeddings (.pt / .safetensors) can
 replace either encoder (`load_image_embedding`, `load_prompt_embedding`).
 """
 
 from __future__ import annotations
 
+import html
 import math
 import re
 from dataclasses import dataclass
@@ -27,6 +30,16 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
 
+from frontends.wan_encoders import (
+    WAN_CLIP_FILE,
+    WAN_UMT5_FILE,
+    check_layout,
+    find_wan_file,
+    load_wan_clip_vision,
+    load_wan_state,
+    umt5_encoder_from_wan,
+    wan_umt5_tokenizer_dir,
+)
 from proto.model_config import ModelConfig
 
 # OpenAI CLIP normalisation, used by Wan's CLIP preprocessing.
@@ -40,8 +53,12 @@ class ConditioningConfig:
     """Shapes and sources of the session encoders.
 
     clip_tokens: 1 + (image_size / 14)^2; 257 for ViT-H/14 at 224 px (the `tiny` preset uses 17: 56 px).
-    clip_checkpoint / umt5_checkpoint: local folders; None builds the tiny random encoder (seed `tiny_seed`).
-        The umT5 folder must also hold its tokenizer files (tokenizer.json or spiece.model).
+    clip_checkpoint / umt5_checkpoint: a local Hugging Face folder; Wan's encoder file (`.pth`), or a folder
+        holding it under Wan's name (a published Wan 2.1 / SoulX-LiveAct checkpoint folder); None builds
+        the tiny random encoder (seed `tiny_seed`).
+    umt5_tokenizer: the umT5 tokenizer folder (tokenizer.json or spiece.model); None: the umT5 folder itself,
+        or for Wan's file the `google/umt5-xxl/` folder beside it.
+    clip_heads: attention heads of a Wan CLIP file's ViT, which its tensors do not show; None: ViT-H/14's 16.
     dtype: the encoders' weights and compute (`--dtype`); their outputs are float32 whatever it is.
     """
 
@@ -51,6 +68,8 @@ class ConditioningConfig:
     clip_tokens: int = 257
     clip_checkpoint: str | None = None
     umt5_checkpoint: str | None = None
+    umt5_tokenizer: str | None = None
+    clip_heads: int | None = None
     tiny_seed: int = 0
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
@@ -105,8 +124,10 @@ class ByteTokenizer:
 
 
 def clean_prompt(text: str) -> str:
-    """Wan's `clean='whitespace'`: runs of whitespace become one space, ends trimmed."""
-    return re.sub(r"\s+", " ", text).strip()
+    """Wan's `clean='whitespace'`: HTML entities unescaped (twice, as Wan), runs of whitespace become one
+    space, ends trimmed. Wan first runs `ftfy.fix_text` too (mojibake, curly quotes to straight ones, …),
+    which is not a dependency here: prompts that it would change tokenize differently."""
+    return re.sub(r"\s+", " ", html.unescape(html.unescape(text))).strip()
 
 
 def tiny_clip_config(clip_dim: int, image_size: int) -> CLIPVisionConfig:
@@ -137,14 +158,41 @@ def tiny_umt5_config(text_dim: int) -> UMT5Config:
     )
 
 
-def _checkpoint_dir(path: str, what: str) -> Path:
+def _checkpoint_dir(path: str, what: str, wan_name: str) -> Path:
+    """A Hugging Face model folder (`path` is neither Wan's file nor a folder holding it)."""
     folder = Path(path)
-    if not folder.is_dir():
+    if not folder.is_dir() or not (folder / "config.json").is_file():
+        problem = "is not a directory" if not folder.is_dir() else "holds no config.json"
         raise FileNotFoundError(
-            f"{what} checkpoint {path!r} is not a directory — pass a local Hugging Face model folder, "
-            "or none for the tiny random encoder"
+            f"{what} checkpoint {path!r} {problem} — pass a local Hugging Face model folder, Wan's "
+            f"{wan_name} (or the folder holding it), or none for the tiny random encoder"
         )
     return folder
+
+
+def _load_clip(config: ConditioningConfig, path: str) -> CLIPVisionModel:
+    wan_file = find_wan_file(path, WAN_CLIP_FILE)
+    if wan_file is not None:
+        return load_wan_clip_vision(wan_file, config.dtype, config.clip_heads)
+    folder = _checkpoint_dir(path, "CLIP", WAN_CLIP_FILE)
+    return CLIPVisionModel.from_pretrained(str(folder), local_files_only=True)
+
+
+def _load_umt5(config: ConditioningConfig, path: str) -> tuple[UMT5EncoderModel, Any]:
+    """The encoder and its tokenizer. A Wan file's layout is checked first (memory-mapped: nothing read yet),
+    then its tokenizer is found, and only then are 11 GB converted."""
+    wan_file = find_wan_file(path, WAN_UMT5_FILE)
+    if wan_file is None:
+        folder = _checkpoint_dir(path, "umT5", WAN_UMT5_FILE)
+        tokenizer_dir = Path(config.umt5_tokenizer) if config.umt5_tokenizer is not None else folder
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+        return UMT5EncoderModel.from_pretrained(str(folder), local_files_only=True), tokenizer
+    source = f"umT5 file {str(wan_file)!r}"
+    state = load_wan_state(wan_file)
+    check_layout(state, "umT5", source)
+    tokenizer_dir = wan_umt5_tokenizer_dir(wan_file, config.umt5_tokenizer)
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    return umt5_encoder_from_wan(state, config.dtype, source), tokenizer
 
 
 class ConditioningEncoders:
@@ -177,21 +225,19 @@ class ConditioningEncoders:
 
     @classmethod
     def from_config(cls, config: ConditioningConfig) -> ConditioningEncoders:
-        """Load the local checkpoints named in `config`, or build the tiny random encoders."""
+        """Load the local checkpoints named in `config` (Wan's files in `config.dtype`, tensor by tensor), or
+        build the tiny random encoders."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.tiny_seed)
             if config.clip_checkpoint is None:
                 clip = CLIPVisionModel(tiny_clip_config(config.clip_dim, config.clip_image_size))
             else:
-                folder = _checkpoint_dir(config.clip_checkpoint, "CLIP")
-                clip = CLIPVisionModel.from_pretrained(str(folder), local_files_only=True)
+                clip = _load_clip(config, config.clip_checkpoint)
             if config.umt5_checkpoint is None:
                 umt5 = UMT5EncoderModel(tiny_umt5_config(config.text_dim))
                 tokenizer: Any = ByteTokenizer()
             else:
-                folder = _checkpoint_dir(config.umt5_checkpoint, "umT5")
-                umt5 = UMT5EncoderModel.from_pretrained(str(folder), local_files_only=True)
-                tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+                umt5, tokenizer = _load_umt5(config, config.umt5_checkpoint)
         # Random tiny weights are drawn in float32 (above), then cast: the same model in every dtype.
         to = {"device": config.device, "dtype": config.dtype}
         return cls(config, clip.to(**to).eval(), umt5.to(**to).eval(), tokenizer)

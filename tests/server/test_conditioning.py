@@ -17,6 +17,7 @@ from frontends.conditioning import (
     ByteTokenizer,
     ConditioningConfig,
     ConditioningEncoders,
+    clean_prompt,
     load_image_embedding,
     load_prompt_embedding,
     tiny_clip_config,
@@ -87,6 +88,11 @@ def test_prompt_rows_do_not_depend_on_the_padding_length(encoders: ConditioningE
 
 def test_whitespace_is_cleaned_as_wan_does(encoders: ConditioningEncoders) -> None:
     torch.testing.assert_close(encoders.encode_prompt("  a \n face "), encoders.encode_prompt("a face"))
+
+
+def test_html_entities_are_unescaped_twice_as_wan_does(encoders: ConditioningEncoders) -> None:
+    assert clean_prompt(" a &amp;amp; b &lt;3 ") == "a & b <3"
+    torch.testing.assert_close(encoders.encode_prompt("a &amp; face"), encoders.encode_prompt("a & face"))
 
 
 def test_byte_tokenizer_truncates_but_keeps_the_end_token() -> None:
