@@ -140,6 +140,9 @@ class ChunkPublisher:
         self.on_published = on_published
         self._queue: queue.Queue[DecodedChunk] = queue.Queue(maxsize=depth)
         self._failures: queue.Queue[tuple[str, str]] = queue.Queue()
+        # Sessions whose output failed: their later chunks are dropped here, at once, not written to a
+        # broken output while the engine has yet to see the failure (session ids are never reused).
+        self._failed: set[str] = set()
         self._stop = threading.Event()
         self._idle = threading.Event()
         self._idle.set()
@@ -202,19 +205,23 @@ class ChunkPublisher:
     def _tick(self) -> None:
         for session in list(self.sessions()):
             output = session.output
-            if output is None or not session.live:
+            if output is None or not session.live or session.id in self._failed:
                 continue
             try:
                 output.tick()  # a file output writes its due frames here
             except Exception as exc:  # one session's broken output must not stop the others
                 log.exception("session %s failed while publishing", session.id)
-                self._failures.put((session.id, f"publishing failed: {exc}"))
+                self._fail(session.id, f"publishing failed: {exc}")
+
+    def _fail(self, session_id: str, reason: str) -> None:
+        self._failed.add(session_id)
+        self._failures.put((session_id, reason))
 
     def _publish(self, chunk: DecodedChunk) -> None:
         session, prepared = chunk.session, chunk.prepared
         output = session.output
-        if output is None or not session.live or session.epoch != chunk.epoch:
-            return  # ended, or cleared (barge-in) since the chunk was prepared: its frames are stale
+        if output is None or not session.live or session.epoch != chunk.epoch or session.id in self._failed:
+            return  # ended, failed, or cleared (barge-in) since the chunk was prepared: its frames are stale
         times = session.times
         start = time.perf_counter()
         try:
@@ -225,7 +232,7 @@ class ChunkPublisher:
             output.put_chunk(frames, prepared.pcm, prepared.first_frame)
         except Exception as exc:
             log.exception("session %s failed while publishing", session.id)
-            self._failures.put((session.id, f"publishing failed: {exc}"))
+            self._fail(session.id, f"publishing failed: {exc}")
             return
         published = time.perf_counter()
         ttbc = None if times.last_publish is None else published - times.last_publish
@@ -246,4 +253,4 @@ class ChunkPublisher:
                 self.on_published(Published(chunk, ttbc, stages, published))
             except Exception as exc:
                 log.exception("recording chunk %d of %s failed", prepared.request.chunk_index, session.id)
-                self._failures.put((session.id, f"recording the chunk's timing failed: {exc}"))
+                self._fail(session.id, f"recording the chunk's timing failed: {exc}")
