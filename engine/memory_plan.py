@@ -227,10 +227,18 @@ class EncoderSources:
     wav2vec_checkpoint: str | None = None
 
 
-def _folder_weight_bytes(path: str) -> int:
+def _weight_file_bytes(path: str, wan_name: str | None = None) -> int:
+    """Bytes of an encoder's weights: a Wan-format file (given, or ``wan_name`` inside a published folder)
+    counts its size — an upper bound for CLIP, whose file also holds the text tower the I2V path never
+    loads; a Hugging Face folder counts its weight files."""
+    from frontends.wan_encoders import find_wan_file
+
+    wan_file = None if wan_name is None else find_wan_file(path, wan_name)
+    if wan_file is not None:
+        return wan_file.stat().st_size
     folder = Path(path)
     if not folder.is_dir():
-        return 0  # a missing folder is reported by the option checks, not here
+        return 0  # a missing path is reported by the option checks, not here
     return sum(f.stat().st_size for f in folder.iterdir() if f.is_file() and f.suffix in WEIGHT_SUFFIXES)
 
 
@@ -264,7 +272,13 @@ def encoder_bytes(config: ModelConfig, sources: EncoderSources = EncoderSources(
         "wav2vec2": sources.wav2vec_checkpoint,
         **({"clip": sources.clip_checkpoint} if config.has_image_branch else {}),
     }
-    return sum(tiny[name] if path is None else _folder_weight_bytes(path) for name, path in parts.items())
+    from frontends.wan_encoders import WAN_CLIP_FILE, WAN_UMT5_FILE
+
+    wan_names = {"clip": WAN_CLIP_FILE, "umt5": WAN_UMT5_FILE}
+    return sum(
+        tiny[name] if path is None else _weight_file_bytes(path, wan_names.get(name))
+        for name, path in parts.items()
+    )
 
 
 # ---- the plan ----------------------------------------------------------------------------------------
@@ -411,9 +425,11 @@ def plan_memory(
         vae_preset, stream.height, stream.width, stream.chunk_latent_frames if vae_chunk_at_once else 1
     )
     vae_bytes = _bytes(VAE_DTYPE)
-    y = 20 * stream.train_latent_frames * stream.latent_height * stream.latent_width * 4 if (
-        config.has_image_branch
-    ) else 0
+    y = (
+        20 * stream.train_latent_frames * stream.latent_height * stream.latent_width * 4
+        if (config.has_image_branch)
+        else 0
+    )
     master = {
         "vae_weights": vae["parameters"] * vae_bytes,
         "encoder_weights": encoder_bytes(config, encoders),
@@ -548,10 +564,7 @@ def host_available_bytes() -> int:
     return int(psutil.virtual_memory().available)
 
 
-_CUDA_PROBE = (
-    "import sys, torch\n"
-    "print(min(torch.cuda.mem_get_info(int(i))[0] for i in sys.argv[1:]))\n"
-)
+_CUDA_PROBE = "import sys, torch\nprint(min(torch.cuda.mem_get_info(int(i))[0] for i in sys.argv[1:]))\n"
 
 
 def cuda_free_bytes(devices: Sequence[int]) -> int:

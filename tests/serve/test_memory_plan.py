@@ -186,3 +186,26 @@ def test_vae_sizes_of_wan21_match_inspect() -> None:
     sizes, described = vae_sizes("wan2.1", 512, 512), describe_vae("wan2.1")
     assert sizes["parameters"] == described["parameters"]["total"]
     assert sizes["decode_cache_elements"] == described["decode_cache"]["elements"]
+
+
+def test_encoder_weights_of_wan_files_count_those_files_not_the_whole_published_folder(tmp_path) -> None:
+    from engine.memory_plan import EncoderSources, _tiny_encoder_bytes, encoder_bytes
+    from frontends.wan_encoders import WAN_CLIP_FILE, WAN_UMT5_FILE
+
+    config = get_model_preset("tiny")
+    assert config.has_image_branch
+    folder = tmp_path / "published"
+    folder.mkdir()
+    (folder / WAN_UMT5_FILE).write_bytes(b"u" * 3000)
+    (folder / WAN_CLIP_FILE).write_bytes(b"c" * 2000)
+    (folder / "diffusion_pytorch_model.safetensors").write_bytes(b"d" * 50_000)  # the DiT: not an encoder
+    by_file = encoder_bytes(
+        config,
+        EncoderSources(
+            umt5_checkpoint=str(folder / WAN_UMT5_FILE), clip_checkpoint=str(folder / WAN_CLIP_FILE)
+        ),
+    )
+    by_folder = encoder_bytes(
+        config, EncoderSources(umt5_checkpoint=str(folder), clip_checkpoint=str(folder))
+    )
+    assert by_file == by_folder == _tiny_encoder_bytes(config)["wav2vec2"] + 3000 + 2000
