@@ -56,13 +56,10 @@ from frontends.conditioning import ConditioningEncoders
 from proto.api import Face, SessionCreate, SessionInfo, SessionState, TTBCStats
 from proto.wire import SessionClose
 from server.backend import BackendFailed, InvalidRequest, NoCapacity, SessionEnded, UnknownSession
-from server.live_session import (
-    AsyncLoopThread,
-    LiveKitSessionOutput,
-    LiveSession,
-)
+from server.live_session import LiveSession
 from server.live_setup import LiveConfig, SessionSetup
 from server.metrics import Metrics
+from server.session_outputs import AsyncLoopThread, LiveKitSessionOutput
 
 log = logging.getLogger(__name__)
 
