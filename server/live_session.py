@@ -73,9 +73,7 @@ class LiveSession:
         self.reason: str | None = None
         self.chunks_generated = 0
         self.times = SessionTimes()
-        self.created_at = time.perf_counter()
         self.first_frame_observer: Callable[[float], None] | None = None
-        self._played_end = 0  # absolute index after the last frame played
         # Bumped by every clear: a chunk prepared before a clear is dropped instead of published after it.
         self.epoch = 0
 
@@ -110,7 +108,6 @@ class LiveSession:
             self._report_played(index)
 
     def _report_played(self, index: int) -> None:
-        self._played_end = index + 1
         spf = self.feed.spf
         frame_end = (index + 1) * spf
         utterances = self.feed.utterances
