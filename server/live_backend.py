@@ -67,7 +67,6 @@ _TICK_S = 0.005
 _WORKER_CHECK_S = 0.25
 _ENDED_KEPT = 256  # ended/failed sessions whose info stays visible
 _ENGINE_CALL_TIMEOUT_S = 120.0
-_LIVEKIT_JOIN_TIMEOUT_S = 20.0
 
 
 @dataclass
@@ -134,22 +133,10 @@ class LiveBackend:
         self._engine.start()
         return self
 
-    def wait_ready(self, timeout_s: float) -> bool:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self._ready or self._failed:
-                return self._ready and not self._failed
-            time.sleep(0.05)
-        return False
-
     def begin_drain(self, retry_after_s: float, why: str) -> None:
         """Refuse new sessions from now on (``NoCapacity(retry_after_s)``, ``ready()`` false with ``why``);
         live sessions go on. Irreversible: a draining server only ever shuts down."""
         self._draining = (retry_after_s, why)
-
-    @property
-    def draining(self) -> bool:
-        return self._draining is not None
 
     def live_count(self) -> int:
         """Sessions not yet ended or failed."""
