@@ -100,6 +100,12 @@ class LiveSession:
         frames[rms > PROBE_RMS] = 255
         return frames
 
+    def request_clear(self) -> None:
+        """Barge-in (the API's ``clear``, the avatar protocol's): the output drops every frame not yet played
+        and reports the first one dropped back through ``on_clear``."""
+        if self.output is not None:
+            self.output.clear()
+
     # ---- playout hooks (called by the output as frames play) --------------------------------------------
 
     def on_frame(self, index: int) -> None:
