@@ -46,7 +46,8 @@ class Work:
 
 
 class EngineOwner(Protocol):
-    """What the engine asks of the component that owns the sessions (``server.live_backend.LiveBackend``)."""
+    """What the engine asks of the component that owns the sessions (``serve``'s
+    ``server.engine_thread.EngineThread``)."""
 
     def pick(self, in_flight: Work | None) -> EngineSession | None:
         """The session whose chunk goes next (None: none is due); ``in_flight`` is being scored."""

@@ -46,7 +46,7 @@ class PreparedChunkInputs(Protocol):
 
 
 class SessionOutput(Protocol):
-    """Where a session's frames go (``server.live_session``'s file and LiveKit outputs)."""
+    """Where a session's frames go (``server.session_outputs``' file and LiveKit outputs)."""
 
     def put_chunk(self, frames: np.ndarray, pcm: np.ndarray, first_frame: int) -> None: ...
 

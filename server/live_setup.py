@@ -30,16 +30,11 @@ from proto.model_config import ModelConfig
 from proto.stream_config import StreamConfig
 from proto.wire import SessionOpen
 from server.backend import InvalidRequest
-from server.live_session import (
-    AsyncLoopThread,
-    FileSessionOutput,
-    LiveKitSessionOutput,
-    LiveSession,
-    PlayoutHooks,
-    SpeechFeed,
-)
+from server.live_session import LiveSession
 from server.livekit.avatar_protocol import AvatarProtocol
 from server.livekit.publisher import LiveKitPublisher
+from server.session_outputs import AsyncLoopThread, FileSessionOutput, LiveKitSessionOutput, PlayoutHooks
+from server.speech_feed import SpeechFeed
 
 _LIVEKIT_JOIN_TIMEOUT_S = 20.0
 

@@ -200,7 +200,7 @@ def test_subscriber_receives_avatar_audio_with_the_tone(observed: Observed) -> N
 def test_raw_av_offset_at_the_subscriber_stays_within_two_frames(observed: Observed) -> None:
     """The bare publisher, with no receive-path compensation: a subscriber gets video 25-75 ms before the
     audio it was published with (WebRTC buffers audio longer; measured here). The product's one-frame
-    compensation lives in server.live_session.LiveKitSessionOutput, and tests/serve holds the product's
+    compensation lives in server.session_outputs.LiveKitSessionOutput, and tests/serve holds the product's
     offset to one frame; this guards the publisher against drifting further than that compensation covers.
     """
     offsets = _av_offsets(observed)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from frontends.audio_features import AudioFeaturizer, AudioFeaturizerConfig, build_wav2vec2
-from server.live_session import SpeechFeed
+from server.speech_feed import SpeechFeed
 
 RATE, SPF = 16000, 1000
 

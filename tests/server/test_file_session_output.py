@@ -10,7 +10,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from server.live_session import FileSessionOutput, PlayoutHooks
+from server.session_outputs import FileSessionOutput, PlayoutHooks
 
 SIZE, FPS, SPF = 32, 16, 1000
 

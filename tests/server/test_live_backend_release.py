@@ -9,8 +9,9 @@ from proto.api import SessionState
 from proto.model_config import get_model_preset
 from proto.stream_config import StreamConfig
 from proto.wire import SessionClose
-from server.live_backend import LiveBackend, LiveConfig, _Entry
+from server.live_backend import LiveBackend, LiveConfig
 from server.metrics import Metrics
+from server.session_registry import Entry
 
 
 class _Executor:
@@ -62,9 +63,10 @@ def test_an_output_that_ended_finishes_its_session_and_closes_it_on_the_workers(
         config, executor, vae=None, encoders=None, metrics=Metrics(), warm_up=False  # type: ignore[arg-type]
     )
     gone, playing = _session("gone", "the room was deleted"), _session("playing", None)
-    backend._sessions = {s.id: _Entry(s, [], None) for s in (gone, playing)}  # type: ignore[arg-type]
+    for s in (gone, playing):
+        backend.sessions.add(Entry(s, [], None))  # type: ignore[arg-type]
 
-    picked = backend.pick(None)  # what the engine thread does every tick
+    picked = backend.engine.pick(None)  # what the engine thread does every tick
 
     assert picked is playing  # the live one still gets chunks
     assert executor.closed == ["gone"]  # exactly the ended one is freed on the workers
@@ -103,14 +105,15 @@ def test_a_session_that_fails_while_generating_is_freed_on_the_workers_alone() -
     backend = _backend(executor)
     broken, playing = _session("broken", None), _session("playing", None)
     broken.prepare_chunk = _failing_prepare
-    backend._sessions = {s.id: _Entry(s, [], None) for s in (broken, playing)}  # type: ignore[arg-type]
+    for s in (broken, playing):
+        backend.sessions.add(Entry(s, [], None))  # type: ignore[arg-type]
 
-    backend._chunks.turn()  # picks `broken` (both are due; the first wins the tie) and fails preparing it
+    backend.engine.chunks.turn()  # picks `broken` (both due; the first wins the tie) and fails preparing it
 
     assert executor.closed == ["broken"] and executor.submitted == []
     info = backend.get("broken")
     assert info.state == SessionState.failed and "corrupt audio in the feed" in info.reason
-    assert backend.live_count() == 1 and backend._failed is None  # the others go on
+    assert backend.live_count() == 1 and backend.health.failed is None  # the others go on
 
 
 def test_a_session_whose_output_breaks_is_freed_on_the_workers() -> None:
@@ -122,9 +125,10 @@ def test_a_session_whose_output_breaks_is_freed_on_the_workers() -> None:
         raise OSError("disk full")
 
     broken.output.buffered_s = boom
-    backend._sessions = {s.id: _Entry(s, [], None) for s in (broken, playing)}  # type: ignore[arg-type]
+    for s in (broken, playing):
+        backend.sessions.add(Entry(s, [], None))  # type: ignore[arg-type]
 
-    assert backend.pick(None) is playing
+    assert backend.engine.pick(None) is playing
     assert executor.closed == ["broken"] and backend.get("broken").state == SessionState.failed
 
 
@@ -134,9 +138,9 @@ def test_no_close_while_the_failed_sessions_chunk_request_awaits_its_reply() -> 
     broken = _session("broken", None)
     request = SimpleNamespace(session_id="broken", chunk_index=0)
     broken.prepare_chunk = lambda: SimpleNamespace(request=request, tensors={})
-    backend._sessions = {"broken": _Entry(broken, [], None)}  # type: ignore[arg-type]
+    backend.sessions.add(Entry(broken, [], None))  # type: ignore[arg-type]
 
-    backend._chunks.turn()  # type: ignore[arg-type]
+    backend.engine.chunks.turn()  # type: ignore[arg-type]
 
     assert executor.submitted == ["broken"] and executor.closed == []  # its reply may still be due
     assert backend.get("broken").state == SessionState.failed

@@ -17,8 +17,9 @@ from proto.api import SessionState
 from proto.model_config import get_model_preset
 from proto.stream_config import StreamConfig
 from proto.wire import SessionClose
-from server.live_backend import LiveBackend, LiveConfig, _Entry
+from server.live_backend import LiveBackend, LiveConfig
 from server.metrics import Metrics
+from server.session_registry import Entry
 
 STREAM = StreamConfig(height=32, width=32)
 
@@ -115,16 +116,17 @@ def _backend(log: _Log, *sessions: _Session, ahead_s: float = 100.0) -> LiveBack
     backend = LiveBackend(
         config, _Executor(log), vae=None, encoders=None, metrics=Metrics(), warm_up=False  # type: ignore[arg-type]
     )
-    backend._sessions = {s.id: _Entry(s, [], None) for s in sessions}  # type: ignore[arg-type]
-    backend._publisher.start()
+    for s in sessions:
+        backend.sessions.add(Entry(s, [], None))  # type: ignore[arg-type]
+    backend.engine.publisher.start()
     return backend
 
 
 def _turns(backend: LiveBackend, count: int) -> None:
     for _ in range(count):
-        backend._chunks.turn()
-    backend._chunks.turn()  # the last scored chunk is decoded on the next turn
-    assert backend._publisher.wait_idle(5)
+        backend.engine.chunks.turn()
+    backend.engine.chunks.turn()  # the last scored chunk is decoded on the next turn
+    assert backend.engine.publisher.wait_idle(5)
 
 
 def test_the_next_request_goes_out_before_the_previous_chunk_is_decoded() -> None:
@@ -132,7 +134,7 @@ def test_the_next_request_goes_out_before_the_previous_chunk_is_decoded() -> Non
     session = _session(log, "a")
     backend = _backend(log, session)
     _turns(backend, 3)
-    backend._publisher.stop()
+    backend.engine.publisher.stop()
     steps = [e for e in log if not e.startswith("publish")]
     assert steps[:12] == [
         "prepare a0", "submit a0", "prepare a1", "collect a0",  # the first turn has nothing to decode
@@ -150,7 +152,7 @@ def test_two_sessions_interleave_earliest_deadline_first_and_each_gets_its_own_c
     a, b = _session(log, "a"), _session(log, "b")
     backend = _backend(log, a, b)
     _turns(backend, 6)
-    backend._publisher.stop()
+    backend.engine.publisher.stop()
     submits = [e.split()[1] for e in log if e.startswith("submit")]
     assert submits[:6] == ["a0", "b0", "a1", "b1", "a2", "b2"]
     assert a.output.frames[:36] == [0] * 12 + [1] * 12 + [2] * 12
@@ -161,10 +163,10 @@ def test_a_session_with_a_chunk_in_flight_counts_it_as_buffered() -> None:
     log = _Log()
     session = _session(log, "a")
     backend = _backend(log, session, ahead_s=0.5)  # less than one chunk (0.5625 s for chunk 0)
-    backend._chunks.turn()
+    backend.engine.chunks.turn()
     # Chunk 0 was in flight while the engine picked again: nothing was prepared ahead for `a`.
     assert [e for e in log if e.startswith("prepare")] == ["prepare a0"]
-    backend._publisher.stop()
+    backend.engine.publisher.stop()
 
 
 def test_a_close_while_a_chunk_is_in_flight_waits_for_its_reply() -> None:
@@ -177,10 +179,10 @@ def test_a_close_while_a_chunk_is_in_flight_waits_for_its_reply() -> None:
         b.output.end_reason = "the room was deleted"  # b's room goes away while b0 is scored
         return decode(latent)
 
-    backend._chunks.turn()  # a0 scored; b0 prepared ahead
+    backend.engine.chunks.turn()  # a0 scored; b0 prepared ahead
     a.decoder.decode_chunk = decode_while_b_ends
-    backend._chunks.turn()  # b0 in flight; picking finds b ended: its close waits for b0's reply
-    backend._publisher.stop()
+    backend.engine.chunks.turn()  # b0 in flight; picking finds b ended: its close waits for b0's reply
+    backend.engine.publisher.stop()
     assert log.index("close b") > log.index("collect b0")
     assert backend.get("b").state == SessionState.ended
 
@@ -189,8 +191,8 @@ def test_frames_of_a_chunk_prepared_before_a_clear_are_not_published() -> None:
     log = _Log()
     session = _session(log, "a")
     backend = _backend(log, session)
-    backend._chunks.turn()  # a0 scored, a1 prepared
+    backend.engine.chunks.turn()  # a0 scored, a1 prepared
     session.epoch += 1  # barge-in: a0 and a1 were prepared before it
     _turns(backend, 2)
-    backend._publisher.stop()
+    backend.engine.publisher.stop()
     assert session.output.frames[:12] == [2] * 12  # a2 is the first chunk prepared after the clear

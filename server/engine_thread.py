@@ -1,0 +1,224 @@
+"""The master's engine thread (``EngineThread``): the only thread that talks to the score side.
+
+The executor's collectives must be issued in one order by one thread, so every call to the workers runs
+here: the warm-up, the sessions' chunks, and the session opens and closes that other threads ask for
+(``open_session``, ``close_session``, queued as commands and run between chunks, when nothing is in flight).
+
+The thread runs ``engine.pipeline.ChunkEngine``: every session's chunks as one pipeline (submit chunk t+1,
+decode chunk t while the workers score t+1, prepare t+2, collect t+1), and answers its questions as its
+``EngineOwner``: which session goes next is earliest deadline first (``engine.scheduler``: among the running
+sessions whose playout buffer, counting their chunk in flight, is below ``ahead_s``, the one whose playout
+runs dry first), so generation stays a bounded distance ahead of playout and an idle session keeps its video
+alive with silence chunks. A session's frames depend only on its own inputs (its seed, image, speech), never
+on which other sessions are live. Decoded chunks go to the publish thread (``engine.publish``), which puts
+them into their session's output off this thread's path.
+
+Timings (``engine.publish``): a session's TTBC is the time between two consecutive publishes of its
+chunks (the same definition as ``run``'s); in a call it follows the playout (a chunk is made when the buffer
+needs one), so the headroom shows in the stage times, and a chunk is counted late (``deadline_misses``) when
+the session's playout had run dry before it arrived.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+import numpy as np
+import torch
+
+from engine.executor import Executor, WorkerError
+from engine.pipeline import ChunkEngine, Work
+from engine.publish import ChunkPublisher
+from engine.scheduler import earliest_deadline
+from proto.api import Face, SessionState
+from proto.wire import SessionClose, SessionOpen
+from server.group_health import GroupHealth
+from server.live_session import LiveSession
+from server.live_setup import LiveConfig, SessionSetup
+from server.metrics import Metrics
+from server.session_outputs import LiveKitSessionOutput
+from server.session_registry import Entry, SessionRegistry
+
+log = logging.getLogger(__name__)
+
+_TICK_S = 0.005
+_ENGINE_CALL_TIMEOUT_S = 120.0
+
+
+class EngineThread:
+    """The engine thread, its ``ChunkEngine`` and publish thread, and the ``EngineOwner`` they ask.
+
+    Args:
+        config: stream/model settings of the group (``ahead_s`` for the scheduling).
+        executor: the transport to the score side (``engine.executor``); used on this thread only.
+        setup: builds the warm-up's throw-away session.
+        sessions: the sessions to schedule (and to finish when they fail).
+        health: readiness (set once warmed up) and the group's failure.
+        metrics: the ``tm_`` recorder (playout buffers, A/V offset, chunk timings).
+        warm_up: run one chunk of a throw-away session before reporting ready.
+    """
+
+    def __init__(
+        self,
+        config: LiveConfig,
+        executor: Executor,
+        setup: SessionSetup,
+        sessions: SessionRegistry,
+        health: GroupHealth,
+        metrics: Metrics,
+        warm_up: bool = True,
+    ) -> None:
+        self.config = config
+        self.executor = executor
+        self.setup = setup
+        self.sessions = sessions
+        self.health = health
+        self.metrics = metrics
+        self.warm_up = warm_up
+        self.publisher = ChunkPublisher(metrics, sessions.sessions)
+        self.chunks = ChunkEngine(executor, config.stream, self.publisher, self)
+        self._commands: queue.Queue[tuple[Callable[[], Any], Future[Any]]] = queue.Queue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="master-engine", daemon=True)
+        self._last_offset_report = 0.0
+
+    def start(self) -> None:
+        self.publisher.start()
+        self._thread.start()
+
+    def stop(self, reason: str) -> None:
+        """Tell the workers to stop (unless the group failed), then stop this thread and the publish
+        thread."""
+        if self._thread.is_alive():
+            if self.health.failed is None:
+                self._call(lambda: self.executor.shutdown(reason), timeout_s=10)
+            self._stop.set()
+            self._thread.join(timeout=10)
+        self.publisher.stop()
+
+    # ---- asked by the API threads ----------------------------------------------------------------------
+
+    def open_session(self, message: SessionOpen, tensors: dict[str, torch.Tensor]) -> None:
+        """Open a session on the workers, between chunks. Raises WorkerError."""
+        self._call(lambda: self.executor.open_session(message, tensors))
+
+    def close_session(self, entry: Entry) -> None:
+        """Close a session on the workers, between chunks; from then on none of its chunks goes out. Nothing
+        to do once the group failed or the thread stopped; a worker failure fails the group."""
+        if self.health.failed is not None or not self._thread.is_alive():
+            return
+
+        def close_on_engine() -> None:
+            entry.closing = True
+            self.executor.close_session(SessionClose(entry.session.id))
+
+        try:
+            self._call(close_on_engine)
+        except WorkerError as exc:
+            self.health.fail(str(exc))
+
+    def _call(self, fn: Callable[[], Any], timeout_s: float = _ENGINE_CALL_TIMEOUT_S) -> Any:
+        """Run ``fn`` on the engine thread (the only one that talks to the workers) and wait for it."""
+        if threading.current_thread() is self._thread:
+            return fn()
+        future: Future[Any] = Future()
+        self._commands.put((fn, future))
+        return future.result(timeout=timeout_s)
+
+    # ---- the thread ------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            if self.warm_up:
+                self._warm_up()
+            self.health.warmed_up = True
+            log.info("serving group warmed up; ready for sessions")
+        except WorkerError as exc:
+            self.health.fail(str(exc))
+        while not self._stop.is_set():
+            self._run_commands()  # nothing is in flight here: opens and closes go out between chunks
+            if self.health.failed is not None:
+                self.chunks.reset()
+                time.sleep(_TICK_S)
+                continue
+            self.health.check_workers()
+            if not self.chunks.turn():
+                time.sleep(_TICK_S)
+        self._run_commands()
+
+    def _run_commands(self) -> None:
+        while True:
+            try:
+                fn, future = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                future.set_result(fn())
+            except BaseException as exc:
+                future.set_exception(exc)
+
+    def _warm_up(self) -> None:
+        """Open a throw-away session, generate one chunk end to end, close it."""
+        stream = self.config.stream
+        image = np.full((stream.height, stream.width, 3), 128, np.uint8)
+        face = Face(box=(0, 0, stream.width, stream.height), box_norm=(0.0, 0.0, 1.0, 1.0), source="fallback")
+        session, message, tensors = self.setup.build("warm-up", image, [face], "warm up", [0])
+        self.executor.open_session(message, tensors)
+        prepared = session.prepare_chunk()
+        self.executor.submit(prepared.request, prepared.tensors)
+        scored = self.executor.collect(prepared.request)
+        latent = scored.transfer.wait()["latent"] if scored.transfer is not None else scored.latent
+        session.decoder.decode_chunk(latent)
+        self.executor.close_session(SessionClose("warm-up"))
+
+    # ---- engine.pipeline.EngineOwner (on this thread) ----------------------------------------------------
+
+    def pick(self, in_flight: Work | None) -> LiveSession | None:
+        """Earliest deadline first among the running sessions (``engine.scheduler``); a session whose output
+        ended is finished here, and a chunk in flight counts as buffered for its session."""
+        report_offset = time.monotonic() - self._last_offset_report > 1.0
+        candidates: list[tuple[LiveSession, float]] = []
+        for entry in self.sessions.entries():
+            session = entry.session
+            if not session.live or session.output is None or entry.closing:
+                continue
+            if session.output.end_reason is not None:  # the room or the publisher went away
+                self.sessions.finish(entry, SessionState.ended, session.output.end_reason)
+                self.chunks.close_on_workers(session.id)
+                continue
+            try:
+                buffered = session.output.buffered_s()
+            except Exception as exc:  # one session's broken output must not stop the engine for all
+                log.exception("session %s failed while publishing", session.id)
+                self.chunks.fail_session(session.id, f"publishing failed: {exc}")
+                continue
+            self.metrics.set_buffer(session.id, buffered)
+            if report_offset and isinstance(session.output, LiveKitSessionOutput):
+                stats = session.output.publisher.av_offset_stats()
+                if stats.samples:
+                    self.metrics.set_av_offset(stats.last_s)
+                self._last_offset_report = time.monotonic()
+            if in_flight is not None and in_flight.session is session:
+                buffered += self.config.stream.chunk_duration_s(in_flight.prepared.request.chunk_index)
+            candidates.append((session, buffered))
+        return earliest_deadline(candidates, self.config.ahead_s)
+
+    def schedulable(self, session: LiveSession) -> bool:  # type: ignore[override]
+        entry = self.sessions.entry(session.id)
+        return entry is not None and entry.session is session and not entry.closing and session.live
+
+    def session_failed(self, session_id: str, reason: str) -> bool:
+        entry = self.sessions.entry(session_id)
+        if entry is None:
+            return False
+        self.sessions.finish(entry, SessionState.failed, reason)  # no longer live: never picked again
+        return True
+
+    def group_failed(self, reason: str) -> None:
+        self.health.fail(reason)
