@@ -5,6 +5,7 @@ forward is tests/oracles/test_liveact_equivalence.py."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -19,11 +20,68 @@ from proto.model_config import (
 from proto.stream_config import StreamConfig
 from workers.audio import AudioConditioning, InfiniteTalkAudio, video_frame_windows
 from workers.checkpoint import CheckpointError, is_audio_key, load_dit_checkpoint, save_dit_checkpoint
+from workers.inspect import describe_preset, run_inspect
 from workers.model import WanModel
 from workers.rope import grid_positions, rope_cos_sin
 from workers.streaming import StreamingDiT
 
 TINY = get_model_preset("soulx-liveact-tiny")
+FIXTURE_META = Path(__file__).resolve().parents[1] / "fixtures" / "liveact" / "meta.json"
+
+
+def _linear(fan_in: int, fan_out: int) -> int:
+    return fan_in * fan_out + fan_out
+
+
+def test_soulx_liveact_has_18_884_094_784_parameters_derived_from_upstreams_module_shapes() -> None:
+    """Arithmetic from upstream's constructors (model_liveact/model_memory.py, attention.py) at the published
+    model's arguments: Wan 2.1 I2V-14B (dim 5120, ffn 13824, 40 layers, in_dim 36, text_dim 4096, freq_dim
+    256, CLIP 1280) + per block `audio_cross_attn` (SingleStreamAttention: q_linear, kv_linear 768 → 2·dim,
+    proj, all biased, qk_norm=False so no norms) and `norm_x` (affine LayerNorm) + per block
+    `memory_proj_k/v` (depthwise Conv1d(dim, dim, 5, groups=dim, bias=False): dim·5 each) + `audio_proj`
+    (AudioProjModel: proj1 5·12·768 → 512, proj1_vf 8·12·768 → 512, proj2 512 → 512, proj3 512 → 32·768,
+    LayerNorm(768) as norm_output_audio defaults to True). Upstream's own WanModel built on the meta device
+    by tests/oracles/make_liveact_fixtures.py counted the same (meta.json)."""
+    d, ffn, layers = 5120, 13824, 40
+    block = {
+        "self_attn q, k, v, o + norm_q, norm_k": 4 * _linear(d, d) + 2 * d,
+        "cross_attn q, k, v, o, k_img, v_img + three RMSNorms": 6 * _linear(d, d) + 3 * d,
+        "norm3": 2 * d,
+        "ffn": _linear(d, ffn) + _linear(ffn, d),
+        "modulation": 6 * d,
+    }
+    wan_parts = {
+        "patch_embedding": 36 * d * 2 * 2 + d,
+        "text_embedding": _linear(4096, d) + _linear(d, d),
+        "time_embedding": _linear(256, d) + _linear(d, d),
+        "time_projection": _linear(d, 6 * d),
+        "head + its modulation": _linear(d, 16 * 4) + 2 * d,
+        "img_emb": 2 * 1280 + _linear(1280, 1280) + _linear(1280, d) + 2 * d,
+        "blocks": layers * sum(block.values()),
+    }
+    wan = sum(wan_parts.values())
+    audio_blocks = layers * (_linear(d, d) + _linear(768, 2 * d) + _linear(d, d) + 2 * d)
+    memory = layers * 2 * d * 5
+    audio_proj = sum(
+        [
+            _linear(5 * 12 * 768, 512),  # proj1
+            _linear(8 * 12 * 768, 512),  # proj1_vf
+            _linear(512, 512),  # proj2
+            _linear(512, 32 * 768),  # proj3
+            2 * 768,  # norm
+        ]
+    )
+    total = wan + audio_blocks + memory + audio_proj
+    assert wan == 16_394_878_784
+    assert audio_blocks + audio_proj == 2_487_168_000
+    assert memory == 2_048_000
+    assert total == 18_884_094_784
+    p = describe_preset("soulx-liveact")["parameters"]
+    assert (p["total"], p["wan"], p["audio"], p["memory"]) == (total, wan, audio_blocks + audio_proj, memory)
+    assert p["parts"]["blocks (audio cross-attn)"] == audio_blocks
+    assert p["parts"]["audio_proj"] == audio_proj
+    assert json.loads(FIXTURE_META.read_text())["published_parameters"] == total
+    assert "18,884,094,784" in run_inspect("soulx-liveact")
 
 
 def test_soulx_liveact_is_i2v_14b_plus_the_infinitetalk_audio_module_and_memory() -> None:
