@@ -1,20 +1,37 @@
-"""Model configuration: the Wan 2.1 DiT shape, its optional TalkingMachines audio layers, and named presets.
+"""Model configuration: the Wan 2.1 DiT shape, its optional audio layers, and named presets.
 
 Everything is a frozen dataclass validated at construction, so a bad preset fails at start-up with a message
 that names the field, never deep inside a forward pass. Field names follow Wan 2.1's `WanModel` constructor.
+
+Model families are data, not forks: `ModelConfig.audio` picks the audio-conditioning variant by its type —
+`AudioConfig` (TalkingMachines: audio keys/values inside each cross-attention) or `InfiniteTalkAudioConfig`
+(InfiniteTalk / SoulX-LiveAct: a separate frame-local audio cross-attention per block) — and
+`ModelConfig.memory` adds LiveAct's ConvKV memory to every self-attention. `ModelConfig.audio_variant` names
+the variant ("talkingmachines", "infinitetalk" or None).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field, replace
+from typing import ClassVar, Literal
 
 ModelType = Literal["t2v", "i2v"]
+AudioVariant = Literal["talkingmachines", "infinitetalk"]
 
 
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
+
+
+def _require_positive_ints(config: object, names: tuple[str, ...]) -> None:
+    """Each named field of `config` is a positive int (the message names the class and the field)."""
+    for name in names:
+        value = getattr(config, name)
+        _require(
+            isinstance(value, int) and value > 0,
+            f"{type(config).__name__}.{name} must be a positive int, got {value!r}",
+        )
 
 
 @dataclass(frozen=True)
@@ -37,20 +54,13 @@ class AudioConfig:
     token_dim: int = 768
     eps: float = 1e-5
 
+    variant: ClassVar[AudioVariant] = "talkingmachines"
+
     def __post_init__(self) -> None:
-        for name in (
-            "wav2vec_layers",
-            "wav2vec_dim",
-            "frames_per_latent",
-            "hidden_dim",
-            "num_tokens",
-            "token_dim",
-        ):
-            value = getattr(self, name)
-            _require(
-                isinstance(value, int) and value > 0,
-                f"AudioConfig.{name} must be a positive int, got {value!r}",
-            )
+        _require_positive_ints(
+            self,
+            ("wav2vec_layers", "wav2vec_dim", "frames_per_latent", "hidden_dim", "num_tokens", "token_dim"),
+        )
         _require(
             isinstance(self.window, int) and self.window > 0 and self.window % 2 == 1,
             f"AudioConfig.window must be a positive odd int (centred on the frame), got {self.window!r}",
@@ -69,11 +79,111 @@ class AudioConfig:
 
 
 @dataclass(frozen=True)
+class InfiniteTalkAudioConfig:
+    """Shape of the InfiniteTalk / SoulX-LiveAct audio path (`audio_proj` + `blocks.{i}.audio_cross_attn`).
+
+    Field names are the upstream constructor's (LiveAct's `WanModel(audio_window, intermediate_dim,
+    output_dim, context_tokens, vae_scale, norm_input_visual, norm_output_audio)` and `AudioProjModel(blocks,
+    channels)`), so a published `config.json` maps onto it one to one.
+
+    Input: per video frame, the wav2vec2 hidden states of the `audio_window` video frames centred on it,
+    `[audio_window, wav2vec_layers, wav2vec_dim]`. A clip's first latent frame (the reference frame) is one
+    video frame: its window goes through `proj1`; every later latent frame covers `vae_scale` video frames,
+    of which `later_frame_taps` window entries (first frame: its window's first half and centre, middle
+    frames: their centre, last frame: its centre and second half) go through `proj1_vf`. Then `proj2`,
+    `proj3` give `context_tokens` tokens of width `output_dim` per latent frame, LayerNorm'd when
+    `norm_output_audio`. In every block, `norm_x` (affine LayerNorm, when `norm_input_visual`) feeds
+    `audio_cross_attn`: each latent frame's tokens attend only to that frame's audio tokens (`q_linear`,
+    `kv_linear` token → 2·dim, `proj`), added to the residual after the text/image cross-attention.
+    `mute_reference_frame` (LiveAct's forward: True) zeroes that output on a clip's first latent frame;
+    InfiniteTalk's adds it there too (False, the default).
+    """
+
+    wav2vec_layers: int = 12
+    wav2vec_dim: int = 768
+    audio_window: int = 5
+    vae_scale: int = 4
+    intermediate_dim: int = 512
+    context_tokens: int = 32
+    output_dim: int = 768
+    norm_output_audio: bool = True
+    norm_input_visual: bool = True
+    mute_reference_frame: bool = False
+    norm_eps: float = 1e-5
+
+    variant: ClassVar[AudioVariant] = "infinitetalk"
+
+    def __post_init__(self) -> None:
+        _require_positive_ints(
+            self, ("wav2vec_layers", "wav2vec_dim", "intermediate_dim", "context_tokens", "output_dim")
+        )
+        _require(
+            isinstance(self.audio_window, int) and self.audio_window > 0 and self.audio_window % 2 == 1,
+            "InfiniteTalkAudioConfig.audio_window must be a positive odd int (centred on the video frame), "
+            f"got {self.audio_window!r}",
+        )
+        _require(
+            isinstance(self.vae_scale, int) and self.vae_scale >= 2,
+            "InfiniteTalkAudioConfig.vae_scale must be an int >= 2 (a later latent frame's first and last "
+            f"video frames are tapped separately), got {self.vae_scale!r}",
+        )
+        for name in ("norm_output_audio", "norm_input_visual", "mute_reference_frame"):
+            value = getattr(self, name)
+            _require(isinstance(value, bool), f"InfiniteTalkAudioConfig.{name} must be a bool, got {value!r}")
+        _require(self.norm_eps > 0, f"InfiniteTalkAudioConfig.norm_eps must be > 0, got {self.norm_eps!r}")
+
+    @property
+    def half_window(self) -> int:
+        """Video frames of audio context on each side of a video frame (2 for the 5-frame window)."""
+        return self.audio_window // 2
+
+    @property
+    def later_frame_taps(self) -> int:
+        """Window entries a later latent frame feeds `proj1_vf`: audio_window + vae_scale − 1 (8 upstream)."""
+        return self.audio_window + self.vae_scale - 1
+
+    @property
+    def first_frame_dim(self) -> int:
+        """Input width of `proj1` (the reference frame's window)."""
+        return self.audio_window * self.wav2vec_layers * self.wav2vec_dim
+
+    @property
+    def later_frame_dim(self) -> int:
+        """Input width of `proj1_vf` (a later latent frame's taps)."""
+        return self.later_frame_taps * self.wav2vec_layers * self.wav2vec_dim
+
+
+@dataclass(frozen=True)
+class ConvKVMemoryConfig:
+    """SoulX-LiveAct's ConvKV memory: `blocks.{i}.self_attn.memory_proj_k` / `memory_proj_v`.
+
+    Each is a depthwise `Conv1d(dim, dim, kernel=ratio, stride=ratio, groups=dim, bias=False)` over the token
+    axis of past pre-RoPE keys/values `[B, N, H, D]` (heads flattened to dim channels): every `ratio`
+    consecutive tokens (frame-major order, so a run may cross a frame boundary) become one memory token, N →
+    N / ratio. Upstream compresses the values with `memory_proj_k` too (its `v_compress` calls the key conv;
+    `memory_proj_v` is loaded but unused): `values_use_key_conv` keeps that behaviour (True for the published
+    model), False would use `memory_proj_v`. How the stream fills and uses the memory is the streaming
+    schedule's business, not the model's.
+    """
+
+    ratio: int = 5
+    values_use_key_conv: bool = True
+
+    def __post_init__(self) -> None:
+        _require_positive_ints(self, ("ratio",))
+        _require(
+            isinstance(self.values_use_key_conv, bool),
+            f"ConvKVMemoryConfig.values_use_key_conv must be a bool, got {self.values_use_key_conv!r}",
+        )
+
+
+@dataclass(frozen=True)
 class ModelConfig:
-    """Wan 2.1 DiT hyper-parameters (wan.md §1.1) plus the optional audio path.
+    """Wan 2.1 DiT hyper-parameters (wan.md §1.1) plus the optional audio path and ConvKV memory.
 
     `clip_dim` / `clip_tokens` describe the I2V image branch (CLIP ViT-H/14 penultimate features
-    `[B, 257, 1280]`); they are ignored for `t2v`.
+    `[B, 257, 1280]`); they are ignored for `t2v`. `audio`: None, `AudioConfig` (TalkingMachines) or
+    `InfiniteTalkAudioConfig` (InfiniteTalk / LiveAct, i2v only). `memory`: None or `ConvKVMemoryConfig`.
     """
 
     name: str
@@ -93,8 +203,9 @@ class ModelConfig:
     eps: float = 1e-6
     rope_theta: float = 10000.0
     num_train_timesteps: int = 1000
-    audio: AudioConfig | None = None
+    audio: AudioConfig | InfiniteTalkAudioConfig | None = None
     vae_stride: tuple[int, int, int] = field(default=(4, 8, 8))
+    memory: ConvKVMemoryConfig | None = None
 
     def __post_init__(self) -> None:
         _require(
@@ -109,25 +220,23 @@ class ModelConfig:
             self.patch_size[0] == 1,
             f"ModelConfig.patch_size[0] must be 1 (per-frame tokens), got {self.patch_size}",
         )
-        for name in (
-            "dim",
-            "ffn_dim",
-            "freq_dim",
-            "num_heads",
-            "num_layers",
-            "in_dim",
-            "out_dim",
-            "text_dim",
-            "text_len",
-            "clip_dim",
-            "clip_tokens",
-            "num_train_timesteps",
-        ):
-            value = getattr(self, name)
-            _require(
-                isinstance(value, int) and value > 0,
-                f"ModelConfig.{name} must be a positive int, got {value!r}",
-            )
+        _require_positive_ints(
+            self,
+            (
+                "dim",
+                "ffn_dim",
+                "freq_dim",
+                "num_heads",
+                "num_layers",
+                "in_dim",
+                "out_dim",
+                "text_dim",
+                "text_len",
+                "clip_dim",
+                "clip_tokens",
+                "num_train_timesteps",
+            ),
+        )
         _require(
             self.dim % self.num_heads == 0,
             f"ModelConfig.dim={self.dim} is not divisible by num_heads={self.num_heads}",
@@ -147,8 +256,19 @@ class ModelConfig:
             )
         _require(self.eps > 0, f"ModelConfig.eps must be > 0, got {self.eps!r}")
         _require(
-            self.audio is None or isinstance(self.audio, AudioConfig),
-            f"ModelConfig.audio must be an AudioConfig or None, got {type(self.audio).__name__}",
+            self.audio is None or isinstance(self.audio, AudioConfig | InfiniteTalkAudioConfig),
+            "ModelConfig.audio must be an AudioConfig, an InfiniteTalkAudioConfig or None, "
+            f"got {type(self.audio).__name__}",
+        )
+        if isinstance(self.audio, InfiniteTalkAudioConfig):
+            _require(
+                self.model_type == "i2v",
+                f"ModelConfig {self.name!r}: the infinitetalk audio variant is i2v only (upstream asserts "
+                f"it), got model_type={self.model_type!r}",
+            )
+        _require(
+            self.memory is None or isinstance(self.memory, ConvKVMemoryConfig),
+            f"ModelConfig.memory must be a ConvKVMemoryConfig or None, got {type(self.memory).__name__}",
         )
 
     @property
@@ -176,6 +296,11 @@ class ModelConfig:
     @property
     def has_audio(self) -> bool:
         return self.audio is not None
+
+    @property
+    def audio_variant(self) -> AudioVariant | None:
+        """'talkingmachines', 'infinitetalk', or None without audio layers."""
+        return None if self.audio is None else self.audio.variant
 
 
 # wav2vec2 width 32: a linear probe of the tiny random wav2vec2's features predicts the per-frame loudness of
@@ -235,6 +360,37 @@ PRESETS: dict[str, ModelConfig] = {
         audio=AudioConfig(),
     ),
 }
+
+# SoulX-LiveAct (github.com/Soul-AILab/SoulX-LiveAct, model_liveact/model_memory.py): Wan 2.1 I2V-14B with the
+# InfiniteTalk audio module (upstream's constructor defaults: 5-frame window, 512 intermediate, 32 tokens of
+# 768, both audio norms; the reference frame's audio muted as LiveAct's forward does) and ConvKV memory
+# (ratio 5) in every self-attention. Published resolutions: 720x416 (portrait, `--size 416*720`, 45x26 =
+# 1170 tokens per latent frame) and 512x512 (1024 tokens per latent frame); its evaluation setting is 480x832
+# (portrait). 18,884,094,784 parameters (`talkingmachines inspect --preset soulx-liveact`; derivation in
+# tests/workers/test_liveact_family.py).
+PRESETS["soulx-liveact"] = replace(
+    PRESETS["wan2.1-i2v-14b"],
+    name="soulx-liveact",
+    audio=InfiniteTalkAudioConfig(mute_reference_frame=True),
+    memory=ConvKVMemoryConfig(),
+)
+# The family at the tiny preset's width, for CPU tests and the upstream-equivalence fixtures
+# (tests/oracles/make_liveact_fixtures.py). clip_tokens is 257: upstream splits its cross-attention context
+# into image and text at a hard-coded 257 tokens.
+PRESETS["soulx-liveact-tiny"] = replace(
+    PRESETS["tiny"],
+    name="soulx-liveact-tiny",
+    clip_tokens=257,
+    audio=InfiniteTalkAudioConfig(
+        wav2vec_layers=2,
+        wav2vec_dim=32,
+        intermediate_dim=32,
+        context_tokens=32,
+        output_dim=16,
+        mute_reference_frame=True,
+    ),
+    memory=ConvKVMemoryConfig(),
+)
 
 
 def get_model_preset(name: str) -> ModelConfig:

@@ -1,5 +1,6 @@
-"""TalkingMachines audio conditioning: audio projection, silence embedding, face-region token masks and the
-frame-local audio attention used inside every cross-attention.
+"""Audio conditioning of both audio variants (ModelConfig.audio): TalkingMachines' audio projection, silence
+embedding, face-region token masks and the frame-local audio attention used inside every cross-attention;
+and the InfiniteTalk / SoulX-LiveAct audio projection and per-block audio cross-attention (at the end).
 
 Inputs (built by the master's audio front-end): for each character, wav2vec2 hidden states resampled to the
 video frame rate and grouped per latent frame, `[frames_per_latent, wav2vec_layers, wav2vec_dim]` per latent
@@ -25,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from proto.model_config import AudioConfig
+from proto.model_config import AudioConfig, InfiniteTalkAudioConfig
 from workers.attention import attention
 
 
@@ -158,3 +159,121 @@ def frame_local_audio_attention(
         o = o.reshape(b, f * s, h, d)
         out = out + (o if face_mask is None else o * face_mask[:, j, :, None, None].to(o.dtype))
     return out
+
+
+# ---- InfiniteTalk / SoulX-LiveAct variant ------------------------------------------------------------------
+#
+# Parameter names are upstream's (MeiGen-AI/InfiniteTalk wan/modules/multitalk_model.py,
+# Soul-AILab/SoulX-LiveAct model_liveact/model_memory.py), so a published state dict loads without renaming:
+# - `audio_proj.proj1` (first-frame window → intermediate), `audio_proj.proj1_vf` (a later latent frame's
+#   taps → intermediate), `audio_proj.proj2` (intermediate → intermediate), `audio_proj.proj3` (intermediate
+#   → context_tokens·output_dim), `audio_proj.norm` (LayerNorm(output_dim), when norm_output_audio);
+# - `blocks.{i}.norm_x` (affine LayerNorm(dim), when norm_input_visual) and
+#   `blocks.{i}.audio_cross_attn.{q_linear, kv_linear, proj}` (dim → dim, output_dim → 2·dim, dim → dim, all
+#   with bias; no q/k norms).
+
+
+@dataclass
+class InfiniteTalkAudio:
+    """Audio inputs of the infinitetalk variant for one forward over F latent frames (one speaker).
+
+    windows: `[B, T, audio_window, wav2vec_layers, wav2vec_dim]`, each video frame's window of wav2vec2 hidden
+        states (`video_frame_windows`), T = 1 + vae_scale·(F − 1) when `starts_clip`, else vae_scale·F.
+    tokens: instead of windows, projected tokens `[B, F, context_tokens, output_dim]`.
+    starts_clip: the first latent frame is the clip's reference frame (LiveAct's first chunk): its window goes
+        through `proj1`, and with `mute_reference_frame` its audio output is zero.
+    """
+
+    windows: torch.Tensor | None = None
+    tokens: torch.Tensor | None = None
+    starts_clip: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.windows is None) == (self.tokens is None):
+            raise ValueError("InfiniteTalkAudio takes either windows or tokens (exactly one)")
+
+
+def video_frame_windows(embedding: torch.Tensor, start: int, end: int, half_window: int) -> torch.Tensor:
+    """Per-video-frame audio windows `[end − start, 2·half_window + 1, ...]` of a clip's per-video-frame
+    features `embedding` `[T, ...]` (e.g. `[T, layers, dim]`): frame i gets frames i − half .. i + half,
+    indices clamped to the clip (its first/last frame repeats), as InfiniteTalk and LiveAct build them."""
+    offsets = torch.arange(-half_window, half_window + 1, device=embedding.device)
+    frames = torch.arange(start, end, device=embedding.device)
+    index = (frames[:, None] + offsets[None, :]).clamp(0, embedding.shape[0] - 1)
+    return embedding[index]
+
+
+class InfiniteTalkAudioProjection(nn.Module):
+    """`audio_proj`: per latent frame, its video frames' audio windows → context_tokens audio tokens."""
+
+    def __init__(self, config: InfiniteTalkAudioConfig) -> None:
+        super().__init__()
+        self.config = config
+        inter = config.intermediate_dim
+        self.proj1 = nn.Linear(config.first_frame_dim, inter)
+        self.proj1_vf = nn.Linear(config.later_frame_dim, inter)
+        self.proj2 = nn.Linear(inter, inter)
+        self.proj3 = nn.Linear(inter, config.context_tokens * config.output_dim)
+        self.norm: nn.Module = nn.Identity()
+        if config.norm_output_audio:
+            self.norm = nn.LayerNorm(config.output_dim, eps=config.norm_eps)
+
+    def later_frame_taps(self, windows: torch.Tensor) -> torch.Tensor:
+        """Windows of whole later latent frames `[B, vae_scale·F, W, L, C]` → their taps `[B, F, taps·L·C]`:
+        the first video frame's window up to its centre, the middle frames' centres, the last frame's window
+        from its centre (in that order, each window-major)."""
+        cfg = self.config
+        mid = cfg.half_window
+        groups = windows.unflatten(1, (-1, cfg.vae_scale))  # [B, F, vae_scale, W, L, C]
+        taps = torch.cat([groups[:, :, 0, : mid + 1], groups[:, :, 1:-1, mid], groups[:, :, -1, mid:]], dim=2)
+        return taps.flatten(2)
+
+    def forward(self, windows: torch.Tensor, starts_clip: bool) -> torch.Tensor:
+        """windows `[B, T, W, L, C]` (`InfiniteTalkAudio`) → tokens `[B, F, context_tokens, output_dim]`."""
+        cfg = self.config
+        expected = (cfg.audio_window, cfg.wav2vec_layers, cfg.wav2vec_dim)
+        later = windows[:, 1:] if starts_clip else windows
+        if windows.ndim != 5 or tuple(windows.shape[2:]) != expected or later.shape[1] % cfg.vae_scale:
+            first = "1 + " if starts_clip else ""
+            raise ValueError(
+                f"audio windows have shape {tuple(windows.shape)}; expected [B, {first}{cfg.vae_scale}·F, "
+                f"{', '.join(map(str, expected))}] (starts_clip={starts_clip})"
+            )
+        dtype = self.proj1.weight.dtype
+        hidden = [torch.relu(self.proj1_vf(self.later_frame_taps(later).to(dtype)))]
+        if starts_clip:
+            hidden.insert(0, torch.relu(self.proj1(windows[:, :1].flatten(2).to(dtype))))
+        h = torch.relu(self.proj2(torch.cat(hidden, dim=1)))
+        tokens = self.proj3(h).unflatten(-1, (cfg.context_tokens, cfg.output_dim))
+        if isinstance(self.norm, nn.LayerNorm):
+            norm = self.norm
+            tokens = F.layer_norm(
+                tokens.float(), norm.normalized_shape, norm.weight.float(), norm.bias.float(), norm.eps
+            ).to(tokens.dtype)
+        return tokens
+
+
+class AudioCrossAttention(nn.Module):
+    """`audio_cross_attn`: every latent frame's tokens attend to that frame's audio tokens only (one speaker).
+
+    x `[B, F·S, dim]` (S tokens per frame; under sequence parallelism a rank's band of every frame), audio
+    keys/values from `kv` `[B, F, N, H, D]` → `[B, F·S, dim]`. The block adds it to the residual.
+    """
+
+    def __init__(self, dim: int, num_heads: int, token_dim: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.q_linear = nn.Linear(dim, dim)
+        self.kv_linear = nn.Linear(token_dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def kv(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Audio tokens `[B, F, N, token_dim]` → keys, values `[B, F, N, H, D]` (once per chunk)."""
+        k, v = self.kv_linear(tokens).unflatten(-1, (2, self.num_heads, self.head_dim)).unbind(-3)
+        return k, v
+
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        q = self.q_linear(x).unflatten(-1, (self.num_heads, self.head_dim))
+        out = frame_local_audio_attention(q, kv[0][:, None], kv[1][:, None], None)
+        return self.proj(out.flatten(2))

@@ -11,10 +11,12 @@ Keys may carry the ``model.`` prefix that causal students' wrapper modules add; 
 are never held twice: the model is built on the meta device, every tensor is read from the memory-mapped
 file one at a time, cast, and assigned into the module (``load_state_dict(assign=True)``).
 
-Audio layers (TalkingMachines' additions) are absent from public Wan checkpoints. Missing audio tensors are
-filled with zeros, which makes the model compute exactly plain Wan, and are listed in the report. Every
-other missing, unexpected or mis-shaped key is an error that names the key, both shapes and the preset the
-checkpoint looks like.
+Audio layers (TalkingMachines' or InfiniteTalk / LiveAct's, `is_audio_key`) are absent from public Wan
+checkpoints. Missing audio tensors are filled with zeros, which makes the model compute exactly plain Wan,
+and are listed in the report. Every other missing, unexpected or mis-shaped key is an error that names the
+key, both shapes and the preset the checkpoint looks like (by shapes, blocks, image branch, audio variant and
+ConvKV memory). A SoulX-LiveAct checkpoint (diffusers layout: sharded safetensors + index, upstream's key
+names) loads into the `soulx-liveact` preset as it is.
 """
 
 from __future__ import annotations
@@ -255,8 +257,23 @@ def _shape_str(shape: tuple[int, ...]) -> str:
 
 
 def is_audio_key(key: str) -> bool:
-    """True for the TalkingMachines audio tensors (absent from Wan checkpoints, zero-initialised on load)."""
-    return any("audio" in part for part in key.split("."))
+    """True for the audio tensors of either variant (absent from Wan checkpoints, zero-initialised on load):
+    any key with "audio" in a module name, and the infinitetalk blocks' `norm_x` (the audio query's norm;
+    zero with the rest, the audio output stays zero)."""
+    parts = key.split(".")
+    return any("audio" in part for part in parts) or "norm_x" in parts
+
+
+def _checkpoint_family(keys: list[str]) -> tuple[str | None, bool]:
+    """(audio variant the keys hold: 'infinitetalk', 'talkingmachines' or None; whether they hold ConvKV
+    memory convolutions)."""
+    if any(k.startswith("audio_proj.proj1") for k in keys):
+        audio: str | None = "infinitetalk"
+    elif any(k.startswith("audio_proj.") for k in keys):
+        audio = "talkingmachines"
+    else:
+        audio = None
+    return audio, any(".memory_proj_" in k for k in keys)
 
 
 def _preset_signature(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -283,6 +300,7 @@ def _likely_presets(source: _TensorSource, requested: ModelConfig) -> str:
         )
     blocks = _num_blocks(keys)
     has_img = any(k.startswith("img_emb.") for k in keys)
+    audio, memory = _checkpoint_family(keys)
     matches = []
     for name in model_preset_names():
         candidate = get_model_preset(name)
@@ -291,10 +309,16 @@ def _likely_presets(source: _TensorSource, requested: ModelConfig) -> str:
             all(signature[k] == shape for k, shape in found.items())
             and candidate.num_layers == blocks
             and candidate.has_image_branch == has_img
+            and audio in (None, candidate.audio_variant)
+            and memory == (candidate.memory is not None)
         ):
             matches.append(name)
     seen = ", ".join(f"{k} {_shape_str(s)}" for k, s in found.items())
     described = f"the checkpoint has {seen}, {blocks} blocks, {'an' if has_img else 'no'} image branch"
+    if audio is not None:
+        described += f", {audio} audio layers"
+    if memory:
+        described += ", ConvKV memory"
     if requested.name in matches:
         return f"{described}, which fits preset '{requested.name}' — the file itself is inconsistent"
     if matches:

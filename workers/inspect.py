@@ -17,6 +17,11 @@ costing no memory even for the 18B preset. Memory and FLOPs are analytic (wan.md
   steady-state chunk (t ≥ 2) attends to c_0, c_{t−1} and itself: L_kv = 3 · L_chunk (9216 at 512², F = 3);
   chunks 0 and 1 see L_chunk and 2 · L_chunk. A chunk costs len(steps) forwards in `per-step` mode and one
   more (the σ = 0 refresh) in `clean-context` mode.
+
+Parameters are split into Wan 2.1's, the audio path's (either variant: `workers.checkpoint.is_audio_key`) and
+the ConvKV memory's. For the SoulX-LiveAct presets the memory and FLOPs sections still describe this
+repository's TalkingMachines schedule (c_0, c_{t−1}, current); LiveAct's own schedule (chunks of 6 then 8
+latent frames, a 14-frame cache per denoising step) is not modelled yet, and the report says so.
 """
 
 from __future__ import annotations
@@ -31,8 +36,9 @@ from typing import Any
 
 import torch
 
-from proto.model_config import ModelConfig, get_model_preset, model_preset_names
+from proto.model_config import InfiniteTalkAudioConfig, ModelConfig, get_model_preset, model_preset_names
 from proto.stream_config import StreamConfig
+from workers.checkpoint import is_audio_key
 from workers.model import WanModel
 
 BF16_BYTES = 2
@@ -50,10 +56,15 @@ _WAN_PARTS = (
 
 
 def _part(key: str) -> str:
-    """Report section of a parameter: its top-level module, with the audio layers inside blocks split out."""
+    """Report section of a parameter: its top-level module, with the audio layers (TalkingMachines: the audio
+    k/v of the cross-attention; infinitetalk: norm_x and audio_cross_attn) and the ConvKV memory inside blocks
+    split out."""
     parts = key.split(".")
-    if parts[0] == "blocks" and any("audio" in p for p in parts):
-        return "blocks (audio k/v)"
+    if parts[0] == "blocks" and is_audio_key(key):
+        frame_audio = "audio_cross_attn" in parts or "norm_x" in parts
+        return "blocks (audio cross-attn)" if frame_audio else "blocks (audio k/v)"
+    if parts[0] == "blocks" and any(p.startswith("memory_proj") for p in parts):
+        return "blocks (ConvKV memory)"
     return parts[0]
 
 
@@ -65,9 +76,10 @@ def _parameters(config: ModelConfig) -> dict[str, Any]:
         parts[_part(key)] = parts.get(_part(key), 0) + param.numel()
     total = sum(parts.values())
     audio = sum(n for name, n in parts.items() if "audio" in name)
+    memory = sum(n for name, n in parts.items() if "memory" in name)
     ordered = {name: parts[name] for name in _WAN_PARTS if name in parts}
     ordered |= {name: n for name, n in parts.items() if name not in ordered}
-    return {"total": total, "wan": total - audio, "audio": audio, "parts": ordered}
+    return {"total": total, "wan": total - audio - memory, "audio": audio, "memory": memory, "parts": ordered}
 
 
 def _context_tokens(config: ModelConfig) -> int:
@@ -102,6 +114,14 @@ def _audio_flops_per_forward(config: ModelConfig, lq: int, frames: int) -> int:
     if audio is None:
         return 0
     d = config.dim
+    if isinstance(audio, InfiniteTalkAudioConfig):
+        # One speaker; every latent frame of a steady-state chunk is a later frame (proj1_vf).
+        inter, out = audio.intermediate_dim, audio.context_tokens * audio.output_dim
+        projection = 2 * frames * (audio.later_frame_dim * inter + inter**2 + inter * out)
+        kv = 2 * audio.output_dim * 2 * d * frames * audio.context_tokens
+        q_and_proj = 2 * 2 * d * d * lq
+        attn = 4 * lq * audio.context_tokens * d  # each query sees its frame's context_tokens tokens
+        return projection + (kv + q_and_proj + attn) * config.num_layers
     out = audio.num_tokens * audio.token_dim
     mlp = audio.input_dim * audio.hidden_dim + audio.hidden_dim**2 + audio.hidden_dim * out
     projection = 2 * mlp * frames * CHARACTERS
@@ -193,6 +213,8 @@ def describe_preset(
             "num_layers": config.num_layers,
             "in_dim": config.in_dim,
             "audio": config.audio is not None,
+            "audio_variant": config.audio_variant,
+            "memory": config.memory is not None,
         },
         "stream": {
             "height": stream.height,
@@ -206,7 +228,15 @@ def describe_preset(
         "weights_bf16_bytes": params["total"] * BF16_BYTES,
         "kv_cache": _kv_cache(config, stream),
         "flops": _flops(config, stream),
+        "schedule_note": _SCHEDULE_NOTE if config.memory is not None else None,
     }
+
+
+_SCHEDULE_NOTE = (
+    "memory and FLOPs assume this repository's schedule (c_0, c_t-1, current chunk); SoulX-LiveAct's own "
+    "(6 then 8 latent frames a chunk, a 14-frame sink + ConvKV memory + neighbour cache per step) is not "
+    "modelled yet"
+)
 
 
 def _gb(n: int) -> str:
@@ -237,6 +267,8 @@ def format_preset_report(d: dict[str, Any]) -> str:
         f"  {'Wan 2.1':<{width}}{p['wan']:>18,}",
         f"  {'audio':<{width}}{p['audio']:>18,}",
     ]
+    if p["memory"]:
+        lines.append(f"  {'ConvKV memory':<{width}}{p['memory']:>18,}")
     lines += [f"    {name:<{width - 2}}{n:>18,}" for name, n in p["parts"].items()]
     lines += [
         "",
@@ -260,6 +292,8 @@ def format_preset_report(d: dict[str, Any]) -> str:
     ]
     if fl["audio_characters"]:
         lines.append(f"  audio FLOPs counted for {fl['audio_characters']} character(s)")
+    if d["schedule_note"]:
+        lines += ["", f"Note: {d['schedule_note']}"]
     return "\n".join(lines)
 
 

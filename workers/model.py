@@ -1,10 +1,12 @@
-"""The Wan 2.1 DiT (T2V and I2V) with TalkingMachines audio cross-attention, in one file.
+"""The Wan 2.1 DiT (T2V and I2V) with either audio variant and optional ConvKV memory, in one file.
 
 Structure and module names follow Wan 2.1's `wan/modules/model.py` exactly (see wan.md §1), so a public
 state dict loads with `load_state_dict` and no renaming: `patch_embedding`, `text_embedding`,
 `time_embedding`, `time_projection`, `blocks.{i}.{modulation, self_attn, norm3, cross_attn, ffn}`, `head`,
-`img_emb` (I2V), plus the audio layers documented in workers/audio.py (`audio_proj`,
-`blocks.{i}.cross_attn.{k_audio, v_audio, norm_k_audio}`).
+`img_emb` (I2V), plus the audio layers documented in workers/audio.py: TalkingMachines (`audio_proj`,
+`blocks.{i}.cross_attn.{k_audio, v_audio, norm_k_audio}`) or InfiniteTalk / SoulX-LiveAct (`audio_proj.{proj1,
+proj1_vf, proj2, proj3, norm}`, `blocks.{i}.{norm_x, audio_cross_attn}`), and LiveAct's ConvKV memory
+(`blocks.{i}.self_attn.{memory_proj_k, memory_proj_v}`, `WanSelfAttention.compress_memory`).
 
 Differences from the original forward, all needed for streaming and none changing the math:
 - timesteps may be per latent frame (`t` `[B, F]`), the modulation broadcast per frame (causal students);
@@ -16,6 +18,8 @@ Differences from the original forward, all needed for streaming and none changin
   cache buffer and attends over one view of it (`workers.kv_cache`); the audio keys/values come projected
   once per chunk (`audio_kv`);
 - text/image cross-attention keys/values can be precomputed once per session (`cross_attention_kv`);
+- the infinitetalk variant's audio output is added after the text/image cross-attention, as upstream does;
+  on a clip's first latent frame it is zero when the config says so (LiveAct's `mute_reference_frame`);
 - with an `sp_group`, Ulysses sequence parallelism: each rank runs its band of every frame, self-attention
   switches to head sharding (all tokens in the unsharded frame-major order) around its core, the head's
   output is gathered (layout in `workers/sp.py`).
@@ -31,9 +35,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from proto.model_config import ModelConfig
+from proto.model_config import AudioConfig, ConvKVMemoryConfig, InfiniteTalkAudioConfig, ModelConfig
 from workers.attention import attention
-from workers.audio import AudioConditioning, AudioProjection, frame_local_audio_attention
+from workers.audio import (
+    AudioConditioning,
+    AudioCrossAttention,
+    AudioProjection,
+    InfiniteTalkAudio,
+    InfiniteTalkAudioProjection,
+    frame_local_audio_attention,
+)
 from workers.rope import apply_rope, grid_positions, rope_cos_sin
 from workers.sp import check_sp_shapes, frames_to_heads, gather_frames, heads_to_frames, shard_frames
 from workers.ulysses import group_size
@@ -108,9 +119,15 @@ class WanSelfAttention(nn.Module):
     place and attends over the buffer's visible view. With an SP group of P ranks, `forward` projects its
     token shard, switches q/k/v to head sharding (all L tokens in frame-major order, H/P heads) around the
     core, and back.
+
+    With a `ConvKVMemoryConfig`, SoulX-LiveAct's memory convolutions `memory_proj_k` / `memory_proj_v`
+    (depthwise Conv1d over the token axis, kernel = stride = ratio, no bias) and `compress_memory`, which
+    turns past pre-RoPE keys/values into memory tokens; the stream prepends them as a `prefix`.
     """
 
-    def __init__(self, dim: int, num_heads: int, eps: float) -> None:
+    def __init__(
+        self, dim: int, num_heads: int, eps: float, memory: ConvKVMemoryConfig | None = None
+    ) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
@@ -120,6 +137,38 @@ class WanSelfAttention(nn.Module):
         self.o = nn.Linear(dim, dim)
         self.norm_q = WanRMSNorm(dim, eps)
         self.norm_k = WanRMSNorm(dim, eps)
+        self.memory = memory
+        if memory is not None:
+            conv = {"kernel_size": memory.ratio, "stride": memory.ratio, "groups": dim, "bias": False}
+            self.memory_proj_k = nn.Conv1d(dim, dim, **conv)
+            self.memory_proj_v = nn.Conv1d(dim, dim, **conv)
+
+    def compress_memory(self, k: torch.Tensor, v: torch.Tensor, mean: bool = False) -> KV:
+        """Past pre-RoPE keys and values `[B, N, H, D]` → memory tokens `[B, N / ratio, H, D]` each.
+
+        Every `ratio` consecutive tokens (in the given order: frame-major, so a run crosses a frame boundary
+        unless the tokens of a frame are a multiple of ratio) become one, per channel: the depthwise
+        `memory_proj_k` for the keys and, as upstream (`values_use_key_conv`), for the values too
+        (`memory_proj_v` otherwise). `mean=True` averages the run instead (upstream's `--mean_memory`).
+        """
+        if self.memory is None:
+            raise ValueError("this self-attention has no ConvKV memory (ModelConfig.memory is None)")
+        ratio = self.memory.ratio
+        if k.shape != v.shape or k.shape[1] % ratio or k.shape[2:] != (self.num_heads, self.head_dim):
+            raise ValueError(
+                f"memory keys/values must both be [B, N, {self.num_heads}, {self.head_dim}] with N a "
+                f"multiple of {ratio}, got {tuple(k.shape)} and {tuple(v.shape)}"
+            )
+        if mean:
+            return k.unflatten(1, (-1, ratio)).mean(2), v.unflatten(1, (-1, ratio)).mean(2)
+        v_conv = self.memory_proj_k if self.memory.values_use_key_conv else self.memory_proj_v
+
+        def compress(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
+            channels = x.flatten(2).transpose(1, 2).to(conv.weight.dtype)  # [B, dim, N]
+            out = F.conv1d(channels, conv.weight, stride=ratio, groups=channels.shape[1])
+            return out.transpose(1, 2).unflatten(-1, (self.num_heads, self.head_dim)).to(x.dtype)
+
+        return compress(k, self.memory_proj_k), compress(v, v_conv)
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x `[B, L, dim]` → q, k, v `[B, L, H, D]` (q, k normed, not rotated)."""
@@ -263,26 +312,42 @@ class WanCrossAttention(nn.Module):
 
 
 class WanAttentionBlock(nn.Module):
-    """Modulated self-attention → cross-attention (norm3, no gate) → modulated FFN (wan.md §1.3)."""
+    """Modulated self-attention → cross-attention (norm3, no gate) → [infinitetalk: + audio cross-attention on
+    norm_x(x), no gate] → modulated FFN (wan.md §1.3)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         dim = config.dim
+        audio = config.audio
         self.norm1 = WanLayerNorm(dim, eps=config.eps, elementwise_affine=False)
-        self.self_attn = WanSelfAttention(dim, config.num_heads, config.eps)
+        self.self_attn = WanSelfAttention(dim, config.num_heads, config.eps, config.memory)
         self.norm3 = WanLayerNorm(dim, eps=config.eps, elementwise_affine=True)
         self.cross_attn = WanCrossAttention(
             dim,
             config.num_heads,
             config.eps,
             image=config.has_image_branch,
-            audio_token_dim=config.audio.token_dim if config.audio is not None else None,
+            audio_token_dim=audio.token_dim if isinstance(audio, AudioConfig) else None,
         )
         self.norm2 = WanLayerNorm(dim, eps=config.eps, elementwise_affine=False)
         self.ffn = nn.Sequential(
             nn.Linear(dim, config.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(config.ffn_dim, dim)
         )
         self.modulation = _modulation(1, 6, dim)
+        self.frame_audio = isinstance(audio, InfiniteTalkAudioConfig)
+        if isinstance(audio, InfiniteTalkAudioConfig):
+            self.audio_cross_attn = AudioCrossAttention(dim, config.num_heads, audio.output_dim)
+            self.norm_x: nn.Module = (
+                WanLayerNorm(dim, eps=config.eps, elementwise_affine=True)
+                if audio.norm_input_visual
+                else nn.Identity()
+            )
+
+    def audio_kv(self, tokens: torch.Tensor) -> KV:
+        """This block's audio keys/values of projected tokens (either variant; once per chunk)."""
+        if self.frame_audio:
+            return self.audio_cross_attn.kv(tokens)
+        return self.cross_attn.audio_kv(tokens)
 
     def forward(
         self,
@@ -298,12 +363,14 @@ class WanAttentionBlock(nn.Module):
         sp_group: dist.ProcessGroup | None = None,
         cache: CacheView | None = None,
         audio_kv: KV | None = None,
+        mute_first_frame: bool = False,
     ) -> torch.Tensor:
         """x `[B, F·S, dim]`, e0 `[B, F, 6, dim]` (float32) → x.
 
         cache: this block's streaming cache view (`WanSelfAttention.forward`); audio_kv: the audio keys/values
         projected once per chunk, instead of audio_tokens. With `sp_group`, S is this rank's band of every
-        frame (`workers.sp`); all else is token-wise.
+        frame (`workers.sp`); all else is token-wise. mute_first_frame (infinitetalk): the audio output of
+        the first latent frame is zero (a clip's reference frame in LiveAct).
         """
         b, length, dim = x.shape
         frames = e0.shape[1]
@@ -324,7 +391,18 @@ class WanAttentionBlock(nn.Module):
             modulate(self.norm1(x), 1, 0), rope_q, rope_k, prefix, mask, sp_group, frames, cache
         )
         x = gated(x, y, 2)
-        x = x + self.cross_attn(self.norm3(x), cross_kv, audio_tokens, face_mask, audio_kv)
+        if not self.frame_audio:
+            x = x + self.cross_attn(self.norm3(x), cross_kv, audio_tokens, face_mask, audio_kv)
+            return gated(x, self.ffn(modulate(self.norm2(x), 4, 3)), 5)
+        x = x + self.cross_attn(self.norm3(x), cross_kv)
+        if audio_kv is None and audio_tokens is not None:
+            audio_kv = self.audio_cross_attn.kv(audio_tokens)
+        if audio_kv is not None:
+            out = self.audio_cross_attn(self.norm_x(x), audio_kv)
+            if mute_first_frame:
+                first = length // frames
+                out = torch.cat([torch.zeros_like(out[:, :first]), out[:, first:]], dim=1)
+            x = x + out
         return gated(x, self.ffn(modulate(self.norm2(x), 4, 3)), 5)
 
 
@@ -388,17 +466,21 @@ class WanModel(nn.Module):
         self.head = Head(config)
         if config.has_image_branch:
             self.img_emb = MLPProj(config.clip_dim, dim)
-        if config.audio is not None:
-            self.audio_proj = AudioProjection(config.audio)
+        if isinstance(config.audio, AudioConfig):
+            self.audio_proj: nn.Module = AudioProjection(config.audio)
+        elif isinstance(config.audio, InfiniteTalkAudioConfig):
+            self.audio_proj = InfiniteTalkAudioProjection(config.audio)
         self.init_weights()
 
     @torch.no_grad()
     def init_weights(self, zero_head: bool = True, zero_audio: bool = True) -> None:
         """Wan's initialisation: Xavier-uniform Linear weights with zero biases, N(0, 0.02) text/time MLPs, a
-        zero output head; audio k/v projections zero so a fresh audio path leaves the output unchanged.
+        zero output head; the audio path's output layers zero so a fresh audio path leaves the output
+        unchanged (TalkingMachines: the audio k/v projections; infinitetalk: `audio_cross_attn.proj`); ConvKV
+        memory convolutions 1/ratio, a plain mean of each run (upstream's `post_init`).
 
-        `zero_head=False` / `zero_audio=False` give random (Xavier) head and audio k/v weights, for tests that
-        need a non-trivial output from an untrained model.
+        `zero_head=False` / `zero_audio=False` give random (Xavier) head and audio output weights, for tests
+        that need a non-trivial output from an untrained model.
         """
         for module in self.modules():
             if isinstance(module, nn.Linear):
@@ -415,9 +497,17 @@ class WanModel(nn.Module):
             nn.init.zeros_(self.head.head.weight)
         if zero_audio and self.config.audio is not None:
             for block in self.blocks:
-                for layer in (block.cross_attn.k_audio, block.cross_attn.v_audio):
+                if block.frame_audio:
+                    layers = [block.audio_cross_attn.proj]
+                else:
+                    layers = [block.cross_attn.k_audio, block.cross_attn.v_audio]
+                for layer in layers:
                     nn.init.zeros_(layer.weight)
                     nn.init.zeros_(layer.bias)
+        if self.config.memory is not None:
+            for block in self.blocks:
+                for conv in (block.self_attn.memory_proj_k, block.self_attn.memory_proj_v):
+                    nn.init.constant_(conv.weight, 1.0 / self.config.memory.ratio)
 
     def embed_text(self, context: torch.Tensor) -> torch.Tensor:
         """umT5 features `[B, Lt ≤ text_len, text_dim]` → zero-padded to text_len → `[B, text_len, dim]`."""
@@ -500,7 +590,7 @@ class WanModel(nn.Module):
         context: torch.Tensor | None = None,
         clip_fea: torch.Tensor | None = None,
         y: torch.Tensor | None = None,
-        audio: AudioConditioning | None = None,
+        audio: AudioConditioning | InfiniteTalkAudio | None = None,
         frame_positions: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
         prefix_kv: list[KV] | None = None,
@@ -512,7 +602,8 @@ class WanModel(nn.Module):
         t: timesteps in [0, 1000], `[B]` (shared) or `[B, F]` (per latent frame).
         cross_kv: from `cross_attention_kv`; otherwise computed from `context` (+ `clip_fea` for i2v).
         y: I2V conditioning `[B, 20, F, H, W]` (4 mask + 16 image-latent channels), required for i2v.
-        audio: per-frame audio inputs (needs ModelConfig.audio); None = no audio branch.
+        audio: per-frame audio inputs of the model's variant (`AudioConditioning` for talkingmachines,
+            `InfiniteTalkAudio` for infinitetalk); None = no audio branch (upstream LiveAct's `skip_audio`).
         frame_positions: temporal RoPE positions `[F]` of x's latent frames (default 0..F−1).
         attn_mask: boolean self-attention mask `[Lq, Lp + Lq]`, True = may attend (sdpa/math backends).
         prefix_kv / prefix_frame_positions: per block pre-RoPE (k, v) `[B, Lp, H, D]` prepended to the keys,
@@ -553,22 +644,57 @@ class WanModel(nn.Module):
         audio_tokens = face_mask = None
         if audio is not None:
             audio_tokens, face_mask = self.audio_inputs(audio, grid[0], sp_group)
+        mute = self.mutes_first_frame(audio)
 
         for i, block in enumerate(self.blocks):
             prefix = None if prefix_kv is None else prefix_kv[i]
             h = block(
-                h, e0, rope_q, rope_k, cross_kv[i], audio_tokens, face_mask, prefix, attn_mask, sp_group
+                h,
+                e0,
+                rope_q,
+                rope_k,
+                cross_kv[i],
+                audio_tokens,
+                face_mask,
+                prefix,
+                attn_mask,
+                sp_group,
+                mute_first_frame=mute,
             )
 
         out = gather_frames(self.head(h, e), sp_group, grid[0])
         return self.unpatchify(out, *grid)
 
     def audio_inputs(
-        self, audio: AudioConditioning, frames: int, sp_group: dist.ProcessGroup | None = None
+        self,
+        audio: AudioConditioning | InfiniteTalkAudio,
+        frames: int,
+        sp_group: dist.ProcessGroup | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(tokens `[B, C, F, N, token_dim]`, projected if given as features; this rank's face mask)."""
-        if self.config.audio is None:
-            raise ValueError(f"preset {self.config.name!r} has no audio layers; pass audio=None")
+        """(tokens, projected if given as features/windows; this rank's face mask or None).
+
+        Tokens are `[B, C, F, N, token_dim]` (talkingmachines) or `[B, F, context_tokens, output_dim]`
+        (infinitetalk, no face mask)."""
+        cfg = self.config
+        if cfg.audio is None:
+            raise ValueError(f"preset {cfg.name!r} has no audio layers; pass audio=None")
+        wanted = InfiniteTalkAudio if isinstance(cfg.audio, InfiniteTalkAudioConfig) else AudioConditioning
+        if not isinstance(audio, wanted):
+            raise ValueError(
+                f"preset {cfg.name!r} has the {cfg.audio_variant} audio variant and takes {wanted.__name__}, "
+                f"got {type(audio).__name__}"
+            )
+        if isinstance(audio, InfiniteTalkAudio):
+            tokens = audio.tokens
+            if tokens is None:
+                assert audio.windows is not None
+                tokens = self.audio_proj(audio.windows, audio.starts_clip)
+            if tokens.shape[1] != frames:
+                raise ValueError(
+                    f"audio covers {tokens.shape[1]} latent frames (tokens {tuple(tokens.shape)}), the "
+                    f"latents {frames}"
+                )
+            return tokens, None
         tokens = audio.tokens
         if tokens is None:
             tokens = self.audio_proj(audio.features, audio.speaking)
@@ -576,6 +702,21 @@ class WanModel(nn.Module):
         if face_mask is not None:
             face_mask = shard_frames(face_mask, sp_group, frames, dim=2)
         return tokens, face_mask
+
+    def mutes_first_frame(self, audio: AudioConditioning | InfiniteTalkAudio | None) -> bool:
+        """Whether the audio output of the first latent frame is zero: infinitetalk audio starting a clip, in
+        a model whose config says `mute_reference_frame` (LiveAct)."""
+        cfg = self.config.audio
+        return (
+            isinstance(audio, InfiniteTalkAudio)
+            and audio.starts_clip
+            and isinstance(cfg, InfiniteTalkAudioConfig)
+            and cfg.mute_reference_frame
+        )
+
+    def audio_kv(self, tokens: torch.Tensor) -> list[KV]:
+        """Every block's audio keys/values of projected tokens (`audio_inputs`), computed once per chunk."""
+        return [block.audio_kv(tokens) for block in self.blocks]
 
     def forward_step(
         self,
@@ -593,6 +734,7 @@ class WanModel(nn.Module):
         face_mask: torch.Tensor | None = None,
         sp_group: dist.ProcessGroup | None = None,
         blocks: Sequence[nn.Module] | None = None,
+        mute_first_frame: bool = False,
     ) -> torch.Tensor:
         """One streaming pass over a chunk x `[B, 16, F, H, W]` → velocity `[B, 16, F, H, W]` (float32).
 
@@ -600,8 +742,9 @@ class WanModel(nn.Module):
         rope: float32 cos/sin `[F·h·w, D/2]` of the chunk's tokens. cache_k/cache_v `[layers, B, 3·L, H, D]`:
         one slot of the session's cache; every block writes the chunk's rotated keys and values at tokens
         [write_at, write_at + L) and attends over tokens [0, visible) (`workers.kv_cache`). audio_kv: per
-        block audio keys/values (`WanCrossAttention.audio_kv`, once per chunk), face_mask this rank's.
+        block audio keys/values (`WanModel.audio_kv`, once per chunk), face_mask this rank's.
         blocks: the blocks to run (default `self.blocks`; the engine passes compiled ones).
+        mute_first_frame: infinitetalk, the chunk starts the clip (`mutes_first_frame`).
         """
         h, grid = self.embed(x, y, sp_group)
         for i, block in enumerate(self.blocks if blocks is None else blocks):
@@ -616,6 +759,7 @@ class WanModel(nn.Module):
                 sp_group=sp_group,
                 cache=(cache_k[i], cache_v[i], write_at, visible),
                 audio_kv=None if audio_kv is None else audio_kv[i],
+                mute_first_frame=mute_first_frame,
             )
         out = gather_frames(self.head(h, e), sp_group, grid[0])
         return self.unpatchify(out, *grid)

@@ -26,7 +26,7 @@ The static step (what every pass reuses is built once, nothing per step is alloc
 - at session open: the time embeddings of every pass (`SessionState.time_emb`; the schedule is fixed), and,
   once per engine and device, the float32 RoPE tables of every chunk position (window mode; absolute mode
   builds the chunk's table once per chunk) and of the temporal shift of the previous chunk;
-- per chunk: the audio projection and every block's audio keys/values (`WanCrossAttention.audio_kv`), the
+- per chunk: the audio projection and every block's audio keys/values (`WanModel.audio_kv`), the
   face mask's SP band, and, when the window has stopped moving, one in-place rotation of the previous
   chunk's cached keys (`ChunkKVCache.shift_position`);
 - per pass: `WanModel.forward_step` writes each block's rotated keys/values in place into the session's
@@ -90,6 +90,14 @@ class StreamingDiT:
         sp_group: dist.ProcessGroup | None = None,
         compile: bool = False,
     ) -> None:
+        cfg = model.config
+        if cfg.memory is not None or cfg.audio_variant == "infinitetalk":
+            raise ValueError(
+                f"preset {cfg.name!r} is a SoulX-LiveAct-family model (infinitetalk audio, ConvKV memory), "
+                "which streams with LiveAct's schedule (6 then 8 latent frames a chunk, sink + ConvKV "
+                "memory + neighbour cache); this engine runs the TalkingMachines schedule only, LiveAct's "
+                "is not implemented yet"
+            )
         self.model = model
         self.stream = stream
         self.sp_group = sp_group
@@ -212,8 +220,7 @@ class StreamingDiT:
         if audio is None:
             return rope, None, None
         tokens, face_mask = self.model.audio_inputs(audio, self.stream.chunk_latent_frames, self.sp_group)
-        audio_kv = [block.cross_attn.audio_kv(tokens) for block in self.model.blocks]
-        return rope, audio_kv, face_mask
+        return rope, self.model.audio_kv(tokens), face_mask
 
     def step(
         self,

@@ -7,8 +7,15 @@ import pytest
 from proto.model_config import PRESETS, AudioConfig, ModelConfig, get_model_preset, model_preset_names
 
 
-def test_presets_are_the_four_named_ones():
-    assert model_preset_names() == ["talkingmachines-18b", "tiny", "wan2.1-i2v-14b", "wan2.1-t2v-1.3b"]
+def test_presets_are_the_six_named_ones():
+    assert model_preset_names() == [
+        "soulx-liveact",
+        "soulx-liveact-tiny",
+        "talkingmachines-18b",
+        "tiny",
+        "wan2.1-i2v-14b",
+        "wan2.1-t2v-1.3b",
+    ]
 
 
 def test_unknown_preset_error_lists_valid_names():
@@ -27,8 +34,20 @@ def test_rope_split_covers_every_pair_for_tiny_heads():
     assert sum(cfg.rope_pairs) == cfg.head_dim // 2
 
 
-def test_only_talkingmachines_and_tiny_have_audio():
-    assert {name for name, cfg in PRESETS.items() if cfg.has_audio} == {"talkingmachines-18b", "tiny"}
+def test_audio_variants_of_the_presets():
+    variants = {name: cfg.audio_variant for name, cfg in PRESETS.items()}
+    assert variants == {
+        "soulx-liveact": "infinitetalk",
+        "soulx-liveact-tiny": "infinitetalk",
+        "talkingmachines-18b": "talkingmachines",
+        "tiny": "talkingmachines",
+        "wan2.1-i2v-14b": None,
+        "wan2.1-t2v-1.3b": None,
+    }
+    assert {name for name, cfg in PRESETS.items() if cfg.memory is not None} == {
+        "soulx-liveact",
+        "soulx-liveact-tiny",
+    }
 
 
 def test_talkingmachines_is_i2v_14b_plus_audio():
