@@ -12,11 +12,16 @@ SessionOpen (once per session):
 - ``face_boxes`` ``[C, 4]``: per character, the face box (x0, y0, x1, y1) normalised to [0, 1] (presets
   with audio layers only; ``(0, 0, 1, 1)`` = the whole frame).
 
-ChunkRequest (per chunk; ``speaking[c][f]`` and ``noise_seed`` ride in the header):
+ChunkRequest (per chunk; ``speaking[c][f]`` and ``noise_seed`` ride in the header). F is the chunk's own
+latent frame count, ``StreamConfig.frames_in_chunk(i)`` (LiveAct: 6 for chunk 0, then 8):
 - ``y`` ``[20, F, h, w]``: the I2V conditioning of the chunk's latent frames (i2v presets only);
-- ``audio`` ``[C, F + window − 1, frames_per_latent, wav2vec_layers, wav2vec_dim]``: per character the
-  wav2vec2 features of the chunk plus ``half_window`` latent frames of context on each side (presets with
-  audio layers only).
+- ``audio``, presets with audio layers only:
+  - ``talkingmachines`` variant: ``[C, F + window − 1, frames_per_latent, wav2vec_layers, wav2vec_dim]``,
+    per character the wav2vec2 features of the chunk plus ``half_window`` latent frames of context on each
+    side;
+  - ``infinitetalk`` variant: ``[C, T, audio_window, wav2vec_layers, wav2vec_dim]``, per character and per
+    video frame of the chunk (T = ``video_frames_in_chunk(i)``) the window of wav2vec2 hidden states around
+    it (``workers.audio.video_frame_windows``).
 
 ChunkResult: ``latent`` ``[16, F, h, w]``, the chunk's clean latent.
 
@@ -28,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-from proto.model_config import ModelConfig
+from proto.model_config import AudioConfig, InfiniteTalkAudioConfig, ModelConfig
 from proto.stream_config import StreamConfig
 from proto.wire import TensorSpec
 
@@ -51,25 +56,30 @@ def session_open_specs(model: ModelConfig, num_characters: int) -> tuple[TensorS
 
 
 def chunk_request_specs(
-    model: ModelConfig, stream: StreamConfig, num_characters: int
+    model: ModelConfig, stream: StreamConfig, num_characters: int, chunk_index: int = 1
 ) -> tuple[TensorSpec, ...]:
-    """The tensors of a ``ChunkRequest`` for this preset, stream and number of characters, in wire order."""
-    f = stream.chunk_latent_frames
+    """The tensors of chunk ``chunk_index``'s ``ChunkRequest`` for this preset, stream and number of
+    characters, in wire order (the default, 1, is any chunk after the first)."""
+    f = stream.frames_in_chunk(chunk_index)
     specs = []
     if model.has_image_branch:
         specs.append(
             TensorSpec("y", (I2V_CONDITION_CHANNELS, f, stream.latent_height, stream.latent_width), "float32")
         )
-    if model.audio is not None:
-        a = model.audio
+    a = model.audio
+    if isinstance(a, AudioConfig):
         shape = (num_characters, f + a.window - 1, a.frames_per_latent, a.wav2vec_layers, a.wav2vec_dim)
+        specs.append(TensorSpec("audio", shape, "float32"))
+    elif isinstance(a, InfiniteTalkAudioConfig):
+        frames = stream.video_frames_in_chunk(chunk_index)
+        shape = (num_characters, frames, a.audio_window, a.wav2vec_layers, a.wav2vec_dim)
         specs.append(TensorSpec("audio", shape, "float32"))
     return tuple(specs)
 
 
-def chunk_result_specs(stream: StreamConfig) -> tuple[TensorSpec, ...]:
-    """The tensors of a ``ChunkResult``: the clean latent ``[16, F, h, w]`` float32."""
-    return (TensorSpec("latent", stream.latent_chunk_shape, "float32"),)
+def chunk_result_specs(stream: StreamConfig, chunk_index: int = 1) -> tuple[TensorSpec, ...]:
+    """The tensors of chunk ``chunk_index``'s ``ChunkResult``: the clean latent ``[16, F, h, w]`` float32."""
+    return (TensorSpec("latent", stream.latent_shape(chunk_index), "float32"),)
 
 
 def pad_text_context(context: torch.Tensor, model: ModelConfig) -> torch.Tensor:

@@ -206,8 +206,17 @@ class ModelConfig:
     audio: AudioConfig | InfiniteTalkAudioConfig | None = None
     vae_stride: tuple[int, int, int] = field(default=(4, 8, 8))
     memory: ConvKVMemoryConfig | None = None
+    # The family's stream schedule (proto.stream_config.STREAM_SCHEDULES): chunk sizes, steps, window, fps.
+    stream_schedule: str = "talkingmachines"
 
     def __post_init__(self) -> None:
+        from proto.stream_config import STREAM_SCHEDULES
+
+        _require(
+            self.stream_schedule in STREAM_SCHEDULES,
+            f"ModelConfig.stream_schedule must be one of {sorted(STREAM_SCHEDULES)}, "
+            f"got {self.stream_schedule!r}",
+        )
         _require(
             self.model_type in ("t2v", "i2v"),
             f"ModelConfig.model_type must be 't2v' or 'i2v', got {self.model_type!r}",
@@ -373,6 +382,7 @@ PRESETS["soulx-liveact"] = replace(
     name="soulx-liveact",
     audio=InfiniteTalkAudioConfig(mute_reference_frame=True),
     memory=ConvKVMemoryConfig(),
+    stream_schedule="soulx-liveact",
 )
 # The family at the tiny preset's width, for CPU tests and the upstream-equivalence fixtures
 # (tests/oracles/make_liveact_fixtures.py). clip_tokens is 257: upstream splits its cross-attention context
@@ -390,6 +400,7 @@ PRESETS["soulx-liveact-tiny"] = replace(
         mute_reference_frame=True,
     ),
     memory=ConvKVMemoryConfig(),
+    stream_schedule="soulx-liveact",
 )
 
 

@@ -44,3 +44,19 @@ def test_a_schedule_takes_overrides_and_refuses_what_its_window_cannot_hold() ->
         StreamConfig(audio_from_step=2)
     with pytest.raises(ValueError, match="unknown stream schedule 'nope'"):
         StreamConfig.for_schedule("nope")
+
+
+def test_the_wire_specs_follow_the_schedules_chunk_sizes_and_the_audio_variant() -> None:
+    from proto.chunk_specs import chunk_request_specs, chunk_result_specs
+    from proto.model_config import get_model_preset
+
+    model = get_model_preset("soulx-liveact-tiny")
+    assert model.stream_schedule == "soulx-liveact"
+    stream = StreamConfig.for_schedule(model.stream_schedule, height=32, width=32)
+    a = model.audio
+    first = {s.name: s.shape for s in chunk_request_specs(model, stream, 1, chunk_index=0)}
+    later = {s.name: s.shape for s in chunk_request_specs(model, stream, 1, chunk_index=4)}
+    assert first == {"y": (20, 6, 4, 4), "audio": (1, 21, a.audio_window, a.wav2vec_layers, a.wav2vec_dim)}
+    assert later == {"y": (20, 8, 4, 4), "audio": (1, 32, a.audio_window, a.wav2vec_layers, a.wav2vec_dim)}
+    assert chunk_result_specs(stream, 0)[0].shape == (16, 6, 4, 4)
+    assert chunk_result_specs(stream, 1)[0].shape == (16, 8, 4, 4)

@@ -87,10 +87,14 @@ def test_soulx_liveact_has_18_884_094_784_parameters_derived_from_upstreams_modu
 def test_soulx_liveact_is_i2v_14b_plus_the_infinitetalk_audio_module_and_memory() -> None:
     live = get_model_preset("soulx-liveact")
     base = get_model_preset("wan2.1-i2v-14b")
-    assert dataclasses.replace(live, name=base.name, audio=None, memory=None) == base
+    same = dataclasses.replace(
+        live, name=base.name, audio=None, memory=None, stream_schedule="talkingmachines"
+    )
+    assert same == base
     assert live.audio == InfiniteTalkAudioConfig(mute_reference_frame=True)
     assert live.memory == ConvKVMemoryConfig(ratio=5, values_use_key_conv=True)
     assert live.audio_variant == "infinitetalk"
+    assert live.stream_schedule == "soulx-liveact"
 
 
 @pytest.mark.parametrize(
