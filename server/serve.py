@@ -11,11 +11,11 @@ Ranks (every rank runs ``main(argv)`` with the same arguments):
   participants leave), the workers get ``Shutdown`` and the process exits 0;
 - ranks 1..: score workers, ``workers.worker_loop.run_worker_loop``.
 
-On one machine ``serve_local`` starts the group **without** ``server.launcher.launch``: that launcher tears
-the whole world down when any rank fails, but a server must outlive its workers (a dead worker fails its
-sessions, ``/readyz`` turns false, the API keeps answering). So this process hosts the world's store, runs
-rank 0 itself and spawns ranks 1.. as ``python -m server.launcher server.serve:main ARGS`` children (which die
-with it, via ``PR_SET_PDEATHSIG``). Under an external ``torchrun`` each rank calls ``main`` directly.
+On one machine the CLI starts the group with ``server.launcher.launch(..., survive_workers=True)``: a server
+must outlive its workers (a dead worker fails its sessions, ``/readyz`` turns false, the API keeps
+answering), so the launcher hosts the world's store, runs rank 0 in the CLI's own process (uvicorn owns the
+main thread and the signals) and spawns ranks 1.. as children that die with it, instead of tearing the world
+down when a rank fails as ``run`` does. Under an external ``torchrun`` each rank calls ``main`` directly.
 
 Configuration: ``--config FILE`` (TOML or JSON). Its ``[api]`` table is ``server.settings.ApiSettings``
 (API key, limits, CORS, LiveKit credentials; ``TALKINGMACHINES_*`` environment variables override it); its
@@ -38,13 +38,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import datetime
 import json
 import logging
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 import tomllib
@@ -74,11 +71,6 @@ from server.run_options import (
 from server.settings import ApiSettings
 
 log = logging.getLogger("talkingmachines.serve")
-
-_REPO_ROOT = Path(__file__).resolve().parent.parent
-_LAUNCHER_PID_ENV = "TM_LAUNCHER_PID"  # server.launcher's die-with-parent contract
-_WORKER_ENTRY = "server.serve:main"
-
 
 @dataclass(frozen=True)
 class ServeOptions(WeightsOptions):
@@ -491,66 +483,3 @@ def _build_vae(options: ServeOptions, device: torch.device) -> Any:
             torch.manual_seed(options.seed)
             vae = build_vae(cfg).to(device)
     return options.decode_options().prepare(vae)  # channels-last weights under --vae-channels-last
-
-
-# ---- one machine -----------------------------------------------------------------------------------------
-
-
-def serve_local(argv: list[str]) -> int:
-    """Run the group on this machine: host the store, spawn the score-worker ranks, be rank 0 here.
-
-    The CLI has validated ``argv`` (memory plan included) before calling this."""
-    options = parse_serve_options(argv, check_memory=False)
-    topology = options.topology()
-    store = dist.TCPStore(
-        "127.0.0.1",
-        0,
-        world_size=topology.world_size,
-        is_master=True,
-        timeout=datetime.timedelta(seconds=60),
-        wait_for_workers=False,
-    )
-    env = dict(os.environ)
-    python_path = [str(_REPO_ROOT), *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]]
-    env.update(
-        PYTHONPATH=os.pathsep.join(python_path),
-        WORLD_SIZE=str(topology.world_size),
-        LOCAL_WORLD_SIZE=str(topology.world_size),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(store.port),
-        TORCHELASTIC_USE_AGENT_STORE="True",
-        **{_LAUNCHER_PID_ENV: str(os.getpid())},
-    )
-    env.setdefault("OMP_NUM_THREADS", "1")
-    workers = [
-        subprocess.Popen(
-            [sys.executable, "-m", "server.launcher", _WORKER_ENTRY, *argv],
-            env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
-            start_new_session=True,
-        )
-        for rank in range(1, topology.world_size)
-    ]
-    # Reap children as they exit (a dead worker then shows as gone, not as a zombie of ours).
-    for proc in workers:
-        threading.Thread(target=proc.wait, name=f"reap-{proc.pid}", daemon=True).start()
-    os.environ.update({k: env[k] for k in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")})
-    os.environ.update(RANK="0", LOCAL_RANK="0", TORCHELASTIC_USE_AGENT_STORE="True")
-    try:
-        return main(argv)
-    finally:
-        _stop_workers(workers)
-        del store
-
-
-def _stop_workers(workers: list[subprocess.Popen[bytes]], grace_s: float = 3.0) -> None:
-    for proc in workers:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-    for proc in workers:
-        try:
-            proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
