@@ -1,10 +1,11 @@
 """The ``talkingmachines`` command: ``run`` (the main job: image + audio -> MP4), ``serve`` (the production
 server: sessions API + LiveKit, see ``server.serve``) and ``inspect``.
 
-Both commands validate everything they can before a single rank starts (bad inputs exit with code 2 and a
-message naming the problem), then start the serving group on this machine with ``server.launcher.launch`` —
-``serve`` with ``survive_workers=True``, so the server outlives a dead worker — or, under an external
-``torchrun`` (multi-node; see ``server.launcher``), run this process's rank directly.
+Both commands take the same group options (``server.options``), validate everything they can before a
+single rank starts (bad inputs exit with code 2 and a message naming the problem), then start the serving
+group on this machine with ``server.launcher.launch`` — ``serve`` with ``survive_workers=True``, so the
+server outlives a dead worker — or, under an external ``torchrun`` (multi-node; see ``server.launcher``),
+run this process's rank directly.
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ def _run(args: argparse.Namespace, argv: Sequence[str], parser: argparse.Argumen
 def _serve(argv: list[str], parser: argparse.ArgumentParser) -> int:
     try:
         options = parse_serve_options(argv)
+        if not under_torchrun():
+            options.check_local_devices()
     except ValueError as exc:
         parser.error(str(exc))  # exits 2
     if under_torchrun():
