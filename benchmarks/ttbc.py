@@ -1,8 +1,10 @@
 """The TTBC study: the server designs of §4.3 (Figure 3) and the chunk × steps ablation of §5.4 (Table 1).
 
-Runs the real ``talkingmachines run`` pipeline (``server.master`` + ``workers.worker_loop`` launched by
-``server.launcher``) once per case on the same synthetic inputs and seed, through the rank entry
-``benchmarks.ttbc_rank`` (pinned ranks, a chunk size, a dtype):
+Runs the real ``talkingmachines run`` pipeline once per case on the same synthetic inputs and seed: the
+rank entry ``server.run_job:main`` (``server.master`` + ``workers.worker_loop``, the engine ``serve`` uses)
+launched by ``server.launcher`` with plain ``run`` arguments — ``--chunk-frames``, ``--dtype``, and the rank
+options ``--pin-cores`` (one core per rank) and ``--rank-report`` (each rank's peak memory, DiT forwards,
+CPU and run-queue seconds, memory plan; ``server.rank_report``):
 
 - case 1: self-contained 1 (``--decoder colocated --score-workers 1``): one device scores and decodes in turn;
 - case 2: self-contained N with sequence parallelism (``--decoder colocated --score-workers N``);
@@ -47,7 +49,6 @@ import torch
 
 from benchmarks.provenance import provenance
 from benchmarks.stream_inputs import audio_samples_for_chunks, write_inputs
-from benchmarks.ttbc_rank import CORES_ENV, DTYPES, RANK_DIR_ENV
 from engine.stats import STAGES
 from proto.model_config import get_model_preset
 from proto.stream_config import StreamConfig
@@ -55,6 +56,8 @@ from proto.topology import Topology
 from server.launcher import launch
 from workers.sp import check_sp_shapes
 
+# The study's dtype names -> ``run --dtype``.
+RUN_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 ABLATION_CHUNKS = (3, 7)
 ABLATION_STEPS = (2, 4)
 # Table 1 of the paper: H100s for the score model at (chunk latent frames, steps), one more for the VAE.
@@ -234,7 +237,7 @@ def skip_reason(case: Case, settings: Settings) -> str | None:
 
 
 def run_case(case: Case, settings: Settings, folder: Path, cores: list[int]) -> dict[str, Any]:
-    """Launch one case through ``benchmarks.ttbc_rank`` and summarise it (status ok / skipped / failed)."""
+    """Launch one case as ``talkingmachines run``'s ranks and summarise it (status ok / skipped / failed)."""
     head: dict[str, Any] = {
         "case": case.number,
         "label": case.label,
@@ -263,24 +266,24 @@ def run_case(case: Case, settings: Settings, folder: Path, cores: list[int]) -> 
         "--steps", str(settings.steps), "--device", settings.device, "--seed", str(settings.seed),
         "--decoder", case.decoder, "--score-workers", str(case.score_workers),
         "--chunk-timeout", str(settings.chunk_timeout_s), "--stats-json", str(stats_path), "--quiet",
+        "--chunk-frames", str(settings.chunk_frames), "--dtype", RUN_DTYPES[settings.dtype],
+        "--rank-report", str(rank_dir),
     ]
     if settings.preset == "tiny":
         # timing only: seeded random weights (the trained tiny default fixes a 15-latent window, which a
         # 7-latent chunk does not divide)
         run_args.append("--random-weights")
-    env = {RANK_DIR_ENV: str(rank_dir)}
     if settings.device == "cpu":
         run_args += ["--threads", "1"]
         if settings.pin:
-            env[CORES_ENV] = ",".join(map(str, cores))
+            run_args += ["--pin-cores", ",".join(map(str, cores))]
     topology = Topology(score_workers=case.score_workers, decoder=case.decoder,  # type: ignore[arg-type]
                         device=settings.device, preset=settings.preset)  # type: ignore[arg-type]
-    rank_args = ["--chunk-frames", str(settings.chunk_frames), "--dtype", settings.dtype, *run_args]
     print(f"ttbc: case {case.number} ({case.label}), chunk {settings.chunk_frames}, {settings.steps} steps",
           file=sys.stderr, flush=True)
     load_before = os.getloadavg()[0]
     start = time.perf_counter()
-    code = launch(topology, "benchmarks.ttbc_rank:main", rank_args, env=env, settle_s=3.0)
+    code = launch(topology, "server.run_job:main", run_args, settle_s=3.0)
     wall = time.perf_counter() - start
     # Other processes on the machine slow the ranks down: the 1-minute load around the run says how much.
     head["load_average_1min"] = {"before": load_before, "after": os.getloadavg()[0]}
@@ -372,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=2, help="denoising steps of the four-case comparison")
     parser.add_argument("--chunk-frames", type=int, default=3, help="latent frames per chunk (3 or 7)")
     parser.add_argument(
-        "--dtype", choices=tuple(DTYPES), default="fp32", help="run's --dtype: float32 or bfloat16"
+        "--dtype", choices=tuple(RUN_DTYPES), default="fp32", help="run's --dtype: float32 or bfloat16"
     )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--sp", type=int, default=2, help="N, the score workers of cases 2 and 4")

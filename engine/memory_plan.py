@@ -642,7 +642,7 @@ def options_plan_kwargs(options: Any) -> dict[str, Any]:
 
 
 def plan_for_options(options: Any, sessions: int = 1) -> MemoryPlan:
-    """The plan of ``run``/``serve`` options (``run_options.RunOptions``, ``serve.ServeOptions``)."""
+    """The plan of ``run``/``serve`` options (``server.options.GroupOptions`` and its subclasses)."""
     return plan_memory(
         options.model_config,
         options.stream_config(),

@@ -1,9 +1,11 @@
 """The ``talkingmachines`` command: ``run`` (the main job: image + audio -> MP4), ``serve`` (the production
 server: sessions API + LiveKit, see ``server.serve``) and ``inspect``.
 
-``run`` validates everything it can before a single rank starts (bad inputs exit with code 2 and a message
-naming the problem), then starts the serving group on this machine with ``server.launcher.launch`` — or,
-under an external ``torchrun`` (multi-node; see ``server.launcher``), runs this process's rank directly.
+Both commands take the same group options (``server.options``), validate everything they can before a
+single rank starts (bad inputs exit with code 2 and a message naming the problem), then start the serving
+group on this machine with ``server.launcher.launch`` — ``serve`` with ``survive_workers=True``, so the
+server outlives a dead worker — or, under an external ``torchrun`` (multi-node; see ``server.launcher``),
+run this process's rank directly.
 """
 
 from __future__ import annotations
@@ -63,16 +65,17 @@ def _run(args: argparse.Namespace, argv: Sequence[str], parser: argparse.Argumen
 
 def _serve(argv: list[str], parser: argparse.ArgumentParser) -> int:
     try:
-        parse_serve_options(argv)
+        options = parse_serve_options(argv)
+        if not under_torchrun():
+            options.check_local_devices()
     except ValueError as exc:
         parser.error(str(exc))  # exits 2
     if under_torchrun():
         from server.serve import main as rank_main
 
         return rank_main(argv)
-    from server.serve import serve_local
-
-    return serve_local(argv)
+    # Rank 0 serves in this process and outlives its workers (server.launcher, survive_workers).
+    return launch(options.topology(), "server.serve:main", argv, survive_workers=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

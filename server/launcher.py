@@ -17,6 +17,13 @@ processes (``python -m server.launcher package.module:function ARGS…``) and su
   and asks the kernel to SIGKILL it if the launcher dies (``PR_SET_PDEATHSIG``), so even a SIGKILL-ed
   launcher leaves no orphans.
 
+``launch(..., survive_workers=True)`` is the server's mode (``talkingmachines serve``): a server must outlive
+its workers (a dead worker fails its sessions, ``/readyz`` turns false, the API keeps answering; it notices
+through the rank registry and the heartbeats). The launcher still hosts the store and spawns ranks 1.. as
+children that die with it, but runs rank 0's entry in its own process (so the entry, e.g. uvicorn, owns the
+main thread and the signals), does not stop the world when a worker dies (it only says so on stderr), and
+stops the remaining workers when rank 0's entry returns; rank 0's exit code is the launcher's.
+
 Why not ``torch.distributed.launcher.api.elastic_launch``: it was tried. It tears the world down well, but
 it picks the root cause by whole-second timestamps, so when a killed worker makes its peers fail in the same
 second it can name a healthy rank; its rendezvous also adds about a second of start-up per run.
@@ -115,6 +122,7 @@ def launch(
     env: Mapping[str, str] | None = None,
     settle_s: float = 1.0,
     shutdown_grace_s: float = 3.0,
+    survive_workers: bool = False,
 ) -> int:
     """Run ``entry(args)`` in ``topology.world_size`` rank processes on this machine; return the exit code.
 
@@ -125,6 +133,9 @@ def launch(
 
     After the first failure the other ranks get ``settle_s`` seconds to notice the lost peer and exit on
     their own (printing what they were waiting for), then SIGTERM, then SIGKILL after ``shutdown_grace_s``.
+
+    ``survive_workers``: run rank 0 in this process and let it outlive its workers (module docstring);
+    ``settle_s`` does not apply, ``shutdown_grace_s`` is the workers' grace when rank 0 returns.
     """
     _check_entry(entry)
     if topology.device == "cuda" and torch.cuda.device_count() < topology.world_size:
@@ -134,14 +145,16 @@ def launch(
     store = dist.TCPStore("127.0.0.1", 0, world_size=topology.world_size, is_master=True,
                           timeout=datetime.timedelta(seconds=60), wait_for_workers=False)
     base_env = _rank_environment(topology, store.port, env or {})
+    if survive_workers:
+        try:
+            return _run_rank0_here(topology, entry, list(args), base_env, env or {}, shutdown_grace_s)
+        finally:
+            del store
     ranks: list[_Rank] = []
     previous_handlers = _forward_signals_to(ranks)
     try:
         for rank in range(topology.world_size):
-            rank_env = dict(base_env, RANK=str(rank), LOCAL_RANK=str(rank))
-            proc = subprocess.Popen([sys.executable, "-m", "server.launcher", entry, *args],
-                                    env=rank_env, start_new_session=True)
-            ranks.append(_Rank(rank, proc))
+            ranks.append(_spawn(rank, entry, args, base_env))
         failed = _watch(ranks)
         if failed is not None:
             _settle(ranks, settle_s)
@@ -157,6 +170,52 @@ def launch(
           f"{_describe_exit(code)}; stopped the other ranks {stopped} of {topology.name!r}",
           file=sys.stderr, flush=True)
     return code if code > 0 else 128 - code
+
+
+def _spawn(rank: int, entry: str, args: Sequence[str], base_env: Mapping[str, str]) -> _Rank:
+    """Start ``python -m server.launcher ENTRY ARGS`` as ``rank``, in its own session."""
+    rank_env = dict(base_env, RANK=str(rank), LOCAL_RANK=str(rank))
+    proc = subprocess.Popen([sys.executable, "-m", "server.launcher", entry, *args], env=rank_env,
+                            start_new_session=True)
+    return _Rank(rank, proc)
+
+
+def _run_rank0_here(
+    topology: Topology,
+    entry: str,
+    args: list[str],
+    base_env: dict[str, str],
+    extra: Mapping[str, str],
+    grace_s: float,
+) -> int:
+    """``survive_workers``: spawn ranks 1.., run rank 0's entry here, stop the workers when it returns."""
+    workers: list[_Rank] = []
+    stopping = threading.Event()  # rank 0 returned: the workers' exits are ours, not news
+    saved = dict(os.environ)
+    try:
+        for rank in range(1, topology.world_size):
+            workers.append(_spawn(rank, entry, args, base_env))
+            # Reap it when it exits (the rank registry then sees it gone, not a zombie of ours) and say so.
+            threading.Thread(target=_reap_worker, args=(topology, workers[-1], stopping),
+                             name=f"reap-rank{rank}", daemon=True).start()
+        world = ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+        os.environ.update(extra)
+        os.environ.update({k: base_env[k] for k in world}, RANK="0", LOCAL_RANK="0")
+        os.environ.update(TORCHELASTIC_USE_AGENT_STORE="True")  # this process hosts the store
+        return _call_entry(entry, args)
+    finally:
+        stopping.set()
+        _stop_all(workers, grace_s)
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def _reap_worker(topology: Topology, worker: _Rank, stopping: threading.Event) -> None:
+    code = worker.proc.wait()
+    worker.exit_code = code
+    if code != 0 and not stopping.is_set():
+        print(f"{_MESSAGE_PREFIX}: rank {worker.rank} ({topology.role(worker.rank)}) exited: "
+              f"{_describe_exit(code)}; rank 0 goes on without it", file=sys.stderr, flush=True)
 
 
 def _rank_environment(topology: Topology, port: int, extra: Mapping[str, str]) -> dict[str, str]:
@@ -298,9 +357,14 @@ def _resolve(entry: str) -> Callable[[list[str]], int | None]:
 
 
 def _rank_main(argv: list[str]) -> int:
-    """``python -m server.launcher ENTRY ARGS…``: run one rank; map a lost peer to ``EXIT_PEER_LOST``."""
+    """``python -m server.launcher ENTRY ARGS…``: run one rank, dying with the launcher."""
     _die_with_launcher()
     entry, *args = argv
+    return _call_entry(entry, args)
+
+
+def _call_entry(entry: str, args: list[str]) -> int:
+    """Run ``entry(args)`` as this process's rank; map a lost peer to ``EXIT_PEER_LOST``."""
     try:
         code = _resolve(entry)(args)
     except PeerError as exc:

@@ -50,12 +50,13 @@ from proto.topology import ProcessGroups
 from proto.vae_config import get_vae_preset
 from proto.wire import SessionClose, SessionOpen
 from server.launcher import EXIT_PEER_LOST
+from server.options import GroupOptions
 from server.publishers.file import Mp4FilePublisher
 from server.run_options import RunOptions
 from workers.score_rank import ScoreRank
 
 
-def build_master_vae(options: RunOptions, device: torch.device) -> WanVAE:
+def build_master_vae(options: GroupOptions, device: torch.device) -> WanVAE:
     """The VAE from ``--vae-checkpoint``, or seeded random weights (the same for every ``--seed``); float32
     whatever ``--dtype`` (the decoder autocasts instead), prepared for the ``--vae-*`` decode options
     (channels-last weights under ``--vae-channels-last``)."""

@@ -1,12 +1,16 @@
 """One rank's life in a serving group, shared by ``run``, ``serve`` and the TTBC study.
 
-Every rank joins the world, registers its process (``engine.rank_registry``) and starts a heartbeat so the
-master can name a rank that dies; a score rank builds its share of the DiT; rank 0 then plays the master and
-every other rank serves it with the worker loop; finally the rank leaves the world, whatever happened.
+Every rank pins itself to its core (``--pin-cores``), joins the world, registers its process
+(``engine.rank_registry``) and starts a heartbeat so the master can name a rank that dies; a score rank
+builds its share of the DiT; rank 0 then plays the master and every other rank serves it with the worker
+loop; finally the rank leaves the world, whatever happened, and writes its report (``--rank-report``,
+``server.rank_report``).
 """
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Callable
 
 import torch
@@ -14,32 +18,58 @@ import torch.distributed as dist
 
 from engine.rank_registry import register_rank
 from proto.liveness import Heartbeat
-from proto.topology import ProcessGroups, Topology
+from proto.topology import ProcessGroups
 from server.launcher import init_rank, shutdown, world_store
+from server.options import GroupOptions
+from server.rank_report import ForwardCounter, RankReport, pin_to_core, planned_memory
+from workers.factory import build_score_model
 from workers.score_rank import ScoreRank
 from workers.worker_loop import run_worker_loop
 
-BuildScoreRank = Callable[[ProcessGroups], ScoreRank]
 Master = Callable[[ProcessGroups, dist.Store, ScoreRank | None], int]
 
 
-def run_rank(topology: Topology, threads: int, build_score_rank: BuildScoreRank, master: Master) -> int:
+def build_score_rank(
+    options: GroupOptions, groups: ProcessGroups, report: RankReport | None = None
+) -> ScoreRank:
+    """This rank's score share: the DiT from ``--checkpoint``, or seeded random weights equal on all ranks,
+    in ``--dtype``; its forwards are counted for ``report``."""
+    model = build_score_model(
+        options.preset, options.checkpoint, seed=options.seed, dtype=options.torch_dtype, device=groups.device
+    )
+    if report is not None:
+        report.forwards = ForwardCounter(model)
+    return ScoreRank(model, options.stream_config(), groups, compile=options.compile_score)
+
+
+def run_rank(options: GroupOptions, master: Master, plan_sessions: int = 1) -> int:
     """Join the world as this process's rank, play its role, leave; returns the rank's exit code.
 
-    ``build_score_rank(groups)`` runs on score ranks only (in a colocated topology rank 0 is one);
-    ``master(groups, store, score_rank)`` runs on rank 0, with its score share or None.
+    Score ranks (in a colocated topology rank 0 is one) build their share with ``build_score_rank``;
+    ``master(groups, store, score_rank)`` runs on rank 0, with its score share or None. ``plan_sessions``:
+    the sessions the memory plan of the rank's report counts (``serve``'s ``max_sessions``).
     """
-    torch.set_num_threads(threads)
+    rank = int(os.environ.get("RANK", "0"))
+    cores = pin_to_core(rank, options.pin_cores)  # before torch starts its threads
+    report = None if options.rank_report is None else RankReport(options.rank_report, rank, cores)
+    topology = options.topology()
+    torch.set_num_threads(options.threads)
     rank, groups = init_rank(topology)
     store = world_store()
     register_rank(store, rank)
     heartbeat = Heartbeat(store, rank).start()
+    code: int | None = None
     try:
-        score_rank = build_score_rank(groups) if groups.is_worker else None
+        score_rank = build_score_rank(options, groups, report) if groups.is_worker else None
         if groups.is_master:
-            return master(groups, store, score_rank)
-        assert score_rank is not None
-        return run_worker_loop(score_rank, groups, topology)
+            code = master(groups, store, score_rank)
+        else:
+            assert score_rank is not None
+            code = run_worker_loop(score_rank, groups, topology)
+        return code
     finally:
         heartbeat.stop()
         shutdown()
+        if report is not None:
+            plan = functools.partial(planned_memory, options, rank, plan_sessions)
+            report.write(topology.role(rank), groups.device, plan, code)

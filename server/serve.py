@@ -11,11 +11,15 @@ Ranks (every rank runs ``main(argv)`` with the same arguments):
   participants leave), the workers get ``Shutdown`` and the process exits 0;
 - ranks 1..: score workers, ``workers.worker_loop.run_worker_loop``.
 
-On one machine ``serve_local`` starts the group **without** ``server.launcher.launch``: that launcher tears
-the whole world down when any rank fails, but a server must outlive its workers (a dead worker fails its
-sessions, ``/readyz`` turns false, the API keeps answering). So this process hosts the world's store, runs
-rank 0 itself and spawns ranks 1.. as ``python -m server.launcher server.serve:main ARGS`` children (which die
-with it, via ``PR_SET_PDEATHSIG``). Under an external ``torchrun`` each rank calls ``main`` directly.
+On one machine the CLI starts the group with ``server.launcher.launch(..., survive_workers=True)``: a server
+must outlive its workers (a dead worker fails its sessions, ``/readyz`` turns false, the API keeps
+answering), so the launcher hosts the world's store, runs rank 0 in the CLI's own process (uvicorn owns the
+main thread and the signals) and spawns ranks 1.. as children that die with it, instead of tearing the world
+down when a rank fails as ``run`` does. Under an external ``torchrun`` each rank calls ``main`` directly.
+
+The group's options (preset, topology, size, weights, dtype, steps, chunk size, decoder options, memory
+budget, ``--pin-cores``, ``--rank-report``) are those of ``run``, defined and checked once in
+``server.options``; ``ServeOptions`` adds the API's.
 
 Configuration: ``--config FILE`` (TOML or JSON). Its ``[api]`` table is ``server.settings.ApiSettings``
 (API key, limits, CORS, LiveKit credentials; ``TALKINGMACHINES_*`` environment variables override it); its
@@ -37,14 +41,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
-import datetime
 import json
 import logging
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 import tomllib
@@ -53,75 +52,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.distributed as dist
 
-from frontends.model_bundle import resolve_weights
-from proto.model_config import ModelConfig, get_model_preset
-from proto.topology import Topology
-from proto.vae_config import get_vae_preset
-from server.run_options import (
-    DEFAULT_SIZE,
-    DEFAULT_TINY_SIZE,
-    WeightsOptions,
-    add_group_arguments,
-    bundle_settings,
-    check_steps,
-    decode_settings,
-    default_decoder,
-    resolve_dtype,
-)
+from server.options import GroupOptions, add_group_arguments, group_options
 from server.settings import ApiSettings
 
 log = logging.getLogger("talkingmachines.serve")
 
-_REPO_ROOT = Path(__file__).resolve().parent.parent
-_LAUNCHER_PID_ENV = "TM_LAUNCHER_PID"  # server.launcher's die-with-parent contract
-_WORKER_ENTRY = "server.serve:main"
 
-
-@dataclass(frozen=True)
-class ServeOptions(WeightsOptions):
-    """Validated ``serve`` arguments (sizes in pixels, times in seconds)."""
+@dataclass(frozen=True, kw_only=True)
+class ServeOptions(GroupOptions):
+    """Validated ``serve`` arguments: the group's options plus the API's (sizes in pixels, times in
+    seconds)."""
 
     config: Path | None
     host: str | None
     port: int | None
-    preset: str
-    score_workers: int
-    decoder: str
-    seed: int
-    height: int
-    width: int
-    prompt: str
-    checkpoint: str | None
-    vae_checkpoint: str | None
-    wav2vec_checkpoint: str | None
-    clip_checkpoint: str | None
-    umt5_checkpoint: str | None
-    device: str
-    threads: int
-    steps: int | None
-    chunk_timeout_s: float
     ahead_s: float
     video_bitrate: int
     sync_probe: bool
     video_delay_frames: int
     log_level: str
-    device_memory_gib: float | None = None
-
-    @property
-    def model_config(self) -> ModelConfig:
-        return get_model_preset(self.preset)
-
-    def topology(self) -> Topology:
-        return Topology(
-            score_workers=self.score_workers,
-            decoder=self.decoder,  # type: ignore[arg-type]
-            device=self.device,  # type: ignore[arg-type]
-            num_heads=self.model_config.num_heads,
-            preset=self.preset,
-        )
 
     def api_settings(self) -> ApiSettings:
         # ApiSettings reads a file's [api] table, or the whole document when there is none (an API-only
@@ -201,71 +152,22 @@ def parse_serve_options(argv: list[str], *, check_memory: bool = True) -> ServeO
         raise ValueError(f"config [serve] has unknown option(s) {unknown}; the options are {sorted(known)}")
     parser.set_defaults(**defaults)
     args = parser.parse_args(argv)
-    get_model_preset(args.preset)
-    weights = resolve_weights(args.preset, args.checkpoint, args.vae_checkpoint, args.random_weights)
-    if args.resolution is not None:
-        parts = str(args.resolution).lower().split("x")
-        if len(parts) != 2 or not all(p.isdigit() for p in parts):
-            raise ValueError(f"--resolution {args.resolution!r} must look like 32x32 (height x width)")
-        height, width = int(parts[0]), int(parts[1])
-    else:
-        height, width = DEFAULT_TINY_SIZE if args.preset == "tiny" else DEFAULT_SIZE
-        if weights.bundle is not None:
-            height, width = weights.bundle.height, weights.bundle.width
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    decoder = args.decoder if args.decoder is not None else default_decoder(device, args.score_workers)
-    world = args.score_workers + (1 if decoder == "dedicated" else 0)
-    threads = args.threads if args.threads is not None else max(1, (os.cpu_count() or 1) // world)
     if args.video_delay_frames < 0:
         raise ValueError(f"--video-delay-frames must be >= 0, got {args.video_delay_frames}")
-    check_steps(args.steps)
-    if args.chunk_timeout <= 0 or args.ahead <= 0:
-        raise ValueError("--chunk-timeout and --ahead must be positive seconds")
-    options = ServeOptions(
+    if args.ahead <= 0:
+        raise ValueError(f"--ahead must be positive seconds, got {args.ahead}")
+    options = group_options(
+        args,
+        ServeOptions,
         config=args.config,
         host=args.host,
         port=args.port,
-        preset=args.preset,
-        score_workers=args.score_workers,
-        decoder=decoder,
-        seed=args.seed,
-        height=height,
-        width=width,
-        prompt=args.prompt,
-        checkpoint=weights.checkpoint,
-        vae_checkpoint=weights.vae_checkpoint,
-        wav2vec_checkpoint=args.wav2vec_checkpoint,
-        clip_checkpoint=args.clip_checkpoint,
-        umt5_checkpoint=args.umt5_checkpoint,
-        device=device,
-        dtype=resolve_dtype(str(args.dtype), device),
-        threads=threads,
-        steps=args.steps,
-        chunk_timeout_s=args.chunk_timeout,
         ahead_s=args.ahead,
         video_bitrate=args.video_bitrate,
         sync_probe=args.sync_probe,
         video_delay_frames=args.video_delay_frames,
         log_level=args.log_level,
-        compile_score=args.compile,
-        device_memory_gib=args.device_memory,
-        **decode_settings(args),  # type: ignore[arg-type]
-        **bundle_settings(weights.bundle),  # type: ignore[arg-type]
     )
-    if weights.bundle is None:
-        options = dataclasses.replace(options, weights=weights.describe())
-    options.topology()
-    options.stream_config()
-    tokens = (height // 16) * (width // 16)
-    if tokens % options.score_workers:
-        raise ValueError(
-            f"--score-workers {options.score_workers} does not divide the {tokens} tokens of a latent "
-            f"frame at {height}x{width}; pick a size whose (H/16)·(W/16) it divides"
-        )
-    if options.preset != "tiny" and options.checkpoint is None:
-        raise ValueError(
-            f"preset {options.preset!r} needs --checkpoint (only tiny has seeded random weights)"
-        )
     settings = options.api_settings()  # a missing API key or a bad [api] table fails before any rank starts
     if check_memory:
         from engine.memory_plan import check_options_memory
@@ -283,21 +185,10 @@ def main(argv: list[str]) -> int:
 
     options = parse_serve_options(argv, check_memory=False)  # checked before the ranks started
     return run_rank(
-        options.topology(),
-        options.threads,
-        lambda groups: _build_score_rank(options, groups),
+        options,
         lambda groups, store, score_rank: _serve_master(options, groups, store, score_rank),
+        plan_sessions=options.api_settings().max_sessions,
     )
-
-
-def _build_score_rank(options: ServeOptions, groups: Any) -> Any:
-    from workers.factory import build_score_model
-    from workers.score_rank import ScoreRank
-
-    model = build_score_model(
-        options.preset, options.checkpoint, seed=options.seed, dtype=options.torch_dtype, device=groups.device
-    )
-    return ScoreRank(model, options.stream_config(), groups, compile=options.compile_score)
 
 
 def _serve_master(options: ServeOptions, groups: Any, store: dist.Store, score_rank: Any) -> int:
@@ -309,6 +200,7 @@ def _serve_master(options: ServeOptions, groups: Any, store: dist.Store, score_r
     from proto.chunk_specs import chunk_result_specs
     from server.api import create_app
     from server.live_backend import LiveBackend, LiveConfig
+    from server.master import build_master_vae
     from server.metrics import Metrics
 
     logging.basicConfig(
@@ -325,7 +217,7 @@ def _serve_master(options: ServeOptions, groups: Any, store: dist.Store, score_r
         )
     else:
         executor = ColocatedExecutor(groups, store, score_rank)
-    vae = _build_vae(options, device)
+    vae = build_master_vae(options, device)
     encoders = ConditioningEncoders.from_config(
         ConditioningConfig.for_model(
             options.model_config,
@@ -477,80 +369,3 @@ def _graceful_server_class() -> type:
                     signal.signal(sig, handler)
 
     return GracefulServer
-
-
-def _build_vae(options: ServeOptions, device: torch.device) -> Any:
-    from decoder.checkpoint import load_vae
-    from decoder.vae import build_vae
-
-    cfg = get_vae_preset("tiny" if options.preset == "tiny" else "wan2.1")
-    if options.vae_checkpoint is not None:
-        vae = load_vae(options.vae_checkpoint, cfg, device=device)
-    else:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(options.seed)
-            vae = build_vae(cfg).to(device)
-    return options.decode_options().prepare(vae)  # channels-last weights under --vae-channels-last
-
-
-# ---- one machine -----------------------------------------------------------------------------------------
-
-
-def serve_local(argv: list[str]) -> int:
-    """Run the group on this machine: host the store, spawn the score-worker ranks, be rank 0 here.
-
-    The CLI has validated ``argv`` (memory plan included) before calling this."""
-    options = parse_serve_options(argv, check_memory=False)
-    topology = options.topology()
-    store = dist.TCPStore(
-        "127.0.0.1",
-        0,
-        world_size=topology.world_size,
-        is_master=True,
-        timeout=datetime.timedelta(seconds=60),
-        wait_for_workers=False,
-    )
-    env = dict(os.environ)
-    python_path = [str(_REPO_ROOT), *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]]
-    env.update(
-        PYTHONPATH=os.pathsep.join(python_path),
-        WORLD_SIZE=str(topology.world_size),
-        LOCAL_WORLD_SIZE=str(topology.world_size),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(store.port),
-        TORCHELASTIC_USE_AGENT_STORE="True",
-        **{_LAUNCHER_PID_ENV: str(os.getpid())},
-    )
-    env.setdefault("OMP_NUM_THREADS", "1")
-    workers = [
-        subprocess.Popen(
-            [sys.executable, "-m", "server.launcher", _WORKER_ENTRY, *argv],
-            env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
-            start_new_session=True,
-        )
-        for rank in range(1, topology.world_size)
-    ]
-    # Reap children as they exit (a dead worker then shows as gone, not as a zombie of ours).
-    for proc in workers:
-        threading.Thread(target=proc.wait, name=f"reap-{proc.pid}", daemon=True).start()
-    os.environ.update({k: env[k] for k in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")})
-    os.environ.update(RANK="0", LOCAL_RANK="0", TORCHELASTIC_USE_AGENT_STORE="True")
-    try:
-        return main(argv)
-    finally:
-        _stop_workers(workers)
-        del store
-
-
-def _stop_workers(workers: list[subprocess.Popen[bytes]], grace_s: float = 3.0) -> None:
-    for proc in workers:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-    for proc in workers:
-        try:
-            proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()

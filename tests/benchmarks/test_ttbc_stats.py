@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 
 import pytest
 import torch
@@ -22,7 +21,7 @@ from benchmarks.ttbc import (
     steady_rows,
     summarise_case,
 )
-from benchmarks.ttbc_rank import parse_bench_options, pin_to_core
+from server.run_options import parse_run_options
 
 
 def _row(index: int, ttbc: float | None, score: float = 0.2, decode: float = 0.3, **rss: int) -> dict:
@@ -168,25 +167,20 @@ def test_audio_length_gives_exactly_k_chunks_of_frames(chunk_frames: int) -> Non
     assert audio_samples_for_chunks(10, chunk_frames) == frames * 1000
 
 
-def test_rank_options_carry_the_chunk_size_and_dtype() -> None:
+def test_the_study_runs_plain_run_options_with_a_chunk_size_and_a_dtype() -> None:
+    # benchmarks.ttbc launches server.run_job:main with run's arguments: --chunk-frames and --dtype under
+    # run's names (its fp32/bf16 mapped by RUN_DTYPES); no rank program of its own.
+    from benchmarks.ttbc import RUN_DTYPES
+
     run = ["--image", "a.png", "--audio", "a.wav", "--out", "o.mp4", "--resolution", "64x64",
            "--random-weights", "--device", "cpu"]
-    options = parse_bench_options(["--chunk-frames", "7", "--dtype", "bf16", *run])
+    options = parse_run_options([*run, "--chunk-frames", "7", "--dtype", RUN_DTYPES["bf16"]])
     assert options.stream_config().chunk_latent_frames == 7
     assert options.stream_config().height == 64
     assert options.dtype == "bfloat16"  # run's --dtype name: DiT, encoders and VAE autocast follow it
 
 
-def test_rank_options_reject_a_chunk_size_the_training_window_cannot_hold() -> None:
+def test_a_chunk_size_the_training_window_cannot_hold_is_refused() -> None:
     run = ["--image", "a.png", "--audio", "a.wav", "--out", "o.mp4", "--device", "cpu", "--random-weights"]
     with pytest.raises(ValueError, match="chunk_latent_frames=5"):
-        parse_bench_options(["--chunk-frames", "5", *run])
-
-
-def test_pin_to_core_picks_the_core_of_the_rank() -> None:
-    before = os.sched_getaffinity(0)
-    cores = sorted(before)
-    try:
-        assert pin_to_core(len(cores) + 1, ",".join(map(str, cores))) == [cores[1 % len(cores)]]
-    finally:
-        os.sched_setaffinity(0, before)
+        parse_run_options([*run, "--chunk-frames", "5"])

@@ -10,9 +10,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from engine.rank_registry import dead_ranks, register_rank
 from proto.topology import Topology
 from proto.wire import ChunkResult, Shutdown, broadcast_header, recv_header
-from server.launcher import init_rank, shutdown
+from server.launcher import init_rank, shutdown, world_store
 
 
 def _record_pid(rank: int) -> None:
@@ -56,5 +57,31 @@ def sleeper(args: list[str]) -> int:
     rank, _ = init_rank(topology, timeout_s=30)
     _record_pid(rank)
     time.sleep(120)
+    shutdown()
+    return 0
+
+
+def worker_dies_server_goes_on(args: list[str]) -> int:
+    """For ``launch(survive_workers=True)``: rank 2 SIGKILLs itself, rank 1 waits to be stopped, and rank 0
+    — the launcher's own process — sees rank 2 gone in the rank registry (as ``serve`` does), records it and
+    returns 0."""
+    topology = Topology(2, "dedicated")
+    rank, groups = init_rank(topology, timeout_s=30)
+    _record_pid(rank)
+    store = world_store()
+    register_rank(store, rank)
+    dist.barrier(group=groups.control)
+    if rank == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if rank == 1:
+        time.sleep(120)
+    deadline = time.monotonic() + 10
+    while (dead := dead_ranks(store, [1, 2])) != [2]:
+        if time.monotonic() > deadline:
+            print(f"rank 0: dead ranks {dead} after 10 s, expected [2]")
+            shutdown()
+            return 1
+        time.sleep(0.05)
+    Path(os.environ["TM_TEST_PID_DIR"], "noticed").write_text(repr(time.time()))
     shutdown()
     return 0

@@ -53,6 +53,24 @@ def test_the_master_itself_names_the_rank_it_lost(tmp_path, capfd) -> None:
     assert "rank 0: header from rank 2: the collective failed" in capfd.readouterr().err
 
 
+@pytest.mark.slow
+def test_survive_workers_runs_rank_0_here_and_outlives_a_dead_worker(tmp_path, capfd) -> None:
+    # serve's mode: the worker's death is said, not acted on; rank 0 notices it itself and carries on, and
+    # the workers left are stopped when it returns.
+    environ = dict(os.environ)
+    code = launch(Topology(2, "dedicated"), "launcher_entries:worker_dies_server_goes_on",
+                  env={"PYTHONPATH": _TESTS, "TM_TEST_PID_DIR": str(tmp_path)}, survive_workers=True)
+    assert code == 0
+    assert (tmp_path / "noticed").exists()
+    pids = _pids(tmp_path)
+    assert len(pids) == 3 and pids[0] == os.getpid()  # rank 0 ran in this process
+    assert not [pid for pid in pids[1:] if _running(pid)]  # rank 2 died, rank 1 was stopped
+    err = capfd.readouterr().err
+    assert "rank 2 (score worker 1) exited: killed by SIGKILL; rank 0 goes on without it" in err
+    assert "rank 1" not in err and "failed first" not in err
+    assert dict(os.environ) == environ  # rank 0's env:// variables do not outlive it
+
+
 def test_an_entry_that_is_not_module_colon_function_is_rejected() -> None:
     with pytest.raises(ValueError, match=r"'package\.module:function'"):
         launch(Topology(1, "colocated"), "launcher_entries.exchange")

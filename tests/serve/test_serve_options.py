@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from frontends.model_bundle import DEFAULT_BUNDLE_DIR, load_bundle
-from server.run_options import parse_run_options, resolve_dtype
+from server.options import resolve_dtype
+from server.run_options import parse_run_options
 from server.serve import parse_serve_options
 
 
