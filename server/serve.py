@@ -106,7 +106,7 @@ def build_serve_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         type=int,
         default=1,
         help="send LiveKit video this many frames after its audio (the receive path holds audio ~1 frame "
-        "longer; see server.live_session.LiveKitSessionOutput)",
+        "longer; see server.session_outputs.LiveKitSessionOutput)",
     )
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     return parser
