@@ -5,7 +5,8 @@
 #      need more GPUs and are skipped with the reason) and the chunk {3,7} x steps {2,4} ablation, through
 #      run's rank entry, i.e. the engine serve uses (per-forward time, TTBC, and per rank the memory plan's
 #      figure beside torch.cuda.max_memory_allocated: results.json "peak_memory");
-#   3. the CUDA tests (pytest -m gpu): bf16 VAE decode on a side stream, the compiled decode step, and
+#   3. the CUDA tests (pytest -m gpu): bf16 VAE decode on a side stream, the compiled decode step, pinned
+#      host-to-device staging of the per-chunk tensors, and
 #      `talkingmachines run` on the GPU (overlapped and serial) against the CPU.
 # Each step has its own time limit and writes what it has under $OUT (the TTBC study rewrites
 # results.partial.json after every run). Python packages the machine lacks come as wheels in .whl/.
@@ -54,7 +55,7 @@ done
 tail -n 30 "$OUT/ttbc.txt"
 
 log "pytest -m gpu, limit ${TEST_LIMIT}s"
-timeout "$TEST_LIMIT" "$PY" -m pytest -q -s -m gpu -p no:cacheprovider tests/decoder/test_vae_streaming.py \
+timeout "$TEST_LIMIT" "$PY" -m pytest -q -s -m gpu -p no:cacheprovider tests/decoder/test_vae_streaming.py tests/proto/test_staging.py \
     tests/runtime/test_cuda_run.py > "$OUT/pytest.txt" 2>&1
 log "pytest rc=$?"
 tail -n 15 "$OUT/pytest.txt"
