@@ -12,8 +12,8 @@ Both audio variants. The talkingmachines ``audio`` tensor ``[C, F + window − 1
 ``audio`` tensor ``[1, T, audio_window, layers, dim]`` — one speaker, the character axis is the batch of
 one — becomes ``InfiniteTalkAudio(windows=audio, starts_clip=(chunk_index == 0))``; its ``speaking`` flags
 (one row of ``frames_in_chunk(i)``) are checked and unused (the variant has no silence embedding: silence is
-in the audio features), and ``face_boxes`` are checked and unused (one speaker, no face mask). Chunk sizes
-may differ per chunk (LiveAct: 6 latent frames, then 8): every spec and the noise are chunk ``i``'s.
+in the audio features), and ``face_boxes`` are shape-checked and unused (one speaker, no face mask). Chunk
+sizes may differ per chunk (LiveAct: 6 latent frames, then 8): every spec and the noise are chunk ``i``'s.
 """
 
 from __future__ import annotations
