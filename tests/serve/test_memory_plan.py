@@ -209,3 +209,39 @@ def test_encoder_weights_of_wan_files_count_those_files_not_the_whole_published_
         config, EncoderSources(umt5_checkpoint=str(folder), clip_checkpoint=str(folder))
     )
     assert by_file == by_folder == _tiny_encoder_bytes(config)["wav2vec2"] + 3000 + 2000
+
+
+def test_liveact_caches_hold_its_14_frame_window_per_step_as_upstream_allocates() -> None:
+    config = get_model_preset("soulx-liveact")
+    stream = StreamConfig.for_schedule("soulx-liveact", height=512, width=512)
+    cache = kv_cache_bytes(config, stream, 1, torch.bfloat16)
+    # upstream generate.py: per step and block, K and V [1, 14·1024, 40, 128] bf16: 11.7 GB a step
+    per_step = 40 * 2 * 14 * 1024 * 40 * 128 * 2
+    assert per_step / 1e9 == pytest.approx(11.74, abs=0.01)
+    assert cache["self_attn"] == 3 * per_step
+    with_cfg = kv_cache_bytes(config, dataclasses.replace(stream, audio_cfg=2.0), 1, torch.bfloat16)
+    assert with_cfg["self_attn"] == 5 * per_step  # + the null-audio caches of steps 1 and 2
+    assert kv_cache_bytes(config, stream, 2, torch.bfloat16)["self_attn"] * 2 == cache["self_attn"]
+    # activations of the 8-frame chunk over its 14-frame window: more than a 3-frame chunk's, a few GiB
+    activations = dit_activation_bytes(config, stream, 1, torch.bfloat16)
+    paper = dit_activation_bytes(get_model_preset("talkingmachines-18b"), StreamConfig(), 1, torch.bfloat16)
+    assert paper < activations < 4 * GIB
+
+
+def test_liveact_at_512_needs_a_gpu_for_the_score_worker_alone_on_80_gib(tmp_path: Path) -> None:
+    weights = tmp_path / "liveact"
+    weights.mkdir()
+    argv = [
+        "--config", str(_serve_config(tmp_path, 1)), "--preset", "soulx-liveact", "--checkpoint",
+        str(weights), "--resolution", "512x512", "--device", "cuda", "--device-memory", "80",
+    ]  # fmt: skip
+    # self-contained on one GPU: weights 35.2 GiB + caches 3 × 10.9 GiB + the master's VAE: too much
+    with pytest.raises(ValueError) as refused:
+        parse_serve_options([*argv, "--decoder", "colocated"])
+    message = str(refused.value)
+    assert "self-contained 1 with soulx-liveact (bfloat16) at 512x512 for 1 session(s)" in message
+    assert "DiT weights 35.17 GiB" in message and "KV cache 33.40 GiB" in message
+    assert "--score-workers 2 (2 GPUs): needs" in message
+    # the score worker on a GPU of its own fits (and two SP ranks do)
+    assert parse_serve_options([*argv, "--decoder", "dedicated"]).decoder == "dedicated"
+    assert parse_serve_options([*argv, "--decoder", "colocated", "--score-workers", "2"]).score_workers == 2
