@@ -302,6 +302,7 @@ def run_stream(
             published_at_s=published.published_at - start,
             ttbc_s=published.ttbc_s,
             rss_bytes=memory() if memory is not None else {},
+            deadline_s=chunk.deadline_s,
         )
         stats.add(timing)
         if on_chunk is not None:

@@ -5,6 +5,7 @@ tests/runtime/test_liveact_run.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -118,3 +119,15 @@ def test_run_refuses_chunk_frames_for_the_liveact_schedule(tmp_path: Path) -> No
             ["--image", "a.png", "--audio", "a.wav", "--out", str(tmp_path / "x.mp4"), "--preset",
              "soulx-liveact-tiny", "--random-weights", "--device", "cpu", "--chunk-frames", "3"]
         )  # fmt: skip
+
+
+def test_each_chunk_s_ttbc_budget_is_the_duration_of_the_chunk_playing_before_it(ran) -> None:
+    _, _, _, _, stats, _, _ = ran
+    assert [c.deadline_s for c in stats.chunks] == [21 / 24, 21 / 24, 32 / 24]
+    assert stats.chunk_duration_s == 32 / 24  # the steady-state line
+    late = dataclasses.replace(stats.chunks[1], ttbc_s=1.0)  # over chunk 0's 0.875 s, under 1.33 s
+    on_time = dataclasses.replace(stats.chunks[2], ttbc_s=1.0)
+    summary = StreamStats("x", stats.chunk_duration_s)
+    for chunk in (stats.chunks[0], late, on_time):
+        summary.add(chunk)
+    assert summary.summary()["deadline_misses"] == 1
