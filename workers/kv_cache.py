@@ -23,31 +23,27 @@ rotates that ring position once per chunk (not per step) by −F frames on the t
 (float32: ~1e-7 relative; bfloat16: one more bf16 rounding than rotating un-rotated keys at use).
 
 The storage is allocated once: memory never grows with the number of chunks.
+
+`MemoryKVCache` is the other window, SoulX-LiveAct's (StreamConfig.window == 'convkv-memory'): 14 latent
+frames of pre-RoPE keys and values per slot, with sink, ConvKV-compressed memory and neighbour frames
+(its docstring has the layout; workers/LIVEACT.md the schedule).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+
+from proto.stream_config import CONVKV_CHUNK, CONVKV_FIRST_CHUNK
 
 SINK = 0
 
 
-class ChunkKVCache:
-    """Keys (rotated) and values `[layers, slots, B, 3·L, H, D]`: the sink c_0 and a ring of two chunks."""
+class _KVBuffers:
+    """Keys and values `[layers, slots, B, N, H, D]`, allocated once (zeros) and written in place."""
 
-    def __init__(
-        self,
-        num_layers: int,
-        num_slots: int,
-        batch: int,
-        tokens: int,
-        heads: int,
-        head_dim: int,
-        dtype: torch.dtype,
-        device: torch.device | str,
-    ) -> None:
-        shape = (num_layers, num_slots, batch, 3 * tokens, heads, head_dim)
-        self.tokens = tokens
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> None:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
@@ -64,6 +60,28 @@ class ChunkKVCache:
         """Bytes held by the cache tensors (constant for the session's lifetime)."""
         return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
 
+    def slot_views(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values `[layers, B, N, H, D]` of one slot (views, written in place)."""
+        return self.k[:, slot], self.v[:, slot]
+
+
+class ChunkKVCache(_KVBuffers):
+    """Keys (rotated) and values `[layers, slots, B, 3·L, H, D]`: the sink c_0 and a ring of two chunks."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_slots: int,
+        batch: int,
+        tokens: int,
+        heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        super().__init__((num_layers, num_slots, batch, 3 * tokens, heads, head_dim), dtype, device)
+        self.tokens = tokens
+
     @staticmethod
     def position(chunk_index: int) -> int:
         """The chunk position (0: sink, 1 or 2: ring) that chunk `chunk_index` writes."""
@@ -76,10 +94,6 @@ class ChunkKVCache:
     def visible(self, chunk_index: int) -> int:
         """Tokens that chunk `chunk_index` attends to: the buffer's first min(t + 1, 3) chunk positions."""
         return min(chunk_index + 1, 3) * self.tokens
-
-    def slot_views(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values `[layers, B, 3·L, H, D]` of one slot (views, written in place)."""
-        return self.k[:, slot], self.v[:, slot]
 
     def shift_position(
         self,
@@ -111,3 +125,86 @@ class ChunkKVCache:
                 real.mul_(c).addcmul_(imag, s, value=-1)  # real cos - imag sin
                 imag.mul_(c).addcmul_(real_copy, s)  # real sin + imag cos
                 stored.copy_(full)
+
+
+# LiveAct's window, in latent frames (workers/LIVEACT.md): sink 0..1, memory 2..3, neighbours 4..5 (together
+# the first chunk's 6 frames, the context of every later chunk), then the current chunk's 8 at 6..13.
+MEMORY_FRAME = 2  # slot 2 <- ConvKV(slots 2..6): the long-term memory (recursive from chunk 3 on)
+RECENT_MEMORY_FRAME = 3  # slot 3 <- ConvKV(slots 7..11)
+NEIGHBOUR_FRAMES = 2  # slots 4..5 <- slots 12..13
+WINDOW_FRAMES = CONVKV_FIRST_CHUNK + CONVKV_CHUNK  # 14
+CONVKV_RATIO = 5  # frames per memory frame; the layout above needs exactly this ConvKVMemoryConfig.ratio
+
+# compress(layer, keys, values) -> (memory keys, memory values): `WanSelfAttention.compress_memory` of that
+# layer over pre-RoPE keys/values `[B, 5·L, H, D]`, giving `[B, L, H, D]`.
+Compress = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+class MemoryKVCache(_KVBuffers):
+    """Pre-RoPE keys and values `[layers, slots, B, 14·L, H, D]` of SoulX-LiveAct's ConvKV window, in place.
+
+    One slot per forward pass kind of a chunk: a denoising step (its keys at that step's noise level), plus,
+    with audio CFG, one per audio step for the null-audio pass (`StreamingDiT` numbers them). L = tokens per
+    latent frame; H = the heads this rank holds (a sequence-parallel rank keeps its heads' slice of every
+    token, frame-major, as one rank would). Token range [f·L, (f + 1)·L) of a slot is frame slot f:
+
+    - chunk 0 (6 frames) writes slots 0..5 and attends to [0, 6·L): itself;
+    - chunk 1 (8 frames) writes slots 6..13 and attends to [0, 14·L): chunk 0 as it was, and itself;
+    - chunk c >= 2: first `update_memory` (once per chunk per slot, before the pass):
+      slot 2 <- ConvKV(slots 2..6), slot 3 <- ConvKV(slots 7..11), slots 4..5 <- slots 12..13, so slots 0..1
+      stay chunk 0's first frames (the sink, frame 0 the reference image's latent), slot 2 is the recursive
+      long-term memory, slot 3 chunk c−1's frames 1..5 compressed, slots 4..5 its last two frames; then it
+      writes slots 6..13 and attends to [0, 14·L).
+
+    Keys are stored pre-RoPE (after `norm_k`, in the cache dtype): the ConvKV mixes tokens of different
+    positions, which does not commute with the rotation, and the neighbours move from positions 12..13 to
+    4..5. A pass rotates the visible keys at use by the window's table (slot f at temporal position f,
+    spatial position by the token's index in its slot; a memory token m takes the grid position of m), as
+    upstream rotates its whole cache each call. Values carry no rotation.
+
+    The storage is allocated once per session; its size never changes (`nbytes`).
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_slots: int,
+        batch: int,
+        tokens_per_frame: int,
+        heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        shape = (num_layers, num_slots, batch, WINDOW_FRAMES * tokens_per_frame, heads, head_dim)
+        super().__init__(shape, dtype, device)
+        self.tokens_per_frame = tokens_per_frame
+
+    def write_offset(self, chunk_index: int) -> int:
+        """First token of chunk `chunk_index`'s keys/values: frame slot 0 for chunk 0, 6 afterwards."""
+        return 0 if chunk_index == 0 else CONVKV_FIRST_CHUNK * self.tokens_per_frame
+
+    def visible(self, chunk_index: int) -> int:
+        """Tokens chunk `chunk_index` attends to: frame slots [0, 6) for chunk 0, [0, 14) afterwards."""
+        return (CONVKV_FIRST_CHUNK if chunk_index == 0 else WINDOW_FRAMES) * self.tokens_per_frame
+
+    def update_memory(self, slot: int, compress: Compress) -> None:
+        """LiveAct's update of one slot before a pass of chunk >= 2, every block, in place: slot 2 <-
+        ConvKV(slots 2..6), slot 3 <- ConvKV(slots 7..11), slots 4..5 <- slots 12..13. The two compressions
+        of a block are computed before anything is written (slot 2's input includes slots 4..5)."""
+        n = self.tokens_per_frame
+        first, recent = MEMORY_FRAME * n, RECENT_MEMORY_FRAME * n
+        neighbours = recent + n
+        stack = CONVKV_RATIO * n
+        tail = WINDOW_FRAMES * n - NEIGHBOUR_FRAMES * n
+        for layer in range(self.num_layers):
+            k, v = self.k[layer, slot], self.v[layer, slot]
+            old_run, new_run = slice(first, first + stack), slice(first + stack, first + 2 * stack)
+            old = compress(layer, k[:, old_run], v[:, old_run])
+            new = compress(layer, k[:, new_run], v[:, new_run])
+            k[:, first:recent].copy_(old[0])
+            v[:, first:recent].copy_(old[1])
+            k[:, recent:neighbours].copy_(new[0])
+            v[:, recent:neighbours].copy_(new[1])
+            k[:, neighbours : neighbours + NEIGHBOUR_FRAMES * n].copy_(k[:, tail:])
+            v[:, neighbours : neighbours + NEIGHBOUR_FRAMES * n].copy_(v[:, tail:])

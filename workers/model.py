@@ -14,9 +14,10 @@ Differences from the original forward, all needed for streaming and none changin
 - self-attention can take a pre-RoPE key/value prefix (`prefix_kv`, e.g. a flop count of a cached forward)
   and a boolean mask (the full-sequence reference of sparse attention);
 - `forward_step`, the streaming engine's pass over one chunk: time embeddings and float32 RoPE tables come
-  precomputed, each block writes its chunk's rotated keys/values in place into the session's preallocated
-  cache buffer and attends over one view of it (`workers.kv_cache`); the audio keys/values come projected
-  once per chunk (`audio_kv`);
+  precomputed, each block writes its chunk's keys/values in place into the session's preallocated cache
+  buffer (rotated; or pre-RoPE, the visible keys then rotated at use, for LiveAct's ConvKV window) and
+  attends over one view of it (`workers.kv_cache`); the audio keys/values come projected once per chunk
+  (`audio_kv`);
 - text/image cross-attention keys/values can be precomputed once per session (`cross_attention_kv`);
 - the infinitetalk variant's audio output is added after the text/image cross-attention, as upstream does;
   on a clip's first latent frame it is zero when the config says so (LiveAct's `mute_reference_frame`);
@@ -51,9 +52,11 @@ from workers.ulysses import group_size
 
 KV = tuple[torch.Tensor, torch.Tensor]
 Rope = tuple[torch.Tensor, torch.Tensor]
-# One block's cache for a streaming pass: (keys, values) buffers `[B, 3·L, H, D]`, the first token the pass
-# writes its chunk's rotated keys/values at, and how many tokens it attends to (`workers.kv_cache`).
-CacheView = tuple[torch.Tensor, torch.Tensor, int, int]
+# One block's cache for a streaming pass: (keys, values) buffers `[B, N, H, D]`, the first token the pass
+# writes its chunk's keys/values at, how many tokens it attends to, and how the keys are stored: None =
+# rotated when written (the sparse-causal `ChunkKVCache`, N = 3·L), or the float32 cos/sin `[visible, D/2]`
+# of the key positions = stored pre-RoPE and rotated at use (LiveAct's `MemoryKVCache`, N = 14 frames).
+CacheView = tuple[torch.Tensor, torch.Tensor, int, int, Rope | None]
 
 
 def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:
@@ -143,30 +146,47 @@ class WanSelfAttention(nn.Module):
             self.memory_proj_k = nn.Conv1d(dim, dim, **conv)
             self.memory_proj_v = nn.Conv1d(dim, dim, **conv)
 
-    def compress_memory(self, k: torch.Tensor, v: torch.Tensor, mean: bool = False) -> KV:
+    def compress_memory(
+        self, k: torch.Tensor, v: torch.Tensor, mean: bool = False, first_head: int = 0
+    ) -> KV:
         """Past pre-RoPE keys and values `[B, N, H, D]` → memory tokens `[B, N / ratio, H, D]` each.
 
         Every `ratio` consecutive tokens (in the given order: frame-major, so a run crosses a frame boundary
         unless the tokens of a frame are a multiple of ratio) become one, per channel: the depthwise
         `memory_proj_k` for the keys and, as upstream (`values_use_key_conv`), for the values too
         (`memory_proj_v` otherwise). `mean=True` averages the run instead (upstream's `--mean_memory`).
+
+        The convolution is per channel, so a head shard compresses alone: k, v may hold heads
+        [first_head, first_head + H) of the model's (a sequence-parallel rank's cache), and use those heads'
+        channels of the weights.
         """
         if self.memory is None:
             raise ValueError("this self-attention has no ConvKV memory (ModelConfig.memory is None)")
         ratio = self.memory.ratio
-        if k.shape != v.shape or k.shape[1] % ratio or k.shape[2:] != (self.num_heads, self.head_dim):
+        heads = k.shape[2] if k.ndim == 4 else -1
+        if (
+            k.shape != v.shape
+            or k.ndim != 4
+            or k.shape[1] % ratio
+            or k.shape[3] != self.head_dim
+            or not 0 <= first_head <= self.num_heads - heads
+            or heads < 1
+        ):
             raise ValueError(
-                f"memory keys/values must both be [B, N, {self.num_heads}, {self.head_dim}] with N a "
-                f"multiple of {ratio}, got {tuple(k.shape)} and {tuple(v.shape)}"
+                f"memory keys/values must both be [B, N, H, {self.head_dim}] with N a multiple of {ratio} "
+                f"and heads [{first_head}, {first_head} + H) among the {self.num_heads}, got "
+                f"{tuple(k.shape)} and {tuple(v.shape)}"
             )
         if mean:
             return k.unflatten(1, (-1, ratio)).mean(2), v.unflatten(1, (-1, ratio)).mean(2)
         v_conv = self.memory_proj_k if self.memory.values_use_key_conv else self.memory_proj_v
+        channels = slice(first_head * self.head_dim, (first_head + heads) * self.head_dim)
 
         def compress(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
-            channels = x.flatten(2).transpose(1, 2).to(conv.weight.dtype)  # [B, dim, N]
-            out = F.conv1d(channels, conv.weight, stride=ratio, groups=channels.shape[1])
-            return out.transpose(1, 2).unflatten(-1, (self.num_heads, self.head_dim)).to(x.dtype)
+            weight = conv.weight[channels]
+            flat = x.flatten(2).transpose(1, 2).to(weight.dtype)  # [B, channels, N]
+            out = F.conv1d(flat, weight, stride=ratio, groups=flat.shape[1])
+            return out.transpose(1, 2).unflatten(-1, (heads, self.head_dim)).to(x.dtype)
 
         return compress(k, self.memory_proj_k), compress(v, v_conv)
 
@@ -201,13 +221,23 @@ class WanSelfAttention(nn.Module):
     def attend_cached(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: Rope, cache: CacheView
     ) -> torch.Tensor:
-        """Rotate q, k `[B, L, H, D]` by `rope` (the chunk's cos/sin `[L, D/2]`), write k and v into the cache
-        buffers at tokens [at, at + L) and attend over the buffers' first `visible` tokens."""
-        k_buf, v_buf, at, visible = cache
+        """Write k, v `[B, L, H, D]` into the cache buffers at tokens [at, at + L) and attend with q, rotated
+        by `rope` (the chunk's cos/sin `[L, D/2]`), over the buffers' first `visible` tokens.
+
+        Keys stored rotated (`key_rope` None): k is rotated by `rope` when written and the buffer is attended
+        as it is. Keys stored pre-RoPE (`key_rope` the cos/sin `[visible, D/2]` of the window's positions):
+        k is written as it is and the visible keys are rotated at use (LiveAct's window, whose memory is
+        compressed from pre-RoPE keys)."""
+        k_buf, v_buf, at, visible, key_rope = cache
         length = k.shape[1]
-        k_buf[:, at : at + length].copy_(apply_rope(k, *rope))
+        if key_rope is None:
+            k_buf[:, at : at + length].copy_(apply_rope(k, *rope))
+            v_buf[:, at : at + length].copy_(v)
+            return attention(apply_rope(q, *rope), k_buf[:, :visible], v_buf[:, :visible])
+        k_buf[:, at : at + length].copy_(k)
         v_buf[:, at : at + length].copy_(v)
-        return attention(apply_rope(q, *rope), k_buf[:, :visible], v_buf[:, :visible])
+        keys = apply_rope(k_buf[:, :visible], *key_rope)
+        return attention(apply_rope(q, *rope), keys, v_buf[:, :visible])
 
     def forward(
         self,
@@ -735,16 +765,21 @@ class WanModel(nn.Module):
         sp_group: dist.ProcessGroup | None = None,
         blocks: Sequence[nn.Module] | None = None,
         mute_first_frame: bool = False,
+        key_rope: Rope | None = None,
     ) -> torch.Tensor:
         """One streaming pass over a chunk x `[B, 16, F, H, W]` → velocity `[B, 16, F, H, W]` (float32).
 
         e `[B, F, dim]`, e0 `[B, F, 6, dim]`: `time_embed` of the pass's timestep, computed once per session.
-        rope: float32 cos/sin `[F·h·w, D/2]` of the chunk's tokens. cache_k/cache_v `[layers, B, 3·L, H, D]`:
-        one slot of the session's cache; every block writes the chunk's rotated keys and values at tokens
+        rope: float32 cos/sin `[F·h·w, D/2]` of the chunk's tokens. cache_k/cache_v `[layers, B, N, H, D]`:
+        one slot of the session's cache; every block writes the chunk's keys and values at tokens
         [write_at, write_at + L) and attends over tokens [0, visible) (`workers.kv_cache`). audio_kv: per
         block audio keys/values (`WanModel.audio_kv`, once per chunk), face_mask this rank's.
         blocks: the blocks to run (default `self.blocks`; the engine passes compiled ones).
         mute_first_frame: infinitetalk, the chunk starts the clip (`mutes_first_frame`).
+        key_rope: None = the cache holds rotated keys (the chunk's are rotated by `rope` when written); or the
+        float32 cos/sin `[visible, D/2]` of the cached keys' positions: the cache holds pre-RoPE keys (the
+        chunk's are written as they are) and its visible keys are rotated by it at use (LiveAct's window,
+        `workers.kv_cache.MemoryKVCache`).
         """
         h, grid = self.embed(x, y, sp_group)
         for i, block in enumerate(self.blocks if blocks is None else blocks):
@@ -757,7 +792,7 @@ class WanModel(nn.Module):
                 None,
                 face_mask,
                 sp_group=sp_group,
-                cache=(cache_k[i], cache_v[i], write_at, visible),
+                cache=(cache_k[i], cache_v[i], write_at, visible, key_rope),
                 audio_kv=None if audio_kv is None else audio_kv[i],
                 mute_first_frame=mute_first_frame,
             )

@@ -6,6 +6,14 @@ all-to-alls inside ``denoise`` line up because the calls do. Everything a messag
 against ``proto.chunk_specs`` before any collective runs, and a mismatch raises ``proto.wire.WireError``
 naming the field: every rank checks the same header against the same state, so they all refuse it together
 and the group stays in step (``workers.worker_loop`` turns the error into a ``WorkerFailed`` reply).
+
+Both audio variants. The talkingmachines ``audio`` tensor ``[C, F + window − 1, ...]`` becomes
+``AudioConditioning`` with the speaking flags and the session's face masks. The infinitetalk (SoulX-LiveAct)
+``audio`` tensor ``[1, T, audio_window, layers, dim]`` — one speaker, the character axis is the batch of
+one — becomes ``InfiniteTalkAudio(windows=audio, starts_clip=(chunk_index == 0))``; its ``speaking`` flags
+(one row of ``frames_in_chunk(i)``) are checked and unused (the variant has no silence embedding: silence is
+in the audio features), and ``face_boxes`` are checked and unused (one speaker, no face mask). Chunk sizes
+may differ per chunk (LiveAct: 6 latent frames, then 8): every spec and the noise are chunk ``i``'s.
 """
 
 from __future__ import annotations
@@ -16,11 +24,12 @@ from dataclasses import dataclass
 import torch
 
 from proto.chunk_specs import chunk_noise, chunk_request_specs, session_open_specs
+from proto.model_config import InfiniteTalkAudioConfig
 from proto.staging import HostStaging
 from proto.stream_config import StreamConfig
 from proto.topology import ProcessGroups
 from proto.wire import ChunkRequest, SessionClose, SessionOpen, TensorSpec, WireError, check_specs
-from workers.audio import AudioConditioning, face_token_mask
+from workers.audio import AudioConditioning, InfiniteTalkAudio, face_token_mask
 from workers.model import WanModel
 from workers.streaming import SessionState, StreamingDiT
 
@@ -78,9 +87,14 @@ class ScoreRank:
         msg.expect(latent_height=self.stream.latent_height, latent_width=self.stream.latent_width)
         if msg.num_characters < 1:
             raise WireError(f"{where}.num_characters: expected >= 1, received {msg.num_characters}")
+        if self._infinitetalk and msg.num_characters != 1:
+            raise WireError(
+                f"{where}.num_characters: expected 1, received {msg.num_characters} (preset "
+                f"{self.config.name!r} has the infinitetalk audio variant, which drives one speaker)"
+            )
         self._check_tensors(where, session_open_specs(self.config, msg.num_characters), msg.tensors, tensors)
         face_mask = None
-        if "face_boxes" in tensors:
+        if "face_boxes" in tensors and not self._infinitetalk:
             try:
                 mask = face_token_mask(
                     tensors["face_boxes"].cpu(),
@@ -101,30 +115,33 @@ class ScoreRank:
         session = self._session(msg.session_id, "ChunkRequest")
         where = f"ChunkRequest {msg.session_id!r} chunk {msg.chunk_index}"
         msg.expect(chunk_index=session.state.next_chunk)
-        specs = chunk_request_specs(self.config, self.stream, session.num_characters)
+        index = msg.chunk_index
+        specs = chunk_request_specs(self.config, self.stream, session.num_characters, index)
         self._check_tensors(where, specs, msg.tensors, tensors)
-        audio = None
+        audio: AudioConditioning | InfiniteTalkAudio | None = None
         if self.config.audio is not None:
-            frames = self.stream.chunk_latent_frames
+            frames = self.stream.frames_in_chunk(index)
             shape = tuple(len(row) for row in msg.speaking)
             if shape != (frames,) * session.num_characters:
                 raise WireError(
                     f"{where}.speaking: expected {session.num_characters} rows of {frames} flags "
                     f"(characters × latent frames), received rows of lengths {list(shape)}"
                 )
-            speaking = self.staging.tensor("speaking", msg.speaking, torch.bool)
-            audio = AudioConditioning(
-                features=self.staging.to_device("audio", tensors["audio"])[None],
-                speaking=speaking[None],
-                face_mask=session.face_mask,
-            )
-        noise = chunk_noise(msg.noise_seed, len(self.engine.timesteps), self.stream.latent_chunk_shape)
+            features = self.staging.to_device(self._stage("audio", index), tensors["audio"])
+            if self._infinitetalk:
+                audio = InfiniteTalkAudio(windows=features, starts_clip=index == 0)
+            else:
+                speaking = self.staging.tensor("speaking", msg.speaking, torch.bool)
+                audio = AudioConditioning(
+                    features=features[None], speaking=speaking[None], face_mask=session.face_mask
+                )
+        noise = chunk_noise(msg.noise_seed, len(self.engine.timesteps), self.stream.latent_shape(index))
         x0 = self.engine.denoise_chunk(
             session.state,
-            msg.chunk_index,
-            y=self._optional(tensors, "y"),
+            index,
+            y=self._optional(tensors, "y", index),
             audio=audio,
-            noise=self.staging.to_device("noise", noise),
+            noise=self.staging.to_device(self._stage("noise", index), noise),
         )
         return x0.float().contiguous() if self.is_leader else None
 
@@ -145,8 +162,23 @@ class ScoreRank:
             )
         return session
 
-    def _optional(self, tensors: Mapping[str, torch.Tensor], name: str) -> torch.Tensor | None:
-        return self.staging.to_device(name, tensors[name]) if name in tensors else None
+    @property
+    def _infinitetalk(self) -> bool:
+        return isinstance(self.config.audio, InfiniteTalkAudioConfig)
+
+    def _stage(self, name: str, chunk_index: int) -> str:
+        """The staging buffer of a per-chunk tensor: chunk 0 has its own when its size differs (LiveAct), so
+        the later chunks' buffers are not reallocated whenever a session starts."""
+        if chunk_index == 0 and self.stream.frames_in_chunk(0) != self.stream.chunk_latent_frames:
+            return f"{name}.first"
+        return name
+
+    def _optional(
+        self, tensors: Mapping[str, torch.Tensor], name: str, chunk_index: int = 1
+    ) -> torch.Tensor | None:
+        if name not in tensors:
+            return None
+        return self.staging.to_device(self._stage(name, chunk_index), tensors[name])
 
     @staticmethod
     def _check_tensors(

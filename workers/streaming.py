@@ -1,14 +1,20 @@
-"""Sparse-causal streaming of the DiT: chunk t attends to c_0, c_{t−1} and itself, endlessly, in fixed memory.
+"""Chunked streaming of the DiT, endlessly, in fixed memory, in one of two attention windows
+(`StreamConfig.window`, chosen by data): `sparse-causal` (TalkingMachines: chunk t attends to c_0, c_{t−1}
+and itself) or `convkv-memory` (SoulX-LiveAct: a 14-frame window of sink, ConvKV-compressed memory,
+neighbours and the current chunk; at the end of this docstring).
 
-API (one engine per model, one `SessionState` per stream):
+API (one engine per model, one `SessionState` per stream), the same for both windows:
 
     engine = StreamingDiT(model, stream_cfg)
     state = engine.open_session(context, clip_fea)          # text/image cross-attention K/V, computed once
-    x0 = engine.denoise_chunk(state, 0, y=y_chunk, audio=audio_chunk, noise=noise)   # [16, F, h, w]
+    x0 = engine.denoise_chunk(state, 0, y=y_chunk, audio=audio_chunk, noise=noise)   # [16, F_0, h, w]
     x0 = engine.denoise_chunk(state, 1, ...)                 # chunks must come in order
     engine.close_session(state)                              # frees the caches
 
-Cache modes (StreamConfig.cache_mode):
+Chunk i has `stream.frames_in_chunk(i)` latent frames (noise `[S, *stream.latent_shape(i)]`); only the
+convkv-memory window has a first chunk of another size (6, then 8).
+
+The sparse-causal window. Cache modes (StreamConfig.cache_mode):
 - `per-step`: the chunk's keys/values at denoising step s are kept as KV_s; chunk t at step s attends to
   KV_s of c_0 and c_{t−1}. The timestep is shared by all chunks, as in training, so this equals a
   full-sequence forward over every chunk's step-s latents with the sparse block mask. A chunk costs exactly
@@ -44,6 +50,39 @@ P must divide the heads and the tokens of a frame (checked when the engine is bu
 
 The full-sequence references the streaming engine must reproduce (the correctness anchor) are here too:
 `sparse_causal_mask`, `clean_context_mask`, `full_sequence_denoise` and `teacher_forced_denoise`.
+
+The convkv-memory window (LiveAct's schedule, workers/LIVEACT.md; needs a model with ConvKV memory, ratio 5,
+and no audio or the infinitetalk variant):
+- chunks of 6 then 8 latent frames; per chunk one pass per denoising step on that step's cache, audio only
+  from `stream.audio_from_step` on (before it the passes have no audio path at all: `audio_kv=None`);
+  with `stream.audio_cfg` > 1 each audio step adds a null-audio pass (all-zero windows) on a cache of its
+  own, v = v_null + cfg·(v − v_null). The sampler is the sparse-causal one (σ = t/1000 of
+  `denoising_schedule`; x0 = x − σ·v, re-noised with the chunk's fresh noise), the network embedding the
+  timesteps rounded to float32 as upstream holds them.
+- the cache (`workers.kv_cache.MemoryKVCache`, preallocated at session open, written in place): per pass
+  kind (3 steps, + 2 null-audio with CFG) and block 14 frame slots of pre-RoPE keys and values: chunk 0
+  writes slots 0..5, later chunks 6..13; before each pass of chunk >= 2 its slot is updated once (slot 2 ←
+  ConvKV(2..6), slot 3 ← ConvKV(7..11), slots 4..5 ← 12..13; `WanSelfAttention.compress_memory`, values
+  with the key convolution as upstream).
+- RoPE: one float32 table of the 14 slot positions per engine and device (`window_ropes`): queries at
+  0..5 (chunk 0) or 6..13, the visible keys rotated at use by the table's first 6 or all 14 frames (the
+  ConvKV needs pre-RoPE keys and the neighbours move from 12..13 to 4..5, as upstream rotates its cache
+  every call). The time embeddings of both chunk sizes are built at session open, every block's keys/
+  values of the null audio once per engine, the chunk's audio projected once per chunk.
+- per pass: the blocks write the chunk's pre-RoPE keys/values into the slot and attend over the visible
+  view, with one rotated copy of the visible keys as the only cache-sized temporary per block (the same
+  rotation upstream runs; under `compile=True` inductor fuses it). The once-per-chunk memory update
+  computes two L-token compressions per block before writing them (a convolution has no `out=`).
+- `compile=True` works as for the sparse-causal window (one graph per chunk kind and audio/no-audio
+  pass); compiled equals eager within 1e-5 (tests/workers/test_streaming_convkv.py).
+- sequence parallelism as above: each rank holds its H/P heads of every token of the window, and the
+  depthwise ConvKV compresses its heads with their channels of the weights (a memory token mixes 5
+  consecutive tokens of one channel, all of which the head-sharded cache holds), so P ranks equal one
+  within float32 rounding. This follows the single-GPU model's memory (generate.py), not upstream's own
+  two-GPU variant (model_memory_sp.py), which fills the memory differently (workers/LIVEACT.md).
+Equivalence: the engine equals `liveact_rollout` (tests/oracles/test_liveact_equivalence.py, LiveAct's
+schedule written out uncached on `WanModel.forward`) within 1e-5 and reproduces upstream's own rollouts
+(tests/fixtures/liveact) within 2e-5.
 """
 
 from __future__ import annotations
@@ -53,25 +92,28 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from proto.model_config import InfiniteTalkAudioConfig
 from proto.stream_config import StreamConfig
-from workers.audio import AudioConditioning
-from workers.kv_cache import ChunkKVCache
-from workers.model import KV, WanModel
+from workers.audio import AudioConditioning, InfiniteTalkAudio
+from workers.kv_cache import CONVKV_RATIO, WINDOW_FRAMES, ChunkKVCache, MemoryKVCache
+from workers.model import KV, Rope, WanModel
 from workers.rope import grid_positions, rope_cos_sin, temporal_shift_cos_sin
 from workers.sampler import denoising_schedule, predict_x0, renoise
 from workers.sp import check_sp_shapes
-from workers.ulysses import group_size
+from workers.ulysses import group_rank, group_size
 
 
 @dataclass
 class SessionState:
     """Per-stream state: cross-attention K/V (per block), the self-attention cache, the next chunk index,
-    and the time embeddings (e `[1, F, dim]`, e0 `[1, F, 6, dim]`) of every pass of a chunk."""
+    and the time embeddings (e `[1, F, dim]`, e0 `[1, F, 6, dim]`) of every pass of a chunk; for a first
+    chunk of another size (the convkv-memory window) those of chunk 0's passes in `first_time_emb`."""
 
     cross_kv: list[dict[str, torch.Tensor]]
-    cache: ChunkKVCache
+    cache: ChunkKVCache | MemoryKVCache
     next_chunk: int = 0
     time_emb: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    first_time_emb: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -81,7 +123,8 @@ class SessionState:
 
 
 class StreamingDiT:
-    """Runs a `WanModel` chunk by chunk with sparse causal attention and a fixed-size KV cache."""
+    """Runs a `WanModel` chunk by chunk in a fixed-size KV cache: sparse causal attention, or LiveAct's
+    ConvKV-memory window (`StreamConfig.window`)."""
 
     def __init__(
         self,
@@ -91,12 +134,14 @@ class StreamingDiT:
         compile: bool = False,
     ) -> None:
         cfg = model.config
-        if cfg.memory is not None or cfg.audio_variant == "infinitetalk":
+        if stream.window == "convkv-memory":
+            _check_convkv_model(model)
+        elif cfg.memory is not None or cfg.audio_variant == "infinitetalk":
             raise ValueError(
                 f"preset {cfg.name!r} is a SoulX-LiveAct-family model (infinitetalk audio, ConvKV memory), "
                 "which streams with LiveAct's schedule (6 then 8 latent frames a chunk, sink + ConvKV "
-                "memory + neighbour cache); this engine runs the TalkingMachines schedule only, LiveAct's "
-                "is not implemented yet"
+                f"memory + neighbour cache), not the {stream.window!r} window; stream it with "
+                f"StreamConfig.for_schedule({cfg.stream_schedule!r}, height=..., width=...)"
             )
         self.model = model
         self.stream = stream
@@ -109,17 +154,43 @@ class StreamingDiT:
         )
         # The timestep of every pass of a chunk: the denoising steps, then the clean-context refresh at 0.
         self.pass_timesteps = self.timesteps + ((0.0,) if stream.cache_mode == "clean-context" else ())
+        if self.memory_window:
+            # LiveAct's generate.py keeps its timesteps in a float32 tensor, so its network embeds
+            # t = 833.3333129882812, not 833.333…; the sinusoidal embedding's fast frequencies see that
+            # difference (~1e-5 on the latents at the tiny preset). The sampler's σ stays the schedule's.
+            self.pass_timesteps = tuple(float(torch.tensor(t, dtype=torch.float32)) for t in self.timesteps)
         self.compiled = compile
         # torch.compile wraps the blocks without changing the model (references and training stay eager).
         self.blocks: list[torch.nn.Module] | None = (
             [torch.compile(block, dynamic=False) for block in model.blocks] if compile else None
         )
         self._rope_tables: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        # convkv-memory window: the window's float32 RoPE table per device, and every block's keys/values of
+        # the null audio (zero windows) per (starts_clip, device), both built once per engine.
+        self._window_tables: dict[torch.device, Rope] = {}
+        self._null_audio_kv: dict[tuple[bool, torch.device], list[KV]] = {}
+
+    @property
+    def memory_window(self) -> bool:
+        """Whether this engine streams LiveAct's ConvKV-memory window (`StreamConfig.window`)."""
+        return self.stream.window == "convkv-memory"
+
+    @property
+    def audio_guided(self) -> bool:
+        """Whether audio steps also run a null-audio pass (convkv window, `audio_cfg` > 1, audio layers)."""
+        return self.memory_window and self.stream.audio_cfg > 1 and self.model.config.audio is not None
 
     @property
     def passes_per_chunk(self) -> int:
-        """Forward passes per chunk: len(steps), plus the σ = 0 refresh in clean-context mode."""
+        """Forward passes per chunk: len(steps), plus the σ = 0 refresh in clean-context mode, plus one
+        null-audio pass per audio step with audio CFG (convkv window)."""
+        if self.memory_window:
+            return len(self.timesteps) + (self._audio_steps if self.audio_guided else 0)
         return len(self.timesteps) + (1 if self.stream.cache_mode == "clean-context" else 0)
+
+    @property
+    def _audio_steps(self) -> int:
+        return len(self.timesteps) - self.stream.audio_from_step
 
     def chunk_start(self, chunk_index: int) -> int:
         """First temporal position of chunk `chunk_index` (`position_mode`)."""
@@ -177,6 +248,8 @@ class StreamingDiT:
             cross_kv = model.cross_attention_kv(
                 context[None].to(param.device), None if clip_fea is None else clip_fea[None].to(param.device)
             )
+        if self.memory_window:
+            return self._open_memory_session(cross_kv, param)
         slots = len(self.timesteps) if self.stream.cache_mode == "per-step" else 1
         with torch.no_grad():
             frames = self.stream.chunk_latent_frames
@@ -208,6 +281,7 @@ class StreamingDiT:
         """Release the session's tensors; the state cannot be used afterwards."""
         state.cross_kv = []
         state.time_emb = []
+        state.first_time_emb = None
         state.cache.k = state.cache.v = torch.empty(0)
         state.next_chunk = -1
 
@@ -234,10 +308,29 @@ class StreamingDiT:
         """One pass over chunk `chunk_index` at `pass_timesteps[pass_index]`: the velocity `[16, F, h, w]`;
         the chunk's keys/values are written into the pass's cache slot."""
         rope, audio_kv, face_mask = chunk_inputs
-        cache = state.cache
         slot = pass_index if self.stream.cache_mode == "per-step" else 0
+        time_emb = state.time_emb[pass_index]
+        return self._forward(state, x, slot, chunk_index, y, rope, time_emb, audio_kv, face_mask=face_mask)
+
+    def _forward(
+        self,
+        state: SessionState,
+        x: torch.Tensor,
+        slot: int,
+        chunk_index: int,
+        y: torch.Tensor | None,
+        rope: Rope,
+        time_emb: tuple[torch.Tensor, torch.Tensor],
+        audio_kv: list[KV] | None,
+        face_mask: torch.Tensor | None = None,
+        mute: bool = False,
+        key_rope: Rope | None = None,
+    ) -> torch.Tensor:
+        """`WanModel.forward_step` of chunk `chunk_index` on the session's cache slot `slot`: the velocity
+        `[16, F, h, w]` (either window; `key_rope` only for the pre-RoPE `MemoryKVCache`)."""
+        cache = state.cache
         k, v = cache.slot_views(slot)
-        e, e0 = state.time_emb[pass_index]
+        e, e0 = time_emb
         return self.model.forward_step(
             x[None],
             e,
@@ -253,6 +346,8 @@ class StreamingDiT:
             face_mask=face_mask,
             sp_group=self.sp_group,
             blocks=self.blocks,
+            mute_first_frame=mute,
+            key_rope=key_rope,
         )[0]
 
     @torch.no_grad()
@@ -268,9 +363,12 @@ class StreamingDiT:
     ) -> torch.Tensor:
         """Denoise chunk `chunk_index` (must be the session's next chunk) and return its x0 `[16, F, h, w]`.
 
+        F is the chunk's own latent frame count, `stream.frames_in_chunk(chunk_index)` (LiveAct: 6, then 8).
         y: I2V conditioning of this chunk `[20, F, h, w]` (i2v models).
-        audio: the chunk's audio inputs with batch 1 (features `[1, C, F + window − 1, ...]`, speaking
-            `[1, C, F]`, face_mask `[1, C, F·h·w]`), or None.
+        audio: the chunk's audio inputs with batch 1, or None: talkingmachines `AudioConditioning` (features
+            `[1, C, F + window − 1, ...]`, speaking `[1, C, F]`, face_mask `[1, C, F·h·w]`); infinitetalk
+            `InfiniteTalkAudio` (windows `[1, T, audio_window, layers, dim]` of the chunk's T =
+            `stream.video_frames_in_chunk(chunk_index)` video frames, starts_clip exactly for chunk 0).
         noise: `[S, 16, F, h, w]`: noise[0] is the initial x_T, noise[s] the fresh ε that re-noises to step s;
             drawn from `generator` when None.
         """
@@ -280,7 +378,7 @@ class StreamingDiT:
                 "causal and must be denoised in order (reset_session to restart)"
             )
         param = next(self.model.parameters())
-        shape = (len(self.timesteps), *self.stream.latent_chunk_shape)
+        shape = (len(self.timesteps), *self.stream.latent_shape(chunk_index))
         if noise is None:
             noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(param.device)
         if tuple(noise.shape) != shape:
@@ -288,6 +386,10 @@ class StreamingDiT:
         noise = noise.to(param.device)
         if y is not None:
             y = y.to(param.device)
+        if self.memory_window:
+            x0 = self._denoise_memory_chunk(state, chunk_index, y, audio, noise)
+            state.next_chunk += 1
+            return x0
         shift = self.previous_shift(chunk_index)
         if shift:  # the window stopped moving: c_{t−1} moves back, once per chunk, in place
             cos, sin = self._table(("shift", shift), param.device)
@@ -304,6 +406,162 @@ class StreamingDiT:
             self.step(state, x0, len(self.sigmas), chunk_index, y, inputs)
         state.next_chunk += 1
         return x0
+
+    # ---- the convkv-memory window (SoulX-LiveAct) ---------------------------------------------------------
+
+    def _open_memory_session(
+        self, cross_kv: list[dict[str, torch.Tensor]], param: torch.Tensor
+    ) -> SessionState:
+        """The session of the convkv-memory window: time embeddings of every step at chunk 0's and the later
+        chunks' frame counts, the window's RoPE table (once per engine), the preallocated `MemoryKVCache`."""
+        cfg, stream = self.model.config, self.stream
+
+        def full(shape: tuple[int, int], t: float) -> torch.Tensor:
+            return torch.full(shape, t, dtype=torch.float64, device=param.device)
+
+        def embeddings(frames: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+            with torch.no_grad():
+                return [self.model.time_embed(full((1, frames), t)) for t in self.pass_timesteps]
+
+        self._window_rope(param.device)
+        cache = MemoryKVCache(
+            num_layers=cfg.num_layers,
+            num_slots=self.passes_per_chunk,
+            batch=1,
+            tokens_per_frame=stream.tokens_per_frame,
+            heads=cfg.num_heads // self.sp_degree,
+            head_dim=cfg.head_dim,
+            dtype=param.dtype,
+            device=param.device,
+        )
+        return SessionState(
+            cross_kv=cross_kv,
+            cache=cache,
+            time_emb=embeddings(stream.chunk_latent_frames),
+            first_time_emb=embeddings(stream.frames_in_chunk(0)),
+        )
+
+    def _window_rope(self, device: torch.device) -> Rope:
+        """float32 cos/sin `[14·L, D/2]` of the whole window: frame slot f at temporal position f, (h, w) by
+        the token's index in its slot. Computed in float64 and cast once per engine and device."""
+        table = self._window_tables.get(device)
+        if table is None:
+            stream = self.stream
+            frames = torch.arange(WINDOW_FRAMES, device=device)
+            positions = grid_positions(frames, stream.token_height, stream.token_width)
+            cos, sin = rope_cos_sin(self.model.config, positions)
+            table = self._window_tables[device] = (cos.float(), sin.float())
+        return table
+
+    def window_ropes(self, chunk_index: int, device: torch.device) -> tuple[Rope, Rope]:
+        """(the queries' table, the visible keys' table) of chunk `chunk_index`, views of the window table:
+        chunk 0 at frame positions 0..5 over keys 0..5; later chunks at 6..13 over keys 0..13."""
+        cos, sin = self._window_rope(device)
+        context = self.stream.tokens_in_chunk(0)
+        if chunk_index == 0:
+            first = (cos[:context], sin[:context])
+            return first, first
+        return (cos[context:], sin[context:]), (cos, sin)
+
+    def null_slot(self, step: int) -> int:
+        """The cache slot of the null-audio pass at audio step `step` (audio CFG): after the steps' slots."""
+        return len(self.timesteps) + step - self.stream.audio_from_step
+
+    def _null_audio_kv_of(self, starts_clip: bool, device: torch.device) -> list[KV]:
+        """Every block's audio keys/values of all-zero windows (audio CFG's null audio; the projection of
+        zeros is not zero), for chunk 0 (`starts_clip`) or a later chunk, built once per engine."""
+        key = (starts_clip, device)
+        kv = self._null_audio_kv.get(key)
+        if kv is None:
+            audio = self.model.config.audio
+            assert isinstance(audio, InfiniteTalkAudioConfig)
+            index = 0 if starts_clip else 1
+            shape = (1, self.stream.video_frames_in_chunk(index), audio.audio_window, audio.wav2vec_layers)
+            windows = torch.zeros((*shape, audio.wav2vec_dim), device=device)
+            null = InfiniteTalkAudio(windows=windows, starts_clip=starts_clip)
+            tokens, _ = self.model.audio_inputs(null, self.stream.frames_in_chunk(index))
+            kv = self._null_audio_kv[key] = self.model.audio_kv(tokens)
+        return kv
+
+    def _compress(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> KV:
+        """Block `layer`'s ConvKV of this rank's heads (a head shard uses its channels of the weights)."""
+        first_head = group_rank(self.sp_group) * k.shape[2]
+        return self.model.blocks[layer].self_attn.compress_memory(k, v, first_head=first_head)
+
+    def _denoise_memory_chunk(
+        self,
+        state: SessionState,
+        chunk_index: int,
+        y: torch.Tensor | None,
+        audio: AudioConditioning | InfiniteTalkAudio | None,
+        noise: torch.Tensor,
+    ) -> torch.Tensor:
+        """LiveAct's chunk: per step s a pass on cache slot s, with the audio only from `audio_from_step`
+        on (before it no audio path at all); with audio CFG a null-audio pass on its own slot at the audio
+        steps, v = v_null + cfg·(v − v_null); then the sampler's x0 and re-noising."""
+        model, stream = self.model, self.stream
+        first = chunk_index == 0
+        rope_q, rope_k = self.window_ropes(chunk_index, noise.device)
+        time_emb = state.first_time_emb if first else state.time_emb
+        assert time_emb is not None
+        audio_kv = null_kv = None
+        mute = False
+        if audio is not None:
+            if isinstance(audio, InfiniteTalkAudio) and audio.starts_clip != first:
+                raise ValueError(
+                    f"chunk {chunk_index}'s audio has starts_clip={audio.starts_clip}; in the convkv-memory "
+                    "window exactly chunk 0 starts the clip (its reference frame)"
+                )
+            tokens, _ = model.audio_inputs(audio, stream.frames_in_chunk(chunk_index), self.sp_group)
+            audio_kv = model.audio_kv(tokens)
+            mute = model.mutes_first_frame(audio)
+            if self.audio_guided:
+                null_kv = self._null_audio_kv_of(first, noise.device)
+        elif self.audio_guided:
+            raise ValueError(
+                f"audio_cfg={stream.audio_cfg} guides every chunk's audio steps with a null-audio pass on "
+                f"caches of its own; chunk {chunk_index} came without audio"
+            )
+        cache = state.cache
+        assert isinstance(cache, MemoryKVCache)
+
+        def forward(x: torch.Tensor, step: int, slot: int, kv: list[KV] | None) -> torch.Tensor:
+            """A pass on cache `slot`: from chunk 2 on the slot's memory update first, then every block
+            writes the chunk's pre-RoPE keys/values in place and attends over the window, rotated at use."""
+            if chunk_index >= 2:
+                cache.update_memory(slot, self._compress)
+            muted = mute and kv is not None
+            emb = time_emb[step]
+            return self._forward(state, x, slot, chunk_index, y, rope_q, emb, kv, mute=muted, key_rope=rope_k)
+
+        x = noise[0]
+        x0 = x
+        for s, sigma in enumerate(self.sigmas):
+            audible = audio_kv is not None and s >= stream.audio_from_step
+            v = forward(x, s, s, audio_kv if audible else None)
+            if audible and null_kv is not None:
+                v_null = forward(x, s, self.null_slot(s), null_kv)
+                v = v_null + stream.audio_cfg * (v - v_null)
+            x0 = predict_x0(x, v.to(x.dtype), sigma)
+            if s + 1 < len(self.sigmas):
+                x = renoise(x0, self.sigmas[s + 1], noise[s + 1])
+        return x0
+
+
+def _check_convkv_model(model: WanModel) -> None:
+    """The convkv-memory window needs the model's ConvKV memory at ratio 5 (5 frames per memory frame), and
+    no audio or the infinitetalk variant."""
+    cfg = model.config
+    if cfg.memory is None or cfg.memory.ratio != CONVKV_RATIO:
+        raise ValueError(
+            f"the 'convkv-memory' window compresses {CONVKV_RATIO} frames into each memory frame with the "
+            f"model's ConvKV memory (ratio {CONVKV_RATIO}); preset {cfg.name!r} has memory={cfg.memory}"
+        )
+    if cfg.audio is not None and not isinstance(cfg.audio, InfiniteTalkAudioConfig):
+        raise ValueError(
+            f"the 'convkv-memory' window streams the infinitetalk audio variant (or none); preset "
+            f"{cfg.name!r} has the {cfg.audio_variant} variant"
+        )
 
 
 def sparse_causal_mask(

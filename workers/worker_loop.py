@@ -101,7 +101,7 @@ def _dispatch(
         if replies:
             if latent is None:
                 raise RuntimeError(f"rank {groups.rank} is the SP leader but ScoreRank returned no latent")
-            specs = chunk_result_specs(score_rank.stream)
+            specs = chunk_result_specs(score_rank.stream, msg.chunk_index)  # chunk sizes may differ
             # Host wall time of the denoise call; on CUDA it ends when the kernels are queued, and the
             # master's receive of the latent is the honest end of the score stage.
             result = ChunkResult(

@@ -11,7 +11,9 @@ float32: the bound is on the max absolute difference, the outputs being O(1) (ma
 - upstream's ConvKV compression of the cache and its audio windows, exactly;
 - `liveact_rollout` below, a plain (uncached) transcription of LiveAct's streaming schedule on top of
   `WanModel.forward`, reproduces upstream's 6-chunk rollouts (audio CFG 1 and 2) from the same noise: the
-  reference the streaming engine will be held to.
+  reference the streaming engine is held to (tests/workers/test_streaming_convkv.py, random weights);
+- the streaming engine itself (`StreamingDiT` with the 'convkv-memory' window, `engine_rollout` drives it
+  with the same inputs) reproduces upstream's rollouts too.
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ import torch
 from safetensors.torch import load_file
 
 from proto.model_config import get_model_preset
+from proto.stream_config import StreamConfig
 from workers.audio import InfiniteTalkAudio, video_frame_windows
 from workers.checkpoint import load_dit_checkpoint
 from workers.model import KV, WanModel
+from workers.streaming import SessionState, StreamingDiT
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "liveact"
 META = json.loads((FIXTURES / "meta.json").read_text())
@@ -264,5 +268,39 @@ def test_liveact_schedule_reproduces_upstreams_rollout(
     )
     chunks = META["rollout"]["chunks"]
     latents = liveact_rollout(model, inputs, META["rollout"]["audio_cfg"][name], chunks)
+    for chunk, latent in enumerate(latents):
+        assert (latent - outputs[f"{name}.latent.{chunk}"]).abs().max() <= ROLLOUT_ATOL, chunk
+
+
+def rollout_stream(audio_cfg: float) -> StreamConfig:
+    """LiveAct's schedule at the rollout fixtures' size (8x8 latents) and the given audio CFG."""
+    grid = META["rollout"]["grid"]
+    size = {"height": 8 * grid[0], "width": 8 * grid[1]}
+    return StreamConfig.for_schedule("soulx-liveact", **size, audio_cfg=audio_cfg)
+
+
+def engine_rollout(
+    engine: StreamingDiT, inputs: dict[str, torch.Tensor], chunks: int
+) -> tuple[list[torch.Tensor], SessionState]:
+    """`liveact_rollout`'s inputs through the streaming engine: each chunk's final latent, and the session."""
+    state = engine.open_session(inputs["context"], inputs["clip_fea"])
+    latents = []
+    for chunk in range(chunks):
+        first = chunk == 0
+        audio = _chunk_audio(_windows(inputs, max(0, (chunk - 1) * 4 * BLOCKS[1])), first)
+        y = inputs["rollout.y"][:, : BLOCKS[0]] if first else inputs["rollout.y"][:, BLOCKS[0] :]
+        noise = inputs[f"rollout.noise.{chunk}"]
+        latents.append(engine.denoise_chunk(state, chunk, y=y, audio=audio, noise=noise))
+    return latents, state
+
+
+@pytest.mark.parametrize("name", ["rollout", "rollout_cfg"])
+def test_the_streaming_engine_reproduces_upstreams_rollout(
+    model: WanModel, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor], name: str
+) -> None:
+    """The engine (pre-RoPE window cache written in place, ConvKV update per step cache, float32 RoPE tables,
+    audio only from step 1, CFG on its own caches) on upstream's weights and inputs: measured <= 4e-6."""
+    engine = StreamingDiT(model, rollout_stream(META["rollout"]["audio_cfg"][name]))
+    latents, _ = engine_rollout(engine, inputs, META["rollout"]["chunks"])
     for chunk, latent in enumerate(latents):
         assert (latent - outputs[f"{name}.latent.{chunk}"]).abs().max() <= ROLLOUT_ATOL, chunk

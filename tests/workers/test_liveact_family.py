@@ -295,8 +295,9 @@ def test_a_liveact_checkpoint_for_the_tiny_preset_names_the_family(model: WanMod
 
 
 def test_the_talkingmachines_engine_refuses_a_liveact_model(model: WanModel) -> None:
-    with pytest.raises(ValueError, match="LiveAct's is not implemented yet"):
+    with pytest.raises(ValueError, match=r"not the 'sparse-causal' window; stream it with StreamConfig\.for"):
         StreamingDiT(model, StreamConfig(height=64, width=64))
+    StreamingDiT(model, StreamConfig.for_schedule(TINY.stream_schedule, height=64, width=64))  # its own
 
 
 def test_forward_step_runs_the_infinitetalk_audio_from_per_block_keys_values(model: WanModel) -> None:

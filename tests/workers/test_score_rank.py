@@ -9,7 +9,7 @@ from proto.chunk_specs import chunk_noise, chunk_request_specs, chunk_seed, sess
 from proto.model_config import get_model_preset
 from proto.stream_config import StreamConfig
 from proto.wire import ChunkRequest, SessionClose, SessionOpen, TensorSpec, WireError
-from workers.audio import AudioConditioning, face_token_mask
+from workers.audio import AudioConditioning, InfiniteTalkAudio, face_token_mask
 from workers.factory import build_score_model
 from workers.score_rank import ScoreRank
 from workers.streaming import StreamingDiT
@@ -159,3 +159,82 @@ def test_chunk_noise_depends_only_on_the_seed() -> None:
     assert torch.equal(a, chunk_noise(chunk_seed(7, 3), 2, (16, 3, 8, 8)))
     assert not torch.equal(a, chunk_noise(chunk_seed(7, 4), 2, (16, 3, 8, 8)))
     assert not torch.equal(a, chunk_noise(chunk_seed(8, 3), 2, (16, 3, 8, 8)))
+
+
+# ---- the SoulX-LiveAct family: infinitetalk audio, one speaker, chunks of 6 then 8 latent frames ----------
+
+LIVE = get_model_preset("soulx-liveact-tiny")
+LIVE_STREAM = StreamConfig.for_schedule(LIVE.stream_schedule, height=64, width=64)
+
+
+@pytest.fixture(scope="module")
+def live_model():
+    torch.set_num_threads(1)
+    return build_score_model(LIVE.name, seed=2)
+
+
+def live_open(session_id: str = "live", characters: int = 1) -> tuple[SessionOpen, Tensors]:
+    gen = torch.Generator().manual_seed(21)
+    specs = session_open_specs(LIVE, characters)
+    tensors = {s.name: torch.randn(s.shape, generator=gen) for s in specs}
+    tensors["face_boxes"] = torch.tensor([[0.0, 0.0, 1.0, 1.0]] * characters)
+    msg = SessionOpen(
+        session_id,
+        latent_height=LIVE_STREAM.latent_height,
+        latent_width=LIVE_STREAM.latent_width,
+        num_characters=characters,
+        tensors=specs,
+    )
+    return msg, tensors
+
+
+def live_request(index: int, specs_of: int | None = None) -> tuple[ChunkRequest, Tensors]:
+    """Chunk `index`'s request (its tensors shaped as chunk `specs_of`'s, default its own)."""
+    specs = chunk_request_specs(LIVE, LIVE_STREAM, 1, index if specs_of is None else specs_of)
+    gen = torch.Generator().manual_seed(200 + index)
+    tensors = {s.name: torch.randn(s.shape, generator=gen) for s in specs}
+    speaking = ((True,) * LIVE_STREAM.frames_in_chunk(index),)
+    return ChunkRequest("live", index, speaking, chunk_seed(9, index), tensors=specs), tensors
+
+
+def test_score_rank_serves_the_liveact_family_chunk_by_chunk(live_model) -> None:
+    """Per-chunk specs (6 latent / 21 video frames for chunk 0, then 8 / 32), the infinitetalk audio tensor
+    as `InfiniteTalkAudio` windows (batch = the one character) starting the clip at chunk 0, the chunk's
+    noise: the latents of direct engine calls."""
+    rank = ScoreRank(live_model, LIVE_STREAM)
+    msg, session = live_open()
+    rank.open_session(msg, session)
+    got = [rank.denoise(*live_request(i)) for i in range(4)]
+    rank.close_session(SessionClose("live"))
+
+    engine = StreamingDiT(live_model, LIVE_STREAM)
+    state = engine.open_session(session["context"], session["clip_fea"])
+    for i in range(4):
+        msg, tensors = live_request(i)
+        assert tensors["audio"].shape[:2] == (1, LIVE_STREAM.video_frames_in_chunk(i))
+        audio = InfiniteTalkAudio(windows=tensors["audio"], starts_clip=i == 0)
+        noise = chunk_noise(msg.noise_seed, LIVE_STREAM.num_steps, LIVE_STREAM.latent_shape(i))
+        want = engine.denoise_chunk(state, i, y=tensors["y"], audio=audio, noise=noise)
+        assert got[i].shape == LIVE_STREAM.latent_shape(i) == (16, 6 if i == 0 else 8, 8, 8)
+        assert torch.equal(got[i], want), f"chunk {i}"
+
+
+def test_the_liveact_family_is_one_speaker(live_model) -> None:
+    rank = ScoreRank(live_model, LIVE_STREAM)
+    with pytest.raises(WireError, match=r"'live'.num_characters: expected 1, received 2 .*infinitetalk"):
+        rank.open_session(*live_open(characters=2))
+    assert rank.sessions == {}
+
+
+def test_liveact_chunks_are_checked_against_their_own_sizes(live_model) -> None:
+    rank = ScoreRank(live_model, LIVE_STREAM)
+    rank.open_session(*live_open())
+    with pytest.raises(WireError, match=r"\['y'\].*expected \(20, 6, 8, 8\), received \(20, 8, 8, 8\)"):
+        rank.denoise(*live_request(0, specs_of=1))
+    msg, tensors = live_request(0)
+    eight = ChunkRequest("live", 0, ((True,) * 8,), msg.noise_seed, tensors=msg.tensors)
+    with pytest.raises(WireError, match=r"speaking: expected 1 rows of 6 flags"):
+        rank.denoise(eight, tensors)
+    rank.denoise(msg, tensors)
+    with pytest.raises(WireError, match=r"\['y'\].*expected \(20, 8, 8, 8\), received \(20, 6, 8, 8\)"):
+        rank.denoise(*live_request(1, specs_of=0))

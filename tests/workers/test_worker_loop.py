@@ -7,7 +7,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_score_rank import CFG, STREAM, open_message, request, session_inputs
+from test_score_rank import (
+    CFG,
+    LIVE,
+    LIVE_STREAM,
+    STREAM,
+    live_open,
+    live_request,
+    open_message,
+    request,
+    session_inputs,
+)
 
 from proto.chunk_specs import chunk_result_specs
 from proto.topology import ProcessGroups, Topology
@@ -108,6 +118,48 @@ def _master_sends_bad_headers(groups: ProcessGroups) -> None:
 
 def test_a_header_mismatch_is_answered_with_worker_failed_naming_the_field(tmp_path) -> None:
     run_world(_serve_or_master, TOPOLOGY.world_size, tmp_path, _master_sends_bad_headers)
+
+
+LIVE_TOPOLOGY = Topology(score_workers=2, decoder="dedicated", num_heads=LIVE.num_heads, preset=LIVE.name)
+
+
+def _serve_liveact_or_master(rank: int, world: int) -> None:
+    groups = LIVE_TOPOLOGY.build_groups()
+    if rank == 0:
+        _master_streams_liveact(groups)
+        return
+    model = build_score_model(LIVE.name, seed=2)
+    assert run_worker_loop(ScoreRank(model, LIVE_STREAM, groups), groups, LIVE_TOPOLOGY) == 0
+
+
+def _master_streams_liveact(groups: ProcessGroups) -> None:
+    msg, session = live_open()
+    _send(groups, msg, session)
+    latents = []
+    for i in range(3):
+        msg, tensors = live_request(i)
+        _send(groups, msg, tensors)
+        reply = recv_header(
+            groups.control, src=LIVE_TOPOLOGY.sp_leader, expect=(ChunkResult, WorkerFailed),
+            timeout_s=REPLY_TIMEOUT_S,
+        )
+        assert isinstance(reply, ChunkResult), reply
+        specs = chunk_result_specs(LIVE_STREAM, i)  # chunk 0: 6 latent frames, then 8
+        assert reply.tensors == specs and specs[0].shape[1] == (6 if i == 0 else 8)
+        received = recv_tensors(specs, groups.data, src=LIVE_TOPOLOGY.sp_leader, timeout_s=REPLY_TIMEOUT_S)
+        latents.append(received.wait()["latent"])
+    _send(groups, Shutdown("test done"))
+
+    reference = ScoreRank(build_score_model(LIVE.name, seed=2), LIVE_STREAM)
+    reference.open_session(*live_open())
+    for i, got in enumerate(latents):
+        want = reference.denoise(*live_request(i))
+        err = (got - want).abs().max().item()
+        assert err <= 1e-5, f"chunk {i}: 1+2 differs from a single ScoreRank by {err}"
+
+
+def test_dedicated_workers_serve_the_liveact_family_with_per_chunk_result_specs(tmp_path) -> None:
+    run_world(_serve_liveact_or_master, LIVE_TOPOLOGY.world_size, tmp_path)
 
 
 class _BrokenScoreRank(ScoreRank):
