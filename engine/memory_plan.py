@@ -154,6 +154,12 @@ def dit_activation_bytes(
     - float32 norm/modulation temporaries of the residual stream, ``3 · (L/N) · dim · 4``, and the gathered
       float32 head output ``2 · L · patch_out · 4``.
 
+    LiveAct's window (``convkv-memory``, the largest chunk: 8 frames): the audio held is the projected tokens
+    and every block's keys/values of them (``F · context_tokens`` tokens); the chunk's keys/values go into the
+    pre-RoPE cache as they are, so the working set is q and its rotation ``2 · L · E · b`` (twice with N > 1)
+    plus the rotation of the window's visible keys at use, ``3 · 14·L_frame · E · 4`` (2 when b = 4), which
+    ends with the rotated keys.
+
     An estimate: exact shapes, but it counts only these tensors and assumes a fused attention kernel.
     """
     b = _bytes(dtype)
@@ -164,20 +170,24 @@ def dit_activation_bytes(
     channels = config.dim // sp_degree
     rotation = (2 if b >= ROPE_BYTES else 3) * length * channels * ROPE_BYTES
     if isinstance(config.audio, InfiniteTalkAudioConfig):
-        # the projected audio tokens, once per chunk; each block projects them to its keys/values
+        # the projected audio tokens and every block's keys/values of them, once per chunk
         audio = config.audio
-        held = frames * audio.context_tokens * audio.output_dim * b
-        audio_kv = frames * audio.context_tokens * 2 * config.dim * b
+        tokens = frames * audio.context_tokens
+        held = tokens * audio.output_dim * b + n * 2 * tokens * config.dim * b
     else:
         audio_tokens = 0 if config.audio is None else frames * config.audio.num_tokens
         held = n * 2 * audio_tokens * config.dim * b  # one speaking character
-        audio_kv = 0
-    qkv = 3 * length * channels * b * (2 if sp_degree > 1 else 1)
-    attention = qkv + length * channels * b + rotation + audio_kv
+    copies = 2 if sp_degree > 1 else 1
     if stream.window == "convkv-memory":
-        # the whole pre-RoPE window is rotated afresh for every call: its keys and their float32 rotation
+        # LiveAct's pre-RoPE cache: the chunk's keys and values go into it as they are; the queries are
+        # rotated, then the window's visible keys are rotated at use, whose float32 arithmetic over 14 frames
+        # (the rotated keys included) is the peak
         window = cache_window_tokens(stream)
-        attention += window * channels * b + (2 if b >= ROPE_BYTES else 3) * window * channels * ROPE_BYTES
+        window_rotation = (2 if b >= ROPE_BYTES else 3) * window * channels * ROPE_BYTES
+        attention = 2 * length * channels * b * copies + window_rotation
+    else:
+        qkv = 3 * length * channels * b * copies
+        attention = qkv + length * channels * b + rotation
     ffn = 2 * local * config.ffn_dim * b
     residual = 3 * local * config.dim * 4 + 2 * length * config.patch_out_dim * 4
     return held + max(attention, ffn) + residual

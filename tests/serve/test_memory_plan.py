@@ -245,3 +245,42 @@ def test_liveact_at_512_needs_a_gpu_for_the_score_worker_alone_on_80_gib(tmp_pat
     # the score worker on a GPU of its own fits (and two SP ranks do)
     assert parse_serve_options([*argv, "--decoder", "dedicated"]).decoder == "dedicated"
     assert parse_serve_options([*argv, "--decoder", "colocated", "--score-workers", "2"]).score_workers == 2
+
+
+def test_liveact_kv_cache_equals_the_bytes_a_session_allocates_and_activations_a_traced_forward(
+    monkeypatch,
+) -> None:
+    from workers.audio import InfiniteTalkAudio
+
+    def run(preset: str, size: int, dtype: torch.dtype, device: str, cfg: float) -> tuple[int, int, object]:
+        config = get_model_preset(preset)
+        stream = StreamConfig.for_schedule("soulx-liveact", height=size, width=size, audio_cfg=cfg)
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(device):
+                model = WanModel(config).eval()
+        finally:
+            torch.set_default_dtype(default)
+        engine = StreamingDiT(model, stream)
+        clip = torch.zeros(config.clip_tokens, config.clip_dim, device=device)
+        state = engine.open_session(torch.zeros(config.text_len, config.text_dim, device=device), clip)
+        a = config.audio
+        for c in range(3):  # chunk 2 is steady: it updates the memory and attends to the whole window
+            shape = (1, stream.video_frames_in_chunk(c), a.audio_window, a.wav2vec_layers, a.wav2vec_dim)
+            audio = InfiniteTalkAudio(windows=torch.zeros(shape, device=device), starts_clip=c == 0)
+            y = torch.zeros(20, *stream.latent_shape(c)[1:], device=device)
+            noise = torch.zeros(stream.num_steps, *stream.latent_shape(c), device=device)
+            with torch.no_grad(), LiveTensorBytes() as trace:
+                engine.denoise_chunk(state, c, y=y, audio=audio, noise=noise)
+        estimate = dit_activation_bytes(config, stream, 1, dtype)
+        planned = sum(kv_cache_bytes(config, stream, 1, dtype).values())
+        return trace.peak, estimate, (state.nbytes, planned)
+
+    for cfg in (1.0, 2.0):  # audio CFG adds the null-audio caches of steps 1 and 2
+        traced, estimate, (allocated, planned) = run("soulx-liveact-tiny", 64, torch.float32, "cpu", cfg)
+        assert planned == allocated
+    assert 0.9 * traced <= estimate <= 1.25 * traced, (estimate, traced)  # 0.93x here
+    monkeypatch.setattr("workers.model.attention", lambda q, k, v, mask=None: torch.empty_like(q))
+    traced, estimate, _ = run("soulx-liveact", 512, torch.bfloat16, "meta", 1.0)
+    assert 0.9 * traced <= estimate <= 1.25 * traced, (estimate / GIB, traced / GIB)  # 1.64 vs 1.41 GiB
