@@ -103,23 +103,14 @@ def _kv_cache(config: ModelConfig, stream: StreamConfig) -> dict[str, Any]:
             f"{stream.tokens_per_frame} tokens × dim {config.dim} × {config.num_layers} layers × 2 (K, V) × "
             f"{BF16_BYTES} B"
         )
-        return {
-            "cache_mode": stream.cache_mode,
-            "slots": slots,
-            "tokens_per_chunk": chunk,
-            "self_attn_bytes": self_attn,
-            "self_attn_formula": formula,
-            "cross_attn_tokens": _context_tokens(config),
-            "cross_attn_bytes": cross,
-            "total_bytes": self_attn + cross,
-        }
-    per_chunk_set = chunk * config.dim * config.num_layers * 2 * BF16_BYTES
-    self_attn = slots * 2 * per_chunk_set
-    formula = (
-        f"{slots} slot(s) ({'one per denoising step' if stream.cache_mode == 'per-step' else 'clean keys'})"
-        f" × 2 chunks (c_0, c_t-1) × {chunk} tokens × dim {config.dim} × {config.num_layers} layers"
-        f" × 2 (K, V) × {BF16_BYTES} B"
-    )
+    else:
+        self_attn = slots * 2 * chunk * config.dim * config.num_layers * 2 * BF16_BYTES
+        kind = "one per denoising step" if stream.cache_mode == "per-step" else "clean keys"
+        formula = (
+            f"{slots} slot(s) ({kind})"
+            f" × 2 chunks (c_0, c_t-1) × {chunk} tokens × dim {config.dim} × {config.num_layers} layers"
+            f" × 2 (K, V) × {BF16_BYTES} B"
+        )
     return {
         "cache_mode": stream.cache_mode,
         "slots": slots,

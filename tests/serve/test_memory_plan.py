@@ -69,18 +69,23 @@ def test_tiny_decode_cache_equals_a_decode_sessions_cache() -> None:
     assert master.vae_weights == sum(p.numel() * 4 for p in vae.parameters())
 
 
-def _traced_forward_peak(preset: str, size: int, dtype: torch.dtype, device: str) -> int:
-    """Live bytes created by one steady-state (chunk 2) streaming forward, weights and caches excluded."""
-    config = get_model_preset(preset)
-    stream = StreamConfig(height=size, width=size)
+def _engine(preset: str, stream: StreamConfig, dtype: torch.dtype, device: str) -> StreamingDiT:
+    """The preset's streaming engine, uninitialised weights built in ``dtype`` on ``device`` (meta: free)."""
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = WanModel(config).eval()
+            model = WanModel(get_model_preset(preset)).eval()
     finally:
         torch.set_default_dtype(default)
-    engine = StreamingDiT(model, stream)
+    return StreamingDiT(model, stream)
+
+
+def _traced_forward_peak(preset: str, size: int, dtype: torch.dtype, device: str) -> int:
+    """Live bytes created by one steady-state (chunk 2) streaming forward, weights and caches excluded."""
+    config = get_model_preset(preset)
+    stream = StreamConfig(height=size, width=size)
+    engine = _engine(preset, stream, dtype, device)
     clip = torch.zeros(config.clip_tokens, config.clip_dim, device=device)
     state = engine.open_session(torch.zeros(config.text_len, config.text_dim, device=device), clip)
     f, h, w = stream.chunk_latent_frames, stream.latent_height, stream.latent_width
@@ -255,14 +260,7 @@ def test_liveact_kv_cache_equals_the_bytes_a_session_allocates_and_activations_a
     def run(preset: str, size: int, dtype: torch.dtype, device: str, cfg: float) -> tuple[int, int, object]:
         config = get_model_preset(preset)
         stream = StreamConfig.for_schedule("soulx-liveact", height=size, width=size, audio_cfg=cfg)
-        default = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)
-        try:
-            with torch.device(device):
-                model = WanModel(config).eval()
-        finally:
-            torch.set_default_dtype(default)
-        engine = StreamingDiT(model, stream)
+        engine = _engine(preset, stream, dtype, device)
         clip = torch.zeros(config.clip_tokens, config.clip_dim, device=device)
         state = engine.open_session(torch.zeros(config.text_len, config.text_dim, device=device), clip)
         a = config.audio
