@@ -117,7 +117,23 @@ def check_matches(audio: InfiniteTalkAudio, model: ModelAudio) -> None:
         )
 
 
-class ClipChunkAudio:
+class _ChunkAudio:
+    """What both chunk sources share: the front-end, the stream's chunks and the speaking threshold."""
+
+    def __init__(self, audio: InfiniteTalkAudio, stream: StreamConfig, speaking_rms_threshold: float) -> None:
+        if audio.config.fps != stream.fps:
+            raise ValueError(
+                f"the audio front-end stretches for {audio.config.fps} fps, the stream plays {stream.fps} fps"
+            )
+        self.audio = audio
+        self.stream = stream
+        self.threshold = speaking_rms_threshold
+
+    def output_frames(self, index: int) -> range:
+        return chunk_frames(self.stream, index)
+
+
+class ClipChunkAudio(_ChunkAudio):
     """A whole clip's features cut into chunks (``run``): upstream's offline windows, clamped at the clip.
 
     Args:
@@ -132,15 +148,9 @@ class ClipChunkAudio:
         stream: StreamConfig,
         speaking_rms_threshold: float = SPEAKING_RMS_THRESHOLD,
     ) -> None:
-        _check_fps(audio, stream)
-        self.audio = audio
-        self.stream = stream
+        super().__init__(audio, stream, speaking_rms_threshold)
         self.samples = np.asarray(samples, dtype=np.float32)
-        self.threshold = speaking_rms_threshold
         self.embedding = audio.clip_embedding(self.samples)  # [frames, L, D]
-
-    def output_frames(self, index: int) -> range:
-        return chunk_frames(self.stream, index)
 
     def features_for_chunk(self, index: int) -> FrameChunkAudio:
         frames = self.output_frames(index)
@@ -149,7 +159,7 @@ class ClipChunkAudio:
         return FrameChunkAudio(index, span.contiguous(), speaking)
 
 
-class StreamChunkAudio:
+class StreamChunkAudio(_ChunkAudio):
     """One character's live audio cut into chunks (``serve``): ``InfiniteTalkAudioStream`` windows of each
     chunk's video frames, with the streaming featurizer's interface (module docstring).
 
@@ -165,10 +175,7 @@ class StreamChunkAudio:
         stream: StreamConfig,
         speaking_rms_threshold: float = SPEAKING_RMS_THRESHOLD,
     ) -> None:
-        _check_fps(audio, stream)
-        self.audio = audio
-        self.stream = stream
-        self.threshold = speaking_rms_threshold
+        super().__init__(audio, stream, speaking_rms_threshold)
         self._features = audio.stream()
         self._raw = np.zeros(
             0, np.float32
@@ -176,9 +183,6 @@ class StreamChunkAudio:
         self._raw_offset = 0
         self._received = 0
         self._next_chunk = 0
-
-    def output_frames(self, index: int) -> range:
-        return chunk_frames(self.stream, index)
 
     def required_samples(self, index: int) -> int:
         """Input samples (from the stream start) that make chunk ``index`` ready."""
@@ -223,13 +227,6 @@ class StreamChunkAudio:
         self._raw = self._raw[drop:]
         self._raw_offset += drop
         return FrameChunkAudio(index, span.contiguous(), speaking)
-
-
-def _check_fps(audio: InfiniteTalkAudio, stream: StreamConfig) -> None:
-    if audio.config.fps != stream.fps:
-        raise ValueError(
-            f"the audio front-end stretches for {audio.config.fps} fps, the stream plays {stream.fps} fps"
-        )
 
 
 def build_front_end(

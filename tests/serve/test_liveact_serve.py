@@ -21,6 +21,7 @@ from PIL import Image
 
 from tests.runtime.run_helpers import run_cli
 from tests.serve.conftest import PORTRAIT, ServeProcess, portrait_base64, start_serve
+from tests.serve.test_serve_frames import _frames as h264_frames
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +35,7 @@ def _frames(path: Path) -> np.ndarray:
     with av.open(str(path)) as container:
         assert container.streams.video[0].average_rate == 24
         assert container.streams.audio[0].rate == 48_000
-        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)]).astype(np.int16)
+    return h264_frames(path)
 
 
 def _mean_diff(a: np.ndarray, b: np.ndarray) -> float:
@@ -42,16 +43,11 @@ def _mean_diff(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @pytest.fixture(scope="module")
-def out_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("liveact")
-
-
-@pytest.fixture(scope="module")
-def server(out_dir: Path) -> Iterator[ServeProcess]:
-    files = out_dir / "files"
-    files.mkdir()
-    server = start_serve(out_dir, *TOPOLOGY, *WEIGHTS, api={"file_output_dir": str(files)})
-    yield server
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServeProcess, Path]]:
+    out_dir = tmp_path_factory.mktemp("liveact")
+    (out_dir / "files").mkdir()
+    server = start_serve(out_dir, *TOPOLOGY, *WEIGHTS, api={"file_output_dir": str(out_dir / "files")})
+    yield server, out_dir
     server.stop()
 
 
@@ -60,9 +56,10 @@ def _body(characters: list[dict], path: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def served(server: ServeProcess, out_dir: Path) -> np.ndarray:
+def served(server: tuple[ServeProcess, Path]) -> tuple[np.ndarray, Path]:
+    process, out_dir = server
     width, height = Image.open(PORTRAIT).size
-    with server.client() as http:
+    with process.client() as http:
         response = http.post("/v1/sessions", json=_body([{"box": [0, 0, width, height]}], "liveact.mp4"))
         assert response.status_code == 201, response.text
         session = response.json()["id"]
@@ -74,12 +71,13 @@ def served(server: ServeProcess, out_dir: Path) -> np.ndarray:
         assert http.delete(f"/v1/sessions/{session}").status_code == 200
     frames = _frames(out_dir / "files" / "liveact.mp4")
     assert frames.shape[0] >= FRAMES, frames.shape
-    return frames
+    return frames, out_dir
 
 
 def test_serve_publishes_the_frames_run_writes_on_the_liveact_schedule(
-    served: np.ndarray, out_dir: Path
+    served: tuple[np.ndarray, Path],
 ) -> None:
+    served_frames, out_dir = served
     audio = out_dir / "silence.wav"
     sf.write(audio, np.zeros(round(80 / 24 * 16_000), np.float32), 16_000)  # 80 frames: 3 chunks
     ran = out_dir / "run.mp4"
@@ -88,20 +86,20 @@ def test_serve_publishes_the_frames_run_writes_on_the_liveact_schedule(
     run_frames = _frames(ran)
     assert run_frames.shape == (FRAMES, 32, 32, 3)
     assert run_frames.std() > 5  # random weights: visible noise, not a flat picture
-    assert _mean_diff(served, run_frames) <= MEAN_LEVELS
+    assert _mean_diff(served_frames, run_frames) <= MEAN_LEVELS
 
     other_seed = out_dir / "run8.mp4"
     result = run_cli(
         PORTRAIT, audio, other_seed, *TOPOLOGY, *WEIGHTS, "--stream-audio", "--seed", "8", "--quiet"
     )
     assert result.returncode == 0, result.stderr
-    assert _mean_diff(served, _frames(other_seed)) > 10 * MEAN_LEVELS  # the comparison can fail
+    assert _mean_diff(served_frames, _frames(other_seed)) > 10 * MEAN_LEVELS  # the comparison can fail
 
 
-def test_a_liveact_session_with_two_characters_is_refused(server: ServeProcess) -> None:
+def test_a_liveact_session_with_two_characters_is_refused(server: tuple[ServeProcess, Path]) -> None:
     width, height = Image.open(PORTRAIT).size
     two = [{"box": [0, 0, width // 2, height]}, {"box": [width // 2, 0, width, height]}]
-    with server.client() as http:
+    with server[0].client() as http:
         response = http.post("/v1/sessions", json=_body(two, "two.mp4"))
     assert response.status_code == 422, response.text
     assert "animates one character" in response.text
