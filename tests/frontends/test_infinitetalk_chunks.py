@@ -139,3 +139,15 @@ def test_a_barge_in_silences_what_the_live_front_end_holds(front: InfiniteTalkAu
     _, audio, pcm = feed.take_chunk()
     assert not pcm[3 * 70 :].any()  # at most the upsampling filter's tail of frame 20 (68 input samples)
     assert not audio[0].speaking.any()
+
+
+def test_a_wav2vec2_folder_in_chinese_wav2vec2_base_layout_is_the_front_end_when_given() -> None:
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "fixtures" / "liveact_audio" / "wav2vec2"
+    front = build_front_end(MODEL.audio, STREAM, str(folder))  # type: ignore[arg-type]
+    assert front.config.checkpoint == str(folder) and front.feature_extractor.do_normalize
+    windows = ClipChunkAudio(front, _speech(1.0), STREAM).features_for_chunk(0).span
+    assert windows.shape == (21, 5, 2, 32)
+    with pytest.raises(ValueError, match=r"expects \(5, 12, 768\)"):  # the 14B preset wants the base model
+        build_front_end(get_model_preset("soulx-liveact").audio, STREAM, str(folder))  # type: ignore[arg-type]
