@@ -101,35 +101,19 @@ def dit_parameters(config: ModelConfig) -> int:
     return sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
 
 
-def kv_caches(stream: StreamConfig) -> int:
-    """Self-attention caches a session keeps: one per denoising step (``per-step``) or one
-    (``clean-context``); audio CFG adds one more per audio step (LiveAct's null-audio caches)."""
-    caches = stream.num_steps if stream.cache_mode == "per-step" else 1
-    if stream.audio_cfg > 1.0:
-        caches += stream.num_steps - stream.audio_from_step
-    return caches
-
-
-def cache_window_tokens(stream: StreamConfig) -> int:
-    """Tokens one self-attention cache holds per block: ``c_0, c_t−1, c_t`` (3 chunks) for the paper's
-    window, the whole 14-frame window (sink, ConvKV memory, neighbours, current chunk) for LiveAct's."""
-    if stream.window == "convkv-memory":
-        return stream.train_latent_frames * stream.tokens_per_frame
-    return 3 * stream.tokens_per_chunk
-
-
 def kv_cache_bytes(
     config: ModelConfig, stream: StreamConfig, sp_degree: int, dtype: torch.dtype
 ) -> dict[str, int]:
     """One session's cache on one score worker: ``self_attn`` (its H/N heads), ``cross_attn`` (all).
 
-    ``self_attn = layers × caches × window tokens × (H/N)·head_dim × 2 (K, V) × bytes`` (``kv_caches``,
-    ``cache_window_tokens``). LiveAct at 512x512 in bf16 on one rank: 40 × 3 × 14·1024 × 5120 × 2 × 2 B =
-    3 × 11.7 GB (3 × 10.9 GiB), as upstream's ``kv_cache`` (5 caches with ``audio_cfg`` > 1)."""
+    ``self_attn = layers × caches × window tokens × (H/N)·head_dim × 2 (K, V) × bytes``
+    (``StreamConfig.num_kv_caches``, ``StreamConfig.kv_cache_tokens``). LiveAct at 512x512 in bf16 on one
+    rank: 40 × 3 × 14·1024 × 5120 × 2 × 2 B = 3 × 11.7 GB (3 × 10.9 GiB), as upstream's ``kv_cache`` (5
+    caches with ``audio_cfg`` > 1)."""
     b = _bytes(dtype)
     heads = config.num_heads // sp_degree
-    tokens = cache_window_tokens(stream)
-    self_attn = config.num_layers * kv_caches(stream) * tokens * heads * config.head_dim * 2 * b
+    tokens = stream.kv_cache_tokens
+    self_attn = config.num_layers * stream.num_kv_caches * tokens * heads * config.head_dim * 2 * b
     context = config.text_len + (config.clip_tokens if config.has_image_branch else 0)
     cross = config.num_layers * context * config.dim * 2 * b
     return {"self_attn": self_attn, "cross_attn": cross}
@@ -182,7 +166,7 @@ def dit_activation_bytes(
         # LiveAct's pre-RoPE cache: the chunk's keys and values go into it as they are; the queries are
         # rotated, then the window's visible keys are rotated at use, whose float32 arithmetic over 14 frames
         # (the rotated keys included) is the peak
-        window = cache_window_tokens(stream)
+        window = stream.kv_cache_tokens
         window_rotation = (2 if b >= ROPE_BYTES else 3) * window * channels * ROPE_BYTES
         attention = 2 * length * channels * b * copies + window_rotation
     else:

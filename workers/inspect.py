@@ -21,7 +21,7 @@ costing no memory even for the 18B preset. Memory and FLOPs are analytic (wan.md
 Parameters are split into Wan 2.1's, the audio path's (either variant: `workers.checkpoint.is_audio_key`) and
 the ConvKV memory's. The stream is the preset's schedule (`ModelConfig.stream_schedule`): for the
 SoulX-LiveAct presets, LiveAct's (chunks of 6 then 8 latent frames; per denoising step, plus per audio step
-with audio CFG, a cache of the 14-frame window, `engine.memory_plan.kv_cache_bytes`; a chunk of 8 frames
+with audio CFG, a cache of the 14-frame window, `StreamConfig.num_kv_caches`; a chunk of 8 frames
 attends to the whole window, L_kv = 14 · tokens_per_frame, chunk 0 to its own 6; step 0 runs without the audio
 path).
 """
@@ -93,9 +93,7 @@ def _kv_cache(config: ModelConfig, stream: StreamConfig) -> dict[str, Any]:
     chunk = stream.tokens_per_chunk
     cross = _context_tokens(config) * config.dim * config.num_layers * 2 * BF16_BYTES
     if stream.window == "convkv-memory":
-        from engine.memory_plan import cache_window_tokens, kv_caches
-
-        slots, window = kv_caches(stream), cache_window_tokens(stream)
+        slots, window = stream.num_kv_caches, stream.kv_cache_tokens
         self_attn = slots * window * config.dim * config.num_layers * 2 * BF16_BYTES
         formula = (
             f"{slots} caches (one per denoising step{', + null audio' if stream.audio_cfg > 1 else ''}) × "
