@@ -5,13 +5,18 @@ per latent frame. The image latent is the VAE encoding of the video [image, gray
 [-1, 1]), so latent 0 encodes the image and later latents are the causally influenced encodings of gray
 frames. The mask is 1 on all 4 channels of latent 0 (the image frame) and 0 elsewhere.
 
-Endless streams: the score model takes y per 3-latent chunk. `I2VConditioning` encodes the image plus gray
-frames for a finite horizon once per session (default 21 latents = Wan's 81-frame training clip, with
-bounded memory: 1 frame, then 4 frames per encoder step through the causal cache), and serves chunk t's slice.
-Chunks past the horizon get the horizon's last chunk (its "steady-state block"): the score model runs
-chunks past its training clip at the positions of the clip's last chunk (ARCHITECTURE.md §5, position mode
-`window`), so they get the conditioning that chunk had in training, and the gray latents have converged by
-then anyway (the encoder's temporal receptive field is finite).
+Endless streams: the score model takes y per chunk. `I2VConditioning` encodes the image plus gray frames for
+a finite horizon once per session (default 21 latents = Wan's 81-frame training clip, with bounded memory: 1
+frame, then 4 frames per encoder step through the causal cache), and serves chunk t's slice. Chunks past the
+horizon get the horizon's last chunk (its "steady-state block"): the score model runs chunks past its
+training clip at the positions of the clip's last chunk (ARCHITECTURE.md §5, position mode `window`), so
+they get the conditioning that chunk had in training, and the gray latents have converged by then anyway
+(the encoder's temporal receptive field is finite).
+
+The stream's chunk layout is data (`I2VConditioning.for_stream`): the paper's schedule slices 3-latent chunks
+out of 21 latents; SoulX-LiveAct's (a first chunk of 6 latents, then 8, in a 14-latent window) encodes
+[image, 52 gray frames] → 14 latents, as upstream's `get_y`, and serves y[:, 0:6] to chunk 0 and y[:, 6:14]
+to every later chunk. Wan's "black" padding frames are zeros in [-1, 1], i.e. the gray frames here.
 """
 
 from __future__ import annotations
@@ -103,11 +108,12 @@ class I2VConditioning:
         *,
         chunk_latents: int = 3,
         horizon_latents: int = 21,
+        first_chunk_latents: int | None = None,
         autocast_dtype: torch.dtype | None = None,
     ) -> None:
         """image: [3, H, W] in [-1, 1], already at the stream's size (see fit_to_size / fit_to_area); H and W
-        multiples of the VAE's spatial stride. horizon_latents: latents encoded once, a multiple of
-        chunk_latents.
+        multiples of the VAE's spatial stride. first_chunk_latents: chunk 0's latents (None: chunk_latents).
+        horizon_latents: latents encoded once, the first chunk plus a whole number of later chunks.
         """
         stride = vae.cfg.spatial_stride
         if image.dim() != 3 or image.shape[0] != 3:
@@ -118,12 +124,15 @@ class I2VConditioning:
                 f"image size {height}x{width} must be a multiple of {stride} on each side; fit it first with "
                 "fit_to_size(image, H, W) or fit_to_area(image, max_area)"
             )
-        if chunk_latents <= 0 or horizon_latents <= 0 or horizon_latents % chunk_latents:
+        first = chunk_latents if first_chunk_latents is None else first_chunk_latents
+        later = horizon_latents - first
+        if chunk_latents <= 0 or first <= 0 or later < 0 or later % chunk_latents:
             raise ValueError(
-                f"horizon_latents ({horizon_latents}) must be a positive multiple of "
-                f"chunk_latents ({chunk_latents})"
+                f"horizon_latents ({horizon_latents}) must be the first chunk's {first} latents plus a whole "
+                f"number of chunks of chunk_latents ({chunk_latents})"
             )
         self.chunk_latents = chunk_latents
+        self.first_chunk_latents = first
         self.horizon_latents = horizon_latents
         device = vae.conv2.weight.device
         latents = _encode_image_then_gray(vae, image.to(device), horizon_latents, autocast_dtype)
@@ -140,18 +149,23 @@ class I2VConditioning:
             fitted,
             chunk_latents=stream.chunk_latent_frames,
             horizon_latents=stream.train_latent_frames,
+            first_chunk_latents=stream.frames_in_chunk(0),
         )
 
     @property
     def num_chunks_in_horizon(self) -> int:
-        return self.horizon_latents // self.chunk_latents
+        return 1 + (self.horizon_latents - self.first_chunk_latents) // self.chunk_latents
 
     def chunk(self, index: int) -> torch.Tensor:
-        """y for chunk `index` (0-based): [20, chunk_latents, h, w]; past the horizon, its last chunk's y."""
+        """y for chunk `index` (0-based): [20, F, h, w] with F its latents; past the horizon, its last
+        chunk's y (LiveAct: chunk 0 gets latents 0..5, every later chunk 6..13)."""
         if index < 0:
             raise ValueError(f"chunk index must be >= 0, got {index}")
+        if index == 0:
+            return self.clip[:, : self.first_chunk_latents]
         block = min(index, self.num_chunks_in_horizon - 1)
-        return self.clip[:, block * self.chunk_latents : (block + 1) * self.chunk_latents]
+        start = self.first_chunk_latents + (block - 1) * self.chunk_latents
+        return self.clip[:, start : start + self.chunk_latents]
 
 
 def _encode_image_then_gray(

@@ -25,8 +25,10 @@ import torch
 import torch.distributed as dist
 
 from engine.rank_registry import dead_ranks
+from proto.chunk_specs import chunk_result_specs
 from proto.liveness import PeerError
 from proto.staging import HostStaging
+from proto.stream_config import StreamConfig
 from proto.topology import ProcessGroups
 from proto.wire import (
     ChunkRequest,
@@ -167,7 +169,9 @@ class DedicatedExecutor:
     Args:
         groups: rank 0's process groups.
         store: the world's store (to name a dead rank).
-        result_specs: the ``ChunkResult`` tensors the master expects (``proto.chunk_specs``).
+        stream: the group's stream configuration: chunk i's ``ChunkResult`` must carry
+            ``proto.chunk_specs.chunk_result_specs(stream, i)`` (chunks may differ in size: LiveAct's 6, then
+            8 latent frames).
         result_timeout_s: deadline for a chunk's result after its request went out, seconds.
         send_stream, recv_stream: CUDA side streams for the data-group broadcast and receive (None on CPU).
     """
@@ -176,7 +180,7 @@ class DedicatedExecutor:
         self,
         groups: ProcessGroups,
         store: dist.Store,
-        result_specs: Sequence[TensorSpec],
+        stream: StreamConfig,
         result_timeout_s: float,
         send_stream: torch.cuda.Stream | None = None,
         recv_stream: torch.cuda.Stream | None = None,
@@ -184,7 +188,7 @@ class DedicatedExecutor:
         self._out = _Broadcaster(groups, store, send_stream)
         self.groups = groups
         self.topology = groups.topology
-        self.result_specs = tuple(result_specs)
+        self.stream = stream
         self.result_timeout_s = result_timeout_s
         self.recv_stream = recv_stream
         self._sent_at: dict[tuple[str, int], float] = {}  # (session, chunk) -> when its request went out
@@ -221,7 +225,8 @@ class DedicatedExecutor:
                 raise WorkerError(f"score worker {reported} (chunk {request.chunk_index})")
             assert isinstance(header, ChunkResult)
             header.expect_reply_to(request)
-            check_specs("ChunkResult", self.result_specs, header.tensors)
+            expected = chunk_result_specs(self.stream, request.chunk_index)
+            check_specs(f"ChunkResult of chunk {request.chunk_index}", expected, header.tensors)
             transfer = recv_tensors(
                 header.tensors,
                 self.groups.data,

@@ -8,6 +8,13 @@ carries the chunk's ``y``, its audio window, the per-latent-frame speaking flags
 from (session seed, chunk index); the last chunk is trimmed so the video has exactly
 ``ceil(audio duration x fps)`` frames. ``RunSession`` is that stream as an engine session, and
 ``run_stream`` runs it through ``engine.pipeline.ChunkEngine`` flat out (no playout pacing).
+
+The InfiniteTalk family (SoulX-LiveAct) has its own chunk source, ``FrameChunkScheduler``: per chunk the
+windows of its own video frames (``frontends.infinitetalk_chunks``), by default cut from the whole clip's
+features as upstream's offline generation does (``ClipChunkAudio``), or from the live front-end ``serve``
+uses (``StreamChunkAudio``, ``run --stream-audio``). Its chunks are written whole (LiveAct: 21 + 32·k frames
+for k + 1 chunks, enough chunks to cover the audio; the audio is padded with silence to the video's end)
+and its audio is published at ``frontends.audio_io.output_sample_rate(fps)`` (48 kHz at 24 fps).
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ from engine.pipeline import ChunkEngine, Work
 from engine.publish import ChunkPublisher, Published
 from engine.stats import ChunkTiming, StreamStats
 from frontends.audio_features import AudioFeaturizer
+from frontends.audio_io import TARGET_SAMPLE_RATE, output_sample_rate, resample
+from frontends.infinitetalk_chunks import ClipChunkAudio, StreamChunkAudio, chunk_frames
 from proto.chunk_specs import chunk_request_specs
 from proto.model_config import ModelConfig
 from proto.stream_config import StreamConfig
@@ -68,7 +77,6 @@ class ChunkScheduler:
         self.audio = audio
         self.seed = seed
         self.session_id = session_id
-        self.specs = chunk_request_specs(model, stream, num_characters=1)
         spf = featurizer.config.samples_per_frame
         self.samples_per_frame = spf
         self.total_frames = max(1, math.ceil(audio.size / spf))
@@ -107,14 +115,81 @@ class ChunkScheduler:
 
     def _prepare(self, index: int) -> PreparedInputs:
         chunk_audio = self.featurizer.features_for_chunk(index)
+        specs = chunk_request_specs(self.model, self.stream, 1, index)
         request, tensors = chunk_request(
-            self.session_id, index, self.seed, self.specs, [chunk_audio], self.conditioning
+            self.session_id, index, self.seed, specs, [chunk_audio], self.conditioning
         )
         frames = self.featurizer.output_frames(index)
         keep = max(0, min(len(frames), self.total_frames - frames.start))
         pcm = chunk_audio.pcm[: keep * self.samples_per_frame]
         return PreparedInputs(request, tensors, pcm, first_frame=frames.start)
 
+
+class FrameChunkScheduler:
+    """``run``'s chunk requests for the InfiniteTalk family (module docstring): each chunk's per-video-frame
+    audio windows from ``source``, its ``y``, and its whole frames' audio at the output rate.
+
+    Args:
+        source: ``ClipChunkAudio`` (the whole clip, upstream's offline features) or ``StreamChunkAudio`` (the
+            live front-end, fed the file and then silence, as a live session goes on).
+        audio: ``[N]`` float32 16 kHz mono, the whole input.
+    """
+
+    def __init__(
+        self,
+        model: ModelConfig,
+        stream: StreamConfig,
+        source: ClipChunkAudio | StreamChunkAudio,
+        conditioning: I2VConditioning | None,
+        audio: np.ndarray,
+        seed: int,
+        session_id: str = SESSION_ID,
+    ) -> None:
+        self.model = model
+        self.stream = stream
+        self.source = source
+        self.conditioning = conditioning
+        self.audio = np.asarray(audio, dtype=np.float32)
+        self.seed = seed
+        self.session_id = session_id
+        self.sample_rate = output_sample_rate(stream.fps)
+        self.samples_per_frame = self.sample_rate // stream.fps
+        self.total_frames = max(1, math.ceil(self.audio.size * stream.fps / TARGET_SAMPLE_RATE))
+        chunks = 1
+        while chunk_frames(stream, chunks - 1).stop < self.total_frames:
+            chunks += 1
+        self.num_chunks = chunks
+        self._out = resample(self.audio, TARGET_SAMPLE_RATE, self.sample_rate)
+        self._pushed = 0
+
+    def __iter__(self) -> Iterator[PreparedInputs]:
+        for index in range(self.num_chunks):
+            yield self._prepare(index)
+
+    def _feed(self, index: int) -> None:
+        """The live front-end gets the file up to what chunk ``index`` needs, silence past its end."""
+        assert isinstance(self.source, StreamChunkAudio)
+        need = self.source.required_samples(index)
+        if need <= self._pushed:
+            return
+        piece = self.audio[self._pushed : need]
+        self.source.push(np.concatenate([piece, np.zeros(need - self._pushed - piece.size, np.float32)]))
+        self._pushed = need
+
+    def _prepare(self, index: int) -> PreparedInputs:
+        if isinstance(self.source, StreamChunkAudio):
+            self._feed(index)
+        chunk_audio = self.source.features_for_chunk(index)
+        specs = chunk_request_specs(self.model, self.stream, 1, index)
+        request, tensors = chunk_request(
+            self.session_id, index, self.seed, specs, [chunk_audio], self.conditioning
+        )
+        frames = chunk_frames(self.stream, index)
+        spf = self.samples_per_frame
+        pcm = np.zeros(len(frames) * spf, np.float32)
+        have = self._out[frames.start * spf : frames.stop * spf]
+        pcm[: have.size] = have
+        return PreparedInputs(request, tensors, pcm, first_frame=frames.start)
 
 
 class _SinkOutput:
@@ -144,7 +219,9 @@ class RunSession:
 
     epoch = 0
 
-    def __init__(self, scheduler: ChunkScheduler, decoder: Any, sink: FrameSink) -> None:
+    def __init__(
+        self, scheduler: ChunkScheduler | FrameChunkScheduler, decoder: Any, sink: FrameSink
+    ) -> None:
         self.id = scheduler.session_id
         self.scheduler = scheduler
         self.decoder = decoder
@@ -225,6 +302,7 @@ def run_stream(
             published_at_s=published.published_at - start,
             ttbc_s=published.ttbc_s,
             rss_bytes=memory() if memory is not None else {},
+            deadline_s=chunk.deadline_s,
         )
         stats.add(timing)
         if on_chunk is not None:

@@ -8,19 +8,22 @@ master, which also denoises when the decoder is colocated):
 - **DiT weights** (every score worker holds all of them, Ulysses splits heads, not weights): parameters ×
   the run's dtype (``default_dtype``: bfloat16 on CUDA, float32 on CPU, unless the caller passes one).
 - **KV cache per session** (``workers.kv_cache.ChunkKVCache`` + ``workers.streaming.SessionState``): the
-  self-attention cache ``layers × slots × 3 chunks (c_0, c_t−1, c_t: one preallocated view attention reads)
-  × L_chunk × H/N × head_dim × 2 (K, V) × bytes`` (slots = denoising steps in ``per-step`` mode, 1 in
-  ``clean-context``; each SP rank keeps its H/N heads), plus the text (+ CLIP) cross-attention K/V, which
-  every rank keeps for all heads:
+  self-attention cache ``layers × caches × window tokens × H/N × head_dim × 2 (K, V) × bytes``: caches =
+  denoising steps in ``per-step`` mode, 1 in ``clean-context``, plus one per audio step with audio CFG
+  (LiveAct's null-audio caches); window tokens = 3 chunks (c_0, c_t−1, c_t: one preallocated view attention
+  reads) × L_chunk for the paper's window, LiveAct's 14 latent frames × L_frame for the ConvKV window (each
+  SP rank keeps its H/N heads), plus the text (+ CLIP) cross-attention K/V, which every rank keeps for all
+  heads:
   ``layers × L_ctx × dim × 2 × bytes``. Exact: tests/workers/test_memory_plan.py compares it with the
   tensors a tiny session allocates. × sessions (1 for ``run``, ``max_sessions`` for ``serve``).
-- **DiT activations** of one forward of a steady-state chunk (t ≥ 2), an *estimate* (``dit_activation_bytes``
-  states the formula): the tensors held across the whole pass (every block's audio keys/values, projected
-  once per chunk; the chunk's keys/values go straight into the cache) plus the largest per-block working set
-  (q/k/v and their Ulysses copies, the rotated q and k and the float32 rotation's temporaries, or the FFN's
-  hidden layer). It assumes a fused attention kernel (flash / memory-efficient SDPA, as on CUDA and CPU
-  without a mask): the ``math`` backend's [H, Lq, Lkv] score matrix is not counted. A meta-device trace of
-  one forward (``trace_peak_bytes``) agrees with it within the tolerance the tests state.
+- **DiT activations** of one forward of a steady-state chunk (t ≥ 2; the largest chunk: LiveAct's 8 latent
+  frames, attending to its whole 14-frame window, rotated afresh each call), an *estimate*
+  (``dit_activation_bytes`` states the formula): the tensors held across the whole pass (every block's audio
+  keys/values, projected once per chunk; the chunk's keys/values go straight into the cache) plus the largest
+  per-block working set (q/k/v and their Ulysses copies, the rotated q and k and the float32 rotation's
+  temporaries, or the FFN's hidden layer). It assumes a fused attention kernel (flash / memory-efficient SDPA,
+  as on CUDA and CPU without a mask): the ``math`` backend's [H, Lq, Lkv] score matrix is not counted. A
+  meta-device trace of one forward (``trace_peak_bytes``) agrees with it within the tolerance the tests state.
 - **Master**: VAE weights (float32, as the master builds it), the conditioning encoders (umT5, CLIP, wav2vec2:
   the tiny random ones' parameters, or the size of a checkpoint folder's weight files, which is what
   ``from_pretrained`` loads with its default dtype), the VAE **decode cache per session** (the causal
@@ -56,9 +59,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from proto.model_config import ModelConfig
+from proto.model_config import InfiniteTalkAudioConfig, ModelConfig
 from proto.stream_config import StreamConfig
 from proto.topology import Topology
+from proto.vae_config import vae_preset_for
 
 GIB = 2**30
 MARGIN_FRACTION = 0.10
@@ -100,11 +104,16 @@ def dit_parameters(config: ModelConfig) -> int:
 def kv_cache_bytes(
     config: ModelConfig, stream: StreamConfig, sp_degree: int, dtype: torch.dtype
 ) -> dict[str, int]:
-    """One session's cache on one score worker: ``self_attn`` (its H/N heads), ``cross_attn`` (all)."""
-    slots = stream.num_steps if stream.cache_mode == "per-step" else 1
+    """One session's cache on one score worker: ``self_attn`` (its H/N heads), ``cross_attn`` (all).
+
+    ``self_attn = layers × caches × window tokens × (H/N)·head_dim × 2 (K, V) × bytes``
+    (``StreamConfig.num_kv_caches``, ``StreamConfig.kv_cache_tokens``). LiveAct at 512x512 in bf16 on one
+    rank: 40 × 3 × 14·1024 × 5120 × 2 × 2 B = 3 × 11.7 GB (3 × 10.9 GiB), as upstream's ``kv_cache`` (5
+    caches with ``audio_cfg`` > 1)."""
     b = _bytes(dtype)
     heads = config.num_heads // sp_degree
-    self_attn = config.num_layers * slots * 3 * stream.tokens_per_chunk * heads * config.head_dim * 2 * b
+    tokens = stream.kv_cache_tokens
+    self_attn = config.num_layers * stream.num_kv_caches * tokens * heads * config.head_dim * 2 * b
     context = config.text_len + (config.clip_tokens if config.has_image_branch else 0)
     cross = config.num_layers * context * config.dim * 2 * b
     return {"self_attn": self_attn, "cross_attn": cross}
@@ -129,17 +138,40 @@ def dit_activation_bytes(
     - float32 norm/modulation temporaries of the residual stream, ``3 · (L/N) · dim · 4``, and the gathered
       float32 head output ``2 · L · patch_out · 4``.
 
+    LiveAct's window (``convkv-memory``, the largest chunk: 8 frames): the audio held is the projected tokens
+    and every block's keys/values of them (``F · context_tokens`` tokens); the chunk's keys/values go into the
+    pre-RoPE cache as they are, so the working set is q and its rotation ``2 · L · E · b`` (twice with N > 1)
+    plus the rotation of the window's visible keys at use, ``3 · 14·L_frame · E · 4`` (2 when b = 4), which
+    ends with the rotated keys.
+
     An estimate: exact shapes, but it counts only these tensors and assumes a fused attention kernel.
     """
     b = _bytes(dtype)
-    n, length = config.num_layers, stream.tokens_per_chunk
+    n = config.num_layers
+    frames = max(stream.frames_in_chunk(0), stream.frames_in_chunk(1))  # the largest chunk's
+    length = frames * stream.tokens_per_frame
     local = length // sp_degree
     channels = config.dim // sp_degree
-    audio_tokens = 0 if config.audio is None else stream.chunk_latent_frames * config.audio.num_tokens
-    held = n * 2 * audio_tokens * config.dim * b  # one speaking character
-    qkv = 3 * length * channels * b * (2 if sp_degree > 1 else 1)
     rotation = (2 if b >= ROPE_BYTES else 3) * length * channels * ROPE_BYTES
-    attention = qkv + length * channels * b + rotation
+    if isinstance(config.audio, InfiniteTalkAudioConfig):
+        # the projected audio tokens and every block's keys/values of them, once per chunk
+        audio = config.audio
+        tokens = frames * audio.context_tokens
+        held = tokens * audio.output_dim * b + n * 2 * tokens * config.dim * b
+    else:
+        audio_tokens = 0 if config.audio is None else frames * config.audio.num_tokens
+        held = n * 2 * audio_tokens * config.dim * b  # one speaking character
+    copies = 2 if sp_degree > 1 else 1
+    if stream.window == "convkv-memory":
+        # LiveAct's pre-RoPE cache: the chunk's keys and values go into it as they are; the queries are
+        # rotated, then the window's visible keys are rotated at use, whose float32 arithmetic over 14 frames
+        # (the rotated keys included) is the peak
+        window = stream.kv_cache_tokens
+        window_rotation = (2 if b >= ROPE_BYTES else 3) * window * channels * ROPE_BYTES
+        attention = 2 * length * channels * b * copies + window_rotation
+    else:
+        qkv = 3 * length * channels * b * copies
+        attention = qkv + length * channels * b + rotation
     ffn = 2 * local * config.ffn_dim * b
     residual = 3 * local * config.dim * 4 + 2 * length * config.patch_out_dim * 4
     return held + max(attention, ffn) + residual
@@ -246,15 +278,21 @@ def _weight_file_bytes(path: str, wan_name: str | None = None) -> int:
 def _tiny_encoder_bytes(config: ModelConfig) -> dict[str, int]:
     from transformers import CLIPVisionModel, UMT5EncoderModel, Wav2Vec2Model
 
-    from frontends.audio_features import AudioFeaturizerConfig, featurizer_config_for, tiny_wav2vec2_config
+    from frontends.audio_features import AudioFeaturizerConfig, tiny_wav2vec2_config
     from frontends.conditioning import ConditioningConfig, tiny_clip_config, tiny_umt5_config
 
     cond = ConditioningConfig.for_model(config)
-    audio = AudioFeaturizerConfig() if config.audio is None else featurizer_config_for(config.audio)
+    # both audio variants' front-ends build the tiny wav2vec2 at the model's wav2vec2 width and depth
+    default = AudioFeaturizerConfig()
+    hidden, layers = (
+        (default.tiny_hidden_size, default.tiny_layers)
+        if config.audio is None
+        else (config.audio.wav2vec_dim, config.audio.wav2vec_layers)
+    )
     models = {
         "clip": lambda: CLIPVisionModel(tiny_clip_config(cond.clip_dim, cond.clip_image_size)),
         "umt5": lambda: UMT5EncoderModel(tiny_umt5_config(cond.text_dim)),
-        "wav2vec2": lambda: Wav2Vec2Model(tiny_wav2vec2_config(audio.tiny_hidden_size, audio.tiny_layers)),
+        "wav2vec2": lambda: Wav2Vec2Model(tiny_wav2vec2_config(hidden, layers)),
     }
     out = {}
     for name, build in models.items():
@@ -414,7 +452,7 @@ def plan_memory(
     if sessions < 1:
         raise ValueError(f"a memory plan needs at least one session, got {sessions}")
     dtype = dtype or default_dtype(topology.device)
-    vae_preset = vae_preset or ("tiny" if config.name == "tiny" else "wan2.1")
+    vae_preset = vae_preset or vae_preset_for(config.name)
     p = topology.score_workers
     worker = {
         "dit_weights": dit_parameters(config) * _bytes(dtype),
@@ -631,7 +669,7 @@ def options_plan_kwargs(options: Any) -> dict[str, Any]:
     """``plan_memory`` keyword arguments from ``run``/``serve`` options (dtype, VAE, encoder checkpoints)."""
     return {
         "dtype": _options_dtype(options),
-        "vae_preset": "tiny" if options.preset == "tiny" else "wan2.1",
+        "vae_preset": vae_preset_for(options.preset),
         "vae_chunk_at_once": bool(getattr(options, "vae_chunk_at_once", False)),
         "encoders": EncoderSources(
             clip_checkpoint=options.clip_checkpoint,

@@ -242,7 +242,9 @@ class ChunkEngine:
             "transfer": max(0.0, scored.roundtrip_s - scored.score_s),
             "decode": time.perf_counter() - start,
         }
-        deadline = self.stream.chunk_duration_s(work.prepared.request.chunk_index)
+        # real time: chunk i must arrive while chunk i - 1 plays (LiveAct: chunk 1 during chunk 0's 21 frames)
+        index = work.prepared.request.chunk_index
+        deadline = self.stream.chunk_duration_s(max(index - 1, 0))
         borrowed = self.frames.cuda  # a pinned buffer of the ring, reused once published
         chunk = DecodedChunk(session, work.prepared, frames, work.epoch, stages, deadline, borrowed=borrowed)
         self.publisher.submit(chunk)

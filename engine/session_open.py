@@ -9,12 +9,26 @@ import numpy as np
 import torch
 
 from frontends.conditioning import ConditioningEncoders
+from frontends.image_io import center_rescale_crop
 from proto.chunk_specs import pad_text_context, session_open_specs
 from proto.model_config import ModelConfig
 from proto.stream_config import StreamConfig
 from proto.wire import SessionOpen, TensorSpec
 
 FULL_FRAME = (0.0, 0.0, 1.0, 1.0)
+
+
+def reference_image(model: ModelConfig, stream: StreamConfig, image: np.ndarray) -> np.ndarray:
+    """The reference image a session is conditioned on (its VAE encode ``y`` and its CLIP tokens).
+
+    The InfiniteTalk family (``model.audio_variant == "infinitetalk"``: InfiniteTalk, SoulX-LiveAct) crops and
+    resizes it to the video size first (``frontends.image_io.center_rescale_crop``, upstream's PIL bicubic),
+    so CLIP sees the framed picture the video shows. The TalkingMachines family keeps Wan I2V's: CLIP sees
+    the whole image squashed to its square, the VAE a copy fitted by ``decoder.encode.fit_to_size``.
+    """
+    if model.audio_variant == "infinitetalk":
+        return center_rescale_crop(image, stream.height, stream.width)
+    return image
 
 
 def session_open(

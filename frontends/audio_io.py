@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -168,3 +169,34 @@ def resample(samples: np.ndarray, orig_rate: int, new_rate: int) -> np.ndarray:
     blocks = F.conv1d(padded, taps, stride=down)  # [1, up, n_blocks]
     out = blocks[0, :, :n_blocks].transpose(0, 1).reshape(-1)[:n_out]
     return out.to(torch.float32).numpy()
+
+
+OUTPUT_SAMPLE_RATES = (TARGET_SAMPLE_RATE, 48_000)
+
+
+def output_sample_rate(fps: int) -> int:
+    """The rate of the audio published with video at ``fps``: the first of 16 kHz and 48 kHz that gives every
+    frame a whole number of samples (16 fps: 16 kHz, 1000 a frame; LiveAct's 24 fps: 48 kHz, 2000 a frame),
+    so frame ``v`` plays output samples ``[v·spf, (v+1)·spf)`` exactly."""
+    for rate in OUTPUT_SAMPLE_RATES:
+        if rate % fps == 0:
+            return rate
+    raise ValueError(f"{fps} fps divides none of the output audio rates {OUTPUT_SAMPLE_RATES} Hz")
+
+
+def resample_span(
+    read: Callable[[int, int], np.ndarray], start: int, stop: int, orig_rate: int, new_rate: int
+) -> np.ndarray:
+    """Samples ``[start, stop)`` at ``new_rate`` (a multiple of ``orig_rate``) of the signal whose
+    ``orig_rate`` samples ``read(lo, hi)`` returns (zeros outside it): exactly what ``resample`` of the whole
+    signal gives there, from only the input around the span (the filter's support plus a margin)."""
+    if new_rate % orig_rate:
+        raise ValueError(f"resample_span upsamples by a whole factor; got {orig_rate} → {new_rate} Hz")
+    up = new_rate // orig_rate
+    if up == 1:
+        return np.asarray(read(start, stop), dtype=np.float32)
+    _, half_width = _polyphase_kernel(up, 1)
+    lo = start // up - half_width - 2
+    hi = -(-stop // up) + half_width + 2
+    out = resample(np.asarray(read(lo, hi), dtype=np.float32), orig_rate, new_rate)
+    return out[start - up * lo : stop - up * lo]

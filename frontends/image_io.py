@@ -71,3 +71,19 @@ def _to_rgb(image: Image.Image) -> np.ndarray:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
     return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
+
+
+def center_rescale_crop(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """uint8 `[H, W, 3]` → uint8 `[height, width, 3]`: PIL bicubic resize by the larger of the two scales
+    (each side rounded) so the image covers the target, then a centre crop of the overflow. SoulX-LiveAct's
+    `center_rescale_crop_keep_ratio` (util_liveact.py), which InfiniteTalk-family pipelines apply to the
+    reference image before both the VAE encode and CLIP."""
+    if height <= 0 or width <= 0:
+        raise ValueError(f"target size must be positive, got {height}x{width}")
+    pil = Image.fromarray(np.ascontiguousarray(image))
+    w, h = pil.size
+    scale = max(width / w, height / h)
+    new_w, new_h = round(w * scale), round(h * scale)
+    pil = pil.resize((new_w, new_h), resample=Image.BICUBIC)
+    left, top = (new_w - width) // 2, (new_h - height) // 2
+    return np.asarray(pil.crop((left, top, left + width, top + height)), dtype=np.uint8).copy()

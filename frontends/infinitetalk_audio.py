@@ -200,6 +200,18 @@ class Tempo:
         self._fifo = np.concatenate([self._fifo, x])
         return self._run()
 
+    def silence_from(self, sample: int) -> None:
+        """Barge-in: input samples from absolute index `sample` on that are still waiting in the FIFO become
+        silence (output already returned is the caller's to zero; the overlap tail of the last segment, at
+        most `overlap` samples, still fades out)."""
+        if self._identity:
+            return
+        first = self._skipped - self.params.search // 2  # absolute input index of self._fifo[0]
+        start = max(0, sample - first)
+        if start < self._fifo.size:
+            self._fifo = self._fifo.copy()
+            self._fifo[start:] = 0.0
+
     def finish(self) -> np.ndarray:
         """End of input: the remaining output, up to `output_length(samples pushed)` in all."""
         if self._finished:
@@ -499,6 +511,16 @@ class InfiniteTalkAudioStream:
         if self._ended:
             raise RuntimeError("push() after end_of_stream(): start a new stream")
         self._append(self._tempo.push(pushed_pcm(pcm)))
+
+    def silence_from(self, sample: int) -> None:
+        """Barge-in: the input from 16 kHz sample `sample` on becomes silence. The stretched audio from the
+        matching point (`sample / tempo_factor`) is zeroed and so is the input still waiting in the stretch;
+        later pushes continue the same timeline. Requests whose windows were already taken are unaffected."""
+        self._tempo.silence_from(sample)
+        start = max(0, int(sample / self.audio.config.tempo_factor) - self._offset)
+        if start < self._wave.size:
+            self._wave = self._wave.copy()
+            self._wave[start:] = 0.0
 
     def end_of_stream(self) -> None:
         """No more audio: the stretch is flushed and the clip's frame count fixed (`num_frames`)."""

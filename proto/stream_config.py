@@ -196,6 +196,23 @@ class StreamConfig:
         return len(self.denoising_steps)
 
     @property
+    def num_kv_caches(self) -> int:
+        """Self-attention caches a session keeps: one per denoising step (``per-step``) or one
+        (``clean-context``), plus one per audio step with audio CFG (LiveAct's null-audio caches)."""
+        caches = self.num_steps if self.cache_mode == "per-step" else 1
+        if self.audio_cfg > 1.0:
+            caches += self.num_steps - self.audio_from_step
+        return caches
+
+    @property
+    def kv_cache_tokens(self) -> int:
+        """Tokens one self-attention cache holds per block: c_0, c_t−1 and c_t (3 chunks) in the paper's
+        window; the whole 14-frame window (sink, ConvKV memory, neighbours, current chunk) in LiveAct's."""
+        if self.window == "convkv-memory":
+            return self.train_latent_frames * self.tokens_per_frame
+        return 3 * self.tokens_per_chunk
+
+    @property
     def latent_chunk_shape(self) -> tuple[int, int, int, int]:
         """Shape of a later chunk's latent `[16, F, H/8, W/8]` (``latent_shape(i)`` for chunk i)."""
         return (16, self.chunk_latent_frames, self.latent_height, self.latent_width)

@@ -130,3 +130,14 @@ def get_vae_preset(name: str) -> VAEConfig:
         return VAE_PRESETS[name]
     except KeyError:
         raise ValueError(f"unknown VAE preset {name!r}; known presets: {sorted(VAE_PRESETS)}") from None
+
+
+# The DiT presets that run at CPU scale: the tiny VAE decodes them, they default to a small frame size and run
+# on seeded random weights without a checkpoint (``tiny`` has its shipped trained bundle besides).
+TINY_DIT_PRESETS = ("tiny", "soulx-liveact-tiny")
+
+
+def vae_preset_for(dit_preset: str) -> str:
+    """The VAE preset that goes with DiT preset ``dit_preset``: ``tiny`` for the CPU-scale presets
+    (``TINY_DIT_PRESETS``), Wan 2.1's for the real ones."""
+    return "tiny" if dit_preset in TINY_DIT_PRESETS else "wan2.1"

@@ -66,7 +66,6 @@ class LiveSession:
         self.seed = seed
         self.sync_probe = sync_probe
         self.num_characters = len(feed.featurizers)
-        self.specs = chunk_request_specs(model, stream, self.num_characters)
         self.output: SessionOutput | None = None
         self.protocol: AvatarProtocol | None = None
         self.state = SessionState.starting
@@ -84,7 +83,8 @@ class LiveSession:
     def prepare_chunk(self) -> PreparedInputs:
         """The next chunk's request: features for its window (fed just in time), ``y``, speaking flags."""
         index, audio, pcm = self.feed.take_chunk()
-        request, tensors = chunk_request(self.id, index, self.seed, self.specs, audio, self.conditioning)
+        specs = chunk_request_specs(self.model, self.stream, self.num_characters, index)
+        request, tensors = chunk_request(self.id, index, self.seed, specs, audio, self.conditioning)
         first = self.feed.featurizers[0].output_frames(index).start
         return PreparedInputs(request, tensors, pcm, first)
 
@@ -92,7 +92,7 @@ class LiveSession:
         """With the sync probe on, frames whose own audio is loud become white (else unchanged)."""
         if not self.sync_probe:
             return frames
-        spf = self.feed.spf
+        spf = self.feed.output_spf
         rms = np.sqrt(np.mean(pcm[: frames.shape[0] * spf].reshape(frames.shape[0], spf) ** 2, axis=1))
         if not (rms > PROBE_RMS).any():
             return frames
@@ -114,8 +114,7 @@ class LiveSession:
             self._report_played(index)
 
     def _report_played(self, index: int) -> None:
-        spf = self.feed.spf
-        frame_end = (index + 1) * spf
+        frame_end = self.feed.frame_sample(index + 1)
         utterances = self.feed.utterances
         while (
             utterances and utterances[0].start_sample is not None and utterances[0].start_sample < frame_end
@@ -154,7 +153,7 @@ class LiveSession:
         dropped = self.feed.clear(first_unplayed)
         if self.protocol is None:
             return
-        played_to = first_unplayed * self.feed.spf
+        played_to = self.feed.frame_sample(first_unplayed)
         position = 0.0
         if dropped:  # the agent's audio played before the cut, not the span (as playback_finished reports)
             position = dropped[0].own_samples_before(played_to) / self.feed.sample_rate

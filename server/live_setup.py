@@ -1,7 +1,12 @@
 """What a new live session of ``serve`` is made of (``server.live_backend`` creates sessions with it): its
 state (I2V conditioning of the reference image, one streaming audio featurizer per character sharing the
 server's wav2vec2, its decoder), its ``SessionOpen`` for the workers, and its output (a LiveKit room joined
-on the server's asyncio loop, or an MP4 file written in real time)."""
+on the server's asyncio loop, or an MP4 file written in real time).
+
+The audio front-end is the model family's (``ModelConfig.audio_variant``): the TalkingMachines streaming
+featurizer (``frontends.audio_features``), or for the InfiniteTalk family (SoulX-LiveAct) the live
+``frontends.infinitetalk_chunks.StreamChunkAudio`` over upstream's wav2vec2 pipeline; that family speaks
+with one character only (upstream's multi-speaker path is not implemented), so more are refused (422)."""
 
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ import torch
 from decoder.encode import I2VConditioning
 from decoder.streaming import DecodeOptions
 from decoder.vae import WanVAE
-from engine.session_open import session_open
+from engine.session_open import reference_image, session_open
 from frontends.audio_features import (
     AudioFeaturizer,
     AudioFeaturizerConfig,
@@ -25,7 +30,10 @@ from frontends.audio_features import (
     featurizer_config_for,
 )
 from frontends.conditioning import ConditioningEncoders
+from frontends.infinitetalk_audio import InfiniteTalkAudio
+from frontends.infinitetalk_chunks import StreamChunkAudio, build_front_end
 from proto.api import Face, FileOutput, LiveKitOutput, Output
+from proto.model_config import InfiniteTalkAudioConfig as ModelAudio
 from proto.model_config import ModelConfig
 from proto.stream_config import StreamConfig
 from proto.wire import SessionOpen
@@ -75,12 +83,18 @@ class SessionSetup:
         self.vae = vae
         self.encoders = encoders
         self.loop = loop
-        self.featurizer_config, self.wav2vec, self.normalize = self._audio_front_end(config)
+        self.infinitetalk: InfiniteTalkAudio | None = None
+        tiny_seed = config.seed if config.encoder_seed is None else config.encoder_seed
+        audio = config.model.audio
+        if config.model.audio_variant == "infinitetalk":
+            assert isinstance(audio, ModelAudio)
+            self.infinitetalk = build_front_end(audio, config.stream, config.wav2vec_checkpoint, tiny_seed)
+        else:
+            self.featurizer_config, self.wav2vec, self.normalize = self._audio_front_end(config, tiny_seed)
 
     @staticmethod
-    def _audio_front_end(config: LiveConfig) -> tuple[AudioFeaturizerConfig, Any, bool]:
+    def _audio_front_end(config: LiveConfig, tiny_seed: int) -> tuple[AudioFeaturizerConfig, Any, bool]:
         grid = {"fps": config.stream.fps, "chunk_latents": config.stream.chunk_latent_frames}
-        tiny_seed = config.seed if config.encoder_seed is None else config.encoder_seed
         common = {"checkpoint": config.wav2vec_checkpoint, "tiny_seed": tiny_seed, **grid}
         audio = config.model.audio
         cfg = AudioFeaturizerConfig(**common) if audio is None else featurizer_config_for(audio, **common)
@@ -90,22 +104,34 @@ class SessionSetup:
             check_matches(AudioFeaturizer(cfg, model=model), audio)
         return cfg, model, normalize
 
-    def featurizer(self) -> AudioFeaturizer:
+    def featurizer(self) -> AudioFeaturizer | StreamChunkAudio:
         """A featurizer sharing the server's wav2vec2 (used by the engine thread only)."""
+        if self.infinitetalk is not None:
+            return StreamChunkAudio(self.infinitetalk, self.config.stream)
         return AudioFeaturizer(self.featurizer_config, model=self.wav2vec)
 
     def build(
         self, session_id: str, image: np.ndarray, faces: list[Face], prompt: str, speaking: Sequence[int]
     ) -> tuple[LiveSession, SessionOpen, dict[str, torch.Tensor]]:
-        """A new session's state (I2V conditioning, featurizers, decoder) and its ``SessionOpen``."""
+        """A new session's state (I2V conditioning, featurizers, decoder) and its ``SessionOpen``.
+
+        Raises:
+            InvalidRequest: more characters than the model family animates (the InfiniteTalk family: one).
+        """
         model, stream = self.config.model, self.config.stream
+        if model.audio_variant == "infinitetalk" and len(faces) > 1:
+            raise InvalidRequest(
+                f"preset {model.name!r} animates one character (the InfiniteTalk audio module's "
+                f"single-speaker path); the session has {len(faces)}: send one character"
+            )
+        image = reference_image(model, stream, image)
         conditioning = None
         if model.has_image_branch:
             conditioning = I2VConditioning.for_stream(self.vae, image, stream)
         message, tensors = session_open(
             session_id, model, stream, self.encoders, prompt, image, [f.box_norm for f in faces]
         )
-        feed = SpeechFeed([self.featurizer() for _ in faces], list(speaking))
+        feed = SpeechFeed([self.featurizer() for _ in faces], list(speaking), fps=stream.fps)
         session = LiveSession(
             session_id,
             model,
@@ -137,7 +163,7 @@ class SessionSetup:
                 stream.width,
                 stream.height,
                 fps=stream.fps,
-                sample_rate=session.feed.sample_rate,
+                sample_rate=session.feed.output_rate,
                 video_bitrate=self.config.video_bitrate,
             )
             protocol = AvatarProtocol(agent_identity=output.agent_identity)
@@ -162,6 +188,6 @@ class SessionSetup:
         else:
             assert isinstance(output, FileOutput)
             session.output = FileSessionOutput(
-                Path(output.path), stream.width, stream.height, stream.fps, hooks
+                Path(output.path), stream.width, stream.height, stream.fps, hooks, session.feed.output_rate
             )
         return identity

@@ -11,6 +11,11 @@ runs its chunks through ``engine.pipeline.ChunkEngine`` (request t+1 out, decode
 t+1; publishing on its own thread): frames and the chunk's own audio go to the MP4 publisher, the last chunk
 trimmed so the video has exactly ``ceil(audio duration × fps)`` frames. Each published chunk prints a
 progress line and joins the run's TTBC and stage statistics (``engine.stats``).
+
+The InfiniteTalk family (``model.audio_variant == "infinitetalk"``, SoulX-LiveAct) streams its own schedule
+(``engine.file_stream.FrameChunkScheduler``): upstream's whole-clip audio windows (``--stream-audio``: the
+live front-end's instead), its reference image cropped to the video size before the VAE and CLIP
+(``engine.session_open.reference_image``), whole chunks at its fps with 48 kHz audio (24 fps).
 """
 
 from __future__ import annotations
@@ -27,10 +32,17 @@ from decoder.checkpoint import load_vae
 from decoder.encode import I2VConditioning
 from decoder.vae import WanVAE, build_vae
 from engine.executor import ColocatedExecutor, DedicatedExecutor, Executor, WorkerError
-from engine.file_stream import SESSION_ID, ChunkScheduler, FrameSink, RunSession, run_stream
+from engine.file_stream import (
+    SESSION_ID,
+    ChunkScheduler,
+    FrameChunkScheduler,
+    FrameSink,
+    RunSession,
+    run_stream,
+)
 from engine.memory_plan import plan_for_options
 from engine.rank_registry import local_rss
-from engine.session_open import FULL_FRAME, session_open
+from engine.session_open import FULL_FRAME, reference_image, session_open
 from engine.stats import ChunkTiming, StreamStats
 from frontends.audio_features import (
     AudioFeaturizer,
@@ -38,12 +50,11 @@ from frontends.audio_features import (
     check_matches,
     featurizer_config_for,
 )
-from frontends.audio_io import load_audio
+from frontends.audio_io import TARGET_SAMPLE_RATE, load_audio, output_sample_rate
 from frontends.conditioning import ConditioningConfig, ConditioningEncoders
 from frontends.image_io import load_image
-from proto.chunk_specs import (
-    chunk_result_specs,
-)
+from frontends.infinitetalk_chunks import ClipChunkAudio, StreamChunkAudio, build_front_end
+from proto.model_config import InfiniteTalkAudioConfig as ModelAudio
 from proto.model_config import ModelConfig
 from proto.stream_config import StreamConfig
 from proto.topology import ProcessGroups
@@ -79,6 +90,26 @@ def build_featurizer(options: RunOptions, model: ModelConfig, stream: StreamConf
     featurizer = AudioFeaturizer(featurizer_config_for(model.audio, **common))
     check_matches(featurizer, model.audio)
     return featurizer
+
+
+def build_scheduler(
+    options: RunOptions,
+    model: ModelConfig,
+    stream: StreamConfig,
+    conditioning: I2VConditioning | None,
+    audio: np.ndarray,
+) -> ChunkScheduler | FrameChunkScheduler:
+    """The run's chunk source, by the model's audio variant: the TalkingMachines streaming featurizer, or the
+    InfiniteTalk family's per-video-frame windows (the whole clip's, or the live front-end's with
+    ``--stream-audio``)."""
+    if isinstance(model.audio, ModelAudio):
+        front = build_front_end(model.audio, stream, options.wav2vec_checkpoint, options.tiny_encoder_seed)
+        source: ClipChunkAudio | StreamChunkAudio = (
+            StreamChunkAudio(front, stream) if options.stream_audio else ClipChunkAudio(front, audio, stream)
+        )
+        return FrameChunkScheduler(model, stream, source, conditioning, audio, options.seed)
+    featurizer = build_featurizer(options, model, stream)
+    return ChunkScheduler(model, stream, featurizer, conditioning, audio, options.seed)
 
 
 class RecordingSink:
@@ -133,7 +164,7 @@ def make_executor(
         return DedicatedExecutor(
             groups,
             store,
-            chunk_result_specs(stream),
+            stream,
             result_timeout_s=options.chunk_timeout_s,
             send_stream=torch.cuda.Stream() if cuda else None,
             recv_stream=torch.cuda.Stream() if cuda else None,
@@ -172,18 +203,24 @@ def run_master(
     executor = make_executor(options, groups, store, stream, score_rank)
 
     image = load_image(options.image, max_pixels=options.max_image_pixels)
+    image = reference_image(model, stream, image)
     audio = load_audio(options.audio, max_seconds=options.max_audio_s)
     vae = build_master_vae(options, device)
     conditioning = None
     if model.has_image_branch:
         conditioning = I2VConditioning.for_stream(vae, image, stream)
-    featurizer = build_featurizer(options, model, stream)
-    scheduler = ChunkScheduler(model, stream, featurizer, conditioning, audio, options.seed)
+    scheduler = build_scheduler(options, model, stream, conditioning, audio)
     message, tensors = open_session_message(options, model, stream, image, device)
 
     stats = StreamStats(topology.name, stream.chunk_duration_s(1))
     ranks = list(range(topology.world_size))
-    publisher = Mp4FilePublisher(options.out, width=stream.width, height=stream.height, fps=stream.fps)
+    publisher = Mp4FilePublisher(
+        options.out,
+        width=stream.width,
+        height=stream.height,
+        fps=stream.fps,
+        sample_rate=output_sample_rate(stream.fps),
+    )
     sink: FrameSink = publisher
     if options.save_frames is not None:
         sink = recorder = RecordingSink(publisher, options.save_frames)
@@ -192,7 +229,7 @@ def run_master(
     print(
         f"talkingmachines run: {topology.name}, preset {options.preset}, dtype {options.dtype}, "
         f"{stream.width}x{stream.height} "
-        f"@ {stream.fps} fps, {audio.size / featurizer.config.sample_rate:.2f} s of audio -> "
+        f"@ {stream.fps} fps, {audio.size / TARGET_SAMPLE_RATE:.2f} s of audio -> "
         f"{scheduler.num_chunks} chunks; weights: {options.weights}",
         file=sys.stderr,
         flush=True,

@@ -24,9 +24,9 @@ import torch
 from decoder.streaming import DecodeOptions
 from frontends.model_bundle import ModelBundle, resolve_weights
 from proto.model_config import ModelConfig, get_model_preset, model_preset_names
-from proto.stream_config import StreamConfig
+from proto.stream_config import STREAM_SCHEDULES, StreamConfig
 from proto.topology import Topology
-from proto.vae_config import get_vae_preset
+from proto.vae_config import TINY_DIT_PRESETS, get_vae_preset, vae_preset_for
 
 # Frame size when --resolution (or --height/--width) is not given and no trained bundle fixes it, for run and
 # serve alike: tiny --random-weights at 32x32 keeps up with real time on a CPU core (the random VAE decodes a
@@ -73,15 +73,16 @@ class GroupOptions:
     threads: int
     chunk_timeout_s: float
     steps: int | None = None  # --steps: N evenly spaced denoising steps instead of the weights' own
-    chunk_latent_frames: int = StreamConfig.chunk_latent_frames  # --chunk-frames, else the bundle's
+    chunk_latent_frames: int | None = None  # --chunk-frames, else the bundle's, else the schedule's
     device_memory_gib: float | None = None
     pin_cores: tuple[int, ...] | None = None  # --pin-cores: rank r runs on core pin_cores[r % len]
     rank_report: Path | None = None  # --rank-report: each rank writes rank<r>.json there on exit
     dtype: str = "float32"  # "float32" or "bfloat16"
     compile_score: bool = False  # --compile: torch.compile the score model's blocks (StreamingDiT)
-    train_latent_frames: int = 21
-    default_denoising_steps: tuple[int, ...] = (1000, 500)
-    timestep_shift: float = 5.0
+    # What a trained bundle fixes (None: the model's stream schedule, ``ModelConfig.stream_schedule``).
+    train_latent_frames: int | None = None
+    default_denoising_steps: tuple[int, ...] | None = None
+    timestep_shift: float | None = None
     encoder_seed: int | None = None
     weights: str = "seeded random weights"
     vae_autocast: str = "auto"
@@ -95,8 +96,9 @@ class GroupOptions:
 
     @property
     def vae_preset(self) -> str:
-        """The VAE that matches the DiT preset: the tiny VAE for ``tiny``, Wan 2.1's for the real ones."""
-        return "tiny" if self.preset == "tiny" else "wan2.1"
+        """The VAE that matches the DiT preset: the tiny VAE for the CPU-scale presets, Wan 2.1's for the
+        real ones (``proto.vae_config.vae_preset_for``)."""
+        return vae_preset_for(self.preset)
 
     def topology(self) -> Topology:
         return Topology(
@@ -108,17 +110,35 @@ class GroupOptions:
         )
 
     def stream_config(self) -> StreamConfig:
-        steps = self.default_denoising_steps
+        """The model's stream schedule (``ModelConfig.stream_schedule``: chunk sizes, steps, window, fps) at
+        this size, with what the options override: ``--steps``, and ``--chunk-frames`` and a trained
+        bundle's settings where the schedule lets chunk sizes change (not LiveAct's ConvKV window, whose
+        chunks are 6 then 8 latent frames by construction)."""
+        schedule = self.model_config.stream_schedule
+        overrides: dict[str, Any] = {"height": self.height, "width": self.width}
+        fixed = {
+            "chunk_latent_frames": self.chunk_latent_frames,
+            "train_latent_frames": self.train_latent_frames,
+            "denoising_steps": self.default_denoising_steps,
+            "timestep_shift": self.timestep_shift,
+        }
+        overrides |= {name: value for name, value in fixed.items() if value is not None}
         if self.steps is not None:
-            steps = evenly_spaced_steps(self.steps)
-        return StreamConfig(
-            height=self.height,
-            width=self.width,
-            chunk_latent_frames=self.chunk_latent_frames,
-            denoising_steps=steps,
-            timestep_shift=self.timestep_shift,
-            train_latent_frames=self.train_latent_frames,
-        )
+            overrides["denoising_steps"] = evenly_spaced_steps(self.steps)
+        if STREAM_SCHEDULES[schedule].get("window") == "convkv-memory":
+            resized = [n for n in ("chunk_latent_frames", "train_latent_frames") if n in overrides]
+            if resized:
+                base = StreamConfig.for_schedule(schedule)
+                raise ValueError(
+                    f"preset {self.preset!r} streams the {schedule!r} schedule, whose chunks are fixed: "
+                    f"{base.frames_in_chunk(0)} latent frames, then {base.frames_in_chunk(1)} in a "
+                    f"{base.train_latent_frames}-frame ConvKV window; leave out --chunk-frames (and do not "
+                    f"pass a bundle trained on another schedule), got {resized[0]}={overrides[resized[0]]}"
+                )
+        try:
+            return StreamConfig.for_schedule(schedule, **overrides)
+        except ValueError as exc:
+            raise ValueError(f"preset {self.preset!r}, {schedule!r} schedule: {exc}") from exc
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -179,10 +199,10 @@ class GroupOptions:
         ):
             if path is not None and not Path(path).exists():
                 raise ValueError(f"{flag} {path!r} does not exist")
-        if self.preset != "tiny" and self.checkpoint is None:
+        if self.preset not in TINY_DIT_PRESETS and self.checkpoint is None:
             raise ValueError(
-                f"preset {self.preset!r} has no trained weights here: pass --checkpoint, or use --preset "
-                "tiny (seeded random weights)"
+                f"preset {self.preset!r} has no trained weights here: pass --checkpoint, or use one of the "
+                f"CPU-scale presets {', '.join(TINY_DIT_PRESETS)} (seeded random weights)"
             )
 
 
@@ -299,7 +319,7 @@ def _size(args: argparse.Namespace, bundle: ModelBundle | None) -> tuple[int, in
         if len(parts) != 2 or not all(p.isdigit() for p in parts):
             raise ValueError(f"--resolution {args.resolution!r} must look like 64x64 (height x width)")
         return int(parts[0]), int(parts[1])
-    default = DEFAULT_TINY_SIZE if args.preset == "tiny" else DEFAULT_SIZE
+    default = DEFAULT_TINY_SIZE if args.preset in TINY_DIT_PRESETS else DEFAULT_SIZE
     if bundle is not None:
         default = (bundle.height, bundle.width)
     return args.height or default[0], args.width or default[1]
@@ -369,7 +389,9 @@ def add_group_arguments(parser: argparse.ArgumentParser, command: str, prompt_he
         default=None,
         metavar="N",
         help="latent frames per chunk (4N video frames, 4N - 3 for the first chunk); default: a trained "
-        f"bundle's, else {StreamConfig.chunk_latent_frames}; the training window must hold a multiple of it",
+        f"bundle's, else the preset's stream schedule's ({StreamConfig.chunk_latent_frames} for the "
+        "TalkingMachines presets; the training window must hold a multiple of it); SoulX-LiveAct's chunks "
+        "are fixed (6, then 8) and refuse it",
     )
     parser.add_argument(
         "--chunk-timeout",

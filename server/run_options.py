@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from frontends.audio_io import AudioDecodeError, load_audio
+from frontends.audio_io import TARGET_SAMPLE_RATE, AudioDecodeError, load_audio
 from frontends.image_io import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
 from server.options import GroupOptions, add_group_arguments, group_options
 
@@ -35,6 +35,7 @@ class RunOptions(GroupOptions):
     max_audio_s: float
     max_image_pixels: int
     progress: bool
+    stream_audio: bool = False
 
 
 def build_run_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -43,7 +44,12 @@ def build_run_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     parser.add_argument(
         "--audio", required=True, type=Path, help="speech, WAV/FLAC/OGG (any rate, mono or stereo)"
     )
-    parser.add_argument("--out", required=True, type=Path, help="output MP4 (H.264 + AAC, 16 fps)")
+    parser.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        help="output MP4 (H.264 + AAC, at the preset's fps: 16; LiveAct: 24)",
+    )
     add_group_arguments(parser, "run", prompt_help="text prompt (umT5)")
     parser.add_argument(
         "--no-overlap",
@@ -63,6 +69,13 @@ def build_run_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     parser.add_argument("--max-audio-seconds", type=float, default=DEFAULT_MAX_AUDIO_S)
     parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS)
     parser.add_argument("--quiet", dest="progress", action="store_false", help="no per-chunk progress lines")
+    parser.add_argument(
+        "--stream-audio",
+        action="store_true",
+        help="SoulX-LiveAct presets: featurise the audio with serve's live front-end (a rolling buffer) "
+        "instead of the whole clip as upstream's offline generation does, to compare run with serve "
+        "(the TalkingMachines front-end always streams)",
+    )
     return parser
 
 
@@ -80,6 +93,7 @@ def options_from_args(args: argparse.Namespace) -> RunOptions:
         max_audio_s=args.max_audio_seconds,
         max_image_pixels=args.max_image_pixels,
         progress=args.progress,
+        stream_audio=args.stream_audio,
     )
 
 
@@ -91,14 +105,11 @@ def parse_run_options(argv: list[str]) -> RunOptions:
 
 def validate_inputs(options: RunOptions) -> None:
     """Everything that can be checked before the world starts; raises ``ValueError`` with the fix."""
-    from frontends.audio_features import AudioFeaturizerConfig
-
     try:
         audio = load_audio(options.audio, max_seconds=options.max_audio_s)
     except AudioDecodeError as exc:
         raise ValueError(str(exc)) from exc
-    sample_rate = AudioFeaturizerConfig().sample_rate
-    if audio.size < sample_rate // 16:
+    if audio.size < math.ceil(TARGET_SAMPLE_RATE / options.stream_config().fps):
         raise ValueError(f"audio file {str(options.audio)!r} holds less than one video frame of audio")
     try:
         load_image(options.image, max_pixels=options.max_image_pixels)

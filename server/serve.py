@@ -197,7 +197,6 @@ def _serve_master(options: ServeOptions, groups: Any, store: dist.Store, score_r
     from engine.executor import ColocatedExecutor, DedicatedExecutor, Executor
     from engine.rank_registry import dead_ranks
     from frontends.conditioning import ConditioningConfig, ConditioningEncoders
-    from proto.chunk_specs import chunk_result_specs
     from server.api import create_app
     from server.live_backend import LiveBackend, LiveConfig
     from server.master import build_master_vae
@@ -213,7 +212,7 @@ def _serve_master(options: ServeOptions, groups: Any, store: dist.Store, score_r
     executor: Executor
     if topology.disaggregated:
         executor = DedicatedExecutor(
-            groups, store, chunk_result_specs(stream), result_timeout_s=options.chunk_timeout_s
+            groups, store, stream, result_timeout_s=options.chunk_timeout_s
         )
     else:
         executor = ColocatedExecutor(groups, store, score_rank)

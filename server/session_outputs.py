@@ -222,8 +222,11 @@ class FileSessionOutput:
     failed with EINVAL, when status reads still wrote), ``_lock`` guards the queue.
     """
 
-    def __init__(self, path: Path, width: int, height: int, fps: int, hooks: PlayoutHooks) -> None:
-        self.publisher = Mp4FilePublisher(path, width=width, height=height, fps=fps)
+    def __init__(
+        self, path: Path, width: int, height: int, fps: int, hooks: PlayoutHooks, sample_rate: int = 16_000
+    ) -> None:
+        """sample_rate: the rate of the chunks' audio (``SpeechFeed.output_rate``: 48 kHz at 24 fps)."""
+        self.publisher = Mp4FilePublisher(path, width=width, height=height, fps=fps, sample_rate=sample_rate)
         self.fps = fps
         self.hooks = hooks
         self._lock = threading.Lock()

@@ -1,13 +1,19 @@
 """A live session's audio clock (``SpeechFeed``): pending speech, just-in-time feeding of the featurizers,
 the audio that plays with the video, and the agent's speech segments on that timeline.
 
-Timeline. A session has one audio clock in 16 kHz samples, shared by every character's ``AudioFeaturizer``
-and by the published audio: video frame ``v`` plays samples ``[1000 v, 1000 (v + 1))``. Speech arrives
-(HTTP, WebSocket, LiveKit byte streams) into a *pending* queue and is fed to the featurizers **just in time**,
-only when a chunk is generated: exactly up to the samples that chunk needs (its frames plus the window's
-look-ahead of 2 latent frames). What the pending queue cannot cover is padded with silence, so a chunk is
-always ready when the playout buffer needs one — video never waits for speech (silence mode). Speaking
-characters get the speech; the others get zeros of the same length, so all featurizers stay on one clock.
+Timeline. A session has one audio clock in 16 kHz samples, shared by every character's featurizer and by the
+published audio: video frame ``v`` plays samples ``[frame_sample(v), frame_sample(v + 1))``, ``frame_sample(v)
+= v · 16000 // fps`` (``[1000 v, 1000 (v + 1))`` at 16 fps). The featurizers are the model family's:
+``frontends.audio_features.AudioFeaturizer`` (TalkingMachines) or ``frontends.infinitetalk_chunks.
+StreamChunkAudio`` (InfiniteTalk / LiveAct), which share the interface used here. The audio published with a
+chunk's frames is the tape at ``frontends.audio_io.output_sample_rate(fps)``: 16 kHz where fps divides it,
+else 48 kHz (LiveAct's 24 fps: 2000 samples a frame), upsampled exactly from the tape (``resample_span``).
+Speech arrives (HTTP, WebSocket, LiveKit byte streams) into a *pending* queue and is fed to the featurizers
+**just in time**, only when a chunk is generated: exactly up to the samples that chunk needs (its frames plus
+the window's look-ahead of 2 latent frames). What the pending queue cannot cover is padded with silence, so a
+chunk is always ready when the playout buffer needs one — video never waits for speech (silence mode).
+Speaking characters get the speech; the others get zeros of the same length, so all featurizers stay on one
+clock.
 
 Consequences (by design): speech that arrives while silence chunks are queued starts after them plus the
 0.5 s look-ahead already fed as silence, so first-frame latency ≈ playout buffer + 0.5 s + one chunk's
@@ -23,10 +29,32 @@ import collections
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 
-from frontends.audio_features import AudioFeaturizer, ChunkAudio
+from frontends.audio_io import TARGET_SAMPLE_RATE, output_sample_rate, resample_span
+
+# Input samples of the tape kept before a chunk's frames: the upsampling filter's support (48 kHz from 16 kHz
+# reads 70 samples on either side).
+_TAPE_MARGIN = 128
+
+
+class ChunkFeaturizer(Protocol):
+    """One character's streaming front-end, as the feed drives it (``AudioFeaturizer``,
+    ``StreamChunkAudio``)."""
+
+    def required_samples(self, chunk_index: int) -> int: ...
+
+    def output_frames(self, chunk_index: int) -> range: ...
+
+    def features_for_chunk(self, chunk_index: int) -> Any: ...
+
+    def push(self, pcm: np.ndarray) -> None: ...
+
+    def push_silence(self, num_samples: int) -> None: ...
+
+    def silence_from(self, sample: int) -> None: ...
 
 
 @dataclass
@@ -75,11 +103,16 @@ class SpeechFeed:
     ``take_chunk`` from the engine thread.
     """
 
-    def __init__(self, featurizers: list[AudioFeaturizer], speaking: list[int]) -> None:
+    def __init__(
+        self, featurizers: list[ChunkFeaturizer], speaking: list[int], fps: int | None = None
+    ) -> None:
+        """fps: the video's frame rate (default: the featurizers' ``config.fps``)."""
         self.featurizers = featurizers
         self.speaking = set(speaking)
-        self.spf = featurizers[0].config.samples_per_frame
-        self.sample_rate = featurizers[0].config.sample_rate
+        self.fps = int(fps if fps is not None else featurizers[0].config.fps)  # type: ignore[attr-defined]
+        self.sample_rate = TARGET_SAMPLE_RATE
+        self.output_rate = output_sample_rate(self.fps)
+        self.output_spf = self.output_rate // self.fps  # published samples per video frame
         self._lock = threading.RLock()
         self._pending: collections.deque[tuple[np.ndarray, Segment | None]] = collections.deque()
         self._pending_samples = 0
@@ -97,7 +130,11 @@ class SpeechFeed:
 
     @property
     def pending_s(self) -> float:
-        return self._pending_samples / self.featurizers[0].config.sample_rate
+        return self._pending_samples / self.sample_rate
+
+    def frame_sample(self, frame: int) -> int:
+        """The first timeline (16 kHz) sample of video frame ``frame``."""
+        return frame * self.sample_rate // self.fps
 
     def push(self, pcm: np.ndarray, segment: Segment | None = None) -> None:
         """Queue speech ``[N]`` float32 16 kHz (of ``segment`` when it came from the LiveKit protocol)."""
@@ -133,7 +170,7 @@ class SpeechFeed:
         with self._lock:
             self._pending.clear()
             self._pending_samples = 0
-            cut = played_frame_end * self.spf
+            cut = self.frame_sample(played_frame_end)
             for featurizer in self.featurizers:
                 featurizer.silence_from(cut)
             start = max(0, cut - self._tape_offset)
@@ -145,10 +182,11 @@ class SpeechFeed:
             self.segments.clear()
             return dropped
 
-    def take_chunk(self) -> tuple[int, list[ChunkAudio], np.ndarray]:
+    def take_chunk(self) -> tuple[int, list[Any], np.ndarray]:
         """Feed the featurizers up to the next chunk's need and take its features.
 
-        Returns ``(chunk_index, [ChunkAudio per character], pcm of its output frames)``.
+        Returns ``(chunk_index, [its features per character], audio of its output frames)``: the audio is
+        ``output_spf`` samples a frame at ``output_rate``.
         """
         with self._lock:
             index = self.next_chunk
@@ -158,8 +196,12 @@ class SpeechFeed:
                 self._feed(need)
             audio = [f.features_for_chunk(index) for f in self.featurizers]
             frames = lead.output_frames(index)
-            pcm = self._tape_slice(frames.start * self.spf, frames.stop * self.spf)
-            self._drop_tape_before(frames.stop * self.spf)
+            spf = self.output_spf
+            pcm = resample_span(
+                self._tape_slice, frames.start * spf, frames.stop * spf, self.sample_rate, self.output_rate
+            )
+            margin = 0 if self.output_rate == self.sample_rate else _TAPE_MARGIN
+            self._drop_tape_before(self.frame_sample(frames.stop) - margin)
             self.next_chunk = index + 1
             return index, audio, pcm
 

@@ -19,9 +19,11 @@ costing no memory even for the 18B preset. Memory and FLOPs are analytic (wan.md
   more (the σ = 0 refresh) in `clean-context` mode.
 
 Parameters are split into Wan 2.1's, the audio path's (either variant: `workers.checkpoint.is_audio_key`) and
-the ConvKV memory's. For the SoulX-LiveAct presets the memory and FLOPs sections still describe this
-repository's TalkingMachines schedule (c_0, c_{t−1}, current); LiveAct's own schedule (chunks of 6 then 8
-latent frames, a 14-frame cache per denoising step) is not modelled yet, and the report says so.
+the ConvKV memory's. The stream is the preset's schedule (`ModelConfig.stream_schedule`): for the
+SoulX-LiveAct presets, LiveAct's (chunks of 6 then 8 latent frames; per denoising step, plus per audio step
+with audio CFG, a cache of the 14-frame window, `StreamConfig.num_kv_caches`; a chunk of 8 frames
+attends to the whole window, L_kv = 14 · tokens_per_frame, chunk 0 to its own 6; step 0 runs without the audio
+path).
 """
 
 from __future__ import annotations
@@ -89,14 +91,24 @@ def _context_tokens(config: ModelConfig) -> int:
 def _kv_cache(config: ModelConfig, stream: StreamConfig) -> dict[str, Any]:
     slots = stream.num_steps if stream.cache_mode == "per-step" else 1
     chunk = stream.tokens_per_chunk
-    per_chunk_set = chunk * config.dim * config.num_layers * 2 * BF16_BYTES
-    self_attn = slots * 2 * per_chunk_set
     cross = _context_tokens(config) * config.dim * config.num_layers * 2 * BF16_BYTES
-    formula = (
-        f"{slots} slot(s) ({'one per denoising step' if stream.cache_mode == 'per-step' else 'clean keys'})"
-        f" × 2 chunks (c_0, c_t-1) × {chunk} tokens × dim {config.dim} × {config.num_layers} layers"
-        f" × 2 (K, V) × {BF16_BYTES} B"
-    )
+    if stream.window == "convkv-memory":
+        slots, window = stream.num_kv_caches, stream.kv_cache_tokens
+        self_attn = slots * window * config.dim * config.num_layers * 2 * BF16_BYTES
+        formula = (
+            f"{slots} caches (one per denoising step{', + null audio' if stream.audio_cfg > 1 else ''}) × "
+            f"{stream.train_latent_frames} frames (sink, ConvKV memory, neighbours, chunk) × "
+            f"{stream.tokens_per_frame} tokens × dim {config.dim} × {config.num_layers} layers × 2 (K, V) × "
+            f"{BF16_BYTES} B"
+        )
+    else:
+        self_attn = slots * 2 * chunk * config.dim * config.num_layers * 2 * BF16_BYTES
+        kind = "one per denoising step" if stream.cache_mode == "per-step" else "clean keys"
+        formula = (
+            f"{slots} slot(s) ({kind})"
+            f" × 2 chunks (c_0, c_t-1) × {chunk} tokens × dim {config.dim} × {config.num_layers} layers"
+            f" × 2 (K, V) × {BF16_BYTES} B"
+        )
     return {
         "cache_mode": stream.cache_mode,
         "slots": slots,
@@ -132,11 +144,14 @@ def _audio_flops_per_forward(config: ModelConfig, lq: int, frames: int) -> int:
     return projection + (kv + attn) * config.num_layers
 
 
-def flops_per_forward(config: ModelConfig, stream: StreamConfig, l_kv: int) -> dict[str, int]:
-    """FLOPs of one forward over one chunk whose queries see `l_kv` self-attention keys (wan.md §7)."""
+def flops_per_forward(
+    config: ModelConfig, stream: StreamConfig, l_kv: int, frames: int | None = None
+) -> dict[str, int]:
+    """FLOPs of one forward over one chunk (of `frames` latent frames; default the stream's chunk size) whose
+    queries see `l_kv` self-attention keys (wan.md §7)."""
     d, f, n = config.dim, config.ffn_dim, config.num_layers
-    lq = stream.tokens_per_chunk
-    frames = stream.chunk_latent_frames
+    frames = stream.chunk_latent_frames if frames is None else frames
+    lq = frames * stream.tokens_per_frame
     patch = math.prod(config.patch_size)
     linear = (12 * d * d + 4 * d * f) * lq * n
     self_attn = 4 * lq * l_kv * d * n
@@ -167,7 +182,39 @@ def _session_context_flops(config: ModelConfig) -> int:
     return text + image + kv
 
 
+def _convkv_flops(config: ModelConfig, stream: StreamConfig) -> dict[str, Any]:
+    """LiveAct's schedule: chunk 0 (6 frames) sees itself, every later chunk (8) the 14-frame window; a chunk
+    is one pass per step, plus a null-audio pass per audio step with audio CFG; step 0 skips the audio
+    path."""
+    window = stream.train_latent_frames * stream.tokens_per_frame
+    audio_passes = stream.num_steps - stream.audio_from_step
+    passes = stream.num_steps + (audio_passes if stream.audio_cfg > 1 else 0)
+    silent = passes - audio_passes * (2 if stream.audio_cfg > 1 else 1)  # passes without the audio path
+
+    def chunk(frames: int, l_kv: int) -> int:
+        per = flops_per_forward(config, stream, l_kv, frames)
+        return passes * per["total"] - silent * per["audio"]
+
+    first = stream.frames_in_chunk(0)
+    return {
+        "l_q": stream.tokens_per_chunk,
+        "l_kv": window,
+        "l_kv_note": f"every chunk after the first: the {stream.train_latent_frames}-frame window; chunk 0 "
+        f"({first} frames) sees itself",
+        "l_ctx": _context_tokens(config),
+        "forwards_per_chunk": passes,
+        "per_forward": flops_per_forward(config, stream, l_kv=window),
+        "per_chunk": chunk(stream.chunk_latent_frames, window),
+        "per_chunk_chunk0": chunk(first, first * stream.tokens_per_frame),
+        "per_chunk_chunk1": chunk(stream.chunk_latent_frames, window),
+        "per_session_context": _session_context_flops(config),
+        "audio_characters": CHARACTERS if config.audio is not None else 0,
+    }
+
+
 def _flops(config: ModelConfig, stream: StreamConfig) -> dict[str, Any]:
+    if stream.window == "convkv-memory":
+        return _convkv_flops(config, stream)
     chunk = stream.tokens_per_chunk
     forwards = stream.num_steps + (1 if stream.cache_mode == "clean-context" else 0)
     steady = flops_per_forward(config, stream, l_kv=3 * chunk)
@@ -194,12 +241,13 @@ def describe_preset(
 ) -> dict[str, Any]:
     """Parameters, memory and FLOPs of preset `name` for one stream (meta device: nothing is allocated).
 
-    The stream settings (chunk frames, steps, cache mode) come from `stream_cfg` (default: StreamConfig(),
-    512×512, 3 latent frames, 2 steps, per-step cache); `height`/`width`, when given, override its resolution.
+    The stream settings (chunk frames, steps, cache mode) come from `stream_cfg` (default: the preset's
+    stream schedule at 512×512; the TalkingMachines schedule's 3 latent frames, 2 steps, per-step cache);
+    `height`/`width`, when given, override its resolution.
     Returns a JSON-serialisable dict; bytes and FLOPs are ints.
     """
     config = get_model_preset(name)
-    stream = stream_cfg or StreamConfig()
+    stream = stream_cfg or StreamConfig.for_schedule(config.stream_schedule)
     if height is not None or width is not None:
         stream = dataclasses.replace(stream, height=height or stream.height, width=width or stream.width)
     params = _parameters(config)
@@ -220,6 +268,7 @@ def describe_preset(
             "height": stream.height,
             "width": stream.width,
             "chunk_latent_frames": stream.chunk_latent_frames,
+            "first_chunk_latent_frames": stream.frames_in_chunk(0),
             "tokens_per_frame": stream.tokens_per_frame,
             "denoising_steps": list(stream.denoising_steps),
             "cache_mode": stream.cache_mode,
@@ -228,15 +277,18 @@ def describe_preset(
         "weights_bf16_bytes": params["total"] * BF16_BYTES,
         "kv_cache": _kv_cache(config, stream),
         "flops": _flops(config, stream),
-        "schedule_note": _SCHEDULE_NOTE if config.memory is not None else None,
+        "schedule_note": _schedule_note(config, stream),
     }
 
 
-_SCHEDULE_NOTE = (
-    "memory and FLOPs assume this repository's schedule (c_0, c_t-1, current chunk); SoulX-LiveAct's own "
-    "(6 then 8 latent frames a chunk, a 14-frame sink + ConvKV memory + neighbour cache per step) is not "
-    "modelled yet"
-)
+def _schedule_note(config: ModelConfig, stream: StreamConfig) -> str | None:
+    """Said when the report's stream is not the schedule the preset streams."""
+    if stream.window == StreamConfig.for_schedule(config.stream_schedule).window:
+        return None
+    return (
+        f"memory and FLOPs describe a {stream.window!r} stream; preset {config.name!r} streams the "
+        f"{config.stream_schedule!r} schedule"
+    )
 
 
 def _gb(n: int) -> str:
@@ -259,7 +311,13 @@ def format_preset_report(d: dict[str, Any]) -> str:
     lines = [
         f"preset {d['preset']} ({d['model_type']}, dim {d['config']['dim']}, "
         f"{d['config']['num_layers']} blocks)",
-        f"stream {st['height']}x{st['width']}, {st['chunk_latent_frames']} latent frames/chunk "
+        f"stream {st['height']}x{st['width']}, {st['chunk_latent_frames']} latent frames/chunk"
+        + (
+            f" (chunk 0: {st['first_chunk_latent_frames']})"
+            if st["first_chunk_latent_frames"] != st["chunk_latent_frames"]
+            else ""
+        )
+        + " "
         f"({st['tokens_per_frame']} tokens/frame), steps {st['denoising_steps']}, cache {st['cache_mode']}",
         "",
         "Parameters",
@@ -307,10 +365,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--preset", required=True, choices=model_preset_names())
     parser.add_argument("--height", type=int, default=None, help="pixels (default 512)")
     parser.add_argument("--width", type=int, default=None, help="pixels (default 512)")
-    parser.add_argument("--cache-mode", choices=("per-step", "clean-context"), default="per-step")
+    parser.add_argument(
+        "--cache-mode",
+        choices=("per-step", "clean-context"),
+        default=None,
+        help="the TalkingMachines schedule's cache mode (default: per-step; LiveAct's is per-step only)",
+    )
     parser.add_argument("--json", action="store_true", help="print the raw numbers as JSON")
     args = parser.parse_args(argv)
-    stream = StreamConfig(cache_mode=args.cache_mode)
+    schedule = get_model_preset(args.preset).stream_schedule
+    overrides = {} if args.cache_mode is None else {"cache_mode": args.cache_mode}
+    stream = StreamConfig.for_schedule(schedule, **overrides)
     described = describe_preset(args.preset, args.height, args.width, stream)
     print(json.dumps(described, indent=2) if args.json else format_preset_report(described))
     return 0

@@ -97,3 +97,29 @@ def test_image_to_tensor_maps_uint8_to_minus_one_one() -> None:
     assert image_to_tensor(pixels).flatten().tolist() == [-1.0, 1.0, -1.0]
     with pytest.raises(ValueError, match=r"uint8 RGB \[H, W, 3\]"):
         image_to_tensor(torch.zeros(4, 4, 3))
+
+
+def test_liveact_y_is_the_14_latents_of_the_image_and_52_gray_frames_chunk_0_gets_0_to_6_the_rest_6_to_14(
+    vae: WanVAE,
+) -> None:
+    from proto.stream_config import StreamConfig
+
+    torch.manual_seed(2)
+    stream = StreamConfig.for_schedule("soulx-liveact", height=16, width=16)
+    image = (torch.rand(16, 16, 3) * 255).to(torch.uint8)
+    cond = I2VConditioning.for_stream(vae, image.numpy(), stream)
+    # upstream's get_y: VAE-encode [image, 52 black (0 in [-1, 1]) frames] → 14 latents, mask on latent 0
+    video = torch.cat([image_to_tensor(image)[:, None], torch.zeros(3, 52, 16, 16)], dim=1)[None]
+    latents = vae.encode(video)[0]
+    assert cond.clip.shape == (20, 14, 2, 2)
+    assert torch.equal(cond.clip[:4], _wan_mask(53, 2, 2))
+    assert (cond.clip[4:] - latents).abs().max().item() <= 1e-5
+    assert torch.equal(cond.chunk(0), cond.clip[:, 0:6])
+    for index in (1, 2, 7):
+        assert torch.equal(cond.chunk(index), cond.clip[:, 6:14])
+    assert cond.chunk(0).shape[1] == stream.frames_in_chunk(0) and cond.chunk(3).shape[1] == 8
+
+
+def test_the_horizon_must_be_the_first_chunk_plus_whole_chunks(vae: WanVAE) -> None:
+    with pytest.raises(ValueError, match=r"first chunk's 6 latents plus a whole number of chunks"):
+        I2VConditioning(vae, torch.zeros(3, 8, 8), chunk_latents=8, first_chunk_latents=6, horizon_latents=15)

@@ -212,3 +212,18 @@ def test_compiled_whole_chunk_step_matches_eager_on_cpu(vae: WanVAE) -> None:
     compiled = torch.cat(_stream(DecodeSession(vae, 8, 8, chunk_at_once=True, compile_step=True), z), dim=2)
     # Inductor reorders the float32 arithmetic (observed here: 3e-6).
     assert (compiled - eager).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("chunk_at_once", [False, True])
+def test_liveact_chunks_of_6_then_8_latents_give_21_then_32_frames_of_the_whole_video_decode(
+    vae: WanVAE, chunk_at_once: bool
+) -> None:
+    # The soulx-liveact schedule: chunk 0 has 6 latent frames, every later one 8 (proto.stream_config).
+    torch.manual_seed(7)
+    z = torch.randn(1, 16, 6 + 8 + 8, 2, 2)
+    session = DecodeSession(vae, 16, 16, chunk_at_once=chunk_at_once)
+    chunks = [session.decode_latents(z[0, :, a:b]) for a, b in ((0, 6), (6, 14), (14, 22))]
+    assert [c.shape[2] for c in chunks] == [21, 32, 32]
+    streamed, whole = torch.cat(chunks, dim=2), vae.decode(z)
+    assert streamed.shape == whole.shape == (1, 3, 85, 16, 16)
+    assert (streamed - whole).abs().max().item() <= (1e-4 if chunk_at_once else 1e-5)

@@ -69,18 +69,23 @@ def test_tiny_decode_cache_equals_a_decode_sessions_cache() -> None:
     assert master.vae_weights == sum(p.numel() * 4 for p in vae.parameters())
 
 
-def _traced_forward_peak(preset: str, size: int, dtype: torch.dtype, device: str) -> int:
-    """Live bytes created by one steady-state (chunk 2) streaming forward, weights and caches excluded."""
-    config = get_model_preset(preset)
-    stream = StreamConfig(height=size, width=size)
+def _engine(preset: str, stream: StreamConfig, dtype: torch.dtype, device: str) -> StreamingDiT:
+    """The preset's streaming engine, uninitialised weights built in ``dtype`` on ``device`` (meta: free)."""
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = WanModel(config).eval()
+            model = WanModel(get_model_preset(preset)).eval()
     finally:
         torch.set_default_dtype(default)
-    engine = StreamingDiT(model, stream)
+    return StreamingDiT(model, stream)
+
+
+def _traced_forward_peak(preset: str, size: int, dtype: torch.dtype, device: str) -> int:
+    """Live bytes created by one steady-state (chunk 2) streaming forward, weights and caches excluded."""
+    config = get_model_preset(preset)
+    stream = StreamConfig(height=size, width=size)
+    engine = _engine(preset, stream, dtype, device)
     clip = torch.zeros(config.clip_tokens, config.clip_dim, device=device)
     state = engine.open_session(torch.zeros(config.text_len, config.text_dim, device=device), clip)
     f, h, w = stream.chunk_latent_frames, stream.latent_height, stream.latent_width
@@ -209,3 +214,71 @@ def test_encoder_weights_of_wan_files_count_those_files_not_the_whole_published_
         config, EncoderSources(umt5_checkpoint=str(folder), clip_checkpoint=str(folder))
     )
     assert by_file == by_folder == _tiny_encoder_bytes(config)["wav2vec2"] + 3000 + 2000
+
+
+def test_liveact_caches_hold_its_14_frame_window_per_step_as_upstream_allocates() -> None:
+    config = get_model_preset("soulx-liveact")
+    stream = StreamConfig.for_schedule("soulx-liveact", height=512, width=512)
+    cache = kv_cache_bytes(config, stream, 1, torch.bfloat16)
+    # upstream generate.py: per step and block, K and V [1, 14·1024, 40, 128] bf16: 11.7 GB a step
+    per_step = 40 * 2 * 14 * 1024 * 40 * 128 * 2
+    assert per_step / 1e9 == pytest.approx(11.74, abs=0.01)
+    assert cache["self_attn"] == 3 * per_step
+    with_cfg = kv_cache_bytes(config, dataclasses.replace(stream, audio_cfg=2.0), 1, torch.bfloat16)
+    assert with_cfg["self_attn"] == 5 * per_step  # + the null-audio caches of steps 1 and 2
+    assert kv_cache_bytes(config, stream, 2, torch.bfloat16)["self_attn"] * 2 == cache["self_attn"]
+    # activations of the 8-frame chunk over its 14-frame window: more than a 3-frame chunk's, a few GiB
+    activations = dit_activation_bytes(config, stream, 1, torch.bfloat16)
+    paper = dit_activation_bytes(get_model_preset("talkingmachines-18b"), StreamConfig(), 1, torch.bfloat16)
+    assert paper < activations < 4 * GIB
+
+
+def test_liveact_at_512_needs_a_gpu_for_the_score_worker_alone_on_80_gib(tmp_path: Path) -> None:
+    weights = tmp_path / "liveact"
+    weights.mkdir()
+    argv = [
+        "--config", str(_serve_config(tmp_path, 1)), "--preset", "soulx-liveact", "--checkpoint",
+        str(weights), "--resolution", "512x512", "--device", "cuda", "--device-memory", "80",
+    ]  # fmt: skip
+    # self-contained on one GPU: weights 35.2 GiB + caches 3 × 10.9 GiB + the master's VAE: too much
+    with pytest.raises(ValueError) as refused:
+        parse_serve_options([*argv, "--decoder", "colocated"])
+    message = str(refused.value)
+    assert "self-contained 1 with soulx-liveact (bfloat16) at 512x512 for 1 session(s)" in message
+    assert "DiT weights 35.17 GiB" in message and "KV cache 33.40 GiB" in message
+    assert "--score-workers 2 (2 GPUs): needs" in message
+    # the score worker on a GPU of its own fits (and two SP ranks do)
+    assert parse_serve_options([*argv, "--decoder", "dedicated"]).decoder == "dedicated"
+    assert parse_serve_options([*argv, "--decoder", "colocated", "--score-workers", "2"]).score_workers == 2
+
+
+def test_liveact_kv_cache_equals_the_bytes_a_session_allocates_and_activations_a_traced_forward(
+    monkeypatch,
+) -> None:
+    from workers.audio import InfiniteTalkAudio
+
+    def run(preset: str, size: int, dtype: torch.dtype, device: str, cfg: float) -> tuple[int, int, object]:
+        config = get_model_preset(preset)
+        stream = StreamConfig.for_schedule("soulx-liveact", height=size, width=size, audio_cfg=cfg)
+        engine = _engine(preset, stream, dtype, device)
+        clip = torch.zeros(config.clip_tokens, config.clip_dim, device=device)
+        state = engine.open_session(torch.zeros(config.text_len, config.text_dim, device=device), clip)
+        a = config.audio
+        for c in range(3):  # chunk 2 is steady: it updates the memory and attends to the whole window
+            shape = (1, stream.video_frames_in_chunk(c), a.audio_window, a.wav2vec_layers, a.wav2vec_dim)
+            audio = InfiniteTalkAudio(windows=torch.zeros(shape, device=device), starts_clip=c == 0)
+            y = torch.zeros(20, *stream.latent_shape(c)[1:], device=device)
+            noise = torch.zeros(stream.num_steps, *stream.latent_shape(c), device=device)
+            with torch.no_grad(), LiveTensorBytes() as trace:
+                engine.denoise_chunk(state, c, y=y, audio=audio, noise=noise)
+        estimate = dit_activation_bytes(config, stream, 1, dtype)
+        planned = sum(kv_cache_bytes(config, stream, 1, dtype).values())
+        return trace.peak, estimate, (state.nbytes, planned)
+
+    for cfg in (1.0, 2.0):  # audio CFG adds the null-audio caches of steps 1 and 2
+        traced, estimate, (allocated, planned) = run("soulx-liveact-tiny", 64, torch.float32, "cpu", cfg)
+        assert planned == allocated
+    assert 0.9 * traced <= estimate <= 1.25 * traced, (estimate, traced)  # 0.93x here
+    monkeypatch.setattr("workers.model.attention", lambda q, k, v, mask=None: torch.empty_like(q))
+    traced, estimate, _ = run("soulx-liveact", 512, torch.bfloat16, "meta", 1.0)
+    assert 0.9 * traced <= estimate <= 1.25 * traced, (estimate / GIB, traced / GIB)  # 1.64 vs 1.41 GiB

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from frontends.model_bundle import DEFAULT_BUNDLE_DIR, load_bundle
+from proto.stream_config import StreamConfig
 from server.options import CHUNK_TIMEOUT_S, GroupOptions, add_group_arguments, group_options, parse_cores
 from server.run_options import RunOptions, build_run_parser, parse_run_options
 from server.serve import ServeOptions, build_serve_parser, parse_serve_options
@@ -102,3 +103,27 @@ def test_a_missing_checkpoint_is_named_by_both_commands(tmp_path: Path) -> None:
     for parse, head in ((parse_run_options, RUN), (parse_serve_options, _serve_argv(tmp_path))):
         with pytest.raises(ValueError, match=r"--checkpoint '.*nope.safetensors' does not exist"):
             parse([*head, "--device", "cpu", "--checkpoint", missing])  # type: ignore[operator]
+
+
+def test_the_stream_follows_the_preset_s_schedule_and_liveact_s_chunks_are_fixed(tmp_path: Path) -> None:
+    argv = [*RUN, "--device", "cpu", "--preset", "soulx-liveact-tiny", "--random-weights"]
+    options = parse_run_options(argv)
+    stream = options.stream_config()
+    assert stream == StreamConfig.for_schedule("soulx-liveact", height=32, width=32)  # the CPU-scale size
+    assert (stream.fps, stream.frames_in_chunk(0), stream.frames_in_chunk(1)) == (24, 6, 8)
+    assert options.vae_preset == "tiny"
+    assert parse_run_options([*argv, "--steps", "4"]).stream_config().denoising_steps == (1000, 750, 500, 250)
+    for parse, head in ((parse_run_options, RUN), (parse_serve_options, _serve_argv(tmp_path))):
+        rest = argv[len(RUN) :]
+        with pytest.raises(ValueError, match=r"'soulx-liveact' schedule, whose chunks are fixed: 6 latent"):
+            parse([*head, *rest, "--chunk-frames", "4"])  # type: ignore[operator]
+    with pytest.raises(ValueError, match=r"audio_from_step=1 must index one of the 1 steps"):
+        parse_run_options([*argv, "--steps", "1"])
+    # the talkingmachines presets keep theirs: 16 fps, 3-frame chunks, 2 steps
+    tiny = parse_run_options([*RUN, "--device", "cpu", "--random-weights"]).stream_config()
+    assert tiny == StreamConfig.for_schedule("talkingmachines", height=32, width=32)
+
+
+def test_only_the_cpu_scale_presets_run_without_a_checkpoint() -> None:
+    with pytest.raises(ValueError, match=r"preset 'soulx-liveact' has no trained weights here"):
+        parse_run_options([*RUN, "--device", "cpu", "--preset", "soulx-liveact", "--random-weights"])

@@ -143,3 +143,20 @@ def test_report_has_parameter_memory_and_flops_sections() -> None:
 def test_main_prints_the_report_for_a_preset(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--preset", "wan2.1-t2v-1.3b"]) == 0
     assert "1,418,996,800" in capsys.readouterr().out
+
+
+def test_liveact_is_inspected_on_its_own_schedule_with_the_memory_plan_s_caches() -> None:
+    import torch
+
+    from engine.memory_plan import kv_cache_bytes
+    from proto.model_config import get_model_preset
+
+    d = describe_preset("soulx-liveact")
+    stream = StreamConfig.for_schedule("soulx-liveact")
+    assert d["stream"]["first_chunk_latent_frames"] == 6 and d["stream"]["chunk_latent_frames"] == 8
+    planned = kv_cache_bytes(get_model_preset("soulx-liveact"), stream, 1, torch.bfloat16)
+    assert d["kv_cache"]["self_attn_bytes"] == planned["self_attn"] == 3 * 11_744_051_200  # 11.7 GB a step
+    assert d["kv_cache"]["cross_attn_bytes"] == planned["cross_attn"]
+    assert d["flops"]["l_kv"] == 14 * 1024 and d["flops"]["forwards_per_chunk"] == 3
+    assert d["schedule_note"] is None
+    assert "3 caches (one per denoising step) × 14 frames" in format_preset_report(d)
