@@ -17,6 +17,8 @@ Endpoints (OpenAPI at ``/openapi.json``, docs at ``/docs``):
 
 Every ``/v1`` route needs ``Authorization: Bearer <api_key>`` unless the settings disable authentication;
 health, readiness, metrics and the OpenAPI document are open (put them behind the network policy).
+``server.http_guard.RequestGuard`` checks the key from the headers before any of the body is read, and caps
+each route's body while it streams.
 Errors are ``ErrorResponse`` bodies: 401 no/wrong key, 404 unknown session, 409 session ended or output file
 in use by a live session, 413 body or audio over the limits, 422 malformed image/audio/request, unusable
 output path or unsupported sample rate, 503 no room (with ``Retry-After``) or backend failed, 507 no space
@@ -68,6 +70,7 @@ from server.backend import (
     SessionEnded,
 )
 from server.call_page import add_call_routes
+from server.http_guard import RequestGuard
 from server.livekit.token import mint_avatar_token
 from server.metrics import Metrics
 from server.pcm_stream import PcmFormatError, decode_pcm16
@@ -269,31 +272,6 @@ def _writable_target(root: Path, path: str) -> Path:
     return target
 
 
-class _ContentLengthLimit:
-    """Answers 413 (as an ``ErrorResponse``) to a request whose declared Content-Length is over its route's
-    limit, before any of the body is read. Bodies without a Content-Length are capped while they are read by
-    FastAPI's per-route ``max_body_size``, which gives the same answer."""
-
-    def __init__(self, app: Any, limit_for: Any) -> None:
-        self.app = app
-        self.limit_for = limit_for
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            declared = dict(scope["headers"]).get(b"content-length")
-            limit = self.limit_for(scope["method"], scope["path"])
-            if declared is not None and declared.isdigit() and int(declared) > limit:
-                error = ApiError(
-                    413,
-                    "too_large",
-                    f"request body of {int(declared)} bytes is larger than this endpoint's limit "
-                    f"of {limit} bytes",
-                )
-                await _error_response(error)(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-
 def create_app(backend: SessionBackend, settings: ApiSettings, metrics: Metrics | None = None) -> FastAPI:
     """The control-plane app over ``backend``.
 
@@ -342,7 +320,18 @@ def create_app(backend: SessionBackend, settings: ApiSettings, metrics: Metrics 
             return settings.max_audio_bytes
         return DEFAULT_BODY_LIMIT
 
-    app.add_middleware(_ContentLengthLimit, limit_for=body_limit)
+    def keys_for(method: str, path: str) -> list[Any] | None:
+        """The keys a route takes (checked by the guard before its body is read); None: open."""
+        if settings.auth_disabled:
+            return None
+        assert settings.api_key is not None
+        if path.startswith("/v1/call/"):
+            return [k for k in (settings.api_key, settings.call_access_key) if k is not None]
+        if path.startswith("/v1/") or path == "/v1":
+            return [settings.api_key]
+        return None
+
+    app.add_middleware(RequestGuard, limit_for=body_limit, keys_for=keys_for)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -18,6 +18,10 @@ The browser call page (``GET /call``, ``server.call_page``) gets its LiveKit tok
 ``POST /v1/call/token``, which takes ``call_access_key`` (a key to hand to callers) or the API key; set
 ``livekit_public_url`` to the LiveKit URL browsers use.
 
+Exposure of the open routes: an audio WebSocket must authenticate within ``ws_auth_timeout_s``. Request
+bodies are capped per route while they stream (``max_session_body_bytes``, ``max_audio_bytes``, 64 KiB
+elsewhere), after the key was checked.
+
 Authentication is required: a server with no ``api_key`` refuses to start unless ``auth_disabled = true`` is
 set explicitly (local use only).
 """
@@ -82,6 +86,12 @@ class ApiSettings(BaseModel):
     livekit_public_url: str | None = Field(
         default=None, description="LiveKit URL as browsers reach it, handed to the call page with its token"
     )
+    ws_auth_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="an audio WebSocket without the key in its headers must send its first message "
+        "(with api_key) within this many seconds, or it is closed (4401)",
+    )
     drain_timeout_s: float = Field(
         default=30.0,
         ge=0,
@@ -126,6 +136,12 @@ class ApiSettings(BaseModel):
     def max_session_body_bytes(self) -> int:
         """Largest ``POST /v1/sessions`` body: the base64 image (4/3 of its bytes) plus room for the rest."""
         return self.max_image_bytes * 4 // 3 + 64 * 1024
+
+    @property
+    def max_ws_message_bytes(self) -> int:
+        """Largest WebSocket message uvicorn buffers: one audio frame of ``max_audio_seconds`` at the highest
+        allowed rate (int16), plus room for the JSON messages."""
+        return int(self.max_audio_seconds * max(self.allowed_audio_rates)) * 2 + 64 * 1024
 
     @classmethod
     def load(cls, path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> ApiSettings:
