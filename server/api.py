@@ -16,9 +16,9 @@ Endpoints (OpenAPI at ``/openapi.json``, docs at ``/docs``):
   ``GET /metrics``.
 
 Every ``/v1`` route needs ``Authorization: Bearer <api_key>`` unless the settings disable authentication;
-health, readiness, metrics and the OpenAPI document are open (put them behind the network policy).
-``server.http_guard.RequestGuard`` checks the key from the headers before any of the body is read, and caps
-each route's body while it streams.
+health, readiness, metrics (unless ``metrics_require_key``) and the OpenAPI document are open (put them
+behind the network policy). ``server.http_guard.RequestGuard`` checks the key from the headers before any
+of the body is read, and caps each route's body while it streams.
 Errors are ``ErrorResponse`` bodies: 401 no/wrong key, 404 unknown session, 409 session ended or output file
 in use by a live session, 413 body or audio over the limits, 422 malformed image/audio/request, unusable
 output path or unsupported sample rate, 503 no room (with ``Retry-After``) or backend failed, 507 no space
@@ -281,7 +281,7 @@ def create_app(backend: SessionBackend, settings: ApiSettings, metrics: Metrics 
         metrics: the recorder whose registry ``/metrics`` serves; share it with the runtime so its chunk
             timings appear. A fresh one is made when absent.
     """
-    metrics = metrics or Metrics()
+    metrics = metrics or Metrics(session_labels=settings.metrics_session_labels)
     ingest = _Ingest(settings)
     create_lock = asyncio.Lock()
     # File outputs of the sessions created here (absolute path -> session id): two live sessions never write
@@ -327,7 +327,7 @@ def create_app(backend: SessionBackend, settings: ApiSettings, metrics: Metrics 
         assert settings.api_key is not None
         if path.startswith("/v1/call/"):
             return [k for k in (settings.api_key, settings.call_access_key) if k is not None]
-        if path.startswith("/v1/") or path == "/v1":
+        if path.startswith("/v1/") or path == "/v1" or (path == "/metrics" and settings.metrics_require_key):
             return [settings.api_key]
         return None
 
@@ -548,7 +548,12 @@ def create_app(backend: SessionBackend, settings: ApiSettings, metrics: Metrics 
             ok, reason = False, f"readiness check failed: {exc}"
         return JSONResponse(Readiness(ready=ok, reason=reason).model_dump(), status_code=200 if ok else 503)
 
-    @app.get("/metrics", tags=["health"], response_class=Response)
+    @app.get(
+        "/metrics",
+        tags=["health"],
+        response_class=Response,
+        dependencies=v1 if settings.metrics_require_key else [],
+    )
     async def metrics_text() -> Response:
         """Prometheus exposition of the tm_ series."""
         body, content_type = metrics.render()

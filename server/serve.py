@@ -233,7 +233,7 @@ def _serve_master(options: ServeOptions, groups: Any, store: dist.Store, score_r
     def dead_workers() -> list[str]:
         return [f"score worker rank {r} ({topology.role(r)}) died" for r in dead_ranks(store, workers)]
 
-    metrics = Metrics()
+    metrics = Metrics(session_labels=settings.metrics_session_labels)
     config = LiveConfig(
         model=options.model_config,
         stream=stream,

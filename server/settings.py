@@ -18,9 +18,10 @@ The browser call page (``GET /call``, ``server.call_page``) gets its LiveKit tok
 ``POST /v1/call/token``, which takes ``call_access_key`` (a key to hand to callers) or the API key; set
 ``livekit_public_url`` to the LiveKit URL browsers use.
 
-Exposure of the open routes: an audio WebSocket must authenticate within ``ws_auth_timeout_s``. Request
-bodies are capped per route while they stream (``max_session_body_bytes``, ``max_audio_bytes``, 64 KiB
-elsewhere), after the key was checked.
+Exposure of the open routes: ``/metrics`` has no per-session labels unless ``metrics_session_labels = true``,
+and needs the key when ``metrics_require_key = true``; an audio WebSocket must authenticate within
+``ws_auth_timeout_s``. Request bodies are capped per route while they stream (``max_session_body_bytes``,
+``max_audio_bytes``, 64 KiB elsewhere), after the key was checked.
 
 Authentication is required: a server with no ``api_key`` refuses to start unless ``auth_disabled = true`` is
 set explicitly (local use only).
@@ -91,6 +92,14 @@ class ApiSettings(BaseModel):
         gt=0,
         description="an audio WebSocket without the key in its headers must send its first message "
         "(with api_key) within this many seconds, or it is closed (4401)",
+    )
+    metrics_session_labels: bool = Field(
+        default=False,
+        description="export per-session series (tm_playout_buffer_seconds{session}); session ids are then "
+        "visible to whoever can read /metrics",
+    )
+    metrics_require_key: bool = Field(
+        default=False, description="GET /metrics needs the API key like the /v1 routes"
     )
     drain_timeout_s: float = Field(
         default=30.0,
