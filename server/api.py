@@ -69,8 +69,8 @@ from server.backend import (
     SessionBackend,
     SessionEnded,
 )
-from server.call_page import add_call_routes
-from server.http_guard import RequestGuard
+from server.call_page import CallTickets, add_call_routes, call_keys
+from server.http_guard import RequestGuard, install_log_redaction
 from server.livekit.token import mint_avatar_token
 from server.metrics import Metrics
 from server.pcm_stream import PcmFormatError, decode_pcm16
@@ -287,6 +287,7 @@ def create_app(backend: SessionBackend, settings: ApiSettings, metrics: Metrics 
     # File outputs of the sessions created here (absolute path -> session id): two live sessions never write
     # one file.
     file_outputs: dict[str, str] = {}
+    install_log_redaction()
 
     async def authorize(credentials: _Credentials) -> None:
         if not key_matches(settings, credentials.credentials if credentials else None):
@@ -320,18 +321,23 @@ def create_app(backend: SessionBackend, settings: ApiSettings, metrics: Metrics 
             return settings.max_audio_bytes
         return DEFAULT_BODY_LIMIT
 
+    tickets = CallTickets(settings)
+
     def keys_for(method: str, path: str) -> list[Any] | None:
         """The keys a route takes (checked by the guard before its body is read); None: open."""
         if settings.auth_disabled:
             return None
         assert settings.api_key is not None
         if path.startswith("/v1/call/"):
-            return [k for k in (settings.api_key, settings.call_access_key) if k is not None]
+            return call_keys(settings)
         if path.startswith("/v1/") or path == "/v1" or (path == "/metrics" and settings.metrics_require_key):
             return [settings.api_key]
         return None
 
-    app.add_middleware(RequestGuard, limit_for=body_limit, keys_for=keys_for)
+    def ticket_ok(presented: str, method: str, path: str) -> bool:
+        return method == "POST" and path == "/v1/call/token" and tickets.room_of(presented) is not None
+
+    app.add_middleware(RequestGuard, limit_for=body_limit, keys_for=keys_for, extra_check=ticket_ok)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -560,5 +566,5 @@ def create_app(backend: SessionBackend, settings: ApiSettings, metrics: Metrics 
         return Response(content=body, media_type=content_type)
 
     # The browser call page and its token endpoint (GET /call, POST /v1/call/token): server.call_page.
-    add_call_routes(app, settings)
+    add_call_routes(app, settings, tickets=tickets)
     return app

@@ -1,4 +1,5 @@
-"""What every HTTP request passes before the app sees it: ``RequestGuard``, a pure-ASGI middleware.
+"""What every HTTP request passes before the app sees it (``RequestGuard``, a pure-ASGI middleware), and the
+log filter that keeps secrets out of uvicorn's access and WebSocket logs (``RedactQueryFilter``).
 
 The guard makes an unauthenticated request cost headers only:
 
@@ -16,8 +17,11 @@ WebSocket scopes pass through: ``server.audio_ws`` authenticates within ``ws_aut
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 from collections.abc import Callable, Iterable
 from typing import Any
+from urllib.parse import parse_qsl, quote
 
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
@@ -55,8 +59,8 @@ class RequestGuard:
         limit_for: ``(method, path) -> bytes``, the largest body the route takes.
         keys_for: ``(method, path) -> keys`` (``SecretStr``s, or any object with ``get_secret_value``) that
             the route accepts, or None when it needs none (auth disabled, open routes).
-        extra_check: ``(presented, method, path) -> bool``, another credential the route takes, tried when
-            no key matched; None for none.
+        extra_check: ``(presented, method, path) -> bool``, another credential the route takes (the call
+            page's signed tickets), tried when no key matched; None for none.
     """
 
     def __init__(
@@ -136,3 +140,45 @@ class RequestGuard:
             if started:
                 raise
             await _error(413, "too_large", str(exc.detail))(scope, receive, send)
+
+
+# Query parameters whose values may be logged; every other value is replaced (keys, tokens, tickets and
+# whatever a client puts in a URL by mistake never reach a log).
+LOGGABLE_QUERY = frozenset({"sample_rate", "room", "name", "autojoin", "livekit"})
+_PATH_WITH_QUERY = re.compile(r"^/[^\s?]*\?\S*$")
+
+
+def redact_query(text: str) -> str:
+    """``/path?a=1&key=s`` → ``/path?a=1&key=REDACTED``, keeping the values of ``LOGGABLE_QUERY`` only."""
+    path, sep, query = text.partition("?")
+    if not sep:
+        return text
+    pairs = parse_qsl(query, keep_blank_values=True)
+    if not pairs and query:
+        return f"{path}?REDACTED"
+    shown = [f"{quote(k)}={quote(v) if k in LOGGABLE_QUERY else 'REDACTED'}" for k, v in pairs]
+    return f"{path}?{'&'.join(shown)}"
+
+
+class RedactQueryFilter(logging.Filter):
+    """Rewrites any ``/path?query`` argument of a log record (uvicorn's access line, its WebSocket
+    "[accepted]" lines) with ``redact_query``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and any(isinstance(a, str) and _PATH_WITH_QUERY.match(a) for a in args):
+            record.args = tuple(
+                redact_query(a) if isinstance(a, str) and _PATH_WITH_QUERY.match(a) else a for a in args
+            )
+        return True
+
+
+REDACTED_LOGGERS = ("uvicorn.access", "uvicorn.error")
+
+
+def install_log_redaction() -> None:
+    """Add ``RedactQueryFilter`` to uvicorn's loggers (once; filters survive uvicorn's logging config)."""
+    for name in REDACTED_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactQueryFilter) for f in logger.filters):
+            logger.addFilter(RedactQueryFilter())

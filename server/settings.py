@@ -15,8 +15,9 @@ list fields take JSON (``["https://a.example"]``) or comma-separated values. Exa
     drain_timeout_s = 300            # SIGTERM: live calls go on this long, new ones get 503
 
 The browser call page (``GET /call``, ``server.call_page``) gets its LiveKit token from
-``POST /v1/call/token``, which takes ``call_access_key`` (a key to hand to callers) or the API key; set
-``livekit_public_url`` to the LiveKit URL browsers use.
+``POST /v1/call/token``, which takes ``call_access_key`` (a key to hand to callers), the API key, or the
+short-lived signed ticket of a call link (``POST /v1/call/link``, at most ``call_link_ttl_s``); set
+``livekit_public_url`` to the LiveKit URL browsers use. Keys never go in URLs.
 
 Exposure of the open routes: ``/metrics`` has no per-session labels unless ``metrics_session_labels = true``,
 and needs the key when ``metrics_require_key = true``; an audio WebSocket must authenticate within
@@ -86,6 +87,12 @@ class ApiSettings(BaseModel):
     )
     livekit_public_url: str | None = Field(
         default=None, description="LiveKit URL as browsers reach it, handed to the call page with its token"
+    )
+    call_link_ttl_s: float = Field(
+        default=900.0,
+        gt=0,
+        le=7 * 24 * 3600,
+        description="longest life of a call link's signed ticket (POST /v1/call/link), and its default",
     )
     ws_auth_timeout_s: float = Field(
         default=5.0,

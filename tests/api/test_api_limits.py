@@ -117,6 +117,7 @@ LIMITS = [
     ("POST", "/v1/sessions/s-1/speakers", DEFAULT_BODY_LIMIT),
     ("POST", "/v1/sessions/s-1/clear", DEFAULT_BODY_LIMIT),
     ("POST", "/v1/call/token", DEFAULT_BODY_LIMIT),
+    ("POST", "/v1/call/link", DEFAULT_BODY_LIMIT),
 ]
 
 
