@@ -1,5 +1,7 @@
-"""Reference-image loading: PNG or JPEG → uint8 `[H, W, 3]` RGB, with a pixel limit checked from the header
-before any pixels are decoded (a small file can declare a huge image)."""
+"""Reference-image loading: PNG or JPEG → uint8 `[H, W, 3]` RGB, with limits checked from the header before
+any pixels are decoded (a small file can declare a huge image): the pixel limit, and a floor on the bytes per
+pixel above ``FREE_PIXELS`` (a 625-byte JPEG that claims 4000x4000 decodes to 16 M grey pixels for about a
+second of CPU; no picture worth animating compresses that far)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,10 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 4096 * 4096
+# Above FREE_PIXELS, an image must bring at least one byte per MAX_PIXELS_PER_BYTE pixels. A flat grey
+# 4000x4000 PNG is ~760 pixels per byte (RGB: ~280), photographs under 10: only near-empty bombs exceed it.
+FREE_PIXELS = 1024 * 1024
+MAX_PIXELS_PER_BYTE = 1024
 SUPPORTED_FORMATS = ("PNG", "JPEG")
 
 
@@ -33,16 +39,20 @@ def load_image(source: str | Path | bytes | BinaryIO, *, max_pixels: int = DEFAU
         `[H, W, 3]` uint8 RGB.
 
     Raises:
-        ImageDecodeError: missing file, unreadable data, a format other than PNG/JPEG, or too many pixels.
+        ImageDecodeError: missing file, unreadable data, a format other than PNG/JPEG, too many pixels, or
+            more than ``MAX_PIXELS_PER_BYTE`` pixels per byte of a path or bytes source over ``FREE_PIXELS``.
     """
+    size: int | None = None
     if isinstance(source, str | Path):
         what = f"image file {str(source)!r}"
         if not Path(source).is_file():
             raise ImageDecodeError(f"{what} does not exist or is not a file")
         stream: str | BinaryIO = str(source)
+        size = Path(source).stat().st_size
     elif isinstance(source, bytes | bytearray):
         what = f"image data ({len(source)} bytes)"
         stream = io.BytesIO(bytes(source))
+        size = len(source)
     else:
         what = "image stream"
         stream = source
@@ -56,6 +66,11 @@ def load_image(source: str | Path | bytes | BinaryIO, *, max_pixels: int = DEFAU
                     raise ImageDecodeError(
                         f"{what} is {width}x{height} = {width * height} pixels, more than the limit of "
                         f"{max_pixels} — downscale it first"
+                    )
+                if size is not None and width * height > max(FREE_PIXELS, size * MAX_PIXELS_PER_BYTE):
+                    raise ImageDecodeError(
+                        f"{what} claims {width}x{height} pixels, more than {MAX_PIXELS_PER_BYTE} per byte of "
+                        "file: nearly empty or truncated — send the picture at its real size"
                     )
                 image.load()
                 return _to_rgb(ImageOps.exif_transpose(image))

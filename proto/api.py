@@ -25,6 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 _EMBEDDING_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _DATA_URL = re.compile(r"^data:image/(png|jpeg|jpg);base64,", re.IGNORECASE)
 
+PROMPT_MAX_CHARS = 2000  # a prompt's text, as a plain string or Prompt.text
+
 PixelBox = tuple[int, int, int, int]
 """``(x0, y0, x1, y1)`` in pixels, right/bottom exclusive."""
 
@@ -70,7 +72,7 @@ class Prompt(_Strict):
     client can neither read arbitrary files nor needs to ship large tensors.
     """
 
-    text: str | None = Field(default=None, max_length=2000)
+    text: str | None = Field(default=None, max_length=PROMPT_MAX_CHARS)
     text_embedding: str | None = Field(default=None, description="name of a precomputed text embedding")
     image_embedding: str | None = Field(
         default=None, description="name of a precomputed CLIP image embedding of the reference image"
@@ -117,6 +119,13 @@ class LiveKitOutput(_Strict):
             raise ValueError(f"LiveKit url {value!r} must start with ws://, wss://, http:// or https://")
         return value
 
+    @field_validator("room", "identity", "agent_identity")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be blank (only spaces)")
+        return value
+
     @model_validator(mode="after")
     def _distinct_identities(self) -> LiveKitOutput:
         if self.identity == self.agent_identity:
@@ -136,6 +145,13 @@ class FileOutput(_Strict):
         min_length=1, max_length=1024, description="relative path under the server's file_output_dir"
     )
 
+    @field_validator("path")
+    @classmethod
+    def _no_control_characters(cls, value: str) -> str:
+        if any(ord(c) < 32 or ord(c) == 127 for c in value):
+            raise ValueError(f"output.path {value!r} contains a control character (NUL, newline, ...)")
+        return value
+
 
 Output = Annotated[LiveKitOutput | FileOutput, Field(discriminator="type")]
 
@@ -148,7 +164,9 @@ class SessionCreate(_Strict):
         " URL",
         repr=False,
     )
-    prompt: str | Prompt | None = Field(default=None, description="text, or a Prompt with embedding names")
+    prompt: Annotated[str, Field(max_length=PROMPT_MAX_CHARS)] | Prompt | None = Field(
+        default=None, description="text, or a Prompt with embedding names"
+    )
     characters: list[Character] | None = Field(
         default=None,
         max_length=16,

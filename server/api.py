@@ -16,17 +16,22 @@ Endpoints (OpenAPI at ``/openapi.json``, docs at ``/docs``):
   ``GET /metrics``.
 
 Every ``/v1`` route needs ``Authorization: Bearer <api_key>`` unless the settings disable authentication;
-health, readiness, metrics and the OpenAPI document are open (put them behind the network policy).
-Errors are ``ErrorResponse`` bodies: 401 no/wrong key, 404 unknown session, 409 session ended, 413 body or
-audio over the limits, 422 malformed image/audio/request or unsupported sample rate, 503 no room
-(with ``Retry-After``) or backend failed.
+health, readiness, metrics (unless ``metrics_require_key``) and the OpenAPI document are open (put them
+behind the network policy). ``server.http_guard.RequestGuard`` checks the key from the headers before any
+of the body is read, and caps each route's body while it streams.
+Errors are ``ErrorResponse`` bodies: 401 no/wrong key, 404 unknown session, 409 session ended or output file
+in use by a live session, 413 body or audio over the limits, 422 malformed image/audio/request, unusable
+output path or unsupported sample rate, 503 no room (with ``Retry-After``) or backend failed, 507 no space
+left for the output file.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import io
 import logging
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -64,7 +69,8 @@ from server.backend import (
     SessionBackend,
     SessionEnded,
 )
-from server.call_page import add_call_routes
+from server.call_page import CallTickets, add_call_routes, call_keys
+from server.http_guard import RequestGuard, install_log_redaction
 from server.livekit.token import mint_avatar_token
 from server.metrics import Metrics
 from server.pcm_stream import PcmFormatError, decode_pcm16
@@ -90,6 +96,7 @@ _STATUS_CODES = {
     413: "too_large",
     422: "invalid_input",
     503: "unavailable",
+    507: "insufficient_storage",
 }
 
 
@@ -191,14 +198,17 @@ class _Ingest:
                     "lk.publish_on_behalf = output.agent_identity) or configure livekit_api_key and "
                     "livekit_api_secret",
                 )
-            token = mint_avatar_token(
-                api_key=self.settings.livekit_api_key.get_secret_value(),
-                api_secret=self.settings.livekit_api_secret.get_secret_value(),
-                room=output.room,
-                identity=output.identity,
-                name=output.name,
-                agent_identity=output.agent_identity,
-            )
+            try:
+                token = mint_avatar_token(
+                    api_key=self.settings.livekit_api_key.get_secret_value(),
+                    api_secret=self.settings.livekit_api_secret.get_secret_value(),
+                    room=output.room,
+                    identity=output.identity,
+                    name=output.name,
+                    agent_identity=output.agent_identity,
+                )
+            except ValueError as exc:
+                raise ApiError(422, "invalid_request", f"no avatar token can be minted: {exc}") from exc
             return spec.model_copy(update={"output": output.model_copy(update={"token": SecretStr(token)})})
         assert isinstance(output, FileOutput)
         root = self.settings.file_output_dir
@@ -209,43 +219,57 @@ class _Ingest:
                 "file outputs are disabled on this server; set file_output_dir in its "
                 "settings, or use a livekit output",
             )
-        root = root.resolve()
-        target = (root / output.path).resolve()
-        if not target.is_relative_to(root) or target == root or Path(output.path).is_absolute():
-            raise ApiError(
-                422,
-                "invalid_request",
-                f"output.path {output.path!r} must be a relative path inside the output "
-                "directory (no '..', not absolute)",
-            )
-        if target.suffix.lower() != ".mp4":
-            raise ApiError(422, "invalid_request", f"output.path {output.path!r} must end in .mp4")
+        target = _writable_target(root, output.path)
         return spec.model_copy(update={"output": output.model_copy(update={"path": str(target)})})
 
 
-class _ContentLengthLimit:
-    """Answers 413 (as an ``ErrorResponse``) to a request whose declared Content-Length is over its route's
-    limit, before any of the body is read. Bodies without a Content-Length are capped while they are read by
-    FastAPI's per-route ``max_body_size``, which gives the same answer."""
+def _invalid_output(path: str, problem: str) -> ApiError:
+    return ApiError(422, "invalid_output", f"output.path {path!r} {problem}")
 
-    def __init__(self, app: Any, limit_for: Any) -> None:
-        self.app = app
-        self.limit_for = limit_for
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            declared = dict(scope["headers"]).get(b"content-length")
-            limit = self.limit_for(scope["method"], scope["path"])
-            if declared is not None and declared.isdigit() and int(declared) > limit:
-                error = ApiError(
-                    413,
-                    "too_large",
-                    f"request body of {int(declared)} bytes is larger than this endpoint's limit "
-                    f"of {limit} bytes",
-                )
-                await _error_response(error)(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+def _writable_target(root: Path, path: str) -> Path:
+    """``path`` (relative, from the request) as an absolute path inside ``root`` that this server can write
+    an MP4 to now: its folder exists and is writable, it is not a folder itself, no name is too long.
+
+    Raises:
+        ApiError: 422 naming the problem.
+    """
+    if "\0" in path:
+        raise _invalid_output(path, "contains a NUL byte")
+    try:
+        root = root.resolve()
+        target = (root / path).resolve()
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise _invalid_output(path, f"cannot be used as a file name ({exc})") from exc
+    if not target.is_relative_to(root) or target == root or Path(path).is_absolute():
+        raise _invalid_output(
+            path, "must be a relative path inside the output directory (no '..', not absolute)"
+        )
+    if target.suffix.lower() != ".mp4":
+        raise _invalid_output(path, "must end in .mp4")
+    parent = target.parent
+    try:
+        name_max = os.pathconf(root, "PC_NAME_MAX")
+        path_max = os.pathconf(root, "PC_PATH_MAX")
+    except (OSError, ValueError):
+        name_max, path_max = 255, 4096
+    too_long = [part for part in target.relative_to(root).parts if len(part.encode()) > name_max]
+    if too_long:
+        raise _invalid_output(path, f"has a name longer than {name_max} bytes ({too_long[0][:40]!r}...)")
+    if len(str(target).encode()) >= path_max:
+        raise _invalid_output(path, f"is longer than the {path_max}-byte limit of a path on this server")
+    if not parent.is_dir():
+        where = parent.relative_to(root)
+        raise _invalid_output(
+            path, f"is in folder {str(where)!r}, which does not exist in the output directory"
+        )
+    if target.exists() and not target.is_file():
+        raise _invalid_output(path, "names a folder or another non-file; give a file name ending in .mp4")
+    if not os.access(parent, os.W_OK | os.X_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise _invalid_output(
+            path, "is not writable by the server (check the output directory's permissions)"
+        )
+    return target
 
 
 def create_app(backend: SessionBackend, settings: ApiSettings, metrics: Metrics | None = None) -> FastAPI:
@@ -257,9 +281,13 @@ def create_app(backend: SessionBackend, settings: ApiSettings, metrics: Metrics 
         metrics: the recorder whose registry ``/metrics`` serves; share it with the runtime so its chunk
             timings appear. A fresh one is made when absent.
     """
-    metrics = metrics or Metrics()
+    metrics = metrics or Metrics(session_labels=settings.metrics_session_labels)
     ingest = _Ingest(settings)
     create_lock = asyncio.Lock()
+    # File outputs of the sessions created here (absolute path -> session id): two live sessions never write
+    # one file.
+    file_outputs: dict[str, str] = {}
+    install_log_redaction()
 
     async def authorize(credentials: _Credentials) -> None:
         if not key_matches(settings, credentials.credentials if credentials else None):
@@ -293,7 +321,23 @@ def create_app(backend: SessionBackend, settings: ApiSettings, metrics: Metrics 
             return settings.max_audio_bytes
         return DEFAULT_BODY_LIMIT
 
-    app.add_middleware(_ContentLengthLimit, limit_for=body_limit)
+    tickets = CallTickets(settings)
+
+    def keys_for(method: str, path: str) -> list[Any] | None:
+        """The keys a route takes (checked by the guard before its body is read); None: open."""
+        if settings.auth_disabled:
+            return None
+        assert settings.api_key is not None
+        if path.startswith("/v1/call/"):
+            return call_keys(settings)
+        if path.startswith("/v1/") or path == "/v1" or (path == "/metrics" and settings.metrics_require_key):
+            return [settings.api_key]
+        return None
+
+    def ticket_ok(presented: str, method: str, path: str) -> bool:
+        return method == "POST" and path == "/v1/call/token" and tickets.room_of(presented) is not None
+
+    app.add_middleware(RequestGuard, limit_for=body_limit, keys_for=keys_for, extra_check=ticket_ok)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -358,10 +402,22 @@ def create_app(backend: SessionBackend, settings: ApiSettings, metrics: Metrics 
                 f"session has {len(faces)} character(s), indices 0..{len(faces) - 1}",
             )
         resolved = ingest.resolve_output(spec)
+        out_path = resolved.output.path if isinstance(resolved.output, FileOutput) else None
         # The check and the start are one step, so two concurrent requests cannot both take the last slot.
         async with create_lock:
             sessions = await call(backend.list_sessions)
-            live = sum(1 for s in sessions if s.state in LIVE_STATES)
+            live_ids = {s.id for s in sessions if s.state in LIVE_STATES}
+            for path, owner in list(file_outputs.items()):
+                if owner not in live_ids:
+                    del file_outputs[path]
+            if out_path is not None and out_path in file_outputs:
+                raise ApiError(
+                    409,
+                    "output_in_use",
+                    f"output.path {spec.output.path!r} is being written by live session "  # type: ignore[union-attr]
+                    f"{file_outputs[out_path]}; use another path or end that session first",
+                )
+            live = len(live_ids)
             if live >= settings.max_sessions:
                 raise ApiError(
                     503,
@@ -370,7 +426,16 @@ def create_app(backend: SessionBackend, settings: ApiSettings, metrics: Metrics 
                     "one with DELETE /v1/sessions/{id}",
                     {"Retry-After": str(settings.retry_after_s)},
                 )
-            info: SessionInfo = await call(backend.create_session, resolved, image, faces)
+            try:
+                info: SessionInfo = await call(backend.create_session, resolved, image, faces)
+            except OSError as exc:
+                if out_path is None:
+                    raise
+                # Checked above; a folder removed or a disk filled since then still gets a 4xx.
+                status = 507 if exc.errno in (errno.ENOSPC, errno.EDQUOT) else 422
+                raise ApiError(status, "invalid_output", f"output.path cannot be written: {exc}") from exc
+            if out_path is not None:
+                file_outputs[out_path] = info.id
         log.info("session %s created (%s output, %d face(s))", info.id, resolved.output.type, len(faces))
         return info
 
@@ -489,12 +554,17 @@ def create_app(backend: SessionBackend, settings: ApiSettings, metrics: Metrics 
             ok, reason = False, f"readiness check failed: {exc}"
         return JSONResponse(Readiness(ready=ok, reason=reason).model_dump(), status_code=200 if ok else 503)
 
-    @app.get("/metrics", tags=["health"], response_class=Response)
+    @app.get(
+        "/metrics",
+        tags=["health"],
+        response_class=Response,
+        dependencies=v1 if settings.metrics_require_key else [],
+    )
     async def metrics_text() -> Response:
         """Prometheus exposition of the tm_ series."""
         body, content_type = metrics.render()
         return Response(content=body, media_type=content_type)
 
     # The browser call page and its token endpoint (GET /call, POST /v1/call/token): server.call_page.
-    add_call_routes(app, settings)
+    add_call_routes(app, settings, tickets=tickets)
     return app

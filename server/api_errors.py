@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hmac
 import math
+from collections.abc import Iterable
+from typing import Any
 
 from server.backend import (
     BackendError,
@@ -56,13 +58,22 @@ def key_matches(settings: ApiSettings, presented: str | None) -> bool:
     if settings.auth_disabled:
         return True
     assert settings.api_key is not None  # ApiSettings guarantees a key unless auth is disabled
-    return presented is not None and hmac.compare_digest(
-        presented.encode(), settings.api_key.get_secret_value().encode()
-    )
+    return key_in(presented, [settings.api_key])
+
+
+def key_in(presented: str | None, keys: Iterable[Any]) -> bool:
+    """Whether ``presented`` is one of ``keys`` (``SecretStr``s), each compared in constant time."""
+    if presented is None:
+        return False
+    given = presented.encode(errors="surrogateescape")
+    # Every key is compared (no early exit), so the time does not say which one matched.
+    matches = [hmac.compare_digest(given, k.get_secret_value().encode()) for k in keys]
+    return any(matches)
 
 
 def bearer(header: str | None) -> str | None:
     if not header:
         return None
     scheme, _, token = header.partition(" ")
-    return token.strip() if scheme.lower() == "bearer" else None
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -32,6 +33,8 @@ from server.settings import ApiSettings
 
 log = logging.getLogger("server.api")
 
+_MAX_HELLO_CHARS = 4096  # the first message is a small JSON object, never audio
+
 
 async def serve_audio_websocket(
     websocket: WebSocket,
@@ -48,8 +51,9 @@ async def serve_audio_websocket(
 
     Protocol: connect with ``Authorization: Bearer <key>`` and ``?sample_rate=R``, or send as the first
     (text) message ``{"sample_rate": R, "api_key": "<key>"}`` (either field as needed; browsers cannot set
-    headers). The server answers ``{"type": "ready", "sample_rate": R}``. Then send binary frames of
-    little-endian int16 mono PCM at R Hz, whole samples per frame; each frame is resampled (continuously
+    headers) within ``ws_auth_timeout_s`` of connecting, or the connection is closed (4401 without a key).
+    The server answers ``{"type": "ready", "sample_rate": R}``. Then send binary frames of little-endian
+    int16 mono PCM at R Hz, whole samples per frame; each frame is resampled (continuously
     across frames) and pushed as it arrives. ``{"type": "flush"}`` ends a segment: the resampler's tail
     is pushed and ``{"type": "flushed", "samples": total}`` answers (16 kHz samples pushed so far).
     On any error the server sends ``{"type": "error", "code", "detail"}`` and closes with 4000 + the HTTP
@@ -79,9 +83,24 @@ async def serve_audio_websocket(
         await fail(WS_UNAUTHORIZED, ApiError(401, "unauthorized", "the API key is wrong"))
         return
     if not authorized or sample_rate is None:
-        message = await websocket.receive()
+        # The first message is the handshake: a connection that sends none is closed, not left idle.
+        try:
+            message = await asyncio.wait_for(websocket.receive(), settings.ws_auth_timeout_s)
+        except TimeoutError:
+            await fail(
+                WS_UNAUTHORIZED if not authorized else WS_INVALID,
+                ApiError(
+                    401 if not authorized else 422,
+                    "unauthorized" if not authorized else "invalid_request",
+                    f"no first message within {settings.ws_auth_timeout_s:g} s; send "
+                    '{"sample_rate": 16000, "api_key": "..."} right after connecting',
+                ),
+            )
+            return
         if message["type"] == "websocket.disconnect":
             return
+        if len(message.get("text") or message.get("bytes") or b"") > _MAX_HELLO_CHARS:
+            message = {"text": ""}  # refused below as not the expected JSON
         try:
             hello = json.loads(message.get("text") or "")
             if not isinstance(hello, dict):

@@ -13,7 +13,10 @@ Series:
 - ``tm_stage_seconds{stage}`` (histogram): per-chunk time of each pipeline stage (prepare, score, transfer,
   decode, publish).
 - ``tm_first_frame_latency_seconds`` (histogram): audio in → first frame published.
-- ``tm_playout_buffer_seconds{session}`` (gauge): generated video not yet played, per live session.
+- ``tm_playout_buffer_min_seconds`` (gauge): generated video not yet played, of the live session with the
+  least (the one nearest to running dry); 0 without live sessions.
+- ``tm_playout_buffer_seconds{session}`` (gauge): the same per live session, only with ``session_labels``
+  (the ``metrics_session_labels`` setting): session ids are then visible to whoever reads ``/metrics``.
 - ``tm_active_sessions`` (gauge).
 - ``tm_av_offset_seconds`` (gauge, last value) and ``tm_av_offset_observed_seconds`` (histogram): audio time
   minus video time at the publisher; positive = audio ahead.
@@ -58,7 +61,8 @@ def _finite(value: float, what: str) -> float:
 class Metrics:
     """The ``tm_`` series of one server, in a registry of its own. Thread-safe (prometheus-client is)."""
 
-    def __init__(self) -> None:
+    def __init__(self, session_labels: bool = False) -> None:
+        self.session_labels = session_labels
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.ttbc = Histogram(
@@ -81,9 +85,18 @@ class Metrics:
             buckets=FIRST_FRAME_BUCKETS,
             registry=r,
         )
-        self.playout_buffer = Gauge(
-            "tm_playout_buffer_seconds", "Generated video not yet played out", ["session"], registry=r
+        self.playout_buffer: Gauge | None = None
+        if session_labels:
+            self.playout_buffer = Gauge(
+                "tm_playout_buffer_seconds", "Generated video not yet played out", ["session"], registry=r
+            )
+        self.playout_buffer_min = Gauge(
+            "tm_playout_buffer_min_seconds",
+            "Generated video not yet played out, of the live session with the least",
+            registry=r,
         )
+        self.playout_buffer_min.set_function(self._min_buffer)
+        self._buffers: dict[str, float] = {}
         self.active_sessions = Gauge("tm_active_sessions", "Sessions starting or running", registry=r)
         self.av_offset = Gauge(
             "tm_av_offset_seconds", "Last A/V offset at the publisher (audio minus video)", registry=r
@@ -140,7 +153,17 @@ class Metrics:
 
     def set_buffer(self, session: str, seconds: float) -> None:
         """The session's playout buffer depth (generated, not yet played), seconds."""
-        self.playout_buffer.labels(session=session).set(_finite(seconds, "playout buffer"))
+        seconds = _finite(seconds, "playout buffer")
+        with self._lock:
+            if session not in self._sessions:
+                return  # not started, or ended already: no series comes back for it
+            self._buffers[session] = seconds
+            if self.playout_buffer is not None:
+                self.playout_buffer.labels(session=session).set(seconds)
+
+    def _min_buffer(self) -> float:
+        with self._lock:
+            return min(self._buffers.values(), default=0.0)
 
     def set_av_offset(self, seconds: float) -> None:
         """A/V offset measured at the publisher, audio time minus video time, seconds."""
@@ -169,11 +192,13 @@ class Metrics:
             if session not in self._sessions:
                 return
             self._sessions.discard(session)
+            self._buffers.pop(session, None)
             self.active_sessions.dec()
-        try:
-            self.playout_buffer.remove(session)
-        except KeyError:
-            pass
+            if self.playout_buffer is not None:
+                try:
+                    self.playout_buffer.remove(session)
+                except KeyError:
+                    pass
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""

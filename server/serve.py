@@ -232,7 +232,7 @@ def _serve_master(options: ServeOptions, groups: Any, store: dist.Store, score_r
     def dead_workers() -> list[str]:
         return [f"score worker rank {r} ({topology.role(r)}) died" for r in dead_ranks(store, workers)]
 
-    metrics = Metrics()
+    metrics = Metrics(session_labels=settings.metrics_session_labels)
     config = LiveConfig(
         model=options.model_config,
         stream=stream,
@@ -250,7 +250,12 @@ def _serve_master(options: ServeOptions, groups: Any, store: dist.Store, score_r
     app = create_app(backend, settings, metrics)
     server = _graceful_server_class()(
         uvicorn.Config(
-            app, host=settings.host, port=settings.port, log_level=options.log_level, lifespan="off"
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_level=options.log_level,
+            lifespan="off",
+            ws_max_size=settings.max_ws_message_bytes,
         )
     )
     drain = Drain(backend, settings.drain_timeout_s, settings.retry_after_s, stop=server.stop_now)

@@ -15,8 +15,14 @@ list fields take JSON (``["https://a.example"]``) or comma-separated values. Exa
     drain_timeout_s = 300            # SIGTERM: live calls go on this long, new ones get 503
 
 The browser call page (``GET /call``, ``server.call_page``) gets its LiveKit token from
-``POST /v1/call/token``, which takes ``call_access_key`` (a key to hand to callers) or the API key; set
-``livekit_public_url`` to the LiveKit URL browsers use.
+``POST /v1/call/token``, which takes ``call_access_key`` (a key to hand to callers), the API key, or the
+short-lived signed ticket of a call link (``POST /v1/call/link``, at most ``call_link_ttl_s``); set
+``livekit_public_url`` to the LiveKit URL browsers use. Keys never go in URLs.
+
+Exposure of the open routes: ``/metrics`` has no per-session labels unless ``metrics_session_labels = true``,
+and needs the key when ``metrics_require_key = true``; an audio WebSocket must authenticate within
+``ws_auth_timeout_s``. Request bodies are capped per route while they stream (``max_session_body_bytes``,
+``max_audio_bytes``, 64 KiB elsewhere), after the key was checked.
 
 Authentication is required: a server with no ``api_key`` refuses to start unless ``auth_disabled = true`` is
 set explicitly (local use only).
@@ -82,6 +88,26 @@ class ApiSettings(BaseModel):
     livekit_public_url: str | None = Field(
         default=None, description="LiveKit URL as browsers reach it, handed to the call page with its token"
     )
+    call_link_ttl_s: float = Field(
+        default=900.0,
+        gt=0,
+        le=7 * 24 * 3600,
+        description="longest life of a call link's signed ticket (POST /v1/call/link), and its default",
+    )
+    ws_auth_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="an audio WebSocket without the key in its headers must send its first message "
+        "(with api_key) within this many seconds, or it is closed (4401)",
+    )
+    metrics_session_labels: bool = Field(
+        default=False,
+        description="export per-session series (tm_playout_buffer_seconds{session}); session ids are then "
+        "visible to whoever can read /metrics",
+    )
+    metrics_require_key: bool = Field(
+        default=False, description="GET /metrics needs the API key like the /v1 routes"
+    )
     drain_timeout_s: float = Field(
         default=30.0,
         ge=0,
@@ -126,6 +152,12 @@ class ApiSettings(BaseModel):
     def max_session_body_bytes(self) -> int:
         """Largest ``POST /v1/sessions`` body: the base64 image (4/3 of its bytes) plus room for the rest."""
         return self.max_image_bytes * 4 // 3 + 64 * 1024
+
+    @property
+    def max_ws_message_bytes(self) -> int:
+        """Largest WebSocket message uvicorn buffers: one audio frame of ``max_audio_seconds`` at the highest
+        allowed rate (int16), plus room for the JSON messages."""
+        return int(self.max_audio_seconds * max(self.allowed_audio_rates)) * 2 + 64 * 1024
 
     @classmethod
     def load(cls, path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> ApiSettings:

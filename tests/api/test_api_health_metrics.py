@@ -73,6 +73,30 @@ def test_metrics_expose_the_observed_chunk_values(client: TestClient, metrics: M
     assert sample(text, "tm_av_offset_seconds") == -0.02
     assert sample(text, 'tm_av_offset_observed_seconds_bucket{le="-0.015625"}') == 1
     assert sample(text, "tm_active_sessions") == 1
+    assert sample(text, "tm_playout_buffer_min_seconds") == 0.75
+
+
+def test_metrics_name_no_session_by_default(client: TestClient, metrics: Metrics) -> None:
+    """/metrics is open: by default no series carries a session id (issue 20: ids were label values)."""
+    for session, seconds in (("s-secret-1", 0.5), ("s-secret-2", 1.25)):
+        metrics.session_started(session)
+        metrics.set_buffer(session, seconds)
+    text = client.get("/metrics").text
+    assert "s-secret" not in text and "session=" not in text
+    assert sample(text, "tm_playout_buffer_min_seconds") == 0.5  # the session nearest to running dry
+    metrics.session_ended("s-secret-1")
+    assert sample(client.get("/metrics").text, "tm_playout_buffer_min_seconds") == 1.25
+
+
+def test_per_session_labels_and_a_key_for_metrics_are_settings(backend: FakeBackend) -> None:
+    settings = make_settings(metrics_session_labels=True, metrics_require_key=True)
+    app = create_app(backend, settings)
+    app.state.metrics.session_started("s-1")
+    app.state.metrics.set_buffer("s-1", 0.75)
+    with TestClient(app) as client:
+        refused = client.get("/metrics")
+        text = client.get("/metrics", headers=AUTH).text
+    assert refused.status_code == 401 and refused.json()["code"] == "unauthorized"
     assert sample(text, 'tm_playout_buffer_seconds{session="s-1"}') == 0.75
 
 
@@ -83,7 +107,7 @@ def test_ttbc_buckets_are_25ms_apart_around_the_chunk_duration() -> None:
 
 
 def test_ending_a_session_drops_its_buffer_series_and_counts_once() -> None:
-    metrics = Metrics()
+    metrics = Metrics(session_labels=True)
     metrics.session_started("s-1")
     metrics.session_started("s-1")
     metrics.set_buffer("s-1", 0.5)

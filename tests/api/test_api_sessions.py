@@ -188,6 +188,7 @@ def test_file_outputs_are_refused_unless_an_output_dir_is_configured(client: Tes
 
 
 def test_a_file_output_resolves_inside_the_output_dir(backend: FakeBackend, tmp_path: Path) -> None:
+    (tmp_path / "calls").mkdir()
     with TestClient(create_app(backend, make_settings(file_output_dir=tmp_path))) as client:
         ok = client.post(
             "/v1/sessions", json=session_body(output={"type": "file", "path": "calls/a.mp4"}), headers=AUTH

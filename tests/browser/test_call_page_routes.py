@@ -3,6 +3,10 @@ not-built answer, and the call token for a human participant (who may join, with
 
 from __future__ import annotations
 
+import base64
+import json
+import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +15,11 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from server.call_page import add_call_routes
+from server.api import create_app
+from server.call_page import CallTickets, add_call_routes
+from server.http_guard import RedactQueryFilter
 from server.settings import ApiSettings
+from tests.api.api_fakes import FakeBackend
 
 API_KEY, CALL_KEY = "api-key", "call-key"
 LK_KEY, LK_SECRET = "devkey", "secret-of-at-least-32-characters-0123"
@@ -112,3 +119,88 @@ def test_without_livekit_credentials_the_token_is_422_naming_the_settings(built:
 @pytest.mark.parametrize("room", ["", "../x", "a b", "x" * 129])
 def test_a_malformed_room_name_is_422(built: Path, room: str) -> None:
     assert _token(_client(built), CALL_KEY, room=room).status_code == 422
+
+
+# ---- call links: a short-lived signed ticket instead of a key in the URL (issue 20) ----
+
+
+def _link(client: TestClient, key: str | None, **body: Any) -> Any:
+    headers = {"Authorization": f"Bearer {key}"} if key is not None else {}
+    return client.post("/v1/call/link", json={"room": "demo", **body}, headers=headers)
+
+
+def test_a_call_link_carries_a_ticket_in_its_fragment_that_gets_tokens_for_its_room_only(built: Path) -> None:
+    client = _client(built)
+    link = _link(client, CALL_KEY, name="Ada", ttl_s=60)
+    assert link.status_code == 200, link.text
+    body = link.json()
+    path, _, fragment = body["url"].partition("#")
+    assert path == "/call?room=demo&name=Ada" and fragment == f"ticket={body['ticket']}"
+    assert CALL_KEY not in body["url"] and API_KEY not in body["url"]
+    assert 0 < body["expires_at"] - time.time() <= 60
+    assert _token(client, body["ticket"]).status_code == 200
+    other = _token(client, body["ticket"], room="another")
+    assert other.status_code == 403 and "demo" in other.json()["detail"]
+
+
+def test_a_ticket_is_refused_once_expired_or_altered(built: Path) -> None:
+    client = _client(built)
+    tickets = CallTickets(ApiSettings(api_key=API_KEY))
+    expired, _ = tickets.mint("demo", 60, now=time.time() - 61)
+    assert _token(client, expired).status_code == 401
+    good, _ = tickets.mint("demo", 60)
+    version, _, signature = good.split(".")
+    forged = json.dumps({"room": "demo", "exp": int(time.time()) + 10**6}, separators=(",", ":")).encode()
+    altered = f"{version}.{base64.urlsafe_b64encode(forged).rstrip(b'=').decode()}.{signature}"
+    assert _token(client, altered).status_code == 401
+    assert _token(client, good).status_code == 200
+    # Signed with a key derived from the API key: another server key does not accept it.
+    assert CallTickets(ApiSettings(api_key="other-key")).room_of(good) is None
+
+
+def test_a_link_lives_at_most_call_link_ttl_s_and_needs_a_key(built: Path) -> None:
+    client = _client(built, call_link_ttl_s=30)
+    assert _link(client, None).status_code == 401
+    body = _link(client, API_KEY, ttl_s=10**6).json()
+    assert body["expires_at"] - time.time() <= 30
+
+
+def test_a_key_in_the_page_url_is_refused(built: Path) -> None:
+    response = _client(built).get(f"/call?room=demo&key={CALL_KEY}")
+    assert response.status_code == 400
+    assert response.json()["code"] == "key_in_url"
+
+
+def test_the_full_app_takes_a_ticket_for_the_token_route_only() -> None:
+    settings = ApiSettings(api_key=API_KEY, livekit_api_key=LK_KEY, livekit_api_secret=LK_SECRET)
+    with TestClient(create_app(FakeBackend(), settings)) as client:
+        ticket = _link(client, API_KEY).json()["ticket"]
+        assert _token(client, ticket).status_code == 200
+        assert client.get("/v1/sessions", headers={"Authorization": f"Bearer {ticket}"}).status_code == 401
+
+
+@pytest.mark.parametrize(
+    ("line", "shown"),
+    [
+        ("/call?room=demo&key=s3cret&autojoin=1", "/call?room=demo&key=REDACTED&autojoin=1"),
+        (
+            "/v1/sessions/x/audio?sample_rate=16000&api_key=s3cret",
+            "/v1/sessions/x/audio?sample_rate=16000&api_key=REDACTED",
+        ),
+        ("/anything?token=s3cret", "/anything?token=REDACTED"),
+        ("/healthz", "/healthz"),
+    ],
+)
+def test_access_log_lines_never_show_query_values_but_the_harmless_ones(line: str, shown: str) -> None:
+    record = logging.LogRecord(
+        "uvicorn.access",
+        logging.INFO,
+        __file__,
+        1,
+        '%s - "%s %s HTTP/%s" %d',
+        ("1.2.3.4:5", "GET", line, "1.1", 200),
+        None,
+    )
+    assert RedactQueryFilter().filter(record)
+    assert record.getMessage() == f'1.2.3.4:5 - "GET {shown} HTTP/1.1" 200'
+    assert "s3cret" not in record.getMessage()

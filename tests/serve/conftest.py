@@ -70,9 +70,14 @@ class ServeProcess:
 
 
 def start_serve(
-    tmp: Path, *extra: str, api: dict[str, str] | None = None, ready_s: float = 90
+    tmp: Path,
+    *extra: str,
+    api: dict[str, str] | None = None,
+    ready_s: float = 90,
+    env: dict[str, str] | None = None,
 ) -> ServeProcess:
     """Start the server with an ``[api]`` table (API key, plus ``api``) and wait until it is ready.
+    ``env``: extra environment variables (``PYTHONPATH`` defaults to the repository).
 
     ``drain_timeout_s`` is 0 unless ``api`` sets it: ``stop()``'s SIGTERM then ends live sessions at once, as
     fixtures expect (tests/serve/test_serve_drain.py covers the drain)."""
@@ -81,7 +86,7 @@ def start_serve(
     config = tmp / "serve.toml"
     config.write_text("[api]\n" + "".join(f'{k} = "{v}"\n' for k, v in table.items()))
     log_path = tmp / "serve.log"
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             [

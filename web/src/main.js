@@ -2,7 +2,9 @@
 // send the microphone, show the connection state and the round-trip time.
 //
 // Query parameters fill the form: room, name, livekit (LiveKit URL when the server does not hand one out),
-// key (the call access key; prefer typing it), autojoin=1 (join at once).
+// autojoin=1 (join at once). Keys never go in the URL: type the access key into the form, or open a call
+// link (POST /v1/call/link), whose short-lived ticket rides in the fragment (#ticket=...), which browsers
+// never send to the server; the page drops it from the address bar once read.
 // window.talkingmachinesCall exposes the room and stats() for diagnostics and automated checks.
 import {
   ConnectionQuality,
@@ -147,7 +149,7 @@ async function join(event) {
   ui.form.querySelectorAll("input, button").forEach((el) => (el.disabled = true));
   setState(ConnectionState.Connecting);
   try {
-    const grant = await fetchToken(ui.room.value.trim(), ui.name.value.trim(), ui.key.value);
+    const grant = await fetchToken(ui.room.value.trim(), ui.name.value.trim(), ui.key.value || ticket);
     const url = ui.livekit.value.trim() || grant.url;
     if (!url) {
       throw new Error("no LiveKit URL: the server has no livekit_public_url, so enter one (ws:// or wss://)");
@@ -233,9 +235,10 @@ ui.hangup.addEventListener("click", () => leave());
 ui.form.addEventListener("submit", join);
 
 const params = new URLSearchParams(window.location.search);
+const ticket = new URLSearchParams(window.location.hash.slice(1)).get("ticket") ?? "";
+if (ticket) history.replaceState(null, "", window.location.pathname + window.location.search);
 ui.room.value = params.get("room") ?? "";
 ui.name.value = params.get("name") ?? "";
-ui.key.value = params.get("key") ?? "";
 ui.livekit.value = params.get("livekit") ?? "";
 setState(ConnectionState.Disconnected);
 
