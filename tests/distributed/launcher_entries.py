@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import signal
@@ -16,6 +15,7 @@ from engine.rank_registry import dead_ranks, register_rank
 from proto.topology import Topology
 from proto.wire import ChunkResult, Shutdown, broadcast_header, recv_header
 from server.launcher import init_rank, shutdown, world_store
+from tests.sockets import listening_sockets
 
 
 def _record_pid(rank: int) -> None:
@@ -89,31 +89,6 @@ def worker_dies_server_goes_on(args: list[str]) -> int:
     return 0
 
 
-def _tcp_listeners(pids: list[int]) -> list[tuple[str, int]]:
-    """(address, port) of every TCP socket in LISTEN state that the processes ``pids`` hold."""
-    inodes = set()
-    for pid in pids:
-        for fd in Path(f"/proc/{pid}/fd").iterdir():
-            try:
-                target = os.readlink(fd)
-            except OSError:
-                continue
-            if target.startswith("socket:["):
-                inodes.add(target[len("socket:[") : -1])
-    found = []
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            local, state, inode = fields[1], fields[3], fields[9]
-            if state != "0A" or inode not in inodes:  # 0A: LISTEN
-                continue
-            hex_addr, hex_port = local.split(":")
-            # /proc/net/tcp* print each 32-bit word of the address in host (little-endian) order
-            raw = b"".join(bytes.fromhex(hex_addr[i : i + 8])[::-1] for i in range(0, len(hex_addr), 8))
-            found.append((str(ipaddress.ip_address(raw)), int(hex_port, 16)))
-    return found
-
-
 def listeners(args: list[str]) -> int:
     """Once every rank is up, rank 0 writes ``listeners.json``: the TCP listening sockets of the launcher
     and all ranks (the store, the process groups' sockets)."""
@@ -124,7 +99,7 @@ def listeners(args: list[str]) -> int:
     if groups.is_master:
         pid_dir = Path(os.environ["TM_TEST_PID_DIR"])
         pids = [os.getppid()] + [int(p.read_text()) for p in sorted(pid_dir.glob("rank*.pid"))]
-        (pid_dir / "listeners.json").write_text(json.dumps(_tcp_listeners(pids)))
+        (pid_dir / "listeners.json").write_text(json.dumps(listening_sockets(pids)))
     dist.barrier(group=groups.control)
     shutdown()
     return 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import subprocess
@@ -14,6 +13,7 @@ import pytest
 
 from proto.topology import Topology
 from server.launcher import launch, under_torchrun
+from tests.sockets import beyond_loopback
 
 _TESTS = str(Path(__file__).resolve().parent)
 _REPO = Path(__file__).resolve().parents[2]
@@ -81,7 +81,7 @@ def test_the_world_listens_on_loopback_only(tmp_path) -> None:
     assert code == 0
     listening = [tuple(entry) for entry in json.loads((tmp_path / "listeners.json").read_text())]
     assert listening, "found no listening socket at all (the store must be one)"
-    assert [(addr, port) for addr, port in listening if not ipaddress.ip_address(addr).is_loopback] == []
+    assert beyond_loopback(listening) == []
 
 
 def test_an_entry_that_is_not_module_colon_function_is_rejected() -> None:
