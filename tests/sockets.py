@@ -54,10 +54,10 @@ def beyond_loopback(sockets: list[tuple[str, str, int]]) -> list[tuple[str, str,
     return [s for s in sockets if not ipaddress.ip_address(s[1]).is_loopback]
 
 
-def session_pids(sid: int) -> list[int]:
-    """Pids of the processes in session ``sid`` (a process started with ``start_new_session=True`` leads
-    the session numbered by its own pid)."""
-    pids = []
+def process_tree(root: int) -> list[int]:
+    """Pids of ``root`` and all its descendants (by parent pid, so also those that started sessions of
+    their own, as the launcher's ranks do)."""
+    children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -65,6 +65,11 @@ def session_pids(sid: int) -> list[int]:
             stat = (entry / "stat").read_text()
         except OSError:
             continue
-        if int(stat.rsplit(")", 1)[1].split()[4]) == sid:  # fields after "(comm)": state ppid pgrp session
-            pids.append(int(entry.name))
-    return pids
+        parent = int(stat.rsplit(")", 1)[1].split()[1])  # fields after "(comm)": state ppid ...
+        children.setdefault(parent, []).append(int(entry.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, []))
+    return tree
