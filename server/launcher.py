@@ -56,6 +56,7 @@ import importlib
 import importlib.util
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -142,8 +143,7 @@ def launch(
         raise ValueError(f"topology {topology.name!r} needs {topology.world_size} GPUs on this machine, "
                          f"{torch.cuda.device_count()} are visible; lower --score-workers or use "
                          "--decoder colocated")
-    store = dist.TCPStore("127.0.0.1", 0, world_size=topology.world_size, is_master=True,
-                          timeout=datetime.timedelta(seconds=60), wait_for_workers=False)
+    store = _loopback_store(topology.world_size)
     base_env = _rank_environment(topology, store.port, env or {})
     if survive_workers:
         try:
@@ -216,6 +216,26 @@ def _reap_worker(topology: Topology, worker: _Rank, stopping: threading.Event) -
     if code != 0 and not stopping.is_set():
         print(f"{_MESSAGE_PREFIX}: rank {worker.rank} ({topology.role(worker.rank)}) exited: "
               f"{_describe_exit(code)}; rank 0 goes on without it", file=sys.stderr, flush=True)
+
+
+def _loopback_store(world_size: int) -> dist.TCPStore:
+    """The world's TCPStore, listening on 127.0.0.1 only (every rank of ``launch`` is on this machine).
+
+    ``TCPStore(host, 0, is_master=True)`` does not bind ``host``: its server listens on every interface
+    (``*:port``), which put an unauthenticated key-value store (rank registry, heartbeats, process-group
+    rendezvous) on the network even for ``serve --host 127.0.0.1``. So the socket is bound here and handed
+    over (``master_listen_fd``; the store owns and closes it)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(socket.SOMAXCONN)
+        port = sock.getsockname()[1]
+    except OSError:
+        sock.close()
+        raise
+    return dist.TCPStore("127.0.0.1", port, world_size=world_size, is_master=True,
+                         timeout=datetime.timedelta(seconds=60), wait_for_workers=False,
+                         master_listen_fd=sock.detach())
 
 
 def _rank_environment(topology: Topology, port: int, extra: Mapping[str, str]) -> dict[str, str]:

@@ -5,9 +5,13 @@ each pause, over the standard avatar-worker protocol (``DataStreamAudioOutput`` 
 ``lk.audio_stream`` byte stream per utterance, ``lk.playback_finished`` back). So a whole call - browser,
 LiveKit, agent, avatar - runs on one machine without an LLM, TTS or network access::
 
-    LIVEKIT_API_KEY=devkey LIVEKIT_API_SECRET=secret python -m deploy.agent.echo_agent \\
-        --url ws://localhost:7880 --room demo --wav speech.wav \\
-        --api-url http://localhost:8000 --image portrait.png
+    LIVEKIT_API_KEY=devkey LIVEKIT_API_SECRET=devsecret-local-use-only-0123456789abcdef \\
+    TALKINGMACHINES_API_KEY=dev-api-key python -m deploy.agent.echo_agent \\
+        --url ws://127.0.0.1:7880 --room demo --wav examples/speech.wav \\
+        --api-url http://127.0.0.1:8000 --image examples/portrait.png
+
+(the dev credentials and addresses of README's "A first call on one machine": livekit-server with
+``deploy/livekit/livekit-local.yaml``, ``talkingmachines serve --config deploy/serve.dev.toml``).
 
 ``--api-url``/``--image`` ask our server for the avatar (``POST /v1/sessions``, ended with ``DELETE`` on
 exit); without them the agent expects an avatar that was started some other way. ``--wav`` speaks the file

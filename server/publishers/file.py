@@ -4,10 +4,25 @@ Sync is by construction: every video frame arrives with exactly `sample_rate / f
 (1000 at 16 kHz, 16 fps), video frame `i` has pts `i / fps` s and its audio starts at sample
 `i * sample_rate / fps`. AAC consumes 1024-sample frames, so audio goes through a FIFO and is
 re-framed; the tail is flushed at `close()`.
+
+Crash safety: while it is written the file is a fragmented MP4 (an `moov` with the tracks' set-up, then one
+`moof` + `mdat` fragment per `FRAGMENT_S` of media), and every fragment reaches the kernel as soon as it is
+cut (`flush_packets`), so a process killed at any moment (SIGKILL, OOM, power to the container) leaves a
+file that plays up to its last whole fragment: what is lost is the fragment being filled plus the frames
+inside the H.264 encoder's look-ahead, about 1-2 s. A plain MP4 keeps its only index (`moov`) in memory
+until `close()`, so a kill left a 48-byte file and the whole recording was lost.
+
+`close()` then rewrites the fragments as an ordinary MP4 (stream copy, no re-encode, into a temporary file
+beside it that replaces the original atomically), because readers derive durations from fragments without
+the edit list that trims the AAC encoder's priming: the stream would report 64 ms more audio than video.
+A kill during that rewrite leaves the complete fragmented file in place.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -17,6 +32,17 @@ import av
 import numpy as np
 
 from frontends.audio_io import TARGET_SAMPLE_RATE
+
+log = logging.getLogger(__name__)
+
+FRAGMENT_S = 1.0  # media per fragment: at most this much (plus the encoder's look-ahead) is lost to a kill
+# empty_moov + delay_moov: the track set-up goes first, written once the first fragment is cut (so the
+# muxer knows the AAC priming and writes its edit list); default_base_moof: fragments self-contained.
+_FRAGMENTED_MP4 = {
+    "movflags": "empty_moov+delay_moov+default_base_moof",
+    "frag_duration": str(int(FRAGMENT_S * 1_000_000)),  # microseconds; cuts regardless of keyframes
+    "flush_packets": "1",  # each fragment goes to the file when it is cut, not when the 32 KiB buffer fills
+}
 
 
 @dataclass(frozen=True)
@@ -72,7 +98,7 @@ class Mp4FilePublisher:
             )
         self.width, self.height, self.fps, self.sample_rate = width, height, fps, sample_rate
         self.samples_per_frame = sample_rate // fps
-        self._container = av.open(str(self.path), mode="w", format="mp4")
+        self._container = av.open(str(self.path), mode="w", format="mp4", options=dict(_FRAGMENTED_MP4))
         self._video = self._container.add_stream("libx264", rate=fps)
         self._video.width, self._video.height = width, height
         self._video.pix_fmt = "yuv420p"
@@ -134,7 +160,9 @@ class Mp4FilePublisher:
             self._container.mux(self._audio.encode(chunk))
 
     def close(self) -> PublishedFile:
-        """Flush both encoders and finalise the MP4 (idempotent)."""
+        """Flush both encoders, write the last fragment and rewrite the file as an ordinary MP4
+        (idempotent). If the rewrite fails, the fragmented file stays: playable, only its reported audio
+        duration includes the AAC priming."""
         if not self._closed:
             self._closed = True
             try:
@@ -143,6 +171,11 @@ class Mp4FilePublisher:
                 self._container.mux(self._video.encode(None))
             finally:
                 self._container.close()
+            if self._frames:
+                try:
+                    defragment(self.path)
+                except (OSError, av.FFmpegError):
+                    log.exception("could not rewrite %s as a plain MP4; the fragmented one stays", self.path)
         return PublishedFile(self.path, self._frames, self._audio_samples, self.fps, self.sample_rate)
 
     def __enter__(self) -> Mp4FilePublisher:
@@ -152,3 +185,22 @@ class Mp4FilePublisher:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+def defragment(path: Path) -> None:
+    """Rewrite the fragmented MP4 at ``path`` as an ordinary one (``moov`` with full sample tables, at the
+    end as before): a stream copy into ``.NAME.defrag`` beside it, then an atomic rename over ``path``."""
+    tmp = path.with_name(f".{path.name}.defrag")
+    try:
+        with av.open(str(path)) as source, av.open(str(tmp), mode="w", format="mp4") as target:
+            streams = {s.index: target.add_stream_from_template(s) for s in source.streams}
+            for packet in source.demux():
+                if packet.dts is None:  # the demuxer's end-of-stream marker
+                    continue
+                packet.stream = streams[packet.stream_index]
+                target.mux(packet)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise

@@ -1,5 +1,7 @@
 """The local-development stack: deploy/compose.yaml and deploy/livekit/livekit-dev.yaml agree with each other,
-with the server's settings and the echo agent's command line, and the LiveKit config runs a real server."""
+with the server's settings and the echo agent's command line, and the LiveKit config runs a real server; the
+by-hand set-up (deploy/livekit/livekit-local.yaml, deploy/serve.dev.toml) binds loopback, and every doc
+gives the same dev credentials. (tests/browser/test_first_call_docs.py runs the documented call.)"""
 
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from tests.livekit.conftest import _require_binary
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 COMPOSE = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
 LIVEKIT = yaml.safe_load((DEPLOY / "livekit" / "livekit-dev.yaml").read_text())
+LIVEKIT_LOCAL = yaml.safe_load((DEPLOY / "livekit" / "livekit-local.yaml").read_text())
 SERVICES: dict[str, Any] = COMPOSE["services"]
 
 pytestmark = pytest.mark.filterwarnings("ignore:The HMAC key is 6 bytes long")
@@ -140,3 +143,55 @@ def test_dev_config_runs_livekit_server_and_its_key_admits_an_agent(tmp_path: Pa
         process.terminate()
         process.wait(timeout=10)
         log.close()
+
+
+def test_by_hand_the_dev_server_config_binds_loopback_and_hands_the_call_page_its_livekit_url() -> None:
+    settings = ApiSettings.load(DEPLOY / "serve.dev.toml", {"TALKINGMACHINES_API_KEY": "k"})
+    assert settings.host == "127.0.0.1"
+    agent_url = echo_parser().parse_args(SERVICES["echo-agent"]["command"]).url
+    assert settings.livekit_public_url == f"ws://127.0.0.1:{LIVEKIT_LOCAL['port']}" == agent_url
+    assert settings.file_output_dir is None  # no container path outside the container
+    compose = ApiSettings.load(DEPLOY / "serve.dev.toml", SERVICES["server"]["environment"])
+    assert compose.file_output_dir == Path("/var/lib/talkingmachines/out")  # made by deploy/Dockerfile.cpu
+
+
+def test_the_local_livekit_config_listens_and_advertises_loopback_only() -> None:
+    rtc_config = LIVEKIT_LOCAL["rtc"]
+    assert LIVEKIT_LOCAL["bind_addresses"] == ["127.0.0.1"]
+    assert rtc_config["node_ip"] == "127.0.0.1" and rtc_config["ips"]["includes"] == ["127.0.0.1/32"]
+    assert rtc_config["tcp_port"] == 0  # livekit-server 1.13.5 binds ICE/TCP on every interface
+    assert LIVEKIT_LOCAL["port"] == LIVEKIT["port"]
+
+
+def _assignments(text: str, name: str) -> set[str]:
+    """Values given to ``name`` (``NAME=value`` or ``NAME: value``), placeholders (``...``) left out."""
+    values = re.findall(rf"(?<![A-Z_]){name}[=:] ?([^\s`\"',)]+)", text)
+    return {v for v in values if v != "..."}
+
+
+def test_one_set_of_dev_credentials_everywhere_long_enough_for_jwt() -> None:
+    (key, secret), = LIVEKIT["keys"].items()
+    assert LIVEKIT_LOCAL["keys"] == {key: secret}
+    assert len(secret) >= 32  # shorter HMAC keys make PyJWT and livekit-server warn
+    repo = DEPLOY.parent
+    texts = {
+        path: path.read_text()
+        for path in (repo / "README.md", DEPLOY / "README.md", DEPLOY / "compose.yaml",
+                     DEPLOY / "agent" / "echo_agent.py")
+    }
+    api_key = SERVICES["server"]["environment"]["TALKINGMACHINES_API_KEY"]
+    expected = {
+        "LIVEKIT_API_KEY": key,
+        "LIVEKIT_API_SECRET": secret,
+        "TALKINGMACHINES_LIVEKIT_API_KEY": key,
+        "TALKINGMACHINES_LIVEKIT_API_SECRET": secret,
+        "TALKINGMACHINES_API_KEY": api_key,
+    }
+    for path, text in texts.items():
+        for name, value in expected.items():
+            assert _assignments(text, name) <= {value}, f"{path.name} gives {name} another value"
+    found = set().union(*(_assignments(t, n) for t in texts.values() for n in expected))
+    assert found == {key, secret, api_key}
+    for path in (repo / "README.md", DEPLOY / "README.md"):
+        assert f"access key {api_key}" in texts[path] or f"access key `{api_key}`" in texts[path]
+        assert "http://127.0.0.1:8000/call?room=demo" in texts[path]

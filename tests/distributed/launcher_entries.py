@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -14,6 +15,7 @@ from engine.rank_registry import dead_ranks, register_rank
 from proto.topology import Topology
 from proto.wire import ChunkResult, Shutdown, broadcast_header, recv_header
 from server.launcher import init_rank, shutdown, world_store
+from tests.sockets import listening_sockets
 
 
 def _record_pid(rank: int) -> None:
@@ -83,5 +85,21 @@ def worker_dies_server_goes_on(args: list[str]) -> int:
             return 1
         time.sleep(0.05)
     Path(os.environ["TM_TEST_PID_DIR"], "noticed").write_text(repr(time.time()))
+    shutdown()
+    return 0
+
+
+def listeners(args: list[str]) -> int:
+    """Once every rank is up, rank 0 writes ``listeners.json``: the TCP listening sockets of the launcher
+    and all ranks (the store, the process groups' sockets)."""
+    topology = Topology(1, "dedicated")
+    rank, groups = init_rank(topology, timeout_s=30)
+    _record_pid(rank)
+    dist.barrier(group=groups.control)
+    if groups.is_master:
+        pid_dir = Path(os.environ["TM_TEST_PID_DIR"])
+        pids = [os.getppid()] + [int(p.read_text()) for p in sorted(pid_dir.glob("rank*.pid"))]
+        (pid_dir / "listeners.json").write_text(json.dumps(listening_sockets(pids)))
+    dist.barrier(group=groups.control)
     shutdown()
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import pytest
 
 from proto.topology import Topology
 from server.launcher import launch, under_torchrun
+from tests.sockets import beyond_loopback
 
 _TESTS = str(Path(__file__).resolve().parent)
 _REPO = Path(__file__).resolve().parents[2]
@@ -69,6 +71,17 @@ def test_survive_workers_runs_rank_0_here_and_outlives_a_dead_worker(tmp_path, c
     assert "rank 2 (score worker 1) exited: killed by SIGKILL; rank 0 goes on without it" in err
     assert "rank 1" not in err and "failed first" not in err
     assert dict(os.environ) == environ  # rank 0's env:// variables do not outlive it
+
+
+def test_the_world_listens_on_loopback_only(tmp_path) -> None:
+    # The store used to listen on every interface (``*:port``) even for ``serve --host 127.0.0.1``: an
+    # unauthenticated key-value store of the group's control state, reachable from the network.
+    code = launch(Topology(1, "dedicated"), "launcher_entries:listeners",
+                  env={"PYTHONPATH": _TESTS, "TM_TEST_PID_DIR": str(tmp_path)})
+    assert code == 0
+    listening = [tuple(entry) for entry in json.loads((tmp_path / "listeners.json").read_text())]
+    assert listening, "found no listening socket at all (the store must be one)"
+    assert beyond_loopback(listening) == []
 
 
 def test_an_entry_that_is_not_module_colon_function_is_rejected() -> None:

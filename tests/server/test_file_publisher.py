@@ -146,3 +146,41 @@ def test_write_after_close_is_an_error(tmp_path: Path) -> None:
     assert (written.frames, written.audio_samples) == (1, SPF)
     with pytest.raises(RuntimeError, match="is closed"):
         publisher.write(np.zeros((1, H, W, 3), dtype=np.uint8), np.zeros(SPF, dtype=np.float32))
+
+
+def _top_level_boxes(path: Path) -> list[str]:
+    data, boxes, i = path.read_bytes(), [], 0
+    while i + 8 <= len(data):
+        size = int.from_bytes(data[i : i + 4], "big")
+        boxes.append(data[i + 4 : i + 8].decode("latin-1"))
+        i += max(size, 8)
+    return boxes
+
+
+def test_the_file_plays_while_it_is_being_written(tmp_path: Path) -> None:
+    """What a kill would leave: every fragment cut so far is in the file and decodes (a plain MP4 has no
+    index before close())."""
+    path = tmp_path / "out.mp4"
+    frames, audio = _chunks(6)  # 69 frames, 4.3 s
+    publisher = Mp4FilePublisher(path, width=W, height=H, fps=FPS, sample_rate=RATE)
+    try:
+        for f, a in zip(frames, audio, strict=True):
+            publisher.write(f, a)
+        info = read_mp4(path)
+        assert 69 - FPS - 14 <= info.frames < 69  # lost: the open fragment and the encoder's look-ahead
+        # In order; the last ones may skip a B-frame whose packet falls in the next (unwritten) fragment.
+        levels = info.first_frame_means[: info.frames - 2, 0]
+        np.testing.assert_allclose(levels, 8 * np.arange(levels.size) % 256, atol=3)
+        assert "moof" in _top_level_boxes(path)
+    finally:
+        publisher.close()
+
+
+def test_a_closed_file_is_an_ordinary_mp4_with_nothing_left_beside_it(tmp_path: Path) -> None:
+    path = tmp_path / "out.mp4"
+    frames, audio = _chunks(6)
+    _write(path, frames, audio)
+    boxes = _top_level_boxes(path)
+    assert "moov" in boxes and "moof" not in boxes and "mfra" not in boxes, boxes
+    assert read_mp4(path).frames == 69
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.mp4"]
