@@ -4,25 +4,30 @@ Drain (``begin_drain``, what ``serve`` does on SIGTERM): ``ready()`` turns false
 "draining", new sessions get ``NoCapacity`` (503 + Retry-After), live sessions keep generating until they end
 or ``LiveBackend.shutdown`` closes them. Irreversible: a draining server only ever shuts down.
 
-Failure (``fail``): a ``WorkerError`` from the executor, or a score-worker process found dead (polled by the
-engine thread through ``check_workers``), fails every live session with a reason naming the rank; the first
-failure's reason is kept, ``ready()`` turns false and new sessions get 503; the master, its API and its
-metrics stay up.
+Failure (``fail``): a ``WorkerError`` from the executor, or a score worker found dead or hung by the health
+watcher, fails every live session with a reason naming the rank; the first failure's reason is kept,
+``ready()`` turns false and new sessions get 503 at once; the master, its API and its metrics stay up.
+
+The health watcher (``watch``) is a thread of its own, so it notices a fault while the engine thread is
+blocked in a collective with the very worker that hung: a few times a second it asks ``faults`` (``serve``:
+``engine.rank_registry.RankWatch``, heartbeats and processes) and fails the group on the first fault found.
+It never talks to the workers, only to the store and ``/proc``.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 
 from proto.api import SessionState
 from server.backend import BackendFailed, NoCapacity
-from server.session_registry import SessionRegistry
+from server.session_registry import Entry, SessionRegistry
 
 log = logging.getLogger(__name__)
 
-_WORKER_CHECK_S = 0.25
+WATCH_INTERVAL_S = 0.25
 
 
 class GroupHealth:
@@ -30,16 +35,19 @@ class GroupHealth:
 
     Args:
         sessions: the backend's sessions (a group failure fails all of them).
-        dead_workers: returns descriptions of score-worker ranks that died (empty when all live).
+        faults: returns descriptions of score-worker ranks that died or hung (empty when all are well);
+            polled by the watcher thread once ``watch`` started it.
     """
 
-    def __init__(self, sessions: SessionRegistry, dead_workers: Callable[[], list[str]] | None) -> None:
+    def __init__(self, sessions: SessionRegistry, faults: Callable[[], list[str]] | None) -> None:
         self.sessions = sessions
-        self.dead_workers = dead_workers
+        self.faults = faults
         self.warmed_up = False
         self.failed: str | None = None  # why the group cannot serve, once it failed
         self._draining: tuple[float, str] | None = None  # (Retry-After seconds, why) once draining
-        self._last_worker_check = 0.0
+        self._lock = threading.Lock()  # orders fail() against add(): no session joins a failed group
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
 
     def begin_drain(self, retry_after_s: float, why: str) -> None:
         """Refuse new sessions from now on (``NoCapacity(retry_after_s)``, ``ready()`` false with ``why``);
@@ -53,16 +61,27 @@ class GroupHealth:
             BackendFailed: the group failed. NoCapacity: draining, or still warming up.
         """
         if self.failed is not None:
-            raise BackendFailed(self.failed)
+            raise BackendFailed(self.ready()[1])
         if self._draining is not None:
             raise NoCapacity(*self._draining)
         if not self.warmed_up:
             raise NoCapacity(2.0, "the serving group is still warming up")
 
+    def add(self, entry: Entry) -> None:
+        """Register a session just opened on the workers, unless the group failed meanwhile.
+
+        Raises:
+            BackendFailed: the group failed (the session is not added).
+        """
+        with self._lock:
+            if self.failed is not None:
+                raise BackendFailed(self.ready()[1])
+            self.sessions.add(entry)
+
     def ready(self) -> tuple[bool, str]:
         """``SessionBackend.ready``: (True, "ready: N live session(s)") or (False, why not)."""
         if self.failed is not None:
-            return False, self.failed
+            return False, f"{self.failed}; restart the server to serve again"
         if self._draining is not None:
             return False, f"{self._draining[1]}: {self.sessions.count()} live session(s)"
         if not self.warmed_up:
@@ -71,19 +90,47 @@ class GroupHealth:
 
     def fail(self, reason: str) -> str:
         """The score side failed: fail every live session; the group's reason (the first failure's)."""
-        if self.failed is None:
-            self.failed = f"the serving group failed: {reason}"
-            log.error("%s; failing every session, the API stays up (not ready)", self.failed)
-        for entry in self.sessions.entries():
-            self.sessions.finish(entry, SessionState.failed, self.failed)
-        return self.failed
+        with self._lock:
+            if self.failed is None:
+                self.failed = f"the serving group failed: {reason}"
+                log.error("%s; failing every session, the API stays up (not ready)", self.failed)
+            failed = self.failed
+            entries = self.sessions.entries()
+        for entry in entries:
+            self.sessions.finish(entry, SessionState.failed, failed)
+        return failed
 
-    def check_workers(self) -> None:
-        """Fail the group if a score worker died (polled at most every ``_WORKER_CHECK_S``)."""
-        now = time.monotonic()
-        if self.dead_workers is None or now - self._last_worker_check < _WORKER_CHECK_S:
+    # ---- the watcher thread ------------------------------------------------------------------------------
+
+    def watch(self, interval_s: float = WATCH_INTERVAL_S) -> None:
+        """Start the watcher thread (nothing to watch without ``faults``)."""
+        if self.faults is None or self._watcher is not None:
             return
-        self._last_worker_check = now
-        dead = self.dead_workers()
-        if dead:
-            self.fail(f"{', '.join(dead)}; restart the server to serve again")
+        self._watcher = threading.Thread(
+            target=self._watch, args=(interval_s,), name="group-health", daemon=True
+        )
+        self._watcher.start()
+
+    def stop_watching(self) -> None:
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=5)
+
+    def check(self) -> None:
+        """Fail the group if ``faults`` reports a score worker that died or hung (nothing once failed)."""
+        if self.faults is None or self.failed is not None:
+            return
+        found = self.faults()
+        if found:
+            self.fail("; ".join(found))
+
+    def _watch(self, interval_s: float) -> None:
+        broken_since: float | None = None
+        while not self._stop.wait(interval_s):
+            try:
+                self.check()
+                broken_since = None
+            except Exception:  # the store unreachable for a moment: say so once, keep watching
+                if broken_since is None:
+                    broken_since = time.monotonic()
+                    log.exception("the health watcher could not read the workers' state")

@@ -189,33 +189,75 @@ def _run_rank0_here(
     grace_s: float,
 ) -> int:
     """``survive_workers``: spawn ranks 1.., run rank 0's entry here, stop the workers when it returns."""
-    workers: list[_Rank] = []
-    stopping = threading.Event()  # rank 0 returned: the workers' exits are ours, not news
+    global _LOCAL_WORKERS
+    workers = LocalWorkers(topology, entry, args, base_env)
     saved = dict(os.environ)
     try:
-        for rank in range(1, topology.world_size):
-            workers.append(_spawn(rank, entry, args, base_env))
-            # Reap it when it exits (the rank registry then sees it gone, not a zombie of ours) and say so.
-            threading.Thread(target=_reap_worker, args=(topology, workers[-1], stopping),
-                             name=f"reap-rank{rank}", daemon=True).start()
+        workers.start()
         world = ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
         os.environ.update(extra)
         os.environ.update({k: base_env[k] for k in world}, RANK="0", LOCAL_RANK="0")
         os.environ.update(TORCHELASTIC_USE_AGENT_STORE="True")  # this process hosts the store
+        _LOCAL_WORKERS = workers
         return _call_entry(entry, args)
     finally:
-        stopping.set()
-        _stop_all(workers, grace_s)
+        _LOCAL_WORKERS = None
+        workers.stop(grace_s)
         os.environ.clear()
         os.environ.update(saved)
 
 
-def _reap_worker(topology: Topology, worker: _Rank, stopping: threading.Event) -> None:
-    code = worker.proc.wait()
-    worker.exit_code = code
-    if code != 0 and not stopping.is_set():
-        print(f"{_MESSAGE_PREFIX}: rank {worker.rank} ({topology.role(worker.rank)}) exited: "
-              f"{_describe_exit(code)}; rank 0 goes on without it", file=sys.stderr, flush=True)
+class LocalWorkers:
+    """``survive_workers``: the score-worker ranks (1..) this launcher runs for rank 0, which runs in this
+    process and may ask about them (``local_workers()``).
+
+    Each worker is reaped when it exits (the rank registry then sees it gone, not a zombie of ours), and its
+    exit is said on stderr unless rank 0 had returned by then.
+    """
+
+    def __init__(
+        self, topology: Topology, entry: str, args: Sequence[str], base_env: Mapping[str, str]
+    ) -> None:
+        self.topology = topology
+        self.entry = entry
+        self.args = list(args)
+        self.base_env = dict(base_env)
+        self._workers: list[_Rank] = []
+        self._stopping = threading.Event()  # rank 0 returned: the workers' exits are ours, not news
+
+    def start(self) -> None:
+        for rank in range(1, self.topology.world_size):
+            worker = _spawn(rank, self.entry, self.args, self.base_env)
+            self._workers.append(worker)
+            threading.Thread(target=self._reap, args=(worker,), name=f"reap-rank{rank}", daemon=True).start()
+
+    def exit_status(self, rank: int) -> str | None:
+        """How rank ``rank`` exited ("killed by SIGKILL", "exit code 1"); None while it runs."""
+        for worker in self._workers:
+            if worker.rank == rank and worker.exit_code is not None:
+                return _describe_exit(worker.exit_code)
+        return None
+
+    def stop(self, grace_s: float) -> None:
+        """Stop every worker (SIGTERM, SIGKILL after ``grace_s``) and reap them."""
+        self._stopping.set()
+        _stop_all(self._workers, grace_s)
+
+    def _reap(self, worker: _Rank) -> None:
+        code = worker.proc.wait()
+        worker.exit_code = code
+        if code != 0 and not self._stopping.is_set():
+            print(f"{_MESSAGE_PREFIX}: rank {worker.rank} ({self.topology.role(worker.rank)}) exited: "
+                  f"{_describe_exit(code)}; rank 0 goes on without it", file=sys.stderr, flush=True)
+
+
+_LOCAL_WORKERS: LocalWorkers | None = None
+
+
+def local_workers() -> LocalWorkers | None:
+    """The score workers this process's launcher started (``launch(survive_workers=True)``, rank 0 running
+    here); None otherwise (an external torchrun, or a rank process)."""
+    return _LOCAL_WORKERS
 
 
 def _rank_environment(topology: Topology, port: int, extra: Mapping[str, str]) -> dict[str, str]:

@@ -73,6 +73,7 @@ class ServeOptions(GroupOptions):
     sync_probe: bool
     video_delay_frames: int
     log_level: str
+    heartbeat_timeout_s: float = 5.0
 
     def api_settings(self) -> ApiSettings:
         # ApiSettings reads a file's [api] table, or the whole document when there is none (an API-only
@@ -109,6 +110,13 @@ def build_serve_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         "longer; see server.session_outputs.LiveKitSessionOutput)",
     )
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    parser.add_argument(
+        "--heartbeat-timeout",
+        type=float,
+        default=5.0,
+        help="a score worker whose heartbeat (every 0.5 s through the world's store, whatever the chunk "
+        "traffic) is this old has stopped responding, and the group fails (s)",
+    )
     return parser
 
 
@@ -156,6 +164,9 @@ def parse_serve_options(argv: list[str], *, check_memory: bool = True) -> ServeO
         raise ValueError(f"--video-delay-frames must be >= 0, got {args.video_delay_frames}")
     if args.ahead <= 0:
         raise ValueError(f"--ahead must be positive seconds, got {args.ahead}")
+    if args.heartbeat_timeout < 1.0:
+        raise ValueError(f"--heartbeat-timeout must be at least 1 s (a beat is every 0.5 s), got "
+                         f"{args.heartbeat_timeout}")
     options = group_options(
         args,
         ServeOptions,
@@ -167,6 +178,7 @@ def parse_serve_options(argv: list[str], *, check_memory: bool = True) -> ServeO
         sync_probe=args.sync_probe,
         video_delay_frames=args.video_delay_frames,
         log_level=args.log_level,
+        heartbeat_timeout_s=args.heartbeat_timeout,
     )
     settings = options.api_settings()  # a missing API key or a bad [api] table fails before any rank starts
     if check_memory:
@@ -195,10 +207,11 @@ def _serve_master(options: ServeOptions, groups: Any, store: dist.Store, score_r
     import uvicorn
 
     from engine.executor import ColocatedExecutor, DedicatedExecutor, Executor
-    from engine.rank_registry import dead_ranks
+    from engine.rank_registry import RankWatch
     from frontends.conditioning import ConditioningConfig, ConditioningEncoders
     from proto.chunk_specs import chunk_result_specs
     from server.api import create_app
+    from server.launcher import local_workers
     from server.live_backend import LiveBackend, LiveConfig
     from server.master import build_master_vae
     from server.metrics import Metrics
@@ -229,9 +242,17 @@ def _serve_master(options: ServeOptions, groups: Any, store: dist.Store, score_r
         )
     )
     workers = [r for r in topology.worker_ranks if r != 0]
+    launched = local_workers()  # None under an external torchrun
+    watch = RankWatch(
+        store, workers, options.heartbeat_timeout_s, launched.exit_status if launched is not None else None
+    )
 
-    def dead_workers() -> list[str]:
-        return [f"score worker rank {r} ({topology.role(r)}) died" for r in dead_ranks(store, workers)]
+    def faults() -> list[str]:
+        return [
+            f"score worker rank {f.rank} ({topology.role(f.rank)}) "
+            f"{'stopped responding' if f.hung else 'died'} ({f.detail})"
+            for f in watch.faults()
+        ]
 
     metrics = Metrics()
     config = LiveConfig(
@@ -247,7 +268,8 @@ def _serve_master(options: ServeOptions, groups: Any, store: dist.Store, score_r
         encoder_seed=options.tiny_encoder_seed,
         decode=options.decode_options(),
     )
-    backend = LiveBackend(config, executor, vae, encoders, metrics, dead_workers=dead_workers).start()
+    watched = faults if workers else None
+    backend = LiveBackend(config, executor, vae, encoders, metrics, faults=watched).start()
     app = create_app(backend, settings, metrics)
     server = _graceful_server_class()(
         uvicorn.Config(
