@@ -9,6 +9,11 @@ The threads that ask never wait on a failed group: a wait for a command ends as 
 hung worker), a command not yet started then never runs, and once the group failed queued commands are
 refused without touching the workers. A close waits at most ``_CLOSE_WAIT_S`` and is otherwise left queued.
 
+Healing: once the group failed and ``GroupHealth.restart_due()``, this thread replaces it (``_recover``):
+``Renewal.replace`` gives new workers in a new world and their executor, a fresh ``ChunkEngine`` drives it,
+the warm-up runs again, and the group is ready once more; a restart that fails is retried after a pause
+while the health's budget lasts.
+
 The thread runs ``engine.pipeline.ChunkEngine``: every session's chunks as one pipeline (submit chunk t+1,
 decode chunk t while the workers score t+1, prepare t+2, collect t+1), and answers its questions as its
 ``EngineOwner``: which session goes next is earliest deadline first (``engine.scheduler``: among the running
@@ -58,6 +63,7 @@ _TICK_S = 0.005
 _ENGINE_CALL_TIMEOUT_S = 120.0
 _CLOSE_WAIT_S = 5.0  # a close waits this long for the current chunk, then stays queued
 _WAIT_SLICE_S = 0.05  # how often a waiting API thread looks at the group's health
+_RESTART_PAUSE_S = 2.0  # after a failed restart, before the next
 
 
 class EngineThread:
@@ -198,7 +204,10 @@ class EngineThread:
             self._run_commands()  # nothing is in flight here: opens and closes go out between chunks
             if self.health.failed is not None:
                 self.chunks.reset()
-                time.sleep(_TICK_S)
+                if self.health.restart_due():
+                    self._recover()
+                else:
+                    time.sleep(_TICK_S)
                 continue
             if not self.chunks.turn():
                 time.sleep(_TICK_S)
@@ -219,6 +228,26 @@ class EngineThread:
                 future.set_result(fn())
             except BaseException as exc:
                 future.set_exception(exc)
+
+    def _recover(self) -> None:
+        """Replace the failed group (``Renewal.replace``), warm the new one up, and serve again."""
+        renewal = self.health.renewal
+        assert renewal.replace is not None
+        attempt = self.health.begin_restart()
+        start = time.monotonic()
+        try:
+            self.executor = renewal.replace()
+            self.chunks = ChunkEngine(self.executor, self.config.stream, self.publisher, self)
+            if self.warm_up:
+                self._warm_up()
+        except Exception as exc:  # whatever broke, this group cannot serve; the next restart starts over
+            log.exception("restart %d of the serving group failed", attempt)
+            self.health.restart_failed(f"{type(exc).__name__}: {exc}")
+            self._stop.wait(_RESTART_PAUSE_S)
+            return
+        log.info("new score workers joined and warmed up in %.1f s", time.monotonic() - start)
+        self.health.warmed_up = True
+        self.health.recovered()
 
     def _warm_up(self) -> None:
         """Open a throw-away session, generate one chunk end to end, close it."""

@@ -8,7 +8,8 @@
 - ``SessionRegistry`` (``server.session_registry``) holds the live sessions and the recently ended ones:
   lookups, the API's ``UnknownSession``/``SessionEnded`` errors, the ``SessionInfo`` snapshots, and ending.
 - ``GroupHealth`` (``server.group_health``): warming up, ready, draining, or failed (a worker error, or a
-  score worker its watcher thread finds dead or hung, fails every session; the API stays up, not ready).
+  score worker its watcher thread finds dead or hung, fails every session; the API stays up, not ready),
+  and whether a failed group is replaced (``Renewal``: the engine thread does it, within a restart budget).
 - ``EngineThread`` (``server.engine_thread``), the only thread that talks to the score side: the warm-up,
   the sessions' chunks through ``engine.pipeline.ChunkEngine`` (earliest deadline first), and the session
   opens and closes, between chunks; its publish thread (``engine.publish``) puts the decoded chunks into the
@@ -37,7 +38,7 @@ from frontends.conditioning import ConditioningEncoders
 from proto.api import Face, SessionCreate, SessionInfo, SessionState
 from server.backend import BackendFailed, InvalidRequest, NoCapacity
 from server.engine_thread import EngineThread
-from server.group_health import GroupHealth
+from server.group_health import GroupHealth, Renewal
 from server.live_setup import LiveConfig, SessionSetup
 from server.metrics import Metrics
 from server.session_outputs import AsyncLoopThread
@@ -58,6 +59,8 @@ class LiveBackend:
         faults: returns descriptions of score-worker ranks that died or hung (empty when all are well);
             the health watcher thread polls it.
         warm_up: run one chunk of a throw-away session before reporting ready.
+        renewal: how to replace a failed group (``server.group_health.Renewal``); None: a failed group
+            stays failed.
     """
 
     def __init__(
@@ -69,6 +72,7 @@ class LiveBackend:
         metrics: Metrics,
         faults: Callable[[], list[str]] | None = None,
         warm_up: bool = True,
+        renewal: Renewal | None = None,
     ) -> None:
         self.config = config
         self.metrics = metrics
@@ -76,7 +80,7 @@ class LiveBackend:
         self.setup = SessionSetup(config, vae, encoders, self._loop)
         self._setup_lock = threading.Lock()
         self.sessions = SessionRegistry(config.stream, metrics)
-        self.health = GroupHealth(self.sessions, faults)
+        self.health = GroupHealth(self.sessions, faults, renewal)
         self.engine = EngineThread(config, executor, self.setup, self.sessions, self.health, metrics, warm_up)
 
     # ---- lifecycle -------------------------------------------------------------------------------------
