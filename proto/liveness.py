@@ -6,6 +6,11 @@ closes the dead process's sockets. A peer that is alive but stuck (a hung kernel
 by a deadline: ``wait_with_timeout`` turns a gloo ``Work`` into a bounded wait (``Work.wait(timeout)`` is
 honoured by gloo). The heartbeat tells *which* rank stopped, since a broken collective only names a socket
 address, and a dead non-leader worker surfaces on the master as a failure of the leader it was talking to.
+
+The heartbeat is also the control path's own liveness signal, independent of data traffic: a rank whose
+process is stopped (SIGSTOP) or wedged with the GIL held stops beating, and ``HeartbeatMonitor`` (read by
+``serve``'s health watcher a few times a second) says for how long, by the reader's own monotonic clock, so
+the hang is noticed within the monitor's silence limit rather than when the next collective times out.
 """
 
 from __future__ import annotations
@@ -37,7 +42,8 @@ def wait_with_timeout(work: dist.Work, seconds: float | None, what: str) -> None
             work.wait(timeout=datetime.timedelta(seconds=seconds))
     except RuntimeError as exc:
         text = str(exc)
-        if "Timed out" in text or "timeout" in text.lower():
+        # gloo says "Timed out waiting …" or "Operation timed out!" when the deadline passed.
+        if "timed out" in text.lower() or "timeout" in text.lower():
             raise PeerError(f"{what}: nothing arrived within {seconds:g} s; the peer hung or died") from exc
         raise PeerError(f"{what}: the collective failed, the peer has most likely exited ({text})") from exc
 
@@ -87,3 +93,32 @@ def stale_ranks(store: dist.Store, ranks: list[int] | tuple[int, ...], max_age_s
         if now - float(store.get(key).decode()) > max_age_s:
             stale.append(rank)
     return stale
+
+
+class HeartbeatMonitor:
+    """How long each watched rank has gone without a new heartbeat, by this process's monotonic clock.
+
+    Every ``silent_s`` call reads the ranks' heartbeat stamps from the store; a stamp counts as a beat when
+    it differs from the last one read, so clocks of other machines never matter. A rank that has not beaten
+    since the monitor was made counts as silent from then (it gets that long to start beating).
+    """
+
+    def __init__(self, store: dist.Store, ranks: list[int] | tuple[int, ...]) -> None:
+        self._store = store
+        self._ranks = tuple(ranks)
+        start = time.monotonic()
+        self._last: dict[int, tuple[bytes | None, float]] = {rank: (None, start) for rank in self._ranks}
+
+    def silent_s(self) -> dict[int, float]:
+        """Seconds since each watched rank's last heartbeat (0 for one that just beat)."""
+        now = time.monotonic()
+        out = {}
+        for rank in self._ranks:
+            key = _HEARTBEAT_KEY.format(rank=rank)
+            stamp = self._store.get(key) if self._store.check([key]) else None
+            last_stamp, seen_at = self._last[rank]
+            if stamp is not None and stamp != last_stamp:
+                self._last[rank] = (stamp, now)
+                seen_at = now
+            out[rank] = now - seen_at
+        return out

@@ -4,6 +4,16 @@ The executor's collectives must be issued in one order by one thread, so every c
 here: the warm-up, the sessions' chunks, and the session opens and closes that other threads ask for
 (``open_session``, ``close_session``, queued as commands and run between chunks, when nothing is in flight).
 
+The threads that ask never wait on a failed group: a wait for a command ends as soon as the group fails
+(``GroupHealth.failed``, set by the health watcher even while this thread is blocked in a collective with a
+hung worker), a command not yet started then never runs, and once the group failed queued commands are
+refused without touching the workers. A close waits at most ``_CLOSE_WAIT_S`` and is otherwise left queued.
+
+Healing: once the group failed and ``GroupHealth.restart_due()``, this thread replaces it (``_recover``):
+``Renewal.replace`` gives new workers in a new world and their executor, a fresh ``ChunkEngine`` drives it,
+the warm-up runs again, and the group is ready once more; a restart that fails is retried after a pause
+while the health's budget lasts.
+
 The thread runs ``engine.pipeline.ChunkEngine``: every session's chunks as one pipeline (submit chunk t+1,
 decode chunk t while the workers score t+1, prepare t+2, collect t+1), and answers its questions as its
 ``EngineOwner``: which session goes next is earliest deadline first (``engine.scheduler``: among the running
@@ -26,7 +36,8 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 import numpy as np
@@ -38,6 +49,7 @@ from engine.publish import ChunkPublisher
 from engine.scheduler import earliest_deadline
 from proto.api import Face, SessionState
 from proto.wire import SessionClose, SessionOpen
+from server.backend import BackendFailed, NoCapacity
 from server.group_health import GroupHealth
 from server.live_session import LiveSession
 from server.live_setup import LiveConfig, SessionSetup
@@ -49,6 +61,9 @@ log = logging.getLogger(__name__)
 
 _TICK_S = 0.005
 _ENGINE_CALL_TIMEOUT_S = 120.0
+_CLOSE_WAIT_S = 5.0  # a close waits this long for the current chunk, then stays queued
+_WAIT_SLICE_S = 0.05  # how often a waiting API thread looks at the group's health
+_RESTART_PAUSE_S = 2.0  # after a failed restart, before the next
 
 
 class EngineThread:
@@ -97,20 +112,36 @@ class EngineThread:
         thread."""
         if self._thread.is_alive():
             if self.health.failed is None:
-                self._call(lambda: self.executor.shutdown(reason), timeout_s=10)
+                try:
+                    self._call(lambda: self.executor.shutdown(reason), timeout_s=10)
+                except (BackendFailed, WorkerError, NoCapacity) as exc:
+                    log.warning("the workers were not told to stop: %s", exc)
             self._stop.set()
-            self._thread.join(timeout=10)
+            # A thread blocked in a collective with a hung worker is left behind (it is a daemon).
+            self._thread.join(timeout=10 if self.health.failed is None else 2)
         self.publisher.stop()
 
     # ---- asked by the API threads ----------------------------------------------------------------------
 
-    def open_session(self, message: SessionOpen, tensors: dict[str, torch.Tensor]) -> None:
-        """Open a session on the workers, between chunks. Raises WorkerError."""
-        self._call(lambda: self.executor.open_session(message, tensors))
+    def open_session(self, message: SessionOpen, tensors: dict[str, torch.Tensor], entry: Entry) -> None:
+        """Open a session on the workers, between chunks, and register it (unless the group failed meanwhile:
+        a session never joins a failed group).
+
+        Raises:
+            WorkerError: the open failed on the workers. BackendFailed: the group failed.
+            NoCapacity: the engine did not get to it in time.
+        """
+
+        def open_on_engine() -> None:
+            self.executor.open_session(message, tensors)
+            self.health.add(entry)
+
+        self._call(open_on_engine)
 
     def close_session(self, entry: Entry) -> None:
         """Close a session on the workers, between chunks; from then on none of its chunks goes out. Nothing
-        to do once the group failed or the thread stopped; a worker failure fails the group."""
+        to do once the group failed or the thread stopped; a worker failure fails the group. Waits at most
+        ``_CLOSE_WAIT_S`` for the engine; past that the close stays queued and runs when the engine can."""
         if self.health.failed is not None or not self._thread.is_alive():
             return
 
@@ -119,17 +150,45 @@ class EngineThread:
             self.executor.close_session(SessionClose(entry.session.id))
 
         try:
-            self._call(close_on_engine)
+            self._call(close_on_engine, timeout_s=_CLOSE_WAIT_S, keep_queued=True)
         except WorkerError as exc:
             self.health.fail(str(exc))
+        except BackendFailed:
+            pass  # the group failed meanwhile: the session was failed with it
+        except NoCapacity:
+            log.warning("session %s: the engine did not take its close within %g s; it stays queued",
+                        entry.session.id, _CLOSE_WAIT_S)
 
-    def _call(self, fn: Callable[[], Any], timeout_s: float = _ENGINE_CALL_TIMEOUT_S) -> Any:
-        """Run ``fn`` on the engine thread (the only one that talks to the workers) and wait for it."""
+    def _call(
+        self, fn: Callable[[], Any], timeout_s: float = _ENGINE_CALL_TIMEOUT_S, keep_queued: bool = False
+    ) -> Any:
+        """Run ``fn`` on the engine thread (the only one that talks to the workers) and wait for it, but never
+        on a failed group.
+
+        Raises:
+            BackendFailed: the group failed (or the engine thread stopped) before ``fn`` returned; if it had
+                not started it never will.
+            NoCapacity: ``fn`` did not return within ``timeout_s``; it never runs unless ``keep_queued``.
+        """
         if threading.current_thread() is self._thread:
             return fn()
         future: Future[Any] = Future()
         self._commands.put((fn, future))
-        return future.result(timeout=timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return future.result(timeout=_WAIT_SLICE_S)
+            except FutureTimeout:
+                pass
+            except CancelledError:
+                raise BackendFailed(self.health.ready()[1]) from None
+            if self.health.failed is not None or not self._thread.is_alive():
+                future.cancel()
+                raise BackendFailed(self.health.ready()[1])
+            if time.monotonic() >= deadline:
+                if not keep_queued:
+                    future.cancel()
+                raise NoCapacity(2.0, f"the serving group did not get to the request within {timeout_s:g} s")
 
     # ---- the thread ------------------------------------------------------------------------------------
 
@@ -145,9 +204,11 @@ class EngineThread:
             self._run_commands()  # nothing is in flight here: opens and closes go out between chunks
             if self.health.failed is not None:
                 self.chunks.reset()
-                time.sleep(_TICK_S)
+                if self.health.restart_due():
+                    self._recover()
+                else:
+                    time.sleep(_TICK_S)
                 continue
-            self.health.check_workers()
             if not self.chunks.turn():
                 time.sleep(_TICK_S)
         self._run_commands()
@@ -158,10 +219,35 @@ class EngineThread:
                 fn, future = self._commands.get_nowait()
             except queue.Empty:
                 return
+            if not future.set_running_or_notify_cancel():
+                continue  # its caller gave up on it (the group failed, or it waited too long)
+            if self.health.failed is not None:  # nothing more goes to the workers of a failed group
+                future.set_exception(BackendFailed(self.health.ready()[1]))
+                continue
             try:
                 future.set_result(fn())
             except BaseException as exc:
                 future.set_exception(exc)
+
+    def _recover(self) -> None:
+        """Replace the failed group (``Renewal.replace``), warm the new one up, and serve again."""
+        renewal = self.health.renewal
+        assert renewal.replace is not None
+        attempt = self.health.begin_restart()
+        start = time.monotonic()
+        try:
+            self.executor = renewal.replace()
+            self.chunks = ChunkEngine(self.executor, self.config.stream, self.publisher, self)
+            if self.warm_up:
+                self._warm_up()
+        except Exception as exc:  # whatever broke, this group cannot serve; the next restart starts over
+            log.exception("restart %d of the serving group failed", attempt)
+            self.health.restart_failed(f"{type(exc).__name__}: {exc}")
+            self._stop.wait(_RESTART_PAUSE_S)
+            return
+        log.info("new score workers joined and warmed up in %.1f s", time.monotonic() - start)
+        self.health.warmed_up = True
+        self.health.recovered()
 
     def _warm_up(self) -> None:
         """Open a throw-away session, generate one chunk end to end, close it."""

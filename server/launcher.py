@@ -22,7 +22,9 @@ its workers (a dead worker fails its sessions, ``/readyz`` turns false, the API 
 through the rank registry and the heartbeats). The launcher still hosts the store and spawns ranks 1.. as
 children that die with it, but runs rank 0's entry in its own process (so the entry, e.g. uvicorn, owns the
 main thread and the signals), does not stop the world when a worker dies (it only says so on stderr), and
-stops the remaining workers when rank 0's entry returns; rank 0's exit code is the launcher's.
+stops the remaining workers when rank 0's entry returns; rank 0's exit code is the launcher's. Rank 0 may
+also replace its workers (``local_workers().replace()``: the old ones killed, a new store on a new port, ranks
+1.. started again, rank 0 rejoining with ``init_rank``), which is how ``serve`` heals a failed group.
 
 Why not ``torch.distributed.launcher.api.elastic_launch``: it was tried. It tears the world down well, but
 it picks the root cause by whole-second timestamps, so when a killed worker makes its peers fail in the same
@@ -40,8 +42,10 @@ over two nodes (3 ranks on node 0, 2 on node 1)::
         -m server.cli run --score-workers 4 --decoder dedicated …
 
 ``--max-restarts 0``: a serving group holds per-session state (KV caches), so a restarted rank cannot
-rejoin; fail and let the orchestrator replace the group. Global rank 0 (node 0, local rank 0) is the master.
-``--nproc-per-node`` may differ per node; the total must equal ``topology.world_size``.
+rejoin; fail and let the orchestrator replace the group. (``serve`` replaces its failed score workers itself
+only on one machine, where this launcher started them; under torchrun its group stays failed, ``/readyz``
+says so, and the orchestrator must restart the whole group.) Global rank 0 (node 0, local rank 0) is the
+master. ``--nproc-per-node`` may differ per node; the total must equal ``topology.world_size``.
 
 Inside each rank, ``init_rank(topology)`` initialises torch.distributed and builds the groups;
 ``shutdown()`` leaves the world.
@@ -55,6 +59,7 @@ import datetime
 import importlib
 import importlib.util
 import os
+import queue
 import signal
 import socket
 import subprocess
@@ -62,6 +67,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,7 +149,7 @@ def launch(
         raise ValueError(f"topology {topology.name!r} needs {topology.world_size} GPUs on this machine, "
                          f"{torch.cuda.device_count()} are visible; lower --score-workers or use "
                          "--decoder colocated")
-    store = _loopback_store(topology.world_size)
+    store = _world_store_server(topology)
     base_env = _rank_environment(topology, store.port, env or {})
     if survive_workers:
         try:
@@ -189,33 +195,139 @@ def _run_rank0_here(
     grace_s: float,
 ) -> int:
     """``survive_workers``: spawn ranks 1.., run rank 0's entry here, stop the workers when it returns."""
-    workers: list[_Rank] = []
-    stopping = threading.Event()  # rank 0 returned: the workers' exits are ours, not news
+    global _LOCAL_WORKERS
+    workers = LocalWorkers(topology, entry, args, base_env)
     saved = dict(os.environ)
     try:
-        for rank in range(1, topology.world_size):
-            workers.append(_spawn(rank, entry, args, base_env))
-            # Reap it when it exits (the rank registry then sees it gone, not a zombie of ours) and say so.
-            threading.Thread(target=_reap_worker, args=(topology, workers[-1], stopping),
-                             name=f"reap-rank{rank}", daemon=True).start()
+        workers.start()
         world = ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
         os.environ.update(extra)
         os.environ.update({k: base_env[k] for k in world}, RANK="0", LOCAL_RANK="0")
         os.environ.update(TORCHELASTIC_USE_AGENT_STORE="True")  # this process hosts the store
+        _LOCAL_WORKERS = workers
         return _call_entry(entry, args)
     finally:
-        stopping.set()
-        _stop_all(workers, grace_s)
+        _LOCAL_WORKERS = None
+        workers.stop(grace_s)
         os.environ.clear()
         os.environ.update(saved)
 
 
-def _reap_worker(topology: Topology, worker: _Rank, stopping: threading.Event) -> None:
-    code = worker.proc.wait()
-    worker.exit_code = code
-    if code != 0 and not stopping.is_set():
-        print(f"{_MESSAGE_PREFIX}: rank {worker.rank} ({topology.role(worker.rank)}) exited: "
-              f"{_describe_exit(code)}; rank 0 goes on without it", file=sys.stderr, flush=True)
+class LocalWorkers:
+    """``survive_workers``: the score-worker ranks (1..) this launcher runs for rank 0, which runs in this
+    process and may ask about them or replace them (``local_workers()``).
+
+    Each worker is reaped when it exits (the rank registry then sees it gone, not a zombie of ours), and its
+    exit is said on stderr unless rank 0 had returned or retired it by then.
+
+    ``replace()`` gives rank 0 a fresh set of workers in a fresh world: the old ones are SIGKILL-ed (a
+    stopped process too) and reaped, a new store is bound on a new port (``MASTER_PORT`` of this process
+    and of the new ranks), and ranks 1.. start again; rank 0 then joins the new world with ``init_rank``.
+    Workers are spawned from one long-lived thread of this class, as ``PR_SET_PDEATHSIG`` fires when the
+    *thread* that spawned a rank exits, and the caller of ``replace`` may be a thread that ends first.
+    """
+
+    def __init__(
+        self, topology: Topology, entry: str, args: Sequence[str], base_env: Mapping[str, str]
+    ) -> None:
+        self.topology = topology
+        self.entry = entry
+        self.args = list(args)
+        self.base_env = dict(base_env)
+        self.generation = 0  # how many times the workers were replaced
+        self._workers: list[_Rank] = []
+        self._retired: set[int] = set()  # pids this class killed on purpose: their exit is not news
+        self._stores: list[dist.TCPStore] = []  # the store of the current world (a replaced one's)
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()  # rank 0 returned: the workers' exits are ours, not news
+        self._spawns: queue.Queue[tuple[int, Future[_Rank]]] = queue.Queue()
+        threading.Thread(target=self._spawner, name="spawn-workers", daemon=True).start()
+
+    def start(self) -> None:
+        with self._lock:
+            self._start()
+
+    def exit_status(self, rank: int) -> str | None:
+        """How rank ``rank`` exited ("killed by SIGKILL", "exit code 1"); None while it runs."""
+        for worker in self._workers:
+            if worker.rank == rank and worker.exit_code is not None:
+                return _describe_exit(worker.exit_code)
+        return None
+
+    def kill(self) -> None:
+        """SIGKILL every current worker's process group now (stopped processes too); safe from any thread.
+        Their exits are not reported: they are being replaced."""
+        for worker in list(self._workers):
+            self._retired.add(worker.proc.pid)
+            if worker.proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(worker.proc.pid, signal.SIGKILL)
+
+    def replace(self) -> None:
+        """Kill and reap the current workers, bind a new store, start ranks 1.. again (see the class
+        docstring). ``os.environ["MASTER_PORT"]`` is the new store's port when it returns."""
+        with self._lock:
+            if self._stopping.is_set():
+                raise RuntimeError("the launcher is stopping: no new workers")
+            self.kill()
+            for worker in self._workers:
+                worker.proc.wait()
+            store = _world_store_server(self.topology)
+            self._stores = [store]
+            self.base_env["MASTER_PORT"] = os.environ["MASTER_PORT"] = str(store.port)
+            self.generation += 1
+            self._start()
+
+    def stop(self, grace_s: float) -> None:
+        """Stop every worker (SIGTERM, SIGKILL after ``grace_s``) and reap them."""
+        self._stopping.set()
+        with self._lock:
+            _stop_all(self._workers, grace_s)
+        self._spawns.put((-1, Future()))  # ends the spawner thread
+
+    def _start(self) -> None:
+        workers: list[_Rank] = []
+        try:
+            for rank in range(1, self.topology.world_size):
+                future: Future[_Rank] = Future()
+                self._spawns.put((rank, future))
+                workers.append(future.result())
+        finally:
+            self._workers = workers  # what started is stopped with the rest, even if a spawn failed
+        for worker in workers:
+            threading.Thread(target=self._reap, args=(worker,), name=f"reap-rank{worker.rank}",
+                             daemon=True).start()
+
+    def _spawner(self) -> None:
+        while True:
+            rank, future = self._spawns.get()
+            if rank < 0:
+                return
+            try:
+                future.set_result(_spawn(rank, self.entry, self.args, self.base_env))
+            except BaseException as exc:
+                future.set_exception(exc)
+
+    def _reap(self, worker: _Rank) -> None:
+        code = worker.proc.wait()
+        worker.exit_code = code
+        if code != 0 and not self._stopping.is_set() and worker.proc.pid not in self._retired:
+            print(f"{_MESSAGE_PREFIX}: rank {worker.rank} ({self.topology.role(worker.rank)}) exited: "
+                  f"{_describe_exit(code)}; rank 0 goes on without it", file=sys.stderr, flush=True)
+
+
+def _world_store_server(topology: Topology) -> dist.TCPStore:
+    """The world's TCPStore, hosted by this process on a free loopback port (the ranks connect as clients)."""
+    return _loopback_store(topology.world_size)
+
+
+_LOCAL_WORKERS: LocalWorkers | None = None
+
+
+def local_workers() -> LocalWorkers | None:
+    """The score workers this process's launcher started (``launch(survive_workers=True)``, rank 0 running
+    here); None otherwise (an external torchrun, or a rank process)."""
+    return _LOCAL_WORKERS
 
 
 def _loopback_store(world_size: int) -> dist.TCPStore:

@@ -7,8 +7,9 @@
   reference image, CLIP and umT5, its featurizers and decoder, and its output (the LiveKit join, or an MP4).
 - ``SessionRegistry`` (``server.session_registry``) holds the live sessions and the recently ended ones:
   lookups, the API's ``UnknownSession``/``SessionEnded`` errors, the ``SessionInfo`` snapshots, and ending.
-- ``GroupHealth`` (``server.group_health``): warming up, ready, draining, or failed (a worker error or a
-  dead score worker fails every session; the API stays up, not ready).
+- ``GroupHealth`` (``server.group_health``): warming up, ready, draining, or failed (a worker error, or a
+  score worker its watcher thread finds dead or hung, fails every session; the API stays up, not ready),
+  and whether a failed group is replaced (``Renewal``: the engine thread does it, within a restart budget).
 - ``EngineThread`` (``server.engine_thread``), the only thread that talks to the score side: the warm-up,
   the sessions' chunks through ``engine.pipeline.ChunkEngine`` (earliest deadline first), and the session
   opens and closes, between chunks; its publish thread (``engine.publish``) puts the decoded chunks into the
@@ -18,7 +19,8 @@
 
 The API threads (uvicorn's worker pool) call the methods below; apart from ``create_session`` (set-up, then
 the open on the engine thread) and ``close`` (the close on the engine thread) they only touch thread-safe
-session state.
+session state, and those two never wait on a failed group (``EngineThread._call``): a create on a failed
+group is refused at once (503 with the reason), a close of a session the failure ended returns its info.
 """
 
 from __future__ import annotations
@@ -34,9 +36,9 @@ from decoder.vae import WanVAE
 from engine.executor import Executor, WorkerError
 from frontends.conditioning import ConditioningEncoders
 from proto.api import Face, SessionCreate, SessionInfo, SessionState
-from server.backend import BackendFailed, InvalidRequest
+from server.backend import BackendFailed, InvalidRequest, NoCapacity
 from server.engine_thread import EngineThread
-from server.group_health import GroupHealth
+from server.group_health import GroupHealth, Renewal
 from server.live_setup import LiveConfig, SessionSetup
 from server.metrics import Metrics
 from server.session_outputs import AsyncLoopThread
@@ -54,8 +56,11 @@ class LiveBackend:
         vae: the master's VAE (I2V encode at set-up, streaming decode per session).
         encoders: CLIP + umT5 for the session conditioning.
         metrics: the ``tm_`` recorder shared with the API.
-        dead_workers: returns descriptions of score-worker ranks that died (empty when all live).
+        faults: returns descriptions of score-worker ranks that died or hung (empty when all are well);
+            the health watcher thread polls it.
         warm_up: run one chunk of a throw-away session before reporting ready.
+        renewal: how to replace a failed group (``server.group_health.Renewal``); None: a failed group
+            stays failed.
     """
 
     def __init__(
@@ -65,8 +70,9 @@ class LiveBackend:
         vae: WanVAE,
         encoders: ConditioningEncoders,
         metrics: Metrics,
-        dead_workers: Callable[[], list[str]] | None = None,
+        faults: Callable[[], list[str]] | None = None,
         warm_up: bool = True,
+        renewal: Renewal | None = None,
     ) -> None:
         self.config = config
         self.metrics = metrics
@@ -74,13 +80,14 @@ class LiveBackend:
         self.setup = SessionSetup(config, vae, encoders, self._loop)
         self._setup_lock = threading.Lock()
         self.sessions = SessionRegistry(config.stream, metrics)
-        self.health = GroupHealth(self.sessions, dead_workers)
+        self.health = GroupHealth(self.sessions, faults, renewal)
         self.engine = EngineThread(config, executor, self.setup, self.sessions, self.health, metrics, warm_up)
 
     # ---- lifecycle -------------------------------------------------------------------------------------
 
     def start(self) -> LiveBackend:
         self.engine.start()
+        self.health.watch()
         return self
 
     def begin_drain(self, retry_after_s: float, why: str) -> None:
@@ -99,6 +106,7 @@ class LiveBackend:
                 self.close(entry.session.id, reason=reason)
             except Exception:  # shutting down: one broken session must not keep the others open
                 log.exception("closing session %s at shutdown failed", entry.session.id)
+        self.health.stop_watching()
         self.engine.stop(reason)
         self._loop.stop()
 
@@ -118,15 +126,17 @@ class LiveBackend:
             session, message, tensors = self.setup.build(session_id, image, list(faces), text, spec.speaking)
         identity = self.setup.attach_output(session, spec.output, session.request_clear)
         session.first_frame_observer = self.metrics.observe_first_frame
-        try:
-            self.engine.open_session(message, tensors)
-        except WorkerError as exc:
-            failed = self.health.fail(str(exc))
-            session.output.close()
-            raise BackendFailed(failed) from exc
         session.state = SessionState.running
         entry = Entry(session, list(faces), identity)
-        self.sessions.add(entry)
+        try:
+            self.engine.open_session(message, tensors, entry)  # registers it, unless the group failed
+        except WorkerError as exc:
+            self.health.fail(str(exc))
+            session.output.close()
+            raise BackendFailed(self.health.ready()[1]) from exc
+        except (BackendFailed, NoCapacity):
+            session.output.close()
+            raise
         log.info("session %s running (%d character(s))", session_id, session.num_characters)
         return self.sessions.snapshot(entry)
 

@@ -17,6 +17,16 @@ answering), so the launcher hosts the world's store, runs rank 0 in the CLI's ow
 main thread and the signals) and spawns ranks 1.. as children that die with it, instead of tearing the world
 down when a rank fails as ``run`` does. Under an external ``torchrun`` each rank calls ``main`` directly.
 
+Faults (``server.group_health``, ``server.score_group``): a watcher thread on the master notices a score
+worker that died at once and one that hung (SIGSTOP, a wedged process) when its heartbeat is
+``--heartbeat-timeout`` old (5 s), whatever the engine thread is blocked on; the group fails (sessions
+failed with the reason, ``/readyz`` 503, creates refused at once). On one machine the master then heals the
+group by itself: the failed workers are killed, new ones start in a new world, rank 0 rejoins it, warms up,
+and ``/readyz`` turns true again (a few seconds on the tiny preset), at most ``--max-worker-restarts`` (3)
+times within ``--worker-restart-window`` (600 s); past that the group stays failed and ``/readyz`` says it
+gave up. Under an external torchrun the master cannot start ranks: the group stays failed and the
+orchestrator must restart it as a whole.
+
 The group's options (preset, topology, size, weights, dtype, steps, chunk size, decoder options, memory
 budget, ``--pin-cores``, ``--rank-report``) are those of ``run``, defined and checked once in
 ``server.options``; ``ServeOptions`` adds the API's.
@@ -73,6 +83,9 @@ class ServeOptions(GroupOptions):
     sync_probe: bool
     video_delay_frames: int
     log_level: str
+    heartbeat_timeout_s: float = 5.0
+    max_worker_restarts: int = 3
+    worker_restart_window_s: float = 600.0
 
     def api_settings(self) -> ApiSettings:
         # ApiSettings reads a file's [api] table, or the whole document when there is none (an API-only
@@ -109,6 +122,26 @@ def build_serve_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         "longer; see server.session_outputs.LiveKitSessionOutput)",
     )
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    parser.add_argument(
+        "--heartbeat-timeout",
+        type=float,
+        default=5.0,
+        help="a score worker whose heartbeat (every 0.5 s through the world's store, whatever the chunk "
+        "traffic) is this old has stopped responding, and the group fails (s)",
+    )
+    parser.add_argument(
+        "--max-worker-restarts",
+        type=int,
+        default=3,
+        help="a failed group replaces its score workers by itself at most this often within "
+        "--worker-restart-window, then stays failed (0: never; not under an external torchrun)",
+    )
+    parser.add_argument(
+        "--worker-restart-window",
+        type=float,
+        default=600.0,
+        help="the window of --max-worker-restarts (s)",
+    )
     return parser
 
 
@@ -156,6 +189,12 @@ def parse_serve_options(argv: list[str], *, check_memory: bool = True) -> ServeO
         raise ValueError(f"--video-delay-frames must be >= 0, got {args.video_delay_frames}")
     if args.ahead <= 0:
         raise ValueError(f"--ahead must be positive seconds, got {args.ahead}")
+    if args.max_worker_restarts < 0 or args.worker_restart_window <= 0:
+        raise ValueError("--max-worker-restarts must be >= 0 and --worker-restart-window positive, got "
+                         f"{args.max_worker_restarts} and {args.worker_restart_window}")
+    if args.heartbeat_timeout < 1.0:
+        raise ValueError(f"--heartbeat-timeout must be at least 1 s (a beat is every 0.5 s), got "
+                         f"{args.heartbeat_timeout}")
     options = group_options(
         args,
         ServeOptions,
@@ -167,6 +206,9 @@ def parse_serve_options(argv: list[str], *, check_memory: bool = True) -> ServeO
         sync_probe=args.sync_probe,
         video_delay_frames=args.video_delay_frames,
         log_level=args.log_level,
+        heartbeat_timeout_s=args.heartbeat_timeout,
+        max_worker_restarts=args.max_worker_restarts,
+        worker_restart_window_s=args.worker_restart_window,
     )
     settings = options.api_settings()  # a missing API key or a bad [api] table fails before any rank starts
     if check_memory:
@@ -195,12 +237,13 @@ def _serve_master(options: ServeOptions, groups: Any, store: dist.Store, score_r
     import uvicorn
 
     from engine.executor import ColocatedExecutor, DedicatedExecutor, Executor
-    from engine.rank_registry import dead_ranks
     from frontends.conditioning import ConditioningConfig, ConditioningEncoders
     from server.api import create_app
+    from server.launcher import local_workers
     from server.live_backend import LiveBackend, LiveConfig
     from server.master import build_master_vae
     from server.metrics import Metrics
+    from server.score_group import ScoreGroup
 
     logging.basicConfig(
         level=options.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
@@ -209,13 +252,18 @@ def _serve_master(options: ServeOptions, groups: Any, store: dist.Store, score_r
     topology = groups.topology
     stream = options.stream_config()
     device = groups.device
-    executor: Executor
-    if topology.disaggregated:
-        executor = DedicatedExecutor(
-            groups, store, stream, result_timeout_s=options.chunk_timeout_s
-        )
-    else:
-        executor = ColocatedExecutor(groups, store, score_rank)
+
+    def make_executor(world: Any, world_store: dist.Store, own_share: Any) -> Executor:
+        """The transport to the workers of ``world`` (the first one, and each that replaces it)."""
+        if world.topology.disaggregated:
+            return DedicatedExecutor(
+                world, world_store, stream, result_timeout_s=options.chunk_timeout_s
+            )
+        return ColocatedExecutor(world, world_store, own_share)
+
+    score_group = ScoreGroup(
+        options, make_executor, groups, store, score_rank, local_workers(), options.heartbeat_timeout_s
+    )
     vae = build_master_vae(options, device)
     encoders = ConditioningEncoders.from_config(
         ConditioningConfig.for_model(
@@ -227,11 +275,6 @@ def _serve_master(options: ServeOptions, groups: Any, store: dist.Store, score_r
             dtype=options.torch_dtype,
         )
     )
-    workers = [r for r in topology.worker_ranks if r != 0]
-
-    def dead_workers() -> list[str]:
-        return [f"score worker rank {r} ({topology.role(r)}) died" for r in dead_ranks(store, workers)]
-
     metrics = Metrics(session_labels=settings.metrics_session_labels)
     config = LiveConfig(
         model=options.model_config,
@@ -246,7 +289,15 @@ def _serve_master(options: ServeOptions, groups: Any, store: dist.Store, score_r
         encoder_seed=options.tiny_encoder_seed,
         decode=options.decode_options(),
     )
-    backend = LiveBackend(config, executor, vae, encoders, metrics, dead_workers=dead_workers).start()
+    backend = LiveBackend(
+        config,
+        score_group.executor,
+        vae,
+        encoders,
+        metrics,
+        faults=score_group.faults if score_group.workers else None,
+        renewal=score_group.renewal(options.max_worker_restarts, options.worker_restart_window_s),
+    ).start()
     app = create_app(backend, settings, metrics)
     server = _graceful_server_class()(
         uvicorn.Config(
@@ -279,6 +330,7 @@ def _serve_master(options: ServeOptions, groups: Any, store: dist.Store, score_r
         server.run()
     finally:
         backend.shutdown(drain.end_reason)
+        score_group.close()
     return 0
 
 

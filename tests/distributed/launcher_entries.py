@@ -103,3 +103,39 @@ def listeners(args: list[str]) -> int:
     dist.barrier(group=groups.control)
     shutdown()
     return 0
+
+
+def workers_replaced(args: list[str]) -> int:
+    """For ``launch(survive_workers=True)``: rank 0 stops (SIGSTOP) rank 2 as if it hung, replaces the
+    workers (``local_workers().replace()``), joins the new world and checks that the new ranks answer; every
+    rank adds rank+1 on ``data`` in each world and the workers then wait for the master's ``Shutdown``."""
+    from server.launcher import local_workers
+
+    topology = Topology(2, "dedicated")
+    for world in (1, 2) if os.environ["RANK"] == "0" else (0,):
+        rank, groups = init_rank(topology, timeout_s=30)
+        pid_dir = Path(os.environ["TM_TEST_PID_DIR"])
+        (pid_dir / f"port{os.environ['MASTER_PORT']}-rank{rank}.pid").write_text(str(os.getpid()))
+        if rank == 0:
+            with (pid_dir / "ports").open("a") as ports:
+                ports.write(os.environ["MASTER_PORT"] + "\n")
+        store = world_store()
+        register_rank(store, rank)
+        total = torch.tensor([rank + 1.0])
+        dist.all_reduce(total, group=groups.data)
+        if total.item() != sum(r + 1 for r in range(topology.world_size)):
+            return 1
+        if not groups.is_master:
+            broadcast_header(None, groups.control, src=0)
+            shutdown()
+            return 0
+        if world == 1:
+            hung = int(store.get("tm/rank_process/2").decode().split()[1])
+            os.kill(hung, signal.SIGSTOP)
+            workers = local_workers()
+            assert workers is not None
+            workers.replace()
+            shutdown()
+    broadcast_header(Shutdown("bye"), groups.control, src=0, timeout_s=10)
+    shutdown()
+    return 0

@@ -123,3 +123,23 @@ def test_ranks_die_with_a_launcher_that_is_killed(tmp_path) -> None:
     while any(_running(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not [pid for pid in pids if _running(pid)]
+
+
+@pytest.mark.slow
+def test_survive_workers_lets_rank_0_replace_its_workers_in_a_new_world(tmp_path, capfd) -> None:
+    # serve's self-healing: a hung (stopped) worker and its peer are killed, new ranks start on a new store
+    # port, rank 0 rejoins there, and the new world works; the killed ones are not reported as news.
+    environ = dict(os.environ)
+    code = launch(Topology(2, "dedicated"), "launcher_entries:workers_replaced",
+                  env={"PYTHONPATH": _TESTS, "TM_TEST_PID_DIR": str(tmp_path)}, survive_workers=True)
+    assert code == 0
+    first, second = (tmp_path / "ports").read_text().split()
+    assert first != second
+    pids = {(port, r): int((tmp_path / f"port{port}-rank{r}.pid").read_text())
+            for port in (first, second) for r in (0, 1, 2)}
+    assert pids[first, 0] == pids[second, 0] == os.getpid()  # rank 0 joined both worlds from this process
+    assert len({pids[port, r] for port in (first, second) for r in (1, 2)}) == 4  # new worker processes
+    assert not [pid for pid in pids.values() if pid != os.getpid() and _running(pid)]
+    err = capfd.readouterr().err
+    assert "goes on without it" not in err
+    assert dict(os.environ) == environ

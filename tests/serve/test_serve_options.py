@@ -160,3 +160,19 @@ def test_a_bad_decoder_option_in_the_config_is_named(tmp_path: Path) -> None:
     # --vae-autocast none keeps float32 decoding even under --dtype bfloat16.
     argv = ["--config", str(_config(tmp_path, "")), "--device", "cpu", "--dtype", "bfloat16"]
     assert parse_serve_options([*argv, "--vae-autocast", "none"]).decode_options().autocast_dtype is None
+
+
+def test_fault_handling_options_default_to_5_s_and_3_restarts_in_10_minutes(tmp_path: Path) -> None:
+    config = _config(tmp_path, "max_worker_restarts = 1")
+    options = parse_serve_options(["--config", str(config), "--device", "cpu", "--heartbeat-timeout", "3"])
+    assert (options.heartbeat_timeout_s, options.max_worker_restarts) == (3.0, 1)
+    assert options.worker_restart_window_s == 600.0
+    defaults = parse_serve_options(["--config", str(_config(tmp_path, "")), "--device", "cpu"])
+    assert (defaults.heartbeat_timeout_s, defaults.max_worker_restarts) == (5.0, 3)
+    for bad in (
+        ["--heartbeat-timeout", "0.5"],
+        ["--max-worker-restarts", "-1"],
+        ["--worker-restart-window", "0"],
+    ):
+        with pytest.raises(ValueError, match=bad[0]):
+            parse_serve_options(["--config", str(_config(tmp_path, "")), "--device", "cpu", *bad])
