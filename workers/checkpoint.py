@@ -33,7 +33,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from proto.model_config import ModelConfig, get_model_preset, model_preset_names
+from proto.model_config import InfiniteTalkAudioConfig, ModelConfig, get_model_preset, model_preset_names
 from workers.model import WanModel
 
 STUDENT_PREFIX = "model."
@@ -373,6 +373,63 @@ def _check_keys(
     return sorted(k for k in expected if k not in present)
 
 
+def _config_json_fields(config: ModelConfig) -> dict[str, object]:
+    """The fields a published diffusers-style ``config.json`` (Wan's / LiveAct's ``WanModel`` constructor
+    arguments) states, as this preset has them."""
+    fields: dict[str, object] = {
+        "model_type": config.model_type,
+        "dim": config.dim,
+        "ffn_dim": config.ffn_dim,
+        "freq_dim": config.freq_dim,
+        "num_heads": config.num_heads,
+        "num_layers": config.num_layers,
+        "in_dim": config.in_dim,
+        "out_dim": config.out_dim,
+        "text_dim": config.text_dim,
+        "text_len": config.text_len,
+        "patch_size": list(config.patch_size),
+    }
+    audio = config.audio
+    if isinstance(audio, InfiniteTalkAudioConfig):
+        fields.update(
+            audio_window=audio.audio_window,
+            intermediate_dim=audio.intermediate_dim,
+            output_dim=audio.output_dim,
+            context_tokens=audio.context_tokens,
+            vae_scale=audio.vae_scale,
+            norm_input_visual=audio.norm_input_visual,
+            norm_output_audio=audio.norm_output_audio,
+        )
+    return fields
+
+
+def check_config_json(path: Path, config: ModelConfig) -> None:
+    """Refuse a checkpoint folder whose ``config.json`` (the published diffusers-style config) states a model
+    other than ``config``, naming every differing field — before any weight is read. A folder without one,
+    or a file, is not checked here (the tensor shapes still are)."""
+    folder = path if path.is_dir() else path.parent
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        return
+    try:
+        stated = json.loads(config_file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{config_file} cannot be read as JSON: {exc}") from exc
+    if not isinstance(stated, dict):
+        raise CheckpointError(f"{config_file} must hold a JSON object of model settings")
+    ours = _config_json_fields(config)
+    differ = [
+        f"{name}: file {stated[name]!r}, preset {value!r}"
+        for name, value in ours.items()
+        if name in stated and stated[name] != value
+    ]
+    if differ:
+        raise CheckpointError(
+            f"{config_file} describes another model than preset {config.name!r} ({'; '.join(differ)}); "
+            "pick the preset of these weights (e.g. --preset soulx-liveact for the LiveAct checkpoint)"
+        )
+
+
 def load_dit_checkpoint(
     path: str | Path,
     config: ModelConfig,
@@ -406,6 +463,7 @@ def load_dit_checkpoint(
             message names every offending key with both shapes and the preset the file looks like.
     """
     device = torch.device(device)
+    check_config_json(Path(path), config)
     with torch.device("meta"):
         model = WanModel(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}

@@ -204,3 +204,32 @@ def test_bf16_load_casts_every_tensor(tmp_path: Path, source: WanModel) -> None:
     loaded = model.state_dict()
     assert {t.dtype for t in loaded.values()} == {torch.bfloat16}
     assert all(torch.equal(loaded[k], v.to(torch.bfloat16)) for k, v in source.state_dict().items())
+
+
+def test_a_missing_shard_of_an_index_is_named(tmp_path: Path, source: WanModel) -> None:
+    save_dit_checkpoint(source, tmp_path / "wan", shards=3)
+    missing = sorted((tmp_path / "wan").glob("diffusion_pytorch_model-*.safetensors"))[1]
+    missing.unlink()
+    with pytest.raises(CheckpointError, match=f"names shard {missing.name}, which does not exist"):
+        load_dit_checkpoint(tmp_path / "wan", TINY)
+
+
+def test_a_published_config_json_of_another_model_is_refused_before_loading(
+    tmp_path: Path, source: WanModel, reference_output: torch.Tensor
+) -> None:
+    """The published folders are diffusers-style: config.json (the WanModel constructor's arguments) beside
+    the shards. A config that matches loads; one of another family or size is refused, naming the fields."""
+    import json
+
+    from workers.checkpoint import _config_json_fields
+
+    folder = tmp_path / "published"
+    save_dit_checkpoint(source, folder, shards=2)
+    stated = {"_class_name": "WanModel", **_config_json_fields(TINY)}
+    (folder / "config.json").write_text(json.dumps(stated))
+    model, _ = load_dit_checkpoint(folder, TINY)
+    assert torch.equal(_run(model), reference_output)
+    liveact = get_model_preset("soulx-liveact-tiny")
+    (folder / "config.json").write_text(json.dumps({**stated, "intermediate_dim": 512, "num_layers": 40}))
+    with pytest.raises(CheckpointError, match=r"num_layers: file 40, preset 2.*--preset soulx-liveact"):
+        load_dit_checkpoint(folder, liveact)
