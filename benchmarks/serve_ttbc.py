@@ -79,7 +79,8 @@ def measure(decoder: str, args: argparse.Namespace, folder: Path) -> dict[str, A
     config.write_text(f'[api]\napi_key = "{API_KEY}"\ndrain_timeout_s = 0\nfile_output_dir = "{out}"\n')
     cmd = [
         sys.executable, "-m", "server.cli", "serve", "--config", str(config), "--port", str(port),
-        "--preset", "tiny", "--random-weights", "--resolution", args.resolution, "--steps", str(args.steps),
+        "--preset", args.preset, "--random-weights", "--resolution", args.resolution,
+        "--steps", str(args.steps),
         "--score-workers", "1", "--decoder", decoder, "--device", "cpu", "--threads", "1",
         "--ahead", "100000",
     ]  # fmt: skip
@@ -167,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m benchmarks.serve_ttbc", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--out", type=Path, required=True, help="results JSON")
+    parser.add_argument(
+        "--preset", default="tiny", help="tiny, or soulx-liveact-tiny (LiveAct's schedule: 6 then 8 latents)"
+    )
     parser.add_argument("--chunks", type=int, default=14, help="chunks per session")
     parser.add_argument("--steps", type=int, default=64, help="denoising steps (a heavier score stage)")
     parser.add_argument("--resolution", default="64x64")
@@ -190,8 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     document = {
         "benchmark": "serve_ttbc",
-        "what": "talkingmachines serve, one flat-out session with a file output, tiny preset, seeded random "
-        f"weights, {args.resolution}, {args.steps} denoising steps, one torch thread per rank",
+        "what": f"talkingmachines serve, one flat-out session with a file output, preset {args.preset}, "
+        f"seeded random weights, {args.resolution}, {args.steps} denoising steps, one torch thread per rank",
         **provenance("benchmarks.serve_ttbc", argv),
         "results": results,
         "summary": summary,
