@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 
 from proto.api import SessionInfo, SessionState
 from server.api import create_app
@@ -79,3 +80,13 @@ def test_a_websocket_that_sends_no_first_message_is_closed_at_the_deadline(
 
 def test_the_deadline_is_a_setting_with_a_short_default() -> None:
     assert 0 < make_settings().ws_auth_timeout_s <= 10
+
+
+def test_an_oversized_first_message_is_refused_not_parsed() -> None:
+    # A wrong key in a 5 KB hello: refused as not the handshake (4422) before the key is even compared.
+    with TestClient(_app()) as client, client.websocket_connect("/v1/sessions/s-1/audio") as ws:
+        ws.send_text(json.dumps({"sample_rate": 16000, "api_key": "x", "pad": "p" * 5000}))
+        error = ws.receive_json()
+        closed = ws.receive()
+    assert error["code"] == "invalid_request"
+    assert closed["type"] == "websocket.close" and closed["code"] == WS_INVALID
