@@ -64,8 +64,9 @@ def served(server: tuple[ServeProcess, Path]) -> tuple[np.ndarray, Path]:
         assert response.status_code == 201, response.text
         session = response.json()["id"]
         deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:  # ~1 chunk is generated ahead of playout: 5 chunks = 3 played
-            if http.get(f"/v1/sessions/{session}").json()["chunks_generated"] >= 5:
+        # Up to 2 chunks are generated ahead of playout (pipelined): 6 generated = 4 played, > 85 frames
+        while time.monotonic() < deadline:
+            if http.get(f"/v1/sessions/{session}").json()["chunks_generated"] >= 6:
                 break
             time.sleep(0.2)
         assert http.delete(f"/v1/sessions/{session}").status_code == 200

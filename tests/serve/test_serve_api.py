@@ -57,7 +57,9 @@ def test_idle_session_generates_silence_chunks_about_one_chunk_ahead(
 ) -> None:
     info = _wait_for(http, session["id"], lambda i: i["chunks_generated"] >= 4)
     assert info["chunks_generated"] >= 4
-    assert 0.0 < info["playout_buffer_s"] <= 0.5 + 0.75 + 0.1  # below --ahead, plus one chunk
+    # Below --ahead when a chunk is started, plus the chunks the pipelined engine may have in flight by then
+    # (the request for t+1 goes out before chunk t is published: at most two 0.75 s chunks).
+    assert 0.0 < info["playout_buffer_s"] <= 0.5 + 2 * 0.75 + 0.1
     assert info["ttbc"]["count"] == info["chunks_generated"] - 1  # between publishes: the first has none
     assert info["ttbc"]["deadline_s"] == 0.75
 
