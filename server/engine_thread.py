@@ -61,7 +61,7 @@ log = logging.getLogger(__name__)
 
 _TICK_S = 0.005
 _ENGINE_CALL_TIMEOUT_S = 120.0
-_CLOSE_WAIT_S = 5.0  # a close waits this long for the current chunk, then stays queued
+_CLOSE_WAIT_S = 2.0  # a close waits this long for the current chunk, then stays queued
 _WAIT_SLICE_S = 0.05  # how often a waiting API thread looks at the group's health
 _RESTART_PAUSE_S = 2.0  # after a failed restart, before the next
 

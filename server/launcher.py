@@ -218,7 +218,7 @@ class LocalWorkers:
     process and may ask about them or replace them (``local_workers()``).
 
     Each worker is reaped when it exits (the rank registry then sees it gone, not a zombie of ours), and its
-    exit is said on stderr unless rank 0 had returned or retired it by then.
+    exit is said on stderr unless this class ended it (``stop``, ``kill``, ``replace``).
 
     ``replace()`` gives rank 0 a fresh set of workers in a fresh world: the old ones are SIGKILL-ed (a
     stopped process too) and reaped, a new store is bound on a new port (``MASTER_PORT`` of this process
@@ -236,10 +236,11 @@ class LocalWorkers:
         self.base_env = dict(base_env)
         self.generation = 0  # how many times the workers were replaced
         self._workers: list[_Rank] = []
-        self._retired: set[int] = set()  # pids this class killed on purpose: their exit is not news
+        self._retired: set[int] = set()  # pids stopped or killed on purpose: their exit is not news
+        self._reapers: list[threading.Thread] = []
         self._stores: list[dist.TCPStore] = []  # the store of the current world (a replaced one's)
         self._lock = threading.Lock()
-        self._stopping = threading.Event()  # rank 0 returned: the workers' exits are ours, not news
+        self._stopping = threading.Event()  # rank 0 returned: no new workers
         self._spawns: queue.Queue[tuple[int, Future[_Rank]]] = queue.Queue()
         threading.Thread(target=self._spawner, name="spawn-workers", daemon=True).start()
 
@@ -279,11 +280,17 @@ class LocalWorkers:
             self._start()
 
     def stop(self, grace_s: float) -> None:
-        """Stop every worker (SIGTERM, SIGKILL after ``grace_s``) and reap them."""
+        """Stop every worker (SIGTERM, SIGKILL after ``grace_s``) and reap them. A worker that had exited
+        before is still reported (by its reaper, which this waits for)."""
         self._stopping.set()
         with self._lock:
+            for worker in self._workers:
+                if _running(worker.proc.pid):
+                    self._retired.add(worker.proc.pid)
             _stop_all(self._workers, grace_s)
         self._spawns.put((-1, Future()))  # ends the spawner thread
+        for reaper in self._reapers:
+            reaper.join(timeout=1)
 
     def _start(self) -> None:
         workers: list[_Rank] = []
@@ -295,8 +302,10 @@ class LocalWorkers:
         finally:
             self._workers = workers  # what started is stopped with the rest, even if a spawn failed
         for worker in workers:
-            threading.Thread(target=self._reap, args=(worker,), name=f"reap-rank{worker.rank}",
-                             daemon=True).start()
+            reaper = threading.Thread(target=self._reap, args=(worker,), name=f"reap-rank{worker.rank}",
+                                      daemon=True)
+            reaper.start()
+            self._reapers.append(reaper)
 
     def _spawner(self) -> None:
         while True:
@@ -311,9 +320,18 @@ class LocalWorkers:
     def _reap(self, worker: _Rank) -> None:
         code = worker.proc.wait()
         worker.exit_code = code
-        if code != 0 and not self._stopping.is_set() and worker.proc.pid not in self._retired:
+        if code != 0 and worker.proc.pid not in self._retired:
             print(f"{_MESSAGE_PREFIX}: rank {worker.rank} ({self.topology.role(worker.rank)}) exited: "
                   f"{_describe_exit(code)}; rank 0 goes on without it", file=sys.stderr, flush=True)
+
+
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie (it has not exited, stopped processes included)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 def _world_store_server(topology: Topology) -> dist.TCPStore:

@@ -5,7 +5,7 @@ dedicated --score-workers 1 --max-worker-restarts 2`` (the master plus one score
    ``--heartbeat-timeout`` (5 s) — well inside 10 s and independent of chunk traffic —, ``/readyz`` turns
    false with a reason naming the rank and saying it stopped responding (not that it "most likely exited"),
    the live session fails with that reason, and API calls never wait on the hung group: a DELETE issued
-   during the hang returns once the hang is noticed, a create after that is refused at once.
+   during the hang returns within 2 s (its close stays queued), a create after that is refused at once.
 2. The master kills the stopped worker, starts a new one in a new world, warms up and is ready again by
    itself; a new session produces frames.
 3. ``kill -9`` of the (new) worker heals the same way.
@@ -100,7 +100,7 @@ def test_a_stopped_worker_is_noticed_within_10_s_and_nothing_waits_on_it(
     deleter.join(10)
     assert not deleter.is_alive()
     print(f"DELETE during the hang: {deleted['status']} after {deleted['s']:.1f} s")
-    assert deleted["status"] == 200 and deleted["s"] < noticed_s + 2
+    assert deleted["status"] == 200 and deleted["s"] < 3  # it did not wait for the hang to be noticed
 
     info = http.get(f"/v1/sessions/{live.json()['id']}").json()
     assert info["state"] == "failed" and "stopped responding" in info["reason"]

@@ -113,6 +113,22 @@ def test_a_close_waiting_for_the_blocked_engine_returns_once_the_group_fails(hun
     assert executor.closed == []  # nothing went to the workers of the failed group
 
 
+def test_a_close_does_not_wait_long_for_a_busy_engine_and_reaches_the_workers_later(
+    hung, monkeypatch
+) -> None:
+    backend, executor, _ = hung
+    monkeypatch.setattr(engine_thread, "_CLOSE_WAIT_S", 0.2)
+    backend.sessions.add(Entry(_session("b"), [], None))  # type: ignore[arg-type]
+    start = time.monotonic()
+    info = backend.close("b")  # the engine is still busy with "a"'s chunk, and nothing failed
+    assert time.monotonic() - start < 1
+    assert info.state == SessionState.ended and backend.sessions.entry("b") is None
+    assert executor.closed == []
+    executor.release.set()  # the engine gets out of "a"'s chunk (which fails "a" alone) and is free again
+    _wait(lambda: executor.closed == ["b"])
+    assert executor.closed == ["b"]  # the queued close went to the workers after all
+
+
 def test_an_open_on_a_failed_group_is_refused_promptly_and_never_reaches_the_workers(hung) -> None:
     backend, executor, faults = hung
     result: dict[str, object] = {}
