@@ -51,7 +51,29 @@ class FrameSink(Protocol):
     def write(self, frames: np.ndarray, audio: np.ndarray) -> None: ...
 
 
-class ChunkScheduler:
+class _FileChunks:
+    """What both file schedulers share: the session's model and stream, its conditioning, the whole audio
+    input, the noise seed and how much of the audio has been pushed into the front-end."""
+
+    def __init__(
+        self,
+        model: ModelConfig,
+        stream: StreamConfig,
+        conditioning: I2VConditioning | None,
+        audio: np.ndarray,
+        seed: int,
+        session_id: str,
+    ) -> None:
+        self.model = model
+        self.stream = stream
+        self.conditioning = conditioning
+        self.audio = np.asarray(audio, dtype=np.float32)
+        self.seed = seed
+        self.session_id = session_id
+        self._pushed = 0
+
+
+class ChunkScheduler(_FileChunks):
     """Turns the session's audio into chunk requests (``PreparedInputs``), in order, as their audio arrives;
     the last chunk's ``pcm`` stops where the audio stops (its frames are trimmed to it).
 
@@ -70,18 +92,12 @@ class ChunkScheduler:
         seed: int,
         session_id: str = SESSION_ID,
     ) -> None:
-        self.model = model
-        self.stream = stream
+        super().__init__(model, stream, conditioning, audio, seed, session_id)
         self.featurizer = featurizer
-        self.conditioning = conditioning
-        self.audio = audio
-        self.seed = seed
-        self.session_id = session_id
         spf = featurizer.config.samples_per_frame
         self.samples_per_frame = spf
         self.total_frames = max(1, math.ceil(audio.size / spf))
         self.piece = round(PUSH_PIECE_S * featurizer.config.sample_rate)
-        self._pushed = 0
 
     @property
     def num_chunks(self) -> int:
@@ -125,7 +141,7 @@ class ChunkScheduler:
         return PreparedInputs(request, tensors, pcm, first_frame=frames.start)
 
 
-class FrameChunkScheduler:
+class FrameChunkScheduler(_FileChunks):
     """``run``'s chunk requests for the InfiniteTalk family (module docstring): each chunk's per-video-frame
     audio windows from ``source``, its ``y``, and its whole frames' audio at the output rate.
 
@@ -145,13 +161,8 @@ class FrameChunkScheduler:
         seed: int,
         session_id: str = SESSION_ID,
     ) -> None:
-        self.model = model
-        self.stream = stream
+        super().__init__(model, stream, conditioning, audio, seed, session_id)
         self.source = source
-        self.conditioning = conditioning
-        self.audio = np.asarray(audio, dtype=np.float32)
-        self.seed = seed
-        self.session_id = session_id
         self.sample_rate = output_sample_rate(stream.fps)
         self.samples_per_frame = self.sample_rate // stream.fps
         self.total_frames = max(1, math.ceil(self.audio.size * stream.fps / TARGET_SAMPLE_RATE))
@@ -160,7 +171,6 @@ class FrameChunkScheduler:
             chunks += 1
         self.num_chunks = chunks
         self._out = resample(self.audio, TARGET_SAMPLE_RATE, self.sample_rate)
-        self._pushed = 0
 
     def __iter__(self) -> Iterator[PreparedInputs]:
         for index in range(self.num_chunks):
