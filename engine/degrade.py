@@ -66,6 +66,10 @@ class DegradeConfig:
     def enabled(self) -> bool:
         return self.mode != "off"
 
+    def step_indices(self, num_steps: int) -> tuple[int, ...]:
+        """The steps a degraded chunk runs out of the schedule's ``num_steps`` (() when off)."""
+        return reduced_step_indices(num_steps, self.steps) if self.mode == "steps" else ()
+
     def check(self, num_steps: int, window: str = "sparse-causal") -> None:
         """Raise ``ValueError`` naming the flag and the fix unless the options fit a schedule of
         ``num_steps`` denoising steps streamed in ``window`` (``StreamConfig.window``)."""
