@@ -1,5 +1,6 @@
-"""engine.degrade: the hysteresis policy (enter below −enter, leave above +leave, hold in between), the steps a
-degraded chunk keeps, the start-up checks of the options, and the wire field that carries the choice."""
+"""engine.degrade: the hysteresis policy (enter below −enter, leave above +leave, hold in between), the
+steps a degraded chunk keeps, the start-up checks of the options, and the wire field that carries the
+choice."""
 
 import pytest
 
@@ -18,7 +19,8 @@ def _run(policy: DegradePolicy, slacks: list[float | None]) -> list[bool]:
 def test_switches_down_below_minus_enter_and_back_above_leave_only():
     policy = DegradePolicy(DegradeConfig(mode="steps", enter_s=0.1, leave_s=0.3))
     slacks = [0.5, 0.0, -0.05, -0.2, -0.5, 0.0, 0.25, 0.3, 0.31, 0.2, -0.1, -0.11]
-    assert _run(policy, slacks) == [False, False, False, True, True, True, True, True, False, False, False, True]
+    expected = [False, False, False, True, True, True, True, True, False, False, False, True]
+    assert _run(policy, slacks) == expected
 
 
 def test_a_slack_hovering_inside_the_band_never_flaps():
