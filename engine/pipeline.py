@@ -289,7 +289,7 @@ class ChunkEngine:
             "transfer": max(0.0, scored.roundtrip_s - scored.score_s),
             "decode": time.perf_counter() - start,
         }
-        if not work.prepared.request.step_indices:  # the expected latency of a full chunk (engine.degrade)
+        if self.degrade.enabled and not work.prepared.request.step_indices:  # a full chunk's latency
             self._cost.observe(stages["score"] + stages["transfer"] + stages["decode"])
         # real time: chunk i must arrive while chunk i - 1 plays (LiveAct: chunk 1 during chunk 0's 21 frames)
         index = work.prepared.request.chunk_index
