@@ -2,6 +2,8 @@
 steps a degraded chunk keeps, the start-up checks of the options, and the wire field that carries the
 choice."""
 
+from pathlib import Path
+
 import pytest
 
 from engine.degrade import ChunkCost, DegradeConfig, DegradePolicy, Slack, reduced_step_indices
@@ -78,3 +80,20 @@ def test_step_indices_travel_on_the_wire_and_default_to_the_full_schedule():
     request = ChunkRequest("s", 3, ((True, False),), noise_seed=9, step_indices=(0, 2))
     assert decode_header(request.to_bytes()) == request
     assert decode_header(ChunkRequest("s", 3, ((True,),), noise_seed=9).to_bytes()).step_indices == ()
+
+
+def test_run_and_serve_take_the_degrade_flags_and_refuse_a_bad_one_at_start_up(tmp_path: Path):
+    from server.run_options import parse_run_options
+    from server.serve import parse_serve_options
+
+    config = tmp_path / "serve.toml"
+    config.write_text('[api]\napi_key = "k"\n')
+    flags = ["--device", "cpu", "--random-weights", "--steps", "3"]
+    flags += ["--degrade", "steps", "--degrade-steps", "2"]
+    serve = parse_serve_options(["--config", str(config), *flags, "--degrade-enter", "0.1"])
+    assert serve.degrade == DegradeConfig(mode="steps", steps=2, enter_s=0.1, leave_s=0.25)
+    run = parse_run_options(["--image", "a.png", "--audio", "a.wav", "--out", "a.mp4", *flags])
+    assert run.degrade == DegradeConfig(mode="steps", steps=2)  # accepted; run_stream never degrades
+    with pytest.raises(ValueError, match="--degrade-steps must be between 1 and 2"):
+        parse_serve_options(["--config", str(config), *flags[:-1], "3"])
+    assert parse_serve_options(["--config", str(config), "--device", "cpu"]).degrade == DegradeConfig()
