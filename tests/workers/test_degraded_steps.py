@@ -6,6 +6,7 @@ bad subset is refused on the wire before anything runs."""
 import pytest
 import torch
 
+from proto.chunk_specs import chunk_noise
 from proto.model_config import get_model_preset
 from proto.stream_config import StreamConfig
 from proto.wire import ChunkRequest, SessionOpen, TensorSpec, WireError
@@ -167,3 +168,45 @@ def test_the_convkv_window_refuses_to_skip_steps():
     assert engine.check_step_indices(()) == (0, 1, 2)
     with pytest.raises(ValueError, match="convkv-memory window cannot skip"):
         engine.check_step_indices((0, 2))
+
+
+def test_the_wire_field_reaches_the_engine_on_a_score_rank():
+    """A ScoreRank given ``step_indices=(0,)`` for chunk 1 returns what a direct call with steps (0,) gives,
+    which is not the full chunk; the following full chunk matches the direct engine too."""
+    from dataclasses import replace
+
+    from tests.workers.test_score_rank import BOXES, STREAM, open_message, request, session_inputs
+    from workers.audio import AudioConditioning, face_token_mask
+    from workers.factory import build_score_model
+
+    model = build_score_model("tiny", seed=2)
+    rank = ScoreRank(model, STREAM)
+    rank.open_session(open_message(), session_inputs())
+    steps = {1: (0,)}
+    got = []
+    for i in range(3):
+        msg, tensors = request("s1", i)
+        got.append(rank.denoise(replace(msg, step_indices=steps.get(i, ())), tensors))
+
+    engine = StreamingDiT(model, STREAM)
+    inputs = session_inputs()
+    state = engine.open_session(inputs["context"], inputs["clip_fea"])
+    face_mask = face_token_mask(BOXES, STREAM.token_height, STREAM.token_width, STREAM.chunk_latent_frames)
+    full_rank = ScoreRank(model, STREAM)
+    full_rank.open_session(open_message(), session_inputs())
+    for i in range(3):
+        msg, tensors = request("s1", i)
+        audio = AudioConditioning(
+            features=tensors["audio"][None],
+            speaking=torch.tensor(msg.speaking)[None],
+            face_mask=face_mask[None].float(),
+        )
+        noise = chunk_noise(msg.noise_seed, STREAM.num_steps, STREAM.latent_chunk_shape)
+        want = engine.denoise_chunk(
+            state, i, y=tensors["y"], audio=audio, noise=noise, steps=steps.get(i, ())
+        )
+        assert torch.equal(got[i], want), f"chunk {i}"
+        if i == 1:
+            assert (got[i] - full_rank.denoise(msg, tensors)).abs().max() > 1e-3
+        else:
+            full_rank.denoise(msg, tensors)
