@@ -48,6 +48,7 @@ class Work:
     epoch: int  # the session's epoch when prepared (a clear since then drops the chunk at publish)
     prepare_s: float
     scored: ScoredChunk | None = None
+    quality: ChunkQuality = FULL  # engine.degrade's choice for this chunk (its steps also ride the request)
 
 
 class EngineOwner(Protocol):
@@ -226,7 +227,7 @@ class ChunkEngine:
                 prepared.request = dataclasses.replace(prepared.request, step_indices=quality.step_indices)
         except Exception as exc:
             raise _SessionStepError(session) from exc
-        return Work(session, prepared, epoch, time.perf_counter() - start)
+        return Work(session, prepared, epoch, time.perf_counter() - start, quality=quality)
 
     def _quality(self, session: EngineSession, chunk_index: int) -> ChunkQuality:
         """Full or degraded for the session's next chunk (``engine.degrade``), recorded on its times. Never
@@ -282,14 +283,14 @@ class ChunkEngine:
         if not session.live or session.output is None:
             return
         start = time.perf_counter()
-        frames = self.frames.decode(session.decoder, scored)
+        frames = self.frames.decode(self._chunk_decoder(work), scored)
         stages = {
             "prepare": work.prepare_s,
             "score": scored.score_s,
             "transfer": max(0.0, scored.roundtrip_s - scored.score_s),
             "decode": time.perf_counter() - start,
         }
-        if self.degrade.enabled and not work.prepared.request.step_indices:  # a full chunk's latency
+        if self.degrade.enabled and not work.quality.degraded:  # the latency of a full chunk
             self._cost.observe(stages["score"] + stages["transfer"] + stages["decode"])
         # real time: chunk i must arrive while chunk i - 1 plays (LiveAct: chunk 1 during chunk 0's 21 frames)
         index = work.prepared.request.chunk_index
@@ -297,6 +298,16 @@ class ChunkEngine:
         borrowed = self.frames.cuda  # a pinned buffer of the ring, reused once published
         chunk = DecodedChunk(session, work.prepared, frames, work.epoch, stages, deadline, borrowed=borrowed)
         self.publisher.submit(chunk)
+
+    @staticmethod
+    def _chunk_decoder(work: Work) -> Any:
+        """The decoder of this chunk: the session's own, unless ``engine.degrade`` chose another for it (the
+        hook of a faster-decoder mode: such a decoder needs its own per-session causal cache, kept in step
+        with the session's frames, before any mode may name it; none does yet)."""
+        name = work.quality.decoder
+        if name is None:
+            return work.session.decoder
+        raise ValueError(f"chunk decoder {name!r} is not available: no degrade mode provides one yet")
 
 
 class HostFrames:
