@@ -54,13 +54,15 @@ class DegradeConfig:
     mode: "off" (every chunk full) or "steps" (reduced denoising steps when late).
     steps: K, the denoising steps a degraded chunk runs (1 ≤ K < the schedule's S).
     enter_s: degrade when slack < −enter_s (≥ 0).
-    leave_s: back to full when slack > leave_s (> −enter_s, so the band is not empty).
+    leave_s: back to full when slack > leave_s (> −enter_s, so the band is not empty). It must be reachable:
+        the scheduler keeps a session's buffer, counting its chunk in flight, under ``ahead_s``, so the slack
+        never exceeds about ``ahead_s`` − a full chunk's latency; ``serve`` refuses leave_s ≥ ``--ahead``.
     """
 
     mode: str = "off"
     steps: int = 1
     enter_s: float = 0.0
-    leave_s: float = 0.25
+    leave_s: float = 0.1
 
     @property
     def enabled(self) -> bool:

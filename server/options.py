@@ -459,7 +459,7 @@ def add_degrade_arguments(parser: argparse.ArgumentParser) -> None:
         default=defaults.leave_s,
         metavar="S",
         help=f"back to full quality when the slack rises above S seconds (default {defaults.leave_s:g}; "
-        "must be reachable: below --ahead plus a chunk's duration minus a full chunk's time)",
+        "must be reachable: below --ahead minus a full chunk's time, or a degraded session stays degraded)",
     )
 
 

@@ -91,9 +91,11 @@ def test_run_and_serve_take_the_degrade_flags_and_refuse_a_bad_one_at_start_up(t
     flags = ["--device", "cpu", "--random-weights", "--steps", "3"]
     flags += ["--degrade", "steps", "--degrade-steps", "2"]
     serve = parse_serve_options(["--config", str(config), *flags, "--degrade-enter", "0.1"])
-    assert serve.degrade == DegradeConfig(mode="steps", steps=2, enter_s=0.1, leave_s=0.25)
+    assert serve.degrade == DegradeConfig(mode="steps", steps=2, enter_s=0.1)
     run = parse_run_options(["--image", "a.png", "--audio", "a.wav", "--out", "a.mp4", *flags])
     assert run.degrade == DegradeConfig(mode="steps", steps=2)  # accepted; run_stream never degrades
     with pytest.raises(ValueError, match="--degrade-steps must be between 1 and 2"):
         parse_serve_options(["--config", str(config), *flags[:-1], "3"])
     assert parse_serve_options(["--config", str(config), "--device", "cpu"]).degrade == DegradeConfig()
+    with pytest.raises(ValueError, match=r"--degrade-leave 0\.8 is never reached"):  # buffer < --ahead
+        parse_serve_options(["--config", str(config), *flags, "--ahead", "0.75", "--degrade-leave", "0.8"])
