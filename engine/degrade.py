@@ -13,7 +13,8 @@ minus what the chunk is expected to take::
 The expected latency is an exponential moving average (``COST_EMA``) of score + transfer + decode of the
 group's *full* chunks (degraded chunks do not update it: the question the policy asks is whether a full
 chunk would make it). Other sessions' chunks queued ahead are not counted: earliest deadline first
-(``engine.scheduler``) already serves the session nearest to running dry first.
+(``engine.scheduler``) already serves the session nearest to running dry first. A decoded chunk still in the
+publish queue is not counted either (the estimate errs towards degrading).
 
 Policy (``DegradePolicy.decide``, pure): a session at full quality degrades when its slack drops below
 ``-enter_s`` and returns to full once its slack rises above ``leave_s``; in between it keeps its current
