@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from engine.degrade import DegradeState
 from proto.chunk_specs import chunk_seed
 from proto.wire import ChunkRequest, TensorSpec, check_specs
 
@@ -36,6 +37,7 @@ class SessionTimes:
     last_publish: float | None = None  # perf_counter of the session's latest publish
     last_epoch: int = 0  # the session's epoch at that publish (a clear since then is not a stall)
     first_frame_latency_s: float | None = None
+    degrade: DegradeState = field(default_factory=DegradeState)  # engine.degrade's record (under lock)
 
 
 def chunk_request(

@@ -313,6 +313,7 @@ def run_stream(
             ttbc_s=published.ttbc_s,
             rss_bytes=memory() if memory is not None else {},
             deadline_s=chunk.deadline_s,
+            degraded=bool(chunk.prepared.request.step_indices),
         )
         stats.add(timing)
         if on_chunk is not None:

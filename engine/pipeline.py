@@ -13,10 +13,14 @@ Which session goes next is the owner's choice (``EngineOwner.pick``, e.g. earlie
 ``engine.scheduler``); a chunk in flight is passed to it so it can count that chunk as buffered. Failures:
 a ``WorkerError`` fails the whole group (``EngineOwner.group_failed``); anything else fails only the session
 whose step raised (``EngineOwner.session_failed``), whose caches are then freed on the workers.
+
+Degradation (``engine.degrade``, off by default): when a session's slack goes negative, ``_prepare`` gives its
+next chunk fewer denoising steps (``ChunkRequest.step_indices``), the one place that decision is made.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -26,6 +30,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from engine.degrade import FULL, ChunkCost, ChunkQuality, DegradeConfig, DegradePolicy, Slack
 from engine.executor import Executor, ScoredChunk, WorkerError
 from engine.publish import ChunkPublisher, DecodedChunk, EngineSession, PreparedChunkInputs
 from proto.stream_config import StreamConfig
@@ -43,6 +48,7 @@ class Work:
     epoch: int  # the session's epoch when prepared (a clear since then drops the chunk at publish)
     prepare_s: float
     scored: ScoredChunk | None = None
+    quality: ChunkQuality = FULL  # engine.degrade's choice for this chunk (its steps also ride the request)
 
 
 class EngineOwner(Protocol):
@@ -63,6 +69,14 @@ class EngineOwner(Protocol):
 
     def group_failed(self, reason: str) -> None:
         """The score side failed: fail every session."""
+        ...
+
+
+class DegradeMetrics(Protocol):
+    """The recorder of degraded chunks (``server.metrics.Metrics``)."""
+
+    def observe_degraded(self, session_id: str, mode: str | None) -> None:
+        """The session's next chunk is degraded in ``mode`` (None: it is full)."""
         ...
 
 
@@ -93,6 +107,8 @@ class ChunkEngine:
         *,
         overlap: bool = True,
         device: torch.device | None = None,
+        degrade: DegradeConfig | None = None,
+        degrade_metrics: DegradeMetrics | None = None,
     ) -> None:
         self.executor = executor
         self.stream = stream
@@ -105,6 +121,12 @@ class ChunkEngine:
         self._scored: Work | None = None  # collected, not yet decoded
         self._deferred_closes: list[str] = []
         self._reply_pending: set[str] = set()  # sessions whose chunk reply was not read (never closed)
+        # engine.degrade: the policy, the expected latency of a full chunk, the steps of a degraded one
+        self.degrade = degrade or DegradeConfig()
+        self.degrade_metrics = degrade_metrics
+        self._policy = DegradePolicy(self.degrade)
+        self._cost = ChunkCost()
+        self._reduced = self.degrade.step_indices(len(stream.denoising_steps))
 
     def idle(self) -> bool:
         return self.in_flight is None
@@ -200,9 +222,35 @@ class ChunkEngine:
         epoch = session.epoch
         try:
             prepared = session.prepare_chunk()
+            quality = self._quality(session, prepared.request.chunk_index)
+            if quality.step_indices:
+                prepared.request = dataclasses.replace(prepared.request, step_indices=quality.step_indices)
         except Exception as exc:
             raise _SessionStepError(session) from exc
-        return Work(session, prepared, epoch, time.perf_counter() - start)
+        return Work(session, prepared, epoch, time.perf_counter() - start, quality=quality)
+
+    def _quality(self, session: EngineSession, chunk_index: int) -> ChunkQuality:
+        """Full or degraded for the session's next chunk (``engine.degrade``), recorded on its times. Never
+        the first chunk (the sink every later chunk attends to), never before a full chunk was measured."""
+        if not self.degrade.enabled:
+            return FULL
+        slack: Slack | None = None
+        if chunk_index > 0 and self._cost.expected_s is not None and session.output is not None:
+            pending = sum(
+                self.stream.chunk_duration_s(work.prepared.request.chunk_index)
+                for work in (self.in_flight, self._scored)
+                if work is not None and work.session is session
+            )
+            slack = Slack(session.output.buffered_s(), pending, self._cost.expected_s)
+        state = session.times.degrade
+        degraded = self._policy.decide(state.degraded, None if slack is None else slack.seconds)
+        with session.times.lock:
+            state.degraded = degraded
+            state.last_slack_s = None if slack is None else slack.seconds
+            state.degraded_chunks += int(degraded)
+        if self.degrade_metrics is not None:
+            self.degrade_metrics.observe_degraded(session.id, self.degrade.mode if degraded else None)
+        return ChunkQuality(step_indices=self._reduced) if degraded else FULL
 
     def _submit(self, work: Work) -> bool:
         self.in_flight = work
@@ -235,19 +283,31 @@ class ChunkEngine:
         if not session.live or session.output is None:
             return
         start = time.perf_counter()
-        frames = self.frames.decode(session.decoder, scored)
+        frames = self.frames.decode(self._chunk_decoder(work), scored)
         stages = {
             "prepare": work.prepare_s,
             "score": scored.score_s,
             "transfer": max(0.0, scored.roundtrip_s - scored.score_s),
             "decode": time.perf_counter() - start,
         }
+        if self.degrade.enabled and not work.quality.degraded:  # the latency of a full chunk
+            self._cost.observe(stages["score"] + stages["transfer"] + stages["decode"])
         # real time: chunk i must arrive while chunk i - 1 plays (LiveAct: chunk 1 during chunk 0's 21 frames)
         index = work.prepared.request.chunk_index
         deadline = self.stream.chunk_duration_s(max(index - 1, 0))
         borrowed = self.frames.cuda  # a pinned buffer of the ring, reused once published
         chunk = DecodedChunk(session, work.prepared, frames, work.epoch, stages, deadline, borrowed=borrowed)
         self.publisher.submit(chunk)
+
+    @staticmethod
+    def _chunk_decoder(work: Work) -> Any:
+        """The decoder of this chunk: the session's own, unless ``engine.degrade`` chose another for it (the
+        hook of a faster-decoder mode: such a decoder needs its own per-session causal cache, kept in step
+        with the session's frames, before any mode may name it; none does yet)."""
+        name = work.quality.decoder
+        if name is None:
+            return work.session.decoder
+        raise ValueError(f"chunk decoder {name!r} is not available: no degrade mode provides one yet")
 
 
 class HostFrames:

@@ -63,6 +63,7 @@ class ChunkTiming:
     ttbc_s: float | None
     rss_bytes: dict[int, int] = field(default_factory=dict)
     deadline_s: float | None = None  # the TTBC budget: the previous chunk's duration (None: the steady line)
+    degraded: bool = False  # ran fewer denoising steps (engine.degrade; ChunkRequest.step_indices)
 
     def stage(self, name: str) -> float:
         return float(getattr(self, f"{name}_s"))
@@ -126,6 +127,7 @@ class StreamStats:
             "first_chunk_latency_s": self.first_chunk_latency_s,
             "ttbc_s": _percentiles(ttbc),
             "deadline_misses": misses,
+            "degraded_chunks": sum(c.degraded for c in self.chunks),
             "stages_s": {name: _percentiles([c.stage(name) for c in self.chunks]) for name in STAGES},
             "rss_growth_after_chunk_3": {str(k): v for k, v in self.memory_growth().items()},
         }

@@ -258,6 +258,10 @@ class SessionInfo(_Strict):
     livekit_identity: str | None = Field(default=None, description="the identity the session joined as")
     faces: list[Face] = []
     speaking: list[int] = []
+    degraded: bool = Field(
+        default=False, description="its latest chunk ran at reduced quality (--degrade; late playout)"
+    )
+    degraded_chunks: int = Field(default=0, description="chunks generated at reduced quality so far")
 
 
 class SessionList(_Strict):

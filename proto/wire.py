@@ -151,6 +151,7 @@ class ChunkRequest(Message):
 
     ``speaking[c][f]`` is True when character ``c`` speaks in latent frame ``f`` of the chunk (False: the
     silence embedding replaces its audio). ``noise_seed`` seeds the chunk's initial and re-noising noise.
+    ``step_indices``: the denoising steps to run (empty: all; ``engine.degrade``).
     Tensors: audio features for the chunk's window and anything else per chunk, as declared.
     """
 
@@ -160,6 +161,9 @@ class ChunkRequest(Message):
     speaking: tuple[tuple[bool, ...], ...]
     noise_seed: int
     tensors: tuple[TensorSpec, ...] = ()
+    # Indices of the denoising steps this chunk runs, increasing from 0; () = the full schedule. A degraded
+    # chunk (engine.degrade) runs a subset; the workers check it against their schedule.
+    step_indices: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.chunk_index < 0:

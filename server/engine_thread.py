@@ -97,11 +97,23 @@ class EngineThread:
         self.metrics = metrics
         self.warm_up = warm_up
         self.publisher = ChunkPublisher(metrics, sessions.sessions)
-        self.chunks = ChunkEngine(executor, config.stream, self.publisher, self)
+        self.chunks = self._chunk_engine(executor)
         self._commands: queue.Queue[tuple[Callable[[], Any], Future[Any]]] = queue.Queue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="master-engine", daemon=True)
         self._last_offset_report = 0.0
+
+    def _chunk_engine(self, executor: Executor) -> ChunkEngine:
+        """The pipeline over ``executor``, with the group's degradation options (``engine.degrade``)."""
+        config = self.config
+        return ChunkEngine(
+            executor,
+            config.stream,
+            self.publisher,
+            self,
+            degrade=config.degrade,
+            degrade_metrics=self.metrics,
+        )
 
     def start(self) -> None:
         self.publisher.start()
@@ -237,7 +249,7 @@ class EngineThread:
         start = time.monotonic()
         try:
             self.executor = renewal.replace()
-            self.chunks = ChunkEngine(self.executor, self.config.stream, self.publisher, self)
+            self.chunks = self._chunk_engine(self.executor)
             if self.warm_up:
                 self._warm_up()
         except Exception as exc:  # whatever broke, this group cannot serve; the next restart starts over

@@ -21,6 +21,7 @@ import torch
 from decoder.encode import I2VConditioning
 from decoder.streaming import DecodeOptions
 from decoder.vae import WanVAE
+from engine.degrade import DegradeConfig
 from engine.session_open import reference_image, session_open
 from frontends.audio_features import (
     AudioFeaturizer,
@@ -56,6 +57,7 @@ class LiveConfig:
     sync_probe: paint frames with loud audio white (A/V offset measurements; off in production).
     video_delay_frames: LiveKit video sent this many frames after its audio (receive-path compensation).
     decode: the sessions' ``DecodeSession`` options (``--vae-*``; autocast follows ``--dtype`` by default).
+    degrade: deadline-aware degradation (``--degrade*``, ``engine.degrade``).
     """
 
     model: ModelConfig
@@ -70,6 +72,8 @@ class LiveConfig:
     encoder_seed: int | None = None  # the tiny random wav2vec2's seed (None: `seed`)
     # The sessions' decode options; the backend's VAE must be prepared for them (`DecodeOptions.prepare`).
     decode: DecodeOptions = field(default_factory=DecodeOptions)
+    # Deadline-aware degradation (engine.degrade; off by default).
+    degrade: DegradeConfig = field(default_factory=DegradeConfig)
 
 
 class SessionSetup:

@@ -21,6 +21,9 @@ Series:
 - ``tm_av_offset_seconds`` (gauge, last value) and ``tm_av_offset_observed_seconds`` (histogram): audio time
   minus video time at the publisher; positive = audio ahead.
 - ``tm_audio_received_seconds_total{transport}`` (counter): speech accepted by the API (http, websocket).
+- ``tm_degraded_chunks_total{mode}`` (counter): chunks generated at reduced quality (``engine.degrade``;
+  mode ``steps``: fewer denoising steps), no session label.
+- ``tm_degraded_sessions`` (gauge): live sessions whose latest chunk was degraded.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 STAGES = ("prepare", "score", "transfer", "decode", "publish")
 TRANSPORTS = ("http", "websocket")
+DEGRADE_MODES = ("steps",)  # engine.degrade's modes other than off
 CHUNK_SECONDS = 0.75  # 12 frames at 16 fps
 
 
@@ -114,6 +118,16 @@ class Metrics:
             self.stage.labels(stage=stage)
         for transport in TRANSPORTS:
             self.audio_received.labels(transport=transport)
+        self.degraded_chunks = Counter(
+            "tm_degraded_chunks", "Chunks generated at reduced quality (engine.degrade)", ["mode"], registry=r
+        )
+        for mode in DEGRADE_MODES:
+            self.degraded_chunks.labels(mode=mode)
+        self.degraded_sessions = Gauge(
+            "tm_degraded_sessions", "Live sessions whose latest chunk was degraded", registry=r
+        )
+        self.degraded_sessions.set_function(lambda: float(len(self._degraded)))
+        self._degraded: set[str] = set()
         self._sessions: set[str] = set()
         self._lock = threading.Lock()
 
@@ -146,6 +160,19 @@ class Metrics:
             self.deadline_misses.inc()
         for stage, seconds in stages.items():
             self.stage.labels(stage=stage).observe(_finite(seconds, f"stage {stage!r}"))
+
+    def observe_degraded(self, session_id: str, mode: str | None) -> None:
+        """A session's next chunk is degraded in ``mode`` (counted), or full (None); the gauge counts the
+        live sessions whose latest chunk was degraded (no session label on either)."""
+        if mode is not None and mode not in DEGRADE_MODES:
+            raise ValueError(f"unknown degrade mode {mode!r}; expected one of {', '.join(DEGRADE_MODES)}")
+        if mode is not None:
+            self.degraded_chunks.labels(mode=mode).inc()
+        with self._lock:
+            if mode is not None and session_id in self._sessions:
+                self._degraded.add(session_id)
+            else:
+                self._degraded.discard(session_id)
 
     def observe_first_frame(self, seconds: float) -> None:
         """Audio in → first frame published, for one speech segment or session start."""
@@ -192,6 +219,7 @@ class Metrics:
             if session not in self._sessions:
                 return
             self._sessions.discard(session)
+            self._degraded.discard(session)
             self._buffers.pop(session, None)
             self.active_sessions.dec()
             if self.playout_buffer is not None:

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import torch
 
 from decoder.streaming import DecodeOptions
+from engine.degrade import MODES, DegradeConfig
 from frontends.model_bundle import ModelBundle, resolve_weights
 from proto.model_config import ModelConfig, get_model_preset, model_preset_names
 from proto.stream_config import STREAM_SCHEDULES, StreamConfig
@@ -89,6 +90,8 @@ class GroupOptions:
     vae_channels_last: bool = False
     vae_compile: bool = False
     vae_chunk_at_once: bool = False
+    # --degrade / --degrade-steps / --degrade-enter / --degrade-leave (engine.degrade; serve only)
+    degrade: DegradeConfig = dataclasses.field(default_factory=DegradeConfig)
 
     @property
     def model_config(self) -> ModelConfig:
@@ -182,7 +185,8 @@ class GroupOptions:
     def check(self) -> None:
         """What the group's options must satisfy together; raises ``ValueError`` with the fix."""
         self.topology()  # worker count vs heads, decoder placement
-        self.stream_config()  # sizes, steps, chunk size vs the training window
+        stream = self.stream_config()  # sizes, steps, chunk size vs the training window
+        self.degrade.check(len(stream.denoising_steps), stream.window)
         get_vae_preset(self.vae_preset)
         tokens = (self.height // 16) * (self.width // 16)
         if tokens % self.score_workers:
@@ -253,11 +257,22 @@ def group_options(args: argparse.Namespace, cls: type[Options], **own: Any) -> O
         compile_score=bool(args.compile),
         weights=weights.describe(),
         **_decode_settings(args),
+        degrade=degrade_config(args),
         **fixed,
         **own,
     )
     options.check()
     return options
+
+
+def degrade_config(args: argparse.Namespace) -> DegradeConfig:
+    """``--degrade*`` as an ``engine.degrade.DegradeConfig`` (checked against the schedule in ``check``)."""
+    return DegradeConfig(
+        mode=str(args.degrade),
+        steps=int(args.degrade_steps),
+        enter_s=float(args.degrade_enter),
+        leave_s=float(args.degrade_leave),
+    )
 
 
 def evenly_spaced_steps(n: int) -> tuple[int, ...]:
@@ -408,6 +423,44 @@ def add_group_arguments(parser: argparse.ArgumentParser, command: str, prompt_he
         "default: the GPUs' free memory, or the host's available memory (engine.memory_plan)",
     )
     add_rank_arguments(parser)
+    add_degrade_arguments(parser)
+
+
+def add_degrade_arguments(parser: argparse.ArgumentParser) -> None:
+    """--degrade / --degrade-steps / --degrade-enter / --degrade-leave (``engine.degrade``)."""
+    defaults = DegradeConfig()
+    parser.add_argument(
+        "--degrade",
+        choices=MODES,
+        default=defaults.mode,
+        help="deadline-aware degradation (serve; run accepts and ignores it, a file has no playout "
+        "deadline): 'steps' gives a live session's next chunk fewer denoising steps while its slack "
+        "(playout buffer minus the expected time of a full chunk) is negative; default off (unmeasured on "
+        "a GPU; the sparse-causal window only)",
+    )
+    parser.add_argument(
+        "--degrade-steps",
+        type=int,
+        default=defaults.steps,
+        metavar="K",
+        help=f"denoising steps of a degraded chunk, fewer than the schedule's (default {defaults.steps}: "
+        "one step from pure noise; K >= 2 keeps the first and the last step, evenly spaced between)",
+    )
+    parser.add_argument(
+        "--degrade-enter",
+        type=float,
+        default=defaults.enter_s,
+        metavar="S",
+        help=f"degrade when the slack drops below -S seconds (default {defaults.enter_s:g})",
+    )
+    parser.add_argument(
+        "--degrade-leave",
+        type=float,
+        default=defaults.leave_s,
+        metavar="S",
+        help=f"back to full quality when the slack rises above S seconds (default {defaults.leave_s:g}; "
+        "must be reachable: below --ahead minus a full chunk's time, or a degraded session stays degraded)",
+    )
 
 
 def add_rank_arguments(parser: argparse.ArgumentParser) -> None:

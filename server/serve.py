@@ -210,6 +210,11 @@ def parse_serve_options(argv: list[str], *, check_memory: bool = True) -> ServeO
         max_worker_restarts=args.max_worker_restarts,
         worker_restart_window_s=args.worker_restart_window,
     )
+    if options.degrade.enabled and options.degrade.leave_s >= options.ahead_s:
+        raise ValueError(
+            f"--degrade-leave {options.degrade.leave_s:g} is never reached: a session's buffer stays under "
+            f"--ahead {options.ahead_s:g} s, so its slack does too; lower --degrade-leave or raise --ahead"
+        )
     settings = options.api_settings()  # a missing API key or a bad [api] table fails before any rank starts
     if check_memory:
         from engine.memory_plan import check_options_memory
@@ -288,6 +293,7 @@ def _serve_master(options: ServeOptions, groups: Any, store: dist.Store, score_r
         wav2vec_checkpoint=options.wav2vec_checkpoint,
         encoder_seed=options.tiny_encoder_seed,
         decode=options.decode_options(),
+        degrade=options.degrade,
     )
     backend = LiveBackend(
         config,

@@ -141,6 +141,8 @@ class SessionRegistry:
             values = np.asarray(times.ttbc)
             chunks_generated = session.chunks_generated
             deadline_misses = times.deadline_misses
+            degrade = times.degrade
+            degraded, degraded_chunks = degrade.degraded, degrade.degraded_chunks
         if values.size:
             ttbc = TTBCStats(
                 count=len(values),
@@ -163,4 +165,6 @@ class SessionRegistry:
             livekit_identity=entry.identity,
             faces=entry.faces,
             speaking=sorted(session.feed.speaking),
+            degraded=degraded,
+            degraded_chunks=degraded_chunks,
         )

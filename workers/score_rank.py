@@ -115,6 +115,10 @@ class ScoreRank:
         session = self._session(msg.session_id, "ChunkRequest")
         where = f"ChunkRequest {msg.session_id!r} chunk {msg.chunk_index}"
         msg.expect(chunk_index=session.state.next_chunk)
+        try:  # a degraded chunk's steps (engine.degrade), checked before any collective runs
+            steps = self.engine.check_step_indices(msg.step_indices)
+        except ValueError as exc:
+            raise WireError(f"{where}.step_indices: {exc}") from exc
         index = msg.chunk_index
         specs = chunk_request_specs(self.config, self.stream, session.num_characters, index)
         self._check_tensors(where, specs, msg.tensors, tensors)
@@ -142,6 +146,7 @@ class ScoreRank:
             y=self._optional(tensors, "y", index),
             audio=audio,
             noise=self.staging.to_device(self._stage("noise", index), noise),
+            steps=steps,
         )
         return x0.float().contiguous() if self.is_leader else None
 

@@ -88,6 +88,7 @@ schedule written out uncached on `WanModel.forward`) within 1e-5 and reproduces 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 import torch
 import torch.distributed as dist
@@ -360,6 +361,7 @@ class StreamingDiT:
         audio: AudioConditioning | None = None,
         noise: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        steps: tuple[int, ...] = (),
     ) -> torch.Tensor:
         """Denoise chunk `chunk_index` (must be the session's next chunk) and return its x0 `[16, F, h, w]`.
 
@@ -371,7 +373,10 @@ class StreamingDiT:
             `stream.video_frames_in_chunk(chunk_index)` video frames, starts_clip exactly for chunk 0).
         noise: `[S, 16, F, h, w]`: noise[0] is the initial x_T, noise[s] the fresh ε that re-noises to step s;
             drawn from `generator` when None.
+        steps: the indices of the denoising steps to run (a degraded chunk, `engine.degrade`; checked by
+            `check_step_indices`); () runs them all. The noise keeps the full schedule's layout.
         """
+        run = self.check_step_indices(steps)
         if chunk_index != state.next_chunk:
             raise ValueError(
                 f"chunk {chunk_index} requested but the session expects chunk {state.next_chunk}; chunks are "
@@ -397,15 +402,62 @@ class StreamingDiT:
         inputs = self.chunk_inputs(chunk_index, audio, param.device)
         x = noise[0]
         x0 = x
-        for s, sigma in enumerate(self.sigmas):
+        for j, s in enumerate(run):  # every step, or a degraded chunk's subset (re-noised to the next kept σ)
             v = self.step(state, x, s, chunk_index, y, inputs)
-            x0 = predict_x0(x, v.to(x.dtype), sigma)
-            if s + 1 < len(self.sigmas):
-                x = renoise(x0, self.sigmas[s + 1], noise[s + 1])
+            x0 = predict_x0(x, v.to(x.dtype), self.sigmas[s])
+            if j + 1 < len(run):
+                x = renoise(x0, self.sigmas[run[j + 1]], noise[run[j + 1]])
         if self.stream.cache_mode == "clean-context":  # the σ = 0 refresh writes the chunk's clean keys
             self.step(state, x0, len(self.sigmas), chunk_index, y, inputs)
+        elif len(run) < len(self.sigmas):
+            self.fill_skipped_slots(state, chunk_index, run)
         state.next_chunk += 1
         return x0
+
+    # ---- degraded chunks (engine.degrade) ------------------------------------------------------------------
+
+    def check_step_indices(self, steps: tuple[int, ...]) -> tuple[int, ...]:
+        """The step indices a chunk runs: () → all of them; else `steps`, which must increase strictly from 0
+        within the schedule (step 0 starts from pure noise, noise[0]), on the sparse-causal window. Raises
+        ValueError naming the fix."""
+        count = len(self.sigmas)
+        if not steps:
+            return tuple(range(count))
+        steps = tuple(int(s) for s in steps)
+        if steps[0] != 0 or any(b <= a for a, b in pairwise(steps)) or steps[-1] >= count:
+            raise ValueError(
+                f"step_indices {steps} must increase strictly from 0 and stay below the schedule's {count} "
+                "steps (engine.degrade.reduced_step_indices)"
+            )
+        if self.memory_window and len(steps) < count:
+            raise ValueError(
+                "the convkv-memory window cannot skip denoising steps (its per-step ConvKV memory has no "
+                "fill rule); run the full schedule (step_indices ())"
+            )
+        return steps
+
+    def fill_skipped_slots(self, state: SessionState, chunk_index: int, run: tuple[int, ...]) -> None:
+        """`per-step` cache after a degraded chunk: each skipped step's slot gets this chunk's keys/values of
+        the executed pass whose σ is nearest (ties: the smaller σ), every block, in place.
+
+        Why: the next chunk's pass s attends to this chunk's keys in slot s; left alone, the slot would hold
+        the keys of the chunk two back (the ring position's previous occupant), at the wrong place in time.
+        Copying the nearest executed pass's keys keeps the slot this chunk's, at the noise level closest to
+        the one pass s expects; the alternative, an extra pass per skipped slot to compute its exact keys,
+        would cost what the degradation saves. The trade-off: the next chunk's pass s sees its predecessor
+        at a noise level off by |σ_s − σ_nearest| (for (1000, 500) → (1000): the σ = 1 keys of pure noise
+        stand in for the σ(500) keys, so the next chunk's second pass sees a noisier previous chunk, which
+        loosens its continuity with it for one chunk; c_0, the sink, is never degraded by the engine)."""
+        cache = state.cache
+        assert isinstance(cache, ChunkKVCache)
+        start = cache.write_offset(chunk_index)
+        span = slice(start, start + cache.tokens)
+        for s in range(len(self.sigmas)):
+            if s in run:
+                continue
+            source = min(run, key=lambda e: (abs(self.sigmas[e] - self.sigmas[s]), self.sigmas[e]))
+            cache.k[:, s, :, span].copy_(cache.k[:, source, :, span])
+            cache.v[:, s, :, span].copy_(cache.v[:, source, :, span])
 
     # ---- the convkv-memory window (SoulX-LiveAct) ---------------------------------------------------------
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import threading
 from types import SimpleNamespace
 
+from engine.chunks import SessionTimes
 from proto.api import SessionState
 from proto.model_config import get_model_preset
 from proto.stream_config import StreamConfig
@@ -51,7 +51,7 @@ def _session(session_id: str, end_reason: str | None) -> SimpleNamespace:
         reason=None,
         output=_Output(end_reason),
         chunks_generated=0,
-        times=SimpleNamespace(ttbc=[], deadline_misses=0, first_frame_latency_s=None, lock=threading.Lock()),
+        times=SessionTimes(),
         feed=SimpleNamespace(speaking=set()),
     )
 
