@@ -91,6 +91,7 @@ def _check_name(name: str, what: str = "attention backend") -> None:
 
 _default_backend = os.environ.get("TM_ATTENTION_BACKEND", "auto")
 _check_name(_default_backend, "TM_ATTENTION_BACKEND")
+_default_backend = ALIASES.get(_default_backend, _default_backend)
 
 
 def canonical(name: str) -> str:
@@ -242,14 +243,11 @@ def resolve_backend(
         return name
     if name in ("fa2", "fa3") and (_fa2_fn if name == "fa2" else _fa3_fn) is None:
         raise RuntimeError(f"attention backend {name!r}: {_INSTALL_HINT[name]}; use 'sdpa'")
-    limit = MAX_HEAD_DIM
-    if name == "cudnn":
-        if not _cudnn_sdpa_present():
-            raise RuntimeError(f"attention backend 'cudnn': PyTorch {torch.__version__} has no cuDNN SDPA")
-        capability = _capability(q.device)
-        if capability is not None and capability[0] < 9:
-            limit = CUDNN_MAX_HEAD_DIM_PRE_HOPPER
-    return name if _kernel_takes(q, kv, mask, limit) else "sdpa"
+    if name == "cudnn" and not _cudnn_sdpa_present():
+        raise RuntimeError(f"attention backend 'cudnn': PyTorch {torch.__version__} has no cuDNN SDPA")
+    # cuDNN's lower head-dim limit below Hopper is checked once at start-up (`unavailable_reason`, for the
+    # model's head dim, which every attention call of the model shares): no device query per call.
+    return name if _kernel_takes(q, kv, mask, MAX_HEAD_DIM) else "sdpa"
 
 
 def _sdpa(

@@ -41,6 +41,10 @@ The static step (what every pass reuses is built once, nothing per step is alloc
 - `compile=True` (`--compile`): every block runs `torch.compile`d (inductor); the first chunks compile
   (one graph per distinct (write offset, visible length) of the cache: chunks 0, 1, then even/odd).
   Compiled and eager agree within float32 rounding (tests/workers/test_streaming_static.py states it).
+- `cuda_graphs=True` (`--cuda-graphs`, CUDA only): `_forward` hands each pass to `workers.cuda_graphs`, which
+  captures one graph per distinct pass (the keys above, per session) after an eager warm-up and replays it
+  with the pass's fresh inputs copied into static buffers (tests/workers/test_cuda_graphs.py, on a fake
+  capture: replayed streams equal eager).
 
 Sequence parallelism (`sp_group` of P ranks, every rank calls the same methods with the same inputs): each
 rank runs the blocks on its band of every frame and caches keys/values of its H/P heads for all tokens

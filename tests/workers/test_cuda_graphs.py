@@ -20,8 +20,6 @@ from workers.cuda_graphs import StepGraphs, check_cuda_graphs
 from workers.factory import build_score_model
 from workers.streaming import StreamingDiT
 
-pytestmark = pytest.mark.equality
-
 RUN = ["--image", "i.png", "--audio", "a.wav", "--out", "o.mp4"]
 
 
