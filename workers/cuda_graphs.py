@@ -90,7 +90,9 @@ class CudaGraphCapture:
             fn()
         current.wait_stream(self.stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
+        # thread_local: a colocated rank decodes on another thread meanwhile; only this thread's
+        # capture-unsafe calls may fail the capture ("global" would fail the decoder's too).
+        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
             output = fn()
         return graph.replay, output
 
