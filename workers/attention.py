@@ -122,8 +122,9 @@ def fa3_available() -> bool:
 
 
 def _capability(device: torch.device) -> tuple[int, int] | None:
-    """The CUDA compute capability of `device`, None for another device type. Tests monkeypatch it."""
-    if device.type != "cuda":
+    """The CUDA compute capability of `device`; None for another device type, or where no GPU is visible
+    (`--device cuda` on a host without one fails elsewhere, with its own message). Tests monkeypatch it."""
+    if device.type != "cuda" or not torch.cuda.is_available():
         return None
     return torch.cuda.get_device_capability(device)
 
