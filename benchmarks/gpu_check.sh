@@ -5,7 +5,9 @@
 #      need more GPUs and are skipped with the reason) and the chunk {3,7} x steps {2,4} ablation, through
 #      run's rank entry, i.e. the engine serve uses (per-forward time, TTBC, and per rank the memory plan's
 #      figure beside torch.cuda.max_memory_allocated: results.json "peak_memory");
-#   3. the CUDA tests (pytest -m gpu): bf16 VAE decode on a side stream, the compiled decode step, pinned
+#   3. the per-forward time of one DiT pass per variant (benchmarks/forward_speed.py: eager, each attention
+#      backend, CUDA graphs, compiled, compiled+graphs; forward_speed.json, rewritten after every variant);
+#   4. the CUDA tests (pytest -m gpu): bf16 VAE decode on a side stream, the compiled decode step, pinned
 #      host-to-device staging of the per-chunk tensors, and
 #      `talkingmachines run` on the GPU (overlapped and serial) against the CPU.
 # Each step has its own time limit and writes what it has under $OUT (the TTBC study rewrites
@@ -23,6 +25,9 @@ CHUNKS=${CHUNKS:-8}
 PY=${PY:-python3}
 TTBC_LIMIT=${TTBC_LIMIT:-330}
 TEST_LIMIT=${TEST_LIMIT:-150}
+FWD_LIMIT=${FWD_LIMIT:-150}
+FWD_VARIANTS=${FWD_VARIANTS:-all}
+FWD_ITERS=${FWD_ITERS:-10}
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=5
 mkdir -p "$OUT"
 log() { echo "[$(date +%H:%M:%S)] $*"; }
@@ -53,6 +58,12 @@ for f in results.json results.partial.json ttbc.png ablation.png; do
     [ -f "$TTBC_DIR/$f" ] && cp "$TTBC_DIR/$f" "$OUT/ttbc_$f"
 done
 tail -n 30 "$OUT/ttbc.txt"
+
+log "forward speed: $PRESET $RES $DTYPE on $DEVICE, variants $FWD_VARIANTS, limit ${FWD_LIMIT}s"
+timeout "$FWD_LIMIT" "$PY" -m benchmarks.forward_speed --preset "$PRESET" --resolution "$RES" --dtype "$DTYPE" \
+    --device "$DEVICE" --variants "$FWD_VARIANTS" --iters "$FWD_ITERS" --out "$OUT/forward_speed.json" > "$OUT/forward_speed.txt" 2>&1
+log "forward speed rc=$?"
+tail -n 12 "$OUT/forward_speed.txt"
 
 log "pytest -m gpu, limit ${TEST_LIMIT}s"
 timeout "$TEST_LIMIT" "$PY" -m pytest -q -s -m gpu -p no:cacheprovider tests/decoder/test_vae_streaming.py tests/proto/test_staging.py \

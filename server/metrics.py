@@ -24,6 +24,8 @@ Series:
 - ``tm_degraded_chunks_total{mode}`` (counter): chunks generated at reduced quality (``engine.degrade``;
   mode ``steps``: fewer denoising steps), no session label.
 - ``tm_degraded_sessions`` (gauge): live sessions whose latest chunk was degraded.
+- ``tm_engine_info{...}`` (info, once ``set_engine_info`` is called at start-up): how the score model runs,
+  e.g. ``attention_backend`` (the backend ``--attention-backend`` resolved to) and ``cuda_graphs``.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import math
 import threading
 from collections.abc import Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 STAGES = ("prepare", "score", "transfer", "decode", "publish")
@@ -227,6 +229,10 @@ class Metrics:
                     self.playout_buffer.remove(session)
                 except KeyError:
                     pass
+
+    def set_engine_info(self, **labels: str) -> None:
+        """Export ``tm_engine_info{labels} 1``: the score engine's start-up settings (low cardinality)."""
+        Info("tm_engine", "How the score model runs", registry=self.registry).info(labels)
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""

@@ -80,6 +80,8 @@ class GroupOptions:
     rank_report: Path | None = None  # --rank-report: each rank writes rank<r>.json there on exit
     dtype: str = "float32"  # "float32" or "bfloat16"
     compile_score: bool = False  # --compile: torch.compile the score model's blocks (StreamingDiT)
+    attention_backend: str = "sdpa"  # --attention-backend resolved for the device (workers.attention)
+    cuda_graphs: bool = False  # --cuda-graphs: replay each score pass as a CUDA graph (workers.cuda_graphs)
     # What a trained bundle fixes (None: the model's stream schedule, ``ModelConfig.stream_schedule``).
     train_latent_frames: int | None = None
     default_denoising_steps: tuple[int, ...] | None = None
@@ -255,6 +257,7 @@ def group_options(args: argparse.Namespace, cls: type[Options], **own: Any) -> O
         rank_report=None if args.rank_report is None else Path(args.rank_report),
         dtype=resolve_dtype(str(args.dtype), device),
         compile_score=bool(args.compile),
+        **_speed_settings(args, device, resolve_dtype(str(args.dtype), device)),
         weights=weights.describe(),
         **_decode_settings(args),
         degrade=degrade_config(args),
@@ -338,6 +341,22 @@ def _size(args: argparse.Namespace, bundle: ModelBundle | None) -> tuple[int, in
     if bundle is not None:
         default = (bundle.height, bundle.width)
     return args.height or default[0], args.width or default[1]
+
+
+def _speed_settings(args: argparse.Namespace, device: str, dtype: str) -> dict[str, Any]:
+    """``attention_backend`` (``--attention-backend`` resolved for this device, dtype and the preset's head
+    dim; ``auto`` pinned to its choice) and ``cuda_graphs`` (``--cuda-graphs``, refused where it cannot run);
+    ``ValueError`` with the fix otherwise."""
+    from workers.attention import resolve_attention_backend
+    from workers.cuda_graphs import check_cuda_graphs
+
+    config = get_model_preset(args.preset)
+    name = getattr(args, "attention_backend", None) or os.environ.get("TM_ATTENTION_BACKEND", "auto")
+    backend = resolve_attention_backend(str(name), device, getattr(torch, dtype), config.head_dim)
+    cuda_graphs = bool(getattr(args, "cuda_graphs", False))
+    if cuda_graphs:
+        check_cuda_graphs(device, args.score_workers)
+    return {"attention_backend": backend, "cuda_graphs": cuda_graphs}
 
 
 def _decode_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -483,7 +502,8 @@ def add_rank_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_weights_arguments(parser: argparse.ArgumentParser) -> None:
-    """--checkpoint, --vae-checkpoint, --random-weights, --dtype, --steps, --compile."""
+    """--checkpoint, --vae-checkpoint, --random-weights, --dtype, --steps, --compile, and the score model's
+    speed options (``add_speed_arguments``)."""
     parser.add_argument(
         "--checkpoint",
         default=None,
@@ -511,6 +531,30 @@ def add_weights_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="torch.compile the score model's transformer blocks (inductor; the first chunks compile, then "
         "agree with eager within float32 rounding)",
+    )
+    add_speed_arguments(parser)
+
+
+def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
+    """--attention-backend / --cuda-graphs: how the score model's passes run (workers.attention,
+    workers.cuda_graphs); neither changes the result beyond the dtype's rounding."""
+    from workers.attention import BACKENDS
+
+    parser.add_argument(
+        "--attention-backend",
+        choices=BACKENDS,
+        default=None,
+        help="attention kernel of the DiT (default: $TM_ATTENTION_BACKEND, else auto = fa3 on Hopper if "
+        "installed, else fa2 (flash-attn) if installed, else sdpa; cudnn = PyTorch SDPA restricted to cuDNN, "
+        "opt-in; flash = fa2). A backend this device cannot run is refused at start-up; calls its kernel "
+        "cannot take (masks, float32, head dims > 256) run through sdpa",
+    )
+    parser.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="capture each fixed-shape score pass as a CUDA graph after one eager warm-up and replay it "
+        "(on top of --compile when both are given); CUDA and one score worker only, refused otherwise; "
+        "a failed capture is logged once and the passes run eager. Off by default (unmeasured on a GPU)",
     )
 
 

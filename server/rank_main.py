@@ -22,6 +22,7 @@ from proto.topology import ProcessGroups
 from server.launcher import init_rank, shutdown, world_store
 from server.options import GroupOptions
 from server.rank_report import ForwardCounter, RankReport, pin_to_core, planned_memory
+from workers.attention import configure_attention_backend
 from workers.factory import build_score_model
 from workers.score_rank import ScoreRank
 from workers.worker_loop import run_worker_loop
@@ -39,7 +40,13 @@ def build_score_rank(
     )
     if report is not None:
         report.forwards = ForwardCounter(model)
-    return ScoreRank(model, options.stream_config(), groups, compile=options.compile_score)
+    # The backend group_options resolved for this device (the same on every rank), set in this process.
+    configure_attention_backend(
+        options.attention_backend, groups.device, options.torch_dtype, model.config.head_dim
+    )
+    return ScoreRank(
+        model, options.stream_config(), groups, compile=options.compile_score, cuda_graphs=options.cuda_graphs
+    )
 
 
 def run_rank(options: GroupOptions, master: Master, plan_sessions: int = 1) -> int:

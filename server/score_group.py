@@ -101,7 +101,10 @@ class ScoreGroup:
         score_rank = self._score_rank
         if score_rank is not None:  # its SP engine is bound to the old world's SP group; the weights stay
             model, stream = score_rank.engine.model, self.options.stream_config()
-            score_rank = ScoreRank(model, stream, groups, compile=self.options.compile_score)
+            options = self.options
+            score_rank = ScoreRank(
+                model, stream, groups, compile=options.compile_score, cuda_graphs=options.cuda_graphs
+            )
         self._join(groups, store, score_rank)
         return self.executor
 

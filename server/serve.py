@@ -281,6 +281,9 @@ def _serve_master(options: ServeOptions, groups: Any, store: dist.Store, score_r
         )
     )
     metrics = Metrics(session_labels=settings.metrics_session_labels)
+    metrics.set_engine_info(
+        attention_backend=options.attention_backend, cuda_graphs=str(options.cuda_graphs).lower()
+    )
     config = LiveConfig(
         model=options.model_config,
         stream=stream,
@@ -318,11 +321,13 @@ def _serve_master(options: ServeOptions, groups: Any, store: dist.Store, score_r
     drain = Drain(backend, settings.drain_timeout_s, settings.retry_after_s, stop=server.stop_now)
     server.on_sigterm = drain.begin
     log.info(
-        "talkingmachines serve: %s, preset %s (%s), dtype %s, %dx%d @ %d fps on http://%s:%d",
+        "talkingmachines serve: %s, preset %s (%s), dtype %s, attention %s%s, %dx%d @ %d fps on http://%s:%d",
         topology.name,
         options.preset,
         options.weights,
         options.dtype,
+        options.attention_backend,
+        ", cuda graphs" if options.cuda_graphs else "",
         stream.width,
         stream.height,
         stream.fps,

@@ -50,6 +50,7 @@ class ScoreRank:
         stream: the serving group's stream configuration (the same on every rank and on the master).
         groups: this rank's process groups; ``None`` for a single process (no SP, this rank is the leader).
         compile: build the engine with torch.compile'd blocks (``--compile``; ignored for a ready engine).
+        cuda_graphs: build the engine with CUDA-graph replay of its passes (``--cuda-graphs``; likewise).
     """
 
     def __init__(
@@ -58,6 +59,7 @@ class ScoreRank:
         stream: StreamConfig,
         groups: ProcessGroups | None = None,
         compile: bool = False,
+        cuda_graphs: bool = False,
     ) -> None:
         sp_group = None if groups is None else groups.sp
         if isinstance(model, StreamingDiT):
@@ -67,7 +69,7 @@ class ScoreRank:
                 raise ValueError("the engine's sp_group is not this rank's groups.sp; rebuild it")
             self.engine = model
         else:
-            self.engine = StreamingDiT(model, stream, sp_group=sp_group, compile=compile)
+            self.engine = StreamingDiT(model, stream, sp_group, compile=compile, cuda_graphs=cuda_graphs)
         self.stream = stream
         self.config = self.engine.model.config
         self.rank = 0 if groups is None else groups.rank

@@ -41,6 +41,10 @@ The static step (what every pass reuses is built once, nothing per step is alloc
 - `compile=True` (`--compile`): every block runs `torch.compile`d (inductor); the first chunks compile
   (one graph per distinct (write offset, visible length) of the cache: chunks 0, 1, then even/odd).
   Compiled and eager agree within float32 rounding (tests/workers/test_streaming_static.py states it).
+- `cuda_graphs=True` (`--cuda-graphs`, CUDA only): `_forward` hands each pass to `workers.cuda_graphs`, which
+  captures one graph per distinct pass (the keys above, per session) after an eager warm-up and replays it
+  with the pass's fresh inputs copied into static buffers (tests/workers/test_cuda_graphs.py, on a fake
+  capture: replayed streams equal eager).
 
 Sequence parallelism (`sp_group` of P ranks, every rank calls the same methods with the same inputs): each
 rank runs the blocks on its band of every frame and caches keys/values of its H/P heads for all tokens
@@ -96,6 +100,7 @@ import torch.distributed as dist
 from proto.model_config import InfiniteTalkAudioConfig
 from proto.stream_config import StreamConfig
 from workers.audio import AudioConditioning, InfiniteTalkAudio
+from workers.cuda_graphs import StepGraphs, check_cuda_graphs, step_graphs_for
 from workers.kv_cache import CONVKV_RATIO, WINDOW_FRAMES, ChunkKVCache, MemoryKVCache
 from workers.model import KV, Rope, WanModel
 from workers.rope import grid_positions, rope_cos_sin, temporal_shift_cos_sin
@@ -133,6 +138,7 @@ class StreamingDiT:
         stream: StreamConfig,
         sp_group: dist.ProcessGroup | None = None,
         compile: bool = False,
+        cuda_graphs: bool = False,
     ) -> None:
         cfg = model.config
         if stream.window == "convkv-memory":
@@ -170,6 +176,11 @@ class StreamingDiT:
         # the null audio (zero windows) per (starts_clip, device), both built once per engine.
         self._window_tables: dict[torch.device, Rope] = {}
         self._null_audio_kv: dict[tuple[bool, torch.device], list[KV]] = {}
+        # --cuda-graphs: each pass replays a CUDA graph per static shape (workers.cuda_graphs)
+        self.graphs: StepGraphs | None = None
+        if cuda_graphs:
+            check_cuda_graphs(next(model.parameters()).device, self.sp_degree)
+            self.graphs = step_graphs_for(next(model.parameters()).device)
 
     @property
     def memory_window(self) -> bool:
@@ -285,6 +296,8 @@ class StreamingDiT:
         state.first_time_emb = None
         state.cache.k = state.cache.v = torch.empty(0)
         state.next_chunk = -1
+        if self.graphs is not None:  # its cache's addresses may now be reused
+            self.graphs.drop(state)
 
     def chunk_inputs(
         self, chunk_index: int, audio: AudioConditioning | None, device: torch.device
@@ -332,24 +345,41 @@ class StreamingDiT:
         cache = state.cache
         k, v = cache.slot_views(slot)
         e, e0 = time_emb
-        return self.model.forward_step(
-            x[None],
-            e,
-            e0,
-            rope,
-            k,
-            v,
-            cache.write_offset(chunk_index),
-            cache.visible(chunk_index),
-            state.cross_kv,
-            y=None if y is None else y[None],
-            audio_kv=audio_kv,
-            face_mask=face_mask,
-            sp_group=self.sp_group,
-            blocks=self.blocks,
-            mute_first_frame=mute,
-            key_rope=key_rope,
-        )[0]
+        at, visible = cache.write_offset(chunk_index), cache.visible(chunk_index)
+
+        def run(
+            x: torch.Tensor,
+            y: torch.Tensor | None,
+            rope: Rope,
+            audio_kv: list[KV] | None,
+            face_mask: torch.Tensor | None,
+            key_rope: Rope | None,
+        ) -> torch.Tensor:
+            return self.model.forward_step(
+                x[None],
+                e,
+                e0,
+                rope,
+                k,
+                v,
+                at,
+                visible,
+                state.cross_kv,
+                y=None if y is None else y[None],
+                audio_kv=audio_kv,
+                face_mask=face_mask,
+                sp_group=self.sp_group,
+                blocks=self.blocks,
+                mute_first_frame=mute,
+                key_rope=key_rope,
+            )[0]
+
+        inputs = (x, y, rope, audio_kv, face_mask, key_rope)
+        if self.graphs is None:
+            return run(*inputs)
+        # The cache slot, cross-attention K/V and time embeddings are read/written where they are.
+        by_reference = [k, v, e, e0, *(t for kv in state.cross_kv for t in kv.values())]
+        return self.graphs.run(run, inputs, by_reference=by_reference, key=(at, visible, mute), owner=state)
 
     @torch.no_grad()
     def denoise_chunk(
