@@ -50,6 +50,8 @@ class ScoreRank:
         stream: the serving group's stream configuration (the same on every rank and on the master).
         groups: this rank's process groups; ``None`` for a single process (no SP, this rank is the leader).
         compile: build the engine with torch.compile'd blocks (``--compile``; ignored for a ready engine).
+        kv_cache_dtype: the engine's self-attention cache storage, ``auto`` or ``fp8``
+            (``--kv-cache-dtype``; ignored for a ready engine).
     """
 
     def __init__(
@@ -58,6 +60,7 @@ class ScoreRank:
         stream: StreamConfig,
         groups: ProcessGroups | None = None,
         compile: bool = False,
+        kv_cache_dtype: str = "auto",
     ) -> None:
         sp_group = None if groups is None else groups.sp
         if isinstance(model, StreamingDiT):
@@ -67,7 +70,9 @@ class ScoreRank:
                 raise ValueError("the engine's sp_group is not this rank's groups.sp; rebuild it")
             self.engine = model
         else:
-            self.engine = StreamingDiT(model, stream, sp_group=sp_group, compile=compile)
+            self.engine = StreamingDiT(
+                model, stream, sp_group=sp_group, compile=compile, kv_cache_dtype=kv_cache_dtype
+            )
         self.stream = stream
         self.config = self.engine.model.config
         self.rank = 0 if groups is None else groups.rank
