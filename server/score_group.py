@@ -101,7 +101,13 @@ class ScoreGroup:
         score_rank = self._score_rank
         if score_rank is not None:  # its SP engine is bound to the old world's SP group; the weights stay
             model, stream = score_rank.engine.model, self.options.stream_config()
-            score_rank = ScoreRank(model, stream, groups, compile=self.options.compile_score)
+            score_rank = ScoreRank(
+                model,
+                stream,
+                groups,
+                compile=self.options.compile_score,
+                kv_cache_dtype=self.options.kv_cache_dtype,
+            )
         self._join(groups, store, score_rank)
         return self.executor
 
