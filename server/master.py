@@ -228,10 +228,9 @@ def run_master(
     session = RunSession(scheduler, decoder, sink)
     print(
         f"talkingmachines run: {topology.name}, preset {options.preset}, dtype {options.dtype}, "
-        f"{options.fp8_summary}, "
         f"{stream.width}x{stream.height} "
         f"@ {stream.fps} fps, {audio.size / TARGET_SAMPLE_RATE:.2f} s of audio -> "
-        f"{scheduler.num_chunks} chunks; weights: {options.weights}",
+        f"{scheduler.num_chunks} chunks; weights: {options.weights}; {options.fp8_summary}",
         file=sys.stderr,
         flush=True,
     )

@@ -6,10 +6,12 @@ plan) and the quality check on the tiny preset. All on CPU: the real ``torch._sc
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,7 +21,9 @@ from torch import nn
 from engine.memory_plan import dit_weight_bytes, kv_cache_bytes, plan_for_options
 from proto.model_config import get_model_preset
 from proto.stream_config import StreamConfig
+from server import rank_main
 from server.cli import main as cli_main
+from server.rank_main import build_score_rank
 from server.run_options import parse_run_options
 from workers import fp8_check
 from workers.factory import build_score_model
@@ -370,3 +374,32 @@ def test_fp8_check_insists_on_the_real_kernel_only_where_it_exists(capsys) -> No
     )
     assert code == 2
     assert "--mode scaled_mm needs FP8 matrix products" in capsys.readouterr().err
+
+
+# ---- where the score side applies the options ------------------------------------------------------------
+
+
+def _single_rank() -> SimpleNamespace:
+    """What ``build_score_rank`` and ``ScoreRank`` read of a one-process group's ``ProcessGroups``."""
+    return SimpleNamespace(device=torch.device("cpu"), sp=None, rank=0, is_sp_leader=True)
+
+
+def test_the_score_rank_is_built_with_the_fp8_cache_the_options_ask_for() -> None:
+    run = ["--image", "a.png", "--audio", "a.wav", "--out", "a.mp4", "--device", "cpu", "--random-weights"]
+    rank = build_score_rank(parse_run_options([*run, "--kv-cache-dtype", "fp8"]), _single_rank())
+    assert rank.engine.kv_cache_dtype == "fp8"
+    assert not any(isinstance(m, Fp8Linear) for m in rank.engine.model.modules())  # --fp8 stays off
+    plain = build_score_rank(parse_run_options(run), _single_rank())
+    assert plain.engine.kv_cache_dtype == "auto"
+
+
+def test_a_rank_refuses_fp8_linear_on_its_device_before_loading_weights(monkeypatch) -> None:
+    run = ["--image", "a.png", "--audio", "a.wav", "--out", "a.mp4", "--device", "cpu", "--random-weights"]
+    options = dataclasses.replace(parse_run_options(run), fp8="linear")  # as if the launcher had a GPU
+
+    def no_weights(*args: object, **kwargs: object) -> None:
+        raise AssertionError("weights were loaded before the FP8 check")
+
+    monkeypatch.setattr(rank_main, "build_score_model", no_weights)
+    with pytest.raises(ValueError, match="--fp8 linear is not available here"):
+        build_score_rank(options, _single_rank())
