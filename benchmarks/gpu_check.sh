@@ -5,7 +5,10 @@
 #      need more GPUs and are skipped with the reason) and the chunk {3,7} x steps {2,4} ablation, through
 #      run's rank entry, i.e. the engine serve uses (per-forward time, TTBC, and per rank the memory plan's
 #      figure beside torch.cuda.max_memory_allocated: results.json "peak_memory");
-#   3. the CUDA tests (pytest -m gpu): bf16 VAE decode on a side stream, the compiled decode step, pinned
+#   3. FP8 (only where the GPU has FP8 matrix products, sm_89+; skipped with the reason elsewhere):
+#      python -m workers.fp8_check on $PRESET at $RES, bf16 against --fp8 linear (per-forward time of both,
+#      the latents' max/relative-L2 difference), then with --kv-cache-dtype fp8 too (fp8_*.json);
+#   4. the CUDA tests (pytest -m gpu): bf16 VAE decode on a side stream, the compiled decode step, pinned
 #      host-to-device staging of the per-chunk tensors, and
 #      `talkingmachines run` on the GPU (overlapped and serial) against the CPU.
 # Each step has its own time limit and writes what it has under $OUT (the TTBC study rewrites
@@ -23,6 +26,7 @@ CHUNKS=${CHUNKS:-8}
 PY=${PY:-python3}
 TTBC_LIMIT=${TTBC_LIMIT:-330}
 TEST_LIMIT=${TEST_LIMIT:-150}
+FP8_LIMIT=${FP8_LIMIT:-240}
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=5
 mkdir -p "$OUT"
 log() { echo "[$(date +%H:%M:%S)] $*"; }
@@ -53,6 +57,23 @@ for f in results.json results.partial.json ttbc.png ablation.png; do
     [ -f "$TTBC_DIR/$f" ] && cp "$TTBC_DIR/$f" "$OUT/ttbc_$f"
 done
 tail -n 30 "$OUT/ttbc.txt"
+
+FP8_SUPPORT=$("$PY" -c "from workers.fp8 import fp8_supported; ok, why = fp8_supported('$DEVICE'); \
+print(('yes: ' if ok else 'no: ') + why)" 2>&1 | tail -1)
+if [ "${FP8_SUPPORT%%:*}" = yes ]; then
+    log "fp8: $PRESET $RES on $DEVICE (${FP8_SUPPORT#yes: }), limit ${FP8_LIMIT}s"
+    timeout "$FP8_LIMIT" "$PY" -m workers.fp8_check --preset "$PRESET" --resolution "$RES" --device "$DEVICE" \
+        --chunks 5 --fp8 linear --mode scaled_mm --json "$OUT/fp8_linear.json" > "$OUT/fp8.txt" 2>&1
+    log "fp8 linear rc=$?"
+    timeout "$FP8_LIMIT" "$PY" -m workers.fp8_check --preset "$PRESET" --resolution "$RES" --device "$DEVICE" \
+        --chunks 3 --fp8 linear --kv-cache-dtype fp8 --mode scaled_mm --json "$OUT/fp8_linear_kv.json" \
+        >> "$OUT/fp8.txt" 2>&1
+    log "fp8 linear + kv cache rc=$?"
+    tail -n 20 "$OUT/fp8.txt"
+else
+    log "fp8: skipped, no FP8 matrix products here (${FP8_SUPPORT#no: })"
+    echo "skipped: ${FP8_SUPPORT}" > "$OUT/fp8.txt"
+fi
 
 log "pytest -m gpu, limit ${TEST_LIMIT}s"
 timeout "$TEST_LIMIT" "$PY" -m pytest -q -s -m gpu -p no:cacheprovider tests/decoder/test_vae_streaming.py tests/proto/test_staging.py \

@@ -250,9 +250,14 @@ def format_report(report: dict[str, Any]) -> str:
         f"fp8_check: {report['preset']} {report['resolution']} on {report['device']}, "
         f"reference {report['dtype']}, "
         f"{report['chunks']} chunk(s), steps {report['steps']}, weights {report['weights']}",
-        f"  FP8: --fp8 {report['fp8']} ({report['fp8_mode_reason']}; {report['converted_layers']} layers, "
-        f"{report['granularity']} scales), --kv-cache-dtype {report['kv_cache_dtype']}",
     ]
+    if report["fp8"] == "linear":
+        lines.append(
+            f"  FP8: --fp8 linear ({report['fp8_mode_reason']}; {report['converted_layers']} layers, "
+            f"{report['granularity']} scales), --kv-cache-dtype {report['kv_cache_dtype']}"
+        )
+    else:
+        lines.append(f"  FP8: --fp8 off, --kv-cache-dtype {report['kv_cache_dtype']}")
     for c in report["per_chunk"]:
         lines.append(
             f"  chunk {c['chunk']}: latent max |d| {c['max_abs']:.3e}, relative L2 {c['rel_l2']:.3e} "
@@ -277,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m workers.fp8_check", description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="tiny", choices=model_preset_names())
     parser.add_argument(
-        "--resolution", default="64x64", help="HxW in pixels, multiples of 16 (default 64x64)"
+        "--resolution", default="64x64", help="HxW (or N for NxN) in pixels, multiples of 16 (default 64x64)"
     )
     parser.add_argument(
         "--chunks", type=int, default=2, help="chunks to stream (>= 3 for a per-forward time)"
@@ -312,9 +317,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="write the report as JSON")
     args = parser.parse_args(argv)
     try:
-        height, width = (int(v) for v in args.resolution.lower().split("x"))
+        sizes = [int(v) for v in args.resolution.lower().split("x")]
+        height, width = sizes if len(sizes) == 2 else (sizes[0], sizes[0]) if len(sizes) == 1 else (0, 0)
     except ValueError:
-        parser.error(f"--resolution must be HxW, e.g. 64x64, got {args.resolution!r}")
+        height = width = 0
+    if height <= 0 or width <= 0:
+        parser.error(f"--resolution must be HxW or N (square), e.g. 64x64, got {args.resolution!r}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         report = check(
