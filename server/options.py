@@ -210,6 +210,11 @@ class GroupOptions:
             if path is not None and not Path(path).exists():
                 raise ValueError(f"{flag} {path!r} does not exist")
         check_fp8_options(self.fp8, self.kv_cache_dtype, self.device)
+        if self.fp8 == "linear" and self.dtype != "bfloat16":
+            raise ValueError(
+                f"--fp8 linear needs --dtype bfloat16 (the FP8 matrix products write bfloat16 for the "
+                f"layers around them), got --dtype {self.dtype}; leave --dtype at auto on CUDA"
+            )
         if self.preset not in TINY_DIT_PRESETS and self.checkpoint is None:
             raise ValueError(
                 f"preset {self.preset!r} has no trained weights here: pass --checkpoint, or use one of the "

@@ -185,6 +185,10 @@ def check(
     inputs = make_inputs(preset, stream, chunks, seed)
     resolved, why = resolve_mode(mode, dev) if fp8 == "linear" else ("off", "no FP8 matrix products")
     granularity = granularity_for(dev) if resolved == "scaled_mm" else "row"
+    if resolved == "scaled_mm" and torch_dtype != torch.bfloat16:
+        raise ValueError(
+            f"real FP8 matrix products write bfloat16: use --dtype bfloat16 (or auto), not {dtype}"
+        )
 
     model = build_score_model(preset, checkpoint, seed=seed, dtype=torch_dtype, device=dev)
     ref_bytes = _weight_bytes(model)

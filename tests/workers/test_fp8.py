@@ -404,3 +404,13 @@ def test_a_rank_refuses_fp8_linear_on_its_device_before_loading_weights(monkeypa
     monkeypatch.setattr(rank_main, "build_score_model", no_weights)
     with pytest.raises(ValueError, match="--fp8 linear is not available here"):
         build_score_rank(options, _single_rank())
+
+
+def test_fp8_linear_on_a_gpu_group_needs_bfloat16(monkeypatch) -> None:
+    run = ["--image", "a.png", "--audio", "a.wav", "--out", "a.mp4", "--device", "cpu", "--random-weights"]
+    options = parse_run_options(run)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the launcher's view of a GPU machine
+    gpu = dataclasses.replace(options, device="cuda", fp8="linear")
+    with pytest.raises(ValueError, match="--fp8 linear needs --dtype bfloat16"):
+        gpu.check()
+    dataclasses.replace(gpu, dtype="bfloat16").check()  # the capability itself is each rank's check
