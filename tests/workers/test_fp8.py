@@ -136,6 +136,23 @@ def test_fp8_linear_keeps_a_bfloat16_bias_and_returns_the_input_dtype() -> None:
     assert out.dtype == torch.bfloat16 and out.shape == (3, 16)
 
 
+@pytest.mark.parametrize("granularity", ["row", "tensor"])
+def test_the_scaled_mm_call_computes_what_the_emulation_does_on_torchs_cpu_kernel(granularity: str) -> None:
+    """The serving path's ``torch._scaled_mm`` call (operand layouts, scale shapes, bias, output dtype) run on
+    torch's CPU reference kernel where this torch has one: it must give the emulation's output within one
+    bfloat16 rounding (observed: identical). The CUDA kernel behind the same call is unmeasured here."""
+    gen = torch.Generator().manual_seed(2)
+    linear = nn.Linear(64, 48).to(torch.bfloat16)
+    x = torch.randn(2, 7, 64, generator=gen).to(torch.bfloat16)
+    emulated = Fp8Linear.from_linear(linear, granularity, "emulate")(x)
+    try:
+        real = Fp8Linear.from_linear(linear, granularity, "scaled_mm")(x)
+    except (RuntimeError, NotImplementedError) as exc:
+        pytest.skip(f"this torch has no CPU torch._scaled_mm for e4m3 ({exc})")
+    assert real.dtype == torch.bfloat16 and real.shape == (2, 7, 48)
+    torch.testing.assert_close(real, emulated, rtol=2.0**-7, atol=1e-6)
+
+
 # ---- which layers the conversion touches -------------------------------------------------------------------
 
 # The DiT's large linear layers, per block, by name (the FFN's two linears are ffn.0 and ffn.2).
