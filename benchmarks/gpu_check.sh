@@ -7,6 +7,9 @@
 #      figure beside torch.cuda.max_memory_allocated: results.json "peak_memory");
 #   3. the per-forward time of one DiT pass per variant (benchmarks/forward_speed.py: eager, each attention
 #      backend, CUDA graphs, compiled, compiled+graphs; forward_speed.json, rewritten after every variant);
+#   3b. FP8 (only where the GPU has FP8 matrix products, sm_89+; skipped with the reason elsewhere):
+#      python -m workers.fp8_check on $PRESET at $RES, bf16 against --fp8 linear (per-forward time of both,
+#      the latents' max/relative-L2 difference), then with --kv-cache-dtype fp8 too (fp8_*.json);
 #   4. the CUDA tests (pytest -m gpu): bf16 VAE decode on a side stream, the compiled decode step, pinned
 #      host-to-device staging of the per-chunk tensors, and
 #      `talkingmachines run` on the GPU (overlapped and serial) against the CPU.
@@ -28,6 +31,7 @@ TEST_LIMIT=${TEST_LIMIT:-150}
 FWD_LIMIT=${FWD_LIMIT:-150}
 FWD_VARIANTS=${FWD_VARIANTS:-all}
 FWD_ITERS=${FWD_ITERS:-10}
+FP8_LIMIT=${FP8_LIMIT:-240}
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=5
 mkdir -p "$OUT"
 log() { echo "[$(date +%H:%M:%S)] $*"; }
@@ -64,6 +68,22 @@ timeout "$FWD_LIMIT" "$PY" -m benchmarks.forward_speed --preset "$PRESET" --reso
     --device "$DEVICE" --variants "$FWD_VARIANTS" --iters "$FWD_ITERS" --out "$OUT/forward_speed.json" > "$OUT/forward_speed.txt" 2>&1
 log "forward speed rc=$?"
 tail -n 12 "$OUT/forward_speed.txt"
+FP8_SUPPORT=$("$PY" -c "from workers.fp8 import fp8_supported; ok, why = fp8_supported('$DEVICE'); \
+print(('yes: ' if ok else 'no: ') + why)" 2>&1 | tail -1)
+if [ "${FP8_SUPPORT%%:*}" = yes ]; then
+    log "fp8: $PRESET $RES on $DEVICE (${FP8_SUPPORT#yes: }), limit ${FP8_LIMIT}s"
+    timeout "$FP8_LIMIT" "$PY" -m workers.fp8_check --preset "$PRESET" --resolution "$RES" --device "$DEVICE" \
+        --chunks 5 --fp8 linear --mode scaled_mm --json "$OUT/fp8_linear.json" > "$OUT/fp8.txt" 2>&1
+    log "fp8 linear rc=$?"
+    timeout "$FP8_LIMIT" "$PY" -m workers.fp8_check --preset "$PRESET" --resolution "$RES" --device "$DEVICE" \
+        --chunks 3 --fp8 linear --kv-cache-dtype fp8 --mode scaled_mm --json "$OUT/fp8_linear_kv.json" \
+        >> "$OUT/fp8.txt" 2>&1
+    log "fp8 linear + kv cache rc=$?"
+    tail -n 20 "$OUT/fp8.txt"
+else
+    log "fp8: skipped, no FP8 matrix products here (${FP8_SUPPORT#no: })"
+    echo "skipped: ${FP8_SUPPORT}" > "$OUT/fp8.txt"
+fi
 
 log "pytest -m gpu, limit ${TEST_LIMIT}s"
 timeout "$TEST_LIMIT" "$PY" -m pytest -q -s -m gpu -p no:cacheprovider tests/decoder/test_vae_streaming.py tests/proto/test_staging.py \

@@ -24,6 +24,9 @@ master, which also denoises when the decoder is colocated):
   temporaries, or the FFN's hidden layer). It assumes a fused attention kernel (flash / memory-efficient SDPA,
   as on CUDA and CPU without a mask): the ``math`` backend's [H, Lq, Lkv] score matrix is not counted. A
   meta-device trace of one forward (``trace_peak_bytes``) agrees with it within the tolerance the tests state.
+- **FP8** (``--fp8 linear``, ``--kv-cache-dtype fp8``; ``workers.fp8``): the converted linear layers' weights
+  at 1 byte an element plus float32 row scales (``dit_weight_bytes``), the self-attention cache at head_dim
+  bytes plus one float32 scale per (token, head) instead of head_dim × the dtype's bytes (``kv_cache_bytes``).
 - **Master**: VAE weights (float32, as the master builds it), the conditioning encoders (umT5, CLIP, wav2vec2:
   the tiny random ones' parameters, or the size of a checkpoint folder's weight files, which is what
   ``from_pretrained`` loads with its default dtype), the VAE **decode cache per session** (the causal
@@ -101,19 +104,40 @@ def dit_parameters(config: ModelConfig) -> int:
     return sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
 
 
+@functools.lru_cache(maxsize=16)
+def dit_weight_bytes(config: ModelConfig, dtype: torch.dtype, fp8_linear: bool = False) -> int:
+    """Bytes of the DiT's weights in ``dtype``; with ``fp8_linear`` those ``workers.fp8.convert_to_fp8``
+    converts at 1 byte an element plus float32 row scales (``workers.fp8.fp8_weight_bytes``)."""
+    if not fp8_linear:
+        return dit_parameters(config) * _bytes(dtype)
+    from workers.fp8 import fp8_weight_bytes
+    from workers.model import WanModel
+
+    with torch.device("meta"):
+        model = WanModel(config)
+    return fp8_weight_bytes(model, dtype)
+
+
 def kv_cache_bytes(
-    config: ModelConfig, stream: StreamConfig, sp_degree: int, dtype: torch.dtype
+    config: ModelConfig,
+    stream: StreamConfig,
+    sp_degree: int,
+    dtype: torch.dtype,
+    kv_cache_dtype: str = "auto",
 ) -> dict[str, int]:
     """One session's cache on one score worker: ``self_attn`` (its H/N heads), ``cross_attn`` (all).
 
     ``self_attn = layers × caches × window tokens × (H/N)·head_dim × 2 (K, V) × bytes``
     (``StreamConfig.num_kv_caches``, ``StreamConfig.kv_cache_tokens``). LiveAct at 512x512 in bf16 on one
     rank: 40 × 3 × 14·1024 × 5120 × 2 × 2 B = 3 × 11.7 GB (3 × 10.9 GiB), as upstream's ``kv_cache`` (5
-    caches with ``audio_cfg`` > 1)."""
+    caches with ``audio_cfg`` > 1). ``kv_cache_dtype="fp8"``: head_dim e4m3 bytes plus a float32 scale per
+    (token, head) (``workers.kv_cache.Fp8KV``) instead of head_dim × bytes; the cross-attention keeps
+    ``dtype``."""
     b = _bytes(dtype)
     heads = config.num_heads // sp_degree
     tokens = stream.kv_cache_tokens
-    self_attn = config.num_layers * stream.num_kv_caches * tokens * heads * config.head_dim * 2 * b
+    per_head = config.head_dim + 4 if kv_cache_dtype == "fp8" else config.head_dim * b
+    self_attn = config.num_layers * stream.num_kv_caches * tokens * heads * per_head * 2
     context = config.text_len + (config.clip_tokens if config.has_image_branch else 0)
     cross = config.num_layers * context * config.dim * 2 * b
     return {"self_attn": self_attn, "cross_attn": cross}
@@ -442,9 +466,12 @@ def plan_memory(
     vae_preset: str | None = None,
     encoders: EncoderSources = EncoderSources(),
     vae_chunk_at_once: bool = False,
+    fp8_linear: bool = False,
+    kv_cache_dtype: str = "auto",
 ) -> MemoryPlan:
     """Bytes per rank of ``topology`` serving ``sessions`` streams of ``stream`` with the DiT of ``config``.
 
+    fp8_linear / kv_cache_dtype: ``--fp8 linear`` / ``--kv-cache-dtype`` (the FP8 weights and cache sizes).
     dtype: the DiT's (default: ``default_dtype(topology.device)``). vae_preset: default ``tiny`` for the
     tiny preset, ``wan2.1`` otherwise (as ``run``/``serve`` choose). vae_chunk_at_once: the decoder takes
     a whole chunk per call (``--vae-chunk-at-once``), so its activation peak is a chunk's, not a latent's.
@@ -455,8 +482,8 @@ def plan_memory(
     vae_preset = vae_preset or vae_preset_for(config.name)
     p = topology.score_workers
     worker = {
-        "dit_weights": dit_parameters(config) * _bytes(dtype),
-        "kv_cache_per_session": sum(kv_cache_bytes(config, stream, p, dtype).values()),
+        "dit_weights": dit_weight_bytes(config, dtype, fp8_linear),
+        "kv_cache_per_session": sum(kv_cache_bytes(config, stream, p, dtype, kv_cache_dtype).values()),
         "dit_activations": dit_activation_bytes(config, stream, p, dtype),
     }
     vae = vae_sizes(
@@ -671,6 +698,8 @@ def options_plan_kwargs(options: Any) -> dict[str, Any]:
         "dtype": _options_dtype(options),
         "vae_preset": vae_preset_for(options.preset),
         "vae_chunk_at_once": bool(getattr(options, "vae_chunk_at_once", False)),
+        "fp8_linear": getattr(options, "fp8", "off") == "linear",
+        "kv_cache_dtype": str(getattr(options, "kv_cache_dtype", "auto")),
         "encoders": EncoderSources(
             clip_checkpoint=options.clip_checkpoint,
             umt5_checkpoint=options.umt5_checkpoint,

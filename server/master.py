@@ -231,7 +231,7 @@ def run_master(
         f"attention {options.attention_backend}{', cuda graphs' if options.cuda_graphs else ''}, "
         f"{stream.width}x{stream.height} "
         f"@ {stream.fps} fps, {audio.size / TARGET_SAMPLE_RATE:.2f} s of audio -> "
-        f"{scheduler.num_chunks} chunks; weights: {options.weights}",
+        f"{scheduler.num_chunks} chunks; weights: {options.weights}; {options.fp8_summary}",
         file=sys.stderr,
         flush=True,
     )

@@ -28,6 +28,7 @@ from proto.model_config import ModelConfig, get_model_preset, model_preset_names
 from proto.stream_config import STREAM_SCHEDULES, StreamConfig
 from proto.topology import Topology
 from proto.vae_config import TINY_DIT_PRESETS, get_vae_preset, vae_preset_for
+from workers.fp8 import FP8_CHOICES, KV_CACHE_DTYPES, fp8_supported
 
 # Frame size when --resolution (or --height/--width) is not given and no trained bundle fixes it, for run and
 # serve alike: tiny --random-weights at 32x32 keeps up with real time on a CPU core (the random VAE decodes a
@@ -82,6 +83,8 @@ class GroupOptions:
     compile_score: bool = False  # --compile: torch.compile the score model's blocks (StreamingDiT)
     attention_backend: str = "sdpa"  # --attention-backend resolved for the device (workers.attention)
     cuda_graphs: bool = False  # --cuda-graphs: replay each score pass as a CUDA graph (workers.cuda_graphs)
+    fp8: str = "off"  # --fp8: "off" or "linear" (W8A8 e4m3 matrix products of the DiT's large linears)
+    kv_cache_dtype: str = "auto"  # --kv-cache-dtype: "auto" (the DiT's dtype) or "fp8" (e4m3 + scales)
     # What a trained bundle fixes (None: the model's stream schedule, ``ModelConfig.stream_schedule``).
     train_latent_frames: int | None = None
     default_denoising_steps: tuple[int, ...] | None = None
@@ -170,6 +173,13 @@ class GroupOptions:
         """Seed of the tiny random umT5/CLIP/wav2vec2: the bundle's training seed, else ``--seed``."""
         return self.seed if self.encoder_seed is None else self.encoder_seed
 
+    @property
+    def fp8_summary(self) -> str:
+        """The FP8 settings for the start-up line, e.g. ``fp8 off, KV cache auto``."""
+        linear = "linear (W8A8 e4m3, torch._scaled_mm)" if self.fp8 == "linear" else self.fp8
+        kv = "fp8 (e4m3 + per-token-head scales)" if self.kv_cache_dtype == "fp8" else self.kv_cache_dtype
+        return f"fp8 {linear}, KV cache {kv}"
+
     def group_fields(self) -> dict[str, Any]:
         """The ``GroupOptions`` fields of these options (of a subclass too), by name."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(GroupOptions)}
@@ -205,6 +215,12 @@ class GroupOptions:
         ):
             if path is not None and not Path(path).exists():
                 raise ValueError(f"{flag} {path!r} does not exist")
+        check_fp8_options(self.fp8, self.kv_cache_dtype, self.device)
+        if self.fp8 == "linear" and self.dtype != "bfloat16":
+            raise ValueError(
+                f"--fp8 linear needs --dtype bfloat16 (the FP8 matrix products write bfloat16 for the "
+                f"layers around them), got --dtype {self.dtype}; leave --dtype at auto on CUDA"
+            )
         if self.preset not in TINY_DIT_PRESETS and self.checkpoint is None:
             raise ValueError(
                 f"preset {self.preset!r} has no trained weights here: pass --checkpoint, or use one of the "
@@ -258,6 +274,8 @@ def group_options(args: argparse.Namespace, cls: type[Options], **own: Any) -> O
         dtype=resolve_dtype(str(args.dtype), device),
         compile_score=bool(args.compile),
         **_speed_settings(args, device, resolve_dtype(str(args.dtype), device)),
+        fp8=str(args.fp8),
+        kv_cache_dtype=str(args.kv_cache_dtype),
         weights=weights.describe(),
         **_decode_settings(args),
         degrade=degrade_config(args),
@@ -276,6 +294,22 @@ def degrade_config(args: argparse.Namespace) -> DegradeConfig:
         enter_s=float(args.degrade_enter),
         leave_s=float(args.degrade_leave),
     )
+def check_fp8_options(fp8: str, kv_cache_dtype: str, device: str) -> None:
+    """``--fp8`` / ``--kv-cache-dtype`` values, and ``--fp8 linear`` only where FP8 matrix products run.
+
+    Refused here (before any rank starts or loads weights): ``--fp8 linear`` on ``--device cpu`` and on CUDA
+    when no GPU is visible. The GPU's compute capability (>= 8.9) is checked by every score rank before it
+    loads weights (``server.rank_main.build_score_rank``), so this process holds no CUDA context (as
+    ``engine.memory_plan`` measures free memory in a child process). ``--kv-cache-dtype fp8`` is storage only
+    and runs on every device."""
+    if fp8 not in FP8_CHOICES:
+        raise ValueError(f"--fp8 must be one of {', '.join(FP8_CHOICES)}, got {fp8!r}")
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        choices = ", ".join(KV_CACHE_DTYPES)
+        raise ValueError(f"--kv-cache-dtype must be one of {choices}, got {kv_cache_dtype!r}")
+    if fp8 == "linear" and (device != "cuda" or not torch.cuda.is_available()):
+        _, reason = fp8_supported(device)
+        raise ValueError(f"--fp8 linear is not available here: {reason}; run without --fp8 (or --fp8 off)")
 
 
 def evenly_spaced_steps(n: int) -> tuple[int, ...]:
@@ -503,7 +537,7 @@ def add_rank_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_weights_arguments(parser: argparse.ArgumentParser) -> None:
     """--checkpoint, --vae-checkpoint, --random-weights, --dtype, --steps, --compile, and the score model's
-    speed options (``add_speed_arguments``)."""
+    speed options (``add_speed_arguments``: --attention-backend, --cuda-graphs, --fp8, --kv-cache-dtype)."""
     parser.add_argument(
         "--checkpoint",
         default=None,
@@ -536,8 +570,9 @@ def add_weights_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
-    """--attention-backend / --cuda-graphs: how the score model's passes run (workers.attention,
-    workers.cuda_graphs); neither changes the result beyond the dtype's rounding."""
+    """--attention-backend / --cuda-graphs / --fp8 / --kv-cache-dtype: how the score model's passes run
+    (workers.attention, workers.cuda_graphs, workers.fp8); the first two change nothing beyond the dtype's
+    rounding, FP8 changes the latents by its own rounding (python -m workers.fp8_check measures it)."""
     from workers.attention import BACKENDS
 
     parser.add_argument(
@@ -555,6 +590,22 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
         help="capture each fixed-shape score pass as a CUDA graph after one eager warm-up and replay it "
         "(on top of --compile when both are given); CUDA and one score worker only, refused otherwise; "
         "a failed capture is logged once and the passes run eager. Off by default (unmeasured on a GPU)",
+    )
+    parser.add_argument(
+        "--fp8",
+        choices=FP8_CHOICES,
+        default="off",
+        help="linear: FP8 (e4m3) weights and activations in the DiT's attention projections and FFNs, "
+        "matrix products in torch._scaled_mm (CUDA GPUs of compute capability >= 8.9 only; refused "
+        "elsewhere); embeddings, modulation, norms and head stay in --dtype. Unmeasured on a GPU; check the "
+        "latent difference first with python -m workers.fp8_check (default off)",
+    )
+    parser.add_argument(
+        "--kv-cache-dtype",
+        choices=KV_CACHE_DTYPES,
+        default="auto",
+        help="self-attention KV cache storage: auto = --dtype; fp8 = e4m3 with one float32 scale per "
+        "token and head, dequantised when attention reads it (about half the bytes of bf16; any device)",
     )
 
 

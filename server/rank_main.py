@@ -24,6 +24,7 @@ from server.options import GroupOptions
 from server.rank_report import ForwardCounter, RankReport, pin_to_core, planned_memory
 from workers.attention import configure_attention_backend
 from workers.factory import build_score_model
+from workers.fp8 import convert_to_fp8, granularity_for, require_fp8
 from workers.score_rank import ScoreRank
 from workers.worker_loop import run_worker_loop
 
@@ -34,10 +35,15 @@ def build_score_rank(
     options: GroupOptions, groups: ProcessGroups, report: RankReport | None = None
 ) -> ScoreRank:
     """This rank's score share: the DiT from ``--checkpoint``, or seeded random weights equal on all ranks,
-    in ``--dtype``; its forwards are counted for ``report``."""
+    in ``--dtype``; with ``--fp8 linear`` its large linears in FP8 (checked on this rank's GPU before the
+    weights load), its cache in ``--kv-cache-dtype``; its forwards are counted for ``report``."""
+    if options.fp8 == "linear":
+        require_fp8(groups.device)
     model = build_score_model(
         options.preset, options.checkpoint, seed=options.seed, dtype=options.torch_dtype, device=groups.device
     )
+    if options.fp8 == "linear":
+        convert_to_fp8(model, mode="scaled_mm", granularity=granularity_for(groups.device))
     if report is not None:
         report.forwards = ForwardCounter(model)
     # The backend group_options resolved for this device (the same on every rank), set in this process.
@@ -45,7 +51,12 @@ def build_score_rank(
         options.attention_backend, groups.device, options.torch_dtype, model.config.head_dim
     )
     return ScoreRank(
-        model, options.stream_config(), groups, compile=options.compile_score, cuda_graphs=options.cuda_graphs
+        model,
+        options.stream_config(),
+        groups,
+        compile=options.compile_score,
+        cuda_graphs=options.cuda_graphs,
+        kv_cache_dtype=options.kv_cache_dtype,
     )
 
 

@@ -103,7 +103,12 @@ class ScoreGroup:
             model, stream = score_rank.engine.model, self.options.stream_config()
             options = self.options
             score_rank = ScoreRank(
-                model, stream, groups, compile=options.compile_score, cuda_graphs=options.cuda_graphs
+                model,
+                stream,
+                groups,
+                compile=options.compile_score,
+                cuda_graphs=options.cuda_graphs,
+                kv_cache_dtype=options.kv_cache_dtype,
             )
         self._join(groups, store, score_rank)
         return self.executor

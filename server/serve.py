@@ -321,7 +321,8 @@ def _serve_master(options: ServeOptions, groups: Any, store: dist.Store, score_r
     drain = Drain(backend, settings.drain_timeout_s, settings.retry_after_s, stop=server.stop_now)
     server.on_sigterm = drain.begin
     log.info(
-        "talkingmachines serve: %s, preset %s (%s), dtype %s, attention %s%s, %dx%d @ %d fps on http://%s:%d",
+        "talkingmachines serve: %s, preset %s (%s), dtype %s, attention %s%s, %dx%d @ %d fps "
+        "on http://%s:%d; %s",
         topology.name,
         options.preset,
         options.weights,
@@ -333,6 +334,7 @@ def _serve_master(options: ServeOptions, groups: Any, store: dist.Store, score_r
         stream.fps,
         settings.host,
         settings.port,
+        options.fp8_summary,
     )
     from engine.memory_plan import plan_for_options
 

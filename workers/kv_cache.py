@@ -24,6 +24,12 @@ rotates that ring position once per chunk (not per step) by −F frames on the t
 
 The storage is allocated once: memory never grows with the number of chunks.
 
+With ``kv_dtype="fp8"`` (``--kv-cache-dtype fp8``) the keys and values are stored as float8_e4m3fn with one
+float32 amax scale per (token, head) over head_dim (`Fp8KV`, SoulX-LiveAct's ``--fp8_kv_cache`` layout):
+quantised when written (``copy_``), dequantised to the model's dtype when read (`read`), so every write
+adds one e4m3 rounding (3 mantissa bits: relative error <= 2^-4 of each element, at most 1/16 of the
+(token, head)'s amax) and the storage is head_dim + 4 bytes per (token, head) instead of 2·head_dim (bf16).
+
 `MemoryKVCache` is the other window, SoulX-LiveAct's (StreamConfig.window == 'convkv-memory'): 14 latent
 frames of pre-RoPE keys and values per slot, with sink, ConvKV-compressed memory and neighbour frames
 (its docstring has the layout; workers/LIVEACT.md the schedule).
@@ -36,16 +42,83 @@ from collections.abc import Callable
 import torch
 
 from proto.stream_config import CONVKV_CHUNK, CONVKV_FIRST_CHUNK
+from workers.fp8 import E4M3, KV_CACHE_DTYPES, dequantize, quantize
 
 SINK = 0
 
 
-class _KVBuffers:
-    """Keys and values `[layers, slots, B, N, H, D]`, allocated once (zeros) and written in place."""
+class Fp8KV:
+    """An e4m3 cache tensor with its scales: data `[..., N, H, D]` float8_e4m3fn and scale `[..., N, H, 1]`
+    float32 (one per token and head). Indexing (over any dimension but the last) gives views of both, so
+    the cache's slot/block/token views work as on a plain tensor; ``copy_`` quantises a tensor into the view
+    (or copies another `Fp8KV`'s data and scales exactly); ``dequantize`` reads it back."""
 
-    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> None:
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+    def __init__(self, data: torch.Tensor, scale: torch.Tensor) -> None:
+        self.data = data
+        self.scale = scale
+
+    @classmethod
+    def zeros(cls, shape: tuple[int, ...], device: torch.device | str) -> Fp8KV:
+        data = torch.zeros(shape, dtype=E4M3, device=device)
+        return cls(data, torch.zeros((*shape[:-1], 1), dtype=torch.float32, device=device))
+
+    def __getitem__(self, index: object) -> Fp8KV:
+        return Fp8KV(self.data[index], self.scale[index])
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.data.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.data.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size() + self.scale.numel() * self.scale.element_size()
+
+    def copy_(self, src: torch.Tensor | Fp8KV) -> Fp8KV:
+        if isinstance(src, Fp8KV):
+            self.data.copy_(src.data)
+            self.scale.copy_(src.scale)
+        else:
+            q, scale = quantize(src, "row")
+            self.data.copy_(q)
+            self.scale.copy_(scale)
+        return self
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        return dequantize(self.data, self.scale, dtype)
+
+
+KVStore = torch.Tensor | Fp8KV
+
+
+def read(view: KVStore, dtype: torch.dtype) -> torch.Tensor:
+    """A cache view as a tensor of ``dtype`` for attention: the view itself when the cache is stored in the
+    model's dtype, the dequantised values of an FP8 cache."""
+    return view.dequantize(dtype) if isinstance(view, Fp8KV) else view
+
+
+class _KVBuffers:
+    """Keys and values `[layers, slots, B, N, H, D]`, allocated once (zeros) and written in place.
+
+    dtype: the model's (what attention reads); kv_dtype "auto" stores that dtype, "fp8" stores `Fp8KV`."""
+
+    def __init__(
+        self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str, kv_dtype: str = "auto"
+    ) -> None:
+        if kv_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_dtype must be one of {KV_CACHE_DTYPES}, got {kv_dtype!r}")
+        self.dtype = dtype
+        self.kv_dtype = kv_dtype
+        self.k: KVStore
+        self.v: KVStore
+        if kv_dtype == "fp8":
+            self.k, self.v = Fp8KV.zeros(shape, device), Fp8KV.zeros(shape, device)
+        else:
+            self.k = torch.zeros(shape, dtype=dtype, device=device)
+            self.v = torch.zeros(shape, dtype=dtype, device=device)
 
     @property
     def num_layers(self) -> int:
@@ -57,10 +130,15 @@ class _KVBuffers:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the cache tensors (constant for the session's lifetime)."""
-        return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
+        """Bytes held by the cache tensors (constant for the session's lifetime), FP8 scales included."""
+        tensors = (self.k, self.v)
+        return sum(t.nbytes if isinstance(t, Fp8KV) else t.numel() * t.element_size() for t in tensors)
 
-    def slot_views(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def read(self, view: KVStore) -> torch.Tensor:
+        """A view of this cache as a tensor of the model's dtype (`read`)."""
+        return read(view, self.dtype)
+
+    def slot_views(self, slot: int) -> tuple[KVStore, KVStore]:
         """Keys and values `[layers, B, N, H, D]` of one slot (views, written in place)."""
         return self.k[:, slot], self.v[:, slot]
 
@@ -78,8 +156,9 @@ class ChunkKVCache(_KVBuffers):
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device | str,
+        kv_dtype: str = "auto",
     ) -> None:
-        super().__init__((num_layers, num_slots, batch, 3 * tokens, heads, head_dim), dtype, device)
+        super().__init__((num_layers, num_slots, batch, 3 * tokens, heads, head_dim), dtype, device, kv_dtype)
         self.tokens = tokens
 
     @staticmethod
@@ -120,7 +199,7 @@ class ChunkKVCache(_KVBuffers):
         for layer in range(keys.shape[0]):
             for slot in range(keys.shape[1]):
                 stored = keys[layer, slot]
-                full.copy_(stored)
+                full.copy_(self.read(stored))
                 real_copy.copy_(real)
                 real.mul_(c).addcmul_(imag, s, value=-1)  # real cos - imag sin
                 imag.mul_(c).addcmul_(real_copy, s)  # real sin + imag cos
@@ -175,9 +254,10 @@ class MemoryKVCache(_KVBuffers):
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device | str,
+        kv_dtype: str = "auto",
     ) -> None:
         shape = (num_layers, num_slots, batch, WINDOW_FRAMES * tokens_per_frame, heads, head_dim)
-        super().__init__(shape, dtype, device)
+        super().__init__(shape, dtype, device, kv_dtype)
         self.tokens_per_frame = tokens_per_frame
 
     def write_offset(self, chunk_index: int) -> int:
@@ -200,8 +280,8 @@ class MemoryKVCache(_KVBuffers):
         for layer in range(self.num_layers):
             k, v = self.k[layer, slot], self.v[layer, slot]
             old_run, new_run = slice(first, first + stack), slice(first + stack, first + 2 * stack)
-            old = compress(layer, k[:, old_run], v[:, old_run])
-            new = compress(layer, k[:, new_run], v[:, new_run])
+            old = compress(layer, self.read(k[:, old_run]), self.read(v[:, old_run]))
+            new = compress(layer, self.read(k[:, new_run]), self.read(v[:, new_run]))
             k[:, first:recent].copy_(old[0])
             v[:, first:recent].copy_(old[1])
             k[:, recent:neighbours].copy_(new[0])

@@ -46,6 +46,8 @@ from workers.audio import (
     InfiniteTalkAudioProjection,
     frame_local_audio_attention,
 )
+from workers.kv_cache import KVStore
+from workers.kv_cache import read as read_kv
 from workers.rope import apply_rope, grid_positions, rope_cos_sin
 from workers.sp import check_sp_shapes, frames_to_heads, gather_frames, heads_to_frames, shard_frames
 from workers.ulysses import group_size
@@ -56,7 +58,8 @@ Rope = tuple[torch.Tensor, torch.Tensor]
 # writes its chunk's keys/values at, how many tokens it attends to, and how the keys are stored: None =
 # rotated when written (the sparse-causal `ChunkKVCache`, N = 3·L), or the float32 cos/sin `[visible, D/2]`
 # of the key positions = stored pre-RoPE and rotated at use (LiveAct's `MemoryKVCache`, N = 14 frames).
-CacheView = tuple[torch.Tensor, torch.Tensor, int, int, Rope | None]
+# The buffers are `kv_cache.Fp8KV` (e4m3 + scales) with --kv-cache-dtype fp8.
+CacheView = tuple[KVStore, KVStore, int, int, Rope | None]
 
 
 def sinusoidal_embedding(dim: int, t: torch.Tensor) -> torch.Tensor:
@@ -230,14 +233,16 @@ class WanSelfAttention(nn.Module):
         compressed from pre-RoPE keys)."""
         k_buf, v_buf, at, visible, key_rope = cache
         length = k.shape[1]
+        # An FP8 cache (`kv_cache.Fp8KV`) quantises on copy_ and is dequantised to k's dtype when read.
         if key_rope is None:
             k_buf[:, at : at + length].copy_(apply_rope(k, *rope))
             v_buf[:, at : at + length].copy_(v)
-            return attention(apply_rope(q, *rope), k_buf[:, :visible], v_buf[:, :visible])
+            keys, values = read_kv(k_buf[:, :visible], k.dtype), read_kv(v_buf[:, :visible], v.dtype)
+            return attention(apply_rope(q, *rope), keys, values)
         k_buf[:, at : at + length].copy_(k)
         v_buf[:, at : at + length].copy_(v)
-        keys = apply_rope(k_buf[:, :visible], *key_rope)
-        return attention(apply_rope(q, *rope), keys, v_buf[:, :visible])
+        keys = apply_rope(read_kv(k_buf[:, :visible], k.dtype), *key_rope)
+        return attention(apply_rope(q, *rope), keys, read_kv(v_buf[:, :visible], v.dtype))
 
     def forward(
         self,
@@ -754,8 +759,8 @@ class WanModel(nn.Module):
         e: torch.Tensor,
         e0: torch.Tensor,
         rope: Rope,
-        cache_k: torch.Tensor,
-        cache_v: torch.Tensor,
+        cache_k: KVStore,
+        cache_v: KVStore,
         write_at: int,
         visible: int,
         cross_kv: list[dict[str, torch.Tensor]],

@@ -51,6 +51,8 @@ class ScoreRank:
         groups: this rank's process groups; ``None`` for a single process (no SP, this rank is the leader).
         compile: build the engine with torch.compile'd blocks (``--compile``; ignored for a ready engine).
         cuda_graphs: build the engine with CUDA-graph replay of its passes (``--cuda-graphs``; likewise).
+        kv_cache_dtype: the engine's self-attention cache storage, ``auto`` or ``fp8``
+            (``--kv-cache-dtype``; ignored for a ready engine).
     """
 
     def __init__(
@@ -60,6 +62,7 @@ class ScoreRank:
         groups: ProcessGroups | None = None,
         compile: bool = False,
         cuda_graphs: bool = False,
+        kv_cache_dtype: str = "auto",
     ) -> None:
         sp_group = None if groups is None else groups.sp
         if isinstance(model, StreamingDiT):
@@ -69,7 +72,14 @@ class ScoreRank:
                 raise ValueError("the engine's sp_group is not this rank's groups.sp; rebuild it")
             self.engine = model
         else:
-            self.engine = StreamingDiT(model, stream, sp_group, compile=compile, cuda_graphs=cuda_graphs)
+            self.engine = StreamingDiT(
+                model,
+                stream,
+                sp_group=sp_group,
+                compile=compile,
+                cuda_graphs=cuda_graphs,
+                kv_cache_dtype=kv_cache_dtype,
+            )
         self.stream = stream
         self.config = self.engine.model.config
         self.rank = 0 if groups is None else groups.rank

@@ -101,6 +101,7 @@ from proto.model_config import InfiniteTalkAudioConfig
 from proto.stream_config import StreamConfig
 from workers.audio import AudioConditioning, InfiniteTalkAudio
 from workers.cuda_graphs import StepGraphs, check_cuda_graphs, step_graphs_for
+from workers.fp8 import KV_CACHE_DTYPES
 from workers.kv_cache import CONVKV_RATIO, WINDOW_FRAMES, ChunkKVCache, MemoryKVCache
 from workers.model import KV, Rope, WanModel
 from workers.rope import grid_positions, rope_cos_sin, temporal_shift_cos_sin
@@ -139,8 +140,15 @@ class StreamingDiT:
         sp_group: dist.ProcessGroup | None = None,
         compile: bool = False,
         cuda_graphs: bool = False,
+        kv_cache_dtype: str = "auto",
     ) -> None:
         cfg = model.config
+        if kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(
+                f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}"
+            )
+        # "auto": the cache in the model's dtype; "fp8": e4m3 with per-(token, head) scales (kv_cache.Fp8KV).
+        self.kv_cache_dtype = kv_cache_dtype
         if stream.window == "convkv-memory":
             _check_convkv_model(model)
         elif cfg.memory is not None or cfg.audio_variant == "infinitetalk":
@@ -282,6 +290,7 @@ class StreamingDiT:
             head_dim=cfg.head_dim,
             dtype=param.dtype,
             device=param.device,
+            kv_dtype=self.kv_cache_dtype,
         )
         return SessionState(cross_kv=cross_kv, cache=cache, time_emb=time_emb)
 
@@ -515,6 +524,7 @@ class StreamingDiT:
             head_dim=cfg.head_dim,
             dtype=param.dtype,
             device=param.device,
+            kv_dtype=self.kv_cache_dtype,
         )
         return SessionState(
             cross_kv=cross_kv,
