@@ -87,6 +87,7 @@ schedule written out uncached on `WanModel.forward`) within 1e-5 and reproduces 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -95,6 +96,7 @@ import torch.distributed as dist
 from proto.model_config import InfiniteTalkAudioConfig
 from proto.stream_config import StreamConfig
 from workers.audio import AudioConditioning, InfiniteTalkAudio
+from workers.batched import BatchItem, denoise_batch
 from workers.kv_cache import CONVKV_RATIO, WINDOW_FRAMES, ChunkKVCache, MemoryKVCache
 from workers.model import KV, Rope, WanModel
 from workers.rope import grid_positions, rope_cos_sin, temporal_shift_cos_sin
@@ -406,6 +408,11 @@ class StreamingDiT:
             self.step(state, x0, len(self.sigmas), chunk_index, y, inputs)
         state.next_chunk += 1
         return x0
+
+    def denoise_batch(self, items: Sequence[BatchItem]) -> list[torch.Tensor]:
+        """Chunks of several sessions, compatible ones in one forward per pass (`workers.batched`): each
+        item's x0 `[16, F, h, w]`, equal to its `denoise_chunk` within float32 rounding."""
+        return denoise_batch(self, items)
 
     # ---- the convkv-memory window (SoulX-LiveAct) ---------------------------------------------------------
 
