@@ -70,6 +70,7 @@ class LiveConfig:
     encoder_seed: int | None = None  # the tiny random wav2vec2's seed (None: `seed`)
     # The sessions' decode options; the backend's VAE must be prepared for them (`DecodeOptions.prepare`).
     decode: DecodeOptions = field(default_factory=DecodeOptions)
+    max_batch_sessions: int = 1  # --max-batch-sessions: due sessions' chunks scored together (1: off)
 
 
 class SessionSetup:

@@ -89,6 +89,7 @@ class GroupOptions:
     vae_channels_last: bool = False
     vae_compile: bool = False
     vae_chunk_at_once: bool = False
+    max_batch_sessions: int = 1  # --max-batch-sessions: sessions' chunks scored in one forward (1: off)
 
     @property
     def model_config(self) -> ModelConfig:
@@ -253,6 +254,7 @@ def group_options(args: argparse.Namespace, cls: type[Options], **own: Any) -> O
         compile_score=bool(args.compile),
         weights=weights.describe(),
         **_decode_settings(args),
+        max_batch_sessions=_max_batch_sessions(args),
         **fixed,
         **own,
     )
@@ -323,6 +325,16 @@ def _size(args: argparse.Namespace, bundle: ModelBundle | None) -> tuple[int, in
     if bundle is not None:
         default = (bundle.height, bundle.width)
     return args.height or default[0], args.width or default[1]
+
+
+def _max_batch_sessions(args: argparse.Namespace) -> int:
+    """``--max-batch-sessions`` (1 when the namespace has no such flag), at least 1."""
+    value = getattr(args, "max_batch_sessions", 1)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(
+            f"--max-batch-sessions must be an integer >= 1 (1: every chunk scored alone), got {value!r}"
+        )
+    return value
 
 
 def _decode_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -408,6 +420,20 @@ def add_group_arguments(parser: argparse.ArgumentParser, command: str, prompt_he
         "default: the GPUs' free memory, or the host's available memory (engine.memory_plan)",
     )
     add_rank_arguments(parser)
+    add_batch_arguments(parser)
+
+
+def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
+    """--max-batch-sessions: batched sessions on the score side (``workers.batched``, ``engine.batching``)."""
+    parser.add_argument(
+        "--max-batch-sessions",
+        type=int,
+        default=1,
+        metavar="N",
+        help="score the chunks of up to N due sessions in one DiT forward when that keeps every session's "
+        "deadline (engine.scheduler.pick_batch, from the engine's measured chunk costs); default 1: every "
+        "chunk alone (batching is not yet measured on a GPU)",
+    )
 
 
 def add_rank_arguments(parser: argparse.ArgumentParser) -> None:

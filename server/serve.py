@@ -288,6 +288,7 @@ def _serve_master(options: ServeOptions, groups: Any, store: dist.Store, score_r
         wav2vec_checkpoint=options.wav2vec_checkpoint,
         encoder_seed=options.tiny_encoder_seed,
         decode=options.decode_options(),
+        max_batch_sessions=options.max_batch_sessions,
     )
     backend = LiveBackend(
         config,
