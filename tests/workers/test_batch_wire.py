@@ -140,3 +140,21 @@ def _master_sends_batches(groups: ProcessGroups) -> None:
 
 def test_dedicated_workers_answer_a_batch_with_one_result_per_session(tmp_path) -> None:
     run_world(_serve_or_master, TOPOLOGY.world_size, tmp_path, _master_sends_batches)
+
+
+def test_the_colocated_executor_of_one_rank_scores_a_batch_inline(model) -> None:
+    from types import SimpleNamespace
+
+    from engine.executor import ColocatedExecutor
+
+    alone = _alone(model, 2)
+    groups = SimpleNamespace(
+        is_master=True, topology=SimpleNamespace(world_size=1), device=torch.device("cpu"), rank=0
+    )
+    executor = ColocatedExecutor(groups, store=None, score_rank=ScoreRank(model, STREAM))  # type: ignore[arg-type]
+    _open(executor)
+    for i in range(2):
+        parts = [request(sid, i, session_seed=seed) for sid, seed in SEEDS.items()]
+        executor.submit_batch([m for m, _ in parts], [t for _, t in parts])
+        for (msg, _), sid in zip(parts, SEEDS, strict=True):
+            assert (executor.collect(msg).latent - alone[sid][i]).abs().max().item() <= ATOL
