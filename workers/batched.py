@@ -14,21 +14,22 @@ so a batch of mixed sessions still gives every session its exact chunk.
 
 The cache: stacked per pass, not pooled. Each session keeps its own preallocated ``ChunkKVCache`` (batch 1,
 nothing about the sessions' lifetimes changes). Before each pass the visible part of that pass's slot of every
-session is copied into one batch buffer ``[layers, B, visible, H, D]`` (keys and values, reused across passes
-and chunks), in a canonical order: sink c_0, then c_{t−1}, then the chunk's own place, so every session writes
-at the same offset whatever its ring parity (attention does not depend on the order of its keys, up to
-float32 rounding); after the pass the chunk's keys/values are copied back to the session's ring position.
-Cost per pass and session: one read + write of the context's keys/values (at most 2 chunks' worth, which the
-attention reads anyway) and one chunk's worth back, i.e. about 3× the pass's own cache traffic; temporary
-memory: one slot of B sessions' visible cache (B × 3 chunks × layers × H/P heads × D, keys and values). A
-pooled cache (sessions' caches as rows of one preallocated tensor) would avoid the copies, but batches would
-then have to be contiguous rows, or gathered anyway, and a session's memory would be fixed at the pool's size.
-Cross-attention K/V (per session, per block) and the chunk's audio K/V are concatenated once per chunk,
-not per pass.
+session is copied into one batch buffer ``[layers, B, visible, H, D]`` (keys and values, allocated once per
+chunk and reused by its passes), in a canonical order: sink c_0, then c_{t−1}, then the chunk's own place, so
+every session writes at the same offset whatever its ring parity (attention does not depend on the order of
+its keys, up to float32 rounding); after the pass the chunk's keys/values are copied back to the session's
+ring position. Cost per pass and session: one read + write of the context's keys/values (at most 2 chunks'
+worth, which the attention reads anyway) and one chunk's worth back, i.e. about 3× the pass's own cache
+traffic; temporary memory: one slot of B sessions' visible cache (B × 3 chunks × layers × H/P heads × D, keys
+and values). A pooled cache (sessions' caches as rows of one preallocated tensor) would avoid the copies, but
+batches would then have to be contiguous rows, or gathered anyway, and a session's memory would be fixed at
+the pool's size. Cross-attention K/V (per session, per block) and the chunk's audio K/V are concatenated once
+per chunk, not per pass.
 
 Sequence parallelism works unchanged: every rank stacks its own head shard of each session's cache, and the
 all-to-alls of ``workers.sp`` carry the batch dimension (each batch element is sharded as alone). Both cache
 modes: per-step (slot s per pass) and clean-context (slot 0, the refresh pass written back like the others).
+Under ``compile=True`` every batch size is a shape of its own: the blocks compile again for each (unmeasured).
 
 Not batched: the convkv-memory window (SoulX-LiveAct). Its passes interleave a per-session ConvKV memory
 update of the slot, the audio-from-step switch, a null-audio CFG pass on its own slot and a muted first frame
@@ -113,7 +114,12 @@ def denoise_batch(engine: StreamingDiT, items: Sequence[BatchItem]) -> list[torc
     ids = [id(item.state) for item in items]
     if len(set(ids)) != len(ids):
         raise ValueError("a batch holds at most one chunk per session (chunks of a session are causal)")
-    for item in items:
+    for item in items:  # everything checked before any session's cache changes
+        shape = (len(engine.timesteps), *engine.stream.latent_shape(item.chunk_index))
+        if tuple(item.noise.shape) != shape:
+            raise ValueError(
+                f"noise has shape {tuple(item.noise.shape)}, expected [steps, 16, F, h, w] = {shape}"
+            )
         if item.chunk_index != item.state.next_chunk:
             raise ValueError(
                 f"chunk {item.chunk_index} requested but the session expects chunk {item.state.next_chunk}; "
@@ -145,12 +151,6 @@ def _denoise_together(engine: StreamingDiT, items: Sequence[BatchItem]) -> list[
     param = next(model.parameters())
     b = len(items)
     index0 = items[0].chunk_index
-    shape = (len(engine.timesteps), *stream.latent_shape(index0))
-    for item in items:
-        if tuple(item.noise.shape) != shape:
-            raise ValueError(
-                f"noise has shape {tuple(item.noise.shape)}, expected [steps, 16, F, h, w] = {shape}"
-            )
     noise = torch.stack([item.noise.to(param.device) for item in items], dim=1)  # [S, B, 16, F, h, w]
     y = None if items[0].y is None else torch.stack([item.y.to(param.device) for item in items])
     # Per session, once per chunk: the window's shift of c_{t−1} (in its own cache), its audio keys/values.
