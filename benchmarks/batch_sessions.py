@@ -12,6 +12,9 @@ Two measurements, both of the product code:
   ``--chunks`` chunks per session.
 
     python -m benchmarks.batch_sessions --out benchmarks/results/batch_sessions_cpu.json
+
+Both measurements alternate their two modes ``--repeats`` times (a change of load on a shared machine then
+hits both) and keep every run.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ def measure_serve(max_batch: int, args: argparse.Namespace, folder: Path) -> dic
     """One self-contained server, two flat-out sessions: their chunks per second and stage means."""
     port = _free_port()
     out = folder / f"batch{max_batch}"
-    out.mkdir()
+    out.mkdir(parents=True)
     config = folder / f"batch{max_batch}.toml"
     config.write_text(
         f'[api]\napi_key = "benchmark-key-0123456789"\ndrain_timeout_s = 0\nfile_output_dir = "{out}"\n'
@@ -135,7 +138,8 @@ def _chunk(cfg, stream, session_id: str, index: int, seed: int):
 
 
 def measure_score(args: argparse.Namespace) -> dict[str, Any]:
-    """The score rank alone: two sessions' chunks batched vs one by one, chunks per second."""
+    """The score rank alone: two sessions' chunks batched vs one by one, chunks per second (the two modes
+    alternate ``--repeats`` times; the best of each is kept, the least disturbed by other load)."""
     height, width = (int(v) for v in args.resolution.split("x"))
     stream = StreamConfig(height=height, width=width, denoising_steps=evenly_spaced_steps(args.steps))
     torch.set_num_threads(1)
@@ -143,7 +147,7 @@ def measure_score(args: argparse.Namespace) -> dict[str, Any]:
     cfg = model.config
     sessions = (("a", 1), ("b", 2))
     results: dict[str, Any] = {}
-    for mode in ("alone", "batched"):
+    for mode in ("alone", "batched") * args.repeats:
         rank = ScoreRank(model, stream)
         for sid, seed in sessions:
             rank.open_session(*_session_open(cfg, stream, sid, seed))
@@ -158,7 +162,9 @@ def measure_score(args: argparse.Namespace) -> dict[str, Any]:
                 rank.denoise_batch(batch, batch.join([t for _, t in parts]))
         elapsed = time.perf_counter() - start
         chunks = len(sessions) * args.chunks
-        results[mode] = {"chunks": chunks, "seconds": elapsed, "chunks_per_s": chunks / elapsed}
+        best = results.get(mode)
+        if best is None or elapsed < best["seconds"]:
+            results[mode] = {"chunks": chunks, "seconds": elapsed, "chunks_per_s": chunks / elapsed}
     results["speed_up"] = results["batched"]["chunks_per_s"] / results["alone"]["chunks_per_s"]
     return results
 
@@ -171,9 +177,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--chunks", type=int, default=12, help="chunks per session")
     parser.add_argument("--skip", type=int, default=3, help="chunks per session before the serve window")
-    parser.add_argument("--steps", type=int, default=16, help="denoising steps (a heavier score stage)")
-    parser.add_argument("--resolution", default="64x64")
+    parser.add_argument("--steps", type=int, default=32, help="denoising steps (a heavier score stage)")
+    parser.add_argument(
+        "--resolution", default="32x32", help="HxW (at 64x64 the tiny VAE's decode dominates the chunk)"
+    )
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per server at most")
+    parser.add_argument("--repeats", type=int, default=2, help="alternating runs of each mode")
     args = parser.parse_args(argv)
     print("batch_sessions: score rank ...", file=sys.stderr, flush=True)
     score = measure_score(args)
@@ -182,18 +191,24 @@ def main(argv: list[str] | None = None) -> int:
         f"  score: {alone:.2f} chunks/s alone, {batched:.2f} batched (x{score['speed_up']:.2f})",
         file=sys.stderr,
     )
-    serve = {}
+    runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        for n in (1, 2):
-            print(f"batch_sessions: serve --max-batch-sessions {n} ...", file=sys.stderr, flush=True)
-            serve[n] = measure_serve(n, args, Path(tmp))
-            print(
-                f"  {serve[n]['chunks_per_s']:.2f} chunks/s (batched: {serve[n]['batched']})", file=sys.stderr
-            )
+        for repeat in range(args.repeats):  # alternating, so that a change of load hits both
+            for n in (1, 2):
+                print(f"batch_sessions: serve --max-batch-sessions {n} ...", file=sys.stderr, flush=True)
+                run = measure_serve(n, args, Path(tmp) / f"r{repeat}")
+                runs.append(run)
+                print(f"  {run['chunks_per_s']:.2f} chunks/s (batched: {run['batched']})", file=sys.stderr)
+    serve = {
+        n: max((r for r in runs if r["max_batch_sessions"] == n), key=lambda r: r["chunks_per_s"])
+        for n in (1, 2)
+    }
+    ratios = [b["chunks_per_s"] / a["chunks_per_s"] for a, b in zip(runs[::2], runs[1::2], strict=True)]
     summary = {
         "score_speed_up": score["speed_up"],
-        "serve_speed_up": serve[2]["chunks_per_s"] / serve[1]["chunks_per_s"],
-        "serve_batched": serve[2]["batched"],
+        "serve_speed_up_best": serve[2]["chunks_per_s"] / serve[1]["chunks_per_s"],
+        "serve_speed_up_per_repeat": ratios,
+        "serve_batched": all(r["batched"] for r in runs if r["max_batch_sessions"] == 2),
     }
     document = {
         "benchmark": "batch_sessions",
@@ -202,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         "self-contained 1 with --max-batch-sessions 1 vs 2",
         **provenance("benchmarks.batch_sessions", argv),
         "score": score,
-        "serve": {f"max_batch_sessions_{n}": r for n, r in serve.items()},
+        "serve_best": {f"max_batch_sessions_{n}": r for n, r in serve.items()},
+        "serve_runs": runs,
         "summary": summary,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -75,3 +75,15 @@ def test_an_executor_that_cannot_batch_is_refused_by_name() -> None:
         ValueError, match=r"--max-batch-sessions 2: the executor _Executor cannot score batches"
     ):
         _backend(log, executor=_Executor(log))
+
+
+def test_max_batch_sessions_is_a_validated_group_option_off_by_default(tmp_path) -> None:
+    from server.serve import parse_serve_options
+
+    config = tmp_path / "serve.toml"
+    config.write_text('[api]\napi_key = "k"\n')
+    argv = ["--config", str(config), "--device", "cpu"]
+    assert parse_serve_options(argv).max_batch_sessions == 1
+    assert parse_serve_options([*argv, "--max-batch-sessions", "3"]).max_batch_sessions == 3
+    with pytest.raises(ValueError, match=r"--max-batch-sessions must be an integer >= 1 .*got 0"):
+        parse_serve_options([*argv, "--max-batch-sessions", "0"])
