@@ -27,7 +27,7 @@ from typing import Protocol
 
 import torch
 
-from engine.executor import Executor, WorkerError
+from engine.executor import BatchExecutor, Executor, WorkerError
 from engine.pipeline import ChunkEngine, EngineOwner, Work
 from engine.publish import ChunkPublisher, EngineSession
 from engine.scheduler import BatchCosts, Cost
@@ -161,7 +161,8 @@ class BatchChunkEngine(ChunkEngine):
             if len(works) == 1:
                 self.executor.submit(works[0].prepared.request, works[0].prepared.tensors)
             else:
-                self.executor.submit_batch(  # type: ignore[attr-defined]
+                executor: BatchExecutor = self.executor  # type: ignore[assignment]  # checked at __init__
+                executor.submit_batch(
                     [w.prepared.request for w in works], [w.prepared.tensors for w in works]
                 )
         except BaseException:

@@ -84,18 +84,20 @@ class Executor(Protocol):
 
     def submit(self, request: ChunkRequest, tensors: Mapping[str, torch.Tensor]) -> None: ...
 
-    def submit_batch(
-        self, requests: Sequence[ChunkRequest], tensors: Sequence[Mapping[str, torch.Tensor]]
-    ) -> None:
-        """One chunk of each of several sessions, scored together (batched sessions); each is then
-        ``collect``-ed on its own, in order."""
-        ...
-
     def collect(self, request: ChunkRequest) -> ScoredChunk: ...
 
     def close_session(self, message: SessionClose) -> None: ...
 
     def shutdown(self, reason: str) -> None: ...
+
+
+class BatchExecutor(Executor, Protocol):
+    """An executor that also scores several sessions' chunks together (``--max-batch-sessions``; the three
+    executors here are): ``submit_batch``, then each chunk ``collect``-ed on its own, in order."""
+
+    def submit_batch(
+        self, requests: Sequence[ChunkRequest], tensors: Sequence[Mapping[str, torch.Tensor]]
+    ) -> None: ...
 
 
 class ScoreRankLike(Protocol):

@@ -158,3 +158,33 @@ def test_the_colocated_executor_of_one_rank_scores_a_batch_inline(model) -> None
         executor.submit_batch([m for m, _ in parts], [t for _, t in parts])
         for (msg, _), sid in zip(parts, SEEDS, strict=True):
             assert (executor.collect(msg).latent - alone[sid][i]).abs().max().item() <= ATOL
+
+
+def test_liveact_sessions_in_a_batch_run_one_after_another_as_alone() -> None:
+    # The convkv-memory window is not batched (workers/batched.py says why): a batch gives each session
+    # exactly its chunk alone, with one forward per pass and session.
+    from dataclasses import replace
+
+    from test_score_rank import LIVE, LIVE_STREAM, live_open, live_request
+
+    torch.set_num_threads(1)
+    model = build_score_model(LIVE.name, seed=2)
+
+    def req(sid: str, index: int):
+        msg, tensors = live_request(index)
+        return replace(msg, session_id=sid, noise_seed=msg.noise_seed + (sid == "b")), tensors
+
+    alone = ScoreRank(model, LIVE_STREAM)
+    together = ScoreRank(model, LIVE_STREAM)
+    for rank in (alone, together):
+        for sid in ("a", "b"):
+            rank.open_session(live_open(sid)[0], live_open(sid)[1])
+    for i in range(2):
+        want = [alone.denoise(*req(sid, i)) for sid in ("a", "b")]
+        parts = [req(sid, i) for sid in ("a", "b")]
+        batch = ChunkBatchRequest(tuple(m for m, _ in parts))
+        got = together.denoise_batch(batch, batch.join([t for _, t in parts]))
+        assert got is not None
+        for w, g in zip(want, got, strict=True):
+            assert torch.equal(w, g)
+    assert not torch.equal(want[0], want[1])
