@@ -12,6 +12,9 @@ over-estimates, which only makes the picker more careful). Every
 session is then decoded and published as alone, with the batch's score seconds as its score stage. A batch of
 one goes out as the ordinary ``ChunkRequest``, so ``--max-batch-sessions 1`` is the plain ``ChunkEngine``.
 
+On a disaggregated group the first result of a batch comes once the whole batch is scored, so
+``--chunk-timeout`` must cover a batch, not one chunk.
+
 Failures: a ``WorkerError`` fails the group, as before; a session's own prepare or decode fails that
 session; anything else while a batch is submitted or collected fails the batch's sessions (which of them
 caused it cannot be told).
