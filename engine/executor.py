@@ -31,6 +31,7 @@ from proto.staging import HostStaging
 from proto.stream_config import StreamConfig
 from proto.topology import ProcessGroups
 from proto.wire import (
+    ChunkBatchRequest,
     ChunkRequest,
     ChunkResult,
     Message,
@@ -90,12 +91,25 @@ class Executor(Protocol):
     def shutdown(self, reason: str) -> None: ...
 
 
+class BatchExecutor(Executor, Protocol):
+    """An executor that also scores several sessions' chunks together (``--max-batch-sessions``; the three
+    executors here are): ``submit_batch``, then each chunk ``collect``-ed on its own, in order."""
+
+    def submit_batch(
+        self, requests: Sequence[ChunkRequest], tensors: Sequence[Mapping[str, torch.Tensor]]
+    ) -> None: ...
+
+
 class ScoreRankLike(Protocol):
     """What ``workers.score_rank.ScoreRank`` offers the colocated master."""
 
     def open_session(self, msg: SessionOpen, tensors: dict[str, torch.Tensor]) -> None: ...
 
     def denoise(self, msg: ChunkRequest, tensors: dict[str, torch.Tensor]) -> torch.Tensor | None: ...
+
+    def denoise_batch(
+        self, msg: ChunkBatchRequest, tensors: dict[str, torch.Tensor]
+    ) -> list[torch.Tensor] | None: ...
 
     def close_session(self, msg: SessionClose) -> None: ...
 
@@ -200,6 +214,16 @@ class DedicatedExecutor:
         self._sent_at[_key(request)] = time.perf_counter()
         self._out.broadcast(request, tensors)
 
+    def submit_batch(
+        self, requests: Sequence[ChunkRequest], tensors: Sequence[Mapping[str, torch.Tensor]]
+    ) -> None:
+        """One ``ChunkBatchRequest`` to every rank; the SP leader answers each request in order."""
+        batch = ChunkBatchRequest(tuple(requests))
+        now = time.perf_counter()
+        for request in requests:
+            self._sent_at[_key(request)] = now
+        self._out.broadcast(batch, batch.join(tensors))
+
     def collect(self, request: ChunkRequest) -> ScoredChunk:
         leader = self.topology.sp_leader
         role = self.topology.role(leader)
@@ -278,6 +302,20 @@ class InProcessExecutor:
         elapsed = time.perf_counter() - start
         self._done[_key(request)] = ScoredChunk(request, latent, score_s=elapsed, roundtrip_s=elapsed)
 
+    def submit_batch(
+        self, requests: Sequence[ChunkRequest], tensors: Sequence[Mapping[str, torch.Tensor]]
+    ) -> None:
+        """Score the batch inline; each chunk's score time is the batch's."""
+        batch = ChunkBatchRequest(tuple(requests))
+        start = time.perf_counter()
+        joined = _contiguous(batch.join(tensors), self.staging)
+        latents = self.score_rank.denoise_batch(batch, joined)
+        if latents is None:
+            raise WorkerError("the master's ScoreRank is not the SP leader: it returned no latents")
+        elapsed = time.perf_counter() - start
+        for request, latent in zip(requests, latents, strict=True):
+            self._done[_key(request)] = ScoredChunk(request, latent, score_s=elapsed, roundtrip_s=elapsed)
+
     def collect(self, request: ChunkRequest) -> ScoredChunk:
         return self._done.pop(_key(request))
 
@@ -315,6 +353,21 @@ class ColocatedExecutor:
         except RuntimeError as exc:
             if "Connection closed by peer" in str(exc) or "Connection reset by peer" in str(exc):
                 raise self._out.lost_peer(f"denoising chunk {request.chunk_index}", exc) from exc
+            raise
+
+    def submit_batch(
+        self, requests: Sequence[ChunkRequest], tensors: Sequence[Mapping[str, torch.Tensor]]
+    ) -> None:
+        batch = ChunkBatchRequest(tuple(requests))
+        self._broadcast(batch, batch.join(tensors))
+        what = f"denoising a batch of {len(requests)} sessions' chunks"
+        try:
+            self._local.submit_batch(requests, tensors)
+        except PeerError as exc:
+            raise self._out.lost_peer(what, exc) from exc
+        except RuntimeError as exc:
+            if "Connection closed by peer" in str(exc) or "Connection reset by peer" in str(exc):
+                raise self._out.lost_peer(what, exc) from exc
             raise
 
     def collect(self, request: ChunkRequest) -> ScoredChunk:

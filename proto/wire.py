@@ -177,6 +177,51 @@ class ChunkRequest(Message):
 
 
 @dataclass(frozen=True)
+class ChunkBatchRequest(Message):
+    """Denoise one chunk of each of several sessions together (``workers.batched``: one forward per pass).
+
+    ``requests``: ordinary ``ChunkRequest`` headers of distinct sessions, each validated as if sent alone.
+    Tensors: every request's declared tensors in request order, named ``"{b}/{name}"`` (``split_batch``
+    gives them back per request). The SP leader answers with one ``ChunkResult`` per request, in order.
+    """
+
+    kind: ClassVar[str] = "chunk_batch_request"
+    requests: tuple[ChunkRequest, ...]
+
+    def __post_init__(self) -> None:
+        if not self.requests:
+            raise WireError("ChunkBatchRequest.requests must hold at least one ChunkRequest")
+        ids = [r.session_id for r in self.requests]
+        if len(set(ids)) != len(ids):
+            raise WireError(
+                f"ChunkBatchRequest.requests: session ids {ids} repeat; a batch holds one chunk per session"
+            )
+
+    @property
+    def tensors(self) -> tuple[TensorSpec, ...]:
+        return tuple(
+            TensorSpec(f"{b}/{spec.name}", spec.shape, spec.dtype)
+            for b, request in enumerate(self.requests)
+            for spec in request.tensors
+        )
+
+    def join(self, per_request: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """The batch's tensors from each request's (in request order, names prefixed)."""
+        return {f"{b}/{name}": t for b, tensors in enumerate(per_request) for name, t in tensors.items()}
+
+    def split(self, tensors: Mapping[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """Each request's tensors (its own names, in its declared order) from the batch's."""
+        return [
+            {
+                spec.name: tensors[f"{b}/{spec.name}"]
+                for spec in request.tensors
+                if f"{b}/{spec.name}" in tensors
+            }
+            for b, request in enumerate(self.requests)
+        ]
+
+
+@dataclass(frozen=True)
 class ChunkResult(Message):
     """The clean latent of one chunk, from the SP leader. Tensors: ``latent`` ``[16, F, h, w]``.
 
@@ -212,7 +257,16 @@ class Shutdown(Message):
 
 
 MESSAGE_TYPES: dict[str, type[Message]] = {
-    cls.kind: cls for cls in (SessionOpen, SessionClose, ChunkRequest, ChunkResult, WorkerFailed, Shutdown)
+    cls.kind: cls
+    for cls in (
+        SessionOpen,
+        SessionClose,
+        ChunkRequest,
+        ChunkResult,
+        WorkerFailed,
+        Shutdown,
+        ChunkBatchRequest,
+    )
 }
 
 M = TypeVar("M", bound=Message)
@@ -244,6 +298,17 @@ def decode_header(payload: bytes) -> Message:
         raise WireError(f"{cls.__name__} header: missing fields {missing}, unexpected fields {extra}")
     if "tensors" in body:
         body["tensors"] = tuple(TensorSpec(s["name"], tuple(s["shape"]), s["dtype"]) for s in body["tensors"])
+    if cls is ChunkBatchRequest:  # nested ChunkRequest headers, each decoded (and checked) as one
+        requests = body.get("requests")
+        if not isinstance(requests, list) or not all(isinstance(r, dict) for r in requests):
+            raise WireError(
+                f"ChunkBatchRequest.requests: expected a list of ChunkRequest headers, got {requests!r}"
+            )
+        body["requests"] = tuple(
+            decode_header(json.dumps({"version": WIRE_VERSION, "kind": ChunkRequest.kind, **r}).encode())
+            for r in requests
+        )
+        return cls(**body)
     return cls(**{k: _tuplify(v) for k, v in body.items()})
 
 

@@ -35,7 +35,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import CancelledError, Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
@@ -43,10 +43,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from engine.batching import BatchChunkEngine
 from engine.executor import Executor, WorkerError
 from engine.pipeline import ChunkEngine, Work
 from engine.publish import ChunkPublisher
-from engine.scheduler import earliest_deadline
+from engine.scheduler import Cost, earliest_deadline, pick_batch
 from proto.api import Face, SessionState
 from proto.wire import SessionClose, SessionOpen
 from server.backend import BackendFailed, NoCapacity
@@ -97,23 +98,22 @@ class EngineThread:
         self.metrics = metrics
         self.warm_up = warm_up
         self.publisher = ChunkPublisher(metrics, sessions.sessions)
-        self.chunks = self._chunk_engine(executor)
+        self.chunks = self._new_engine(executor)
         self._commands: queue.Queue[tuple[Callable[[], Any], Future[Any]]] = queue.Queue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="master-engine", daemon=True)
         self._last_offset_report = 0.0
 
-    def _chunk_engine(self, executor: Executor) -> ChunkEngine:
-        """The pipeline over ``executor``, with the group's degradation options (``engine.degrade``)."""
+    def _new_engine(self, executor: Executor) -> ChunkEngine:
+        """The chunk pipeline with the group's degradation options (``engine.degrade``); over batches of
+        sessions with ``--max-batch-sessions`` > 1 (``engine.batching``)."""
         config = self.config
-        return ChunkEngine(
-            executor,
-            config.stream,
-            self.publisher,
-            self,
-            degrade=config.degrade,
-            degrade_metrics=self.metrics,
-        )
+        degrade = {"degrade": config.degrade, "degrade_metrics": self.metrics}
+        if config.max_batch_sessions > 1:
+            return BatchChunkEngine(
+                executor, config.stream, self.publisher, self, config.max_batch_sessions, **degrade
+            )
+        return ChunkEngine(executor, config.stream, self.publisher, self, **degrade)
 
     def start(self) -> None:
         self.publisher.start()
@@ -249,7 +249,7 @@ class EngineThread:
         start = time.monotonic()
         try:
             self.executor = renewal.replace()
-            self.chunks = self._chunk_engine(self.executor)
+            self.chunks = self._new_engine(self.executor)
             if self.warm_up:
                 self._warm_up()
         except Exception as exc:  # whatever broke, this group cannot serve; the next restart starts over
@@ -280,6 +280,15 @@ class EngineThread:
     def pick(self, in_flight: Work | None) -> LiveSession | None:
         """Earliest deadline first among the running sessions (``engine.scheduler``); a session whose output
         ended is finished here, and a chunk in flight counts as buffered for its session."""
+        candidates = self._candidates([] if in_flight is None else [in_flight])
+        return earliest_deadline(candidates, self.config.ahead_s)
+
+    def pick_batch(self, in_flight: Sequence[Work], max_sessions: int, cost: Cost) -> list[LiveSession]:
+        """The due sessions whose chunks go next together (``engine.scheduler.pick_batch``), as ``pick``."""
+        return pick_batch(self._candidates(in_flight), self.config.ahead_s, max_sessions, cost)
+
+    def _candidates(self, in_flight: Sequence[Work]) -> list[tuple[LiveSession, float]]:
+        """The running sessions and their buffered seconds, counting their chunks in flight."""
         report_offset = time.monotonic() - self._last_offset_report > 1.0
         candidates: list[tuple[LiveSession, float]] = []
         for entry in self.sessions.entries():
@@ -302,10 +311,11 @@ class EngineThread:
                 if stats.samples:
                     self.metrics.set_av_offset(stats.last_s)
                 self._last_offset_report = time.monotonic()
-            if in_flight is not None and in_flight.session is session:
-                buffered += self.config.stream.chunk_duration_s(in_flight.prepared.request.chunk_index)
+            for work in in_flight:
+                if work.session is session:
+                    buffered += self.config.stream.chunk_duration_s(work.prepared.request.chunk_index)
             candidates.append((session, buffered))
-        return earliest_deadline(candidates, self.config.ahead_s)
+        return candidates
 
     def schedulable(self, session: LiveSession) -> bool:  # type: ignore[override]
         entry = self.sessions.entry(session.id)

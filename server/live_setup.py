@@ -74,6 +74,7 @@ class LiveConfig:
     decode: DecodeOptions = field(default_factory=DecodeOptions)
     # Deadline-aware degradation (engine.degrade; off by default).
     degrade: DegradeConfig = field(default_factory=DegradeConfig)
+    max_batch_sessions: int = 1  # --max-batch-sessions: due sessions' chunks scored together (1: off)
 
 
 class SessionSetup:

@@ -97,6 +97,7 @@ class GroupOptions:
     vae_chunk_at_once: bool = False
     # --degrade / --degrade-steps / --degrade-enter / --degrade-leave (engine.degrade; serve only)
     degrade: DegradeConfig = dataclasses.field(default_factory=DegradeConfig)
+    max_batch_sessions: int = 1  # --max-batch-sessions: sessions' chunks scored in one forward (1: off)
 
     @property
     def model_config(self) -> ModelConfig:
@@ -279,6 +280,7 @@ def group_options(args: argparse.Namespace, cls: type[Options], **own: Any) -> O
         weights=weights.describe(),
         **_decode_settings(args),
         degrade=degrade_config(args),
+        max_batch_sessions=_max_batch_sessions(args),
         **fixed,
         **own,
     )
@@ -391,6 +393,14 @@ def _speed_settings(args: argparse.Namespace, device: str, dtype: str) -> dict[s
     if cuda_graphs:
         check_cuda_graphs(device, args.score_workers)
     return {"attention_backend": backend, "cuda_graphs": cuda_graphs}
+def _max_batch_sessions(args: argparse.Namespace) -> int:
+    """``--max-batch-sessions`` (1 when the namespace has no such flag), at least 1."""
+    value = getattr(args, "max_batch_sessions", 1)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(
+            f"--max-batch-sessions must be an integer >= 1 (1: every chunk scored alone), got {value!r}"
+        )
+    return value
 
 
 def _decode_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -477,6 +487,7 @@ def add_group_arguments(parser: argparse.ArgumentParser, command: str, prompt_he
     )
     add_rank_arguments(parser)
     add_degrade_arguments(parser)
+    add_batch_arguments(parser)
 
 
 def add_degrade_arguments(parser: argparse.ArgumentParser) -> None:
@@ -513,6 +524,19 @@ def add_degrade_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="S",
         help=f"back to full quality when the slack rises above S seconds (default {defaults.leave_s:g}; "
         "must be reachable: below --ahead minus a full chunk's time, or a degraded session stays degraded)",
+    )
+
+
+def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
+    """--max-batch-sessions: batched sessions on the score side (``workers.batched``, ``engine.batching``)."""
+    parser.add_argument(
+        "--max-batch-sessions",
+        type=int,
+        default=1,
+        metavar="N",
+        help="score the chunks of up to N due sessions in one DiT forward when that keeps every session's "
+        "deadline (engine.scheduler.pick_batch, from the engine's measured chunk costs); default 1: every "
+        "chunk alone (batching is not yet measured on a GPU)",
     )
 
 

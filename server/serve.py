@@ -297,6 +297,7 @@ def _serve_master(options: ServeOptions, groups: Any, store: dist.Store, score_r
         encoder_seed=options.tiny_encoder_seed,
         decode=options.decode_options(),
         degrade=options.degrade,
+        max_batch_sessions=options.max_batch_sessions,
     )
     backend = LiveBackend(
         config,

@@ -28,8 +28,17 @@ from proto.model_config import InfiniteTalkAudioConfig
 from proto.staging import HostStaging
 from proto.stream_config import StreamConfig
 from proto.topology import ProcessGroups
-from proto.wire import ChunkRequest, SessionClose, SessionOpen, TensorSpec, WireError, check_specs
+from proto.wire import (
+    ChunkBatchRequest,
+    ChunkRequest,
+    SessionClose,
+    SessionOpen,
+    TensorSpec,
+    WireError,
+    check_specs,
+)
 from workers.audio import AudioConditioning, InfiniteTalkAudio, face_token_mask
+from workers.batched import BatchItem
 from workers.model import WanModel
 from workers.streaming import SessionState, StreamingDiT
 
@@ -124,6 +133,36 @@ class ScoreRank:
     def denoise(self, msg: ChunkRequest, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
         """Denoise chunk ``msg.chunk_index``: the clean latent ``[16, F, h, w]`` float32 on the SP leader
         (on this rank's device), ``None`` on the other workers."""
+        item = self._chunk_item(msg, tensors)
+        x0 = self.engine.denoise_chunk(
+            item.state,
+            item.chunk_index,
+            y=item.y,
+            audio=item.audio,
+            noise=item.noise,
+            steps=item.steps,
+        )
+        return x0.float().contiguous() if self.is_leader else None
+
+    def denoise_batch(
+        self, msg: ChunkBatchRequest, tensors: Mapping[str, torch.Tensor]
+    ) -> list[torch.Tensor] | None:
+        """Denoise one chunk of each session of ``msg`` together (``workers.batched``): every request is
+        validated as ``denoise`` validates it, all before any forward (so every rank refuses a bad batch
+        before any collective); the latents ``[16, F, h, w]`` float32 in request order on the SP leader,
+        ``None`` on the other workers."""
+        check_specs("ChunkBatchRequest", msg.tensors, tuple(TensorSpec.of(n, t) for n, t in tensors.items()))
+        parts = msg.split(tensors)
+        items = [
+            self._chunk_item(request, part, slot=b)
+            for b, (request, part) in enumerate(zip(msg.requests, parts, strict=True))
+        ]
+        latents = self.engine.denoise_batch(items)
+        return [x0.float().contiguous() for x0 in latents] if self.is_leader else None
+
+    def _chunk_item(self, msg: ChunkRequest, tensors: Mapping[str, torch.Tensor], slot: int = 0) -> BatchItem:
+        """Chunk ``msg.chunk_index``'s validated inputs on this rank's device (``slot``: the request's place
+        in a batch, so each has staging buffers of its own)."""
         session = self._session(msg.session_id, "ChunkRequest")
         where = f"ChunkRequest {msg.session_id!r} chunk {msg.chunk_index}"
         msg.expect(chunk_index=session.state.next_chunk)
@@ -143,24 +182,23 @@ class ScoreRank:
                     f"{where}.speaking: expected {session.num_characters} rows of {frames} flags "
                     f"(characters × latent frames), received rows of lengths {list(shape)}"
                 )
-            features = self.staging.to_device(self._stage("audio", index), tensors["audio"])
+            features = self.staging.to_device(self._stage("audio", index, slot), tensors["audio"])
             if self._infinitetalk:
                 audio = InfiniteTalkAudio(windows=features, starts_clip=index == 0)
             else:
-                speaking = self.staging.tensor("speaking", msg.speaking, torch.bool)
+                speaking = self.staging.tensor(self._stage("speaking", 1, slot), msg.speaking, torch.bool)
                 audio = AudioConditioning(
                     features=features[None], speaking=speaking[None], face_mask=session.face_mask
                 )
         noise = chunk_noise(msg.noise_seed, len(self.engine.timesteps), self.stream.latent_shape(index))
-        x0 = self.engine.denoise_chunk(
+        return BatchItem(
             session.state,
             index,
-            y=self._optional(tensors, "y", index),
+            y=self._optional(tensors, "y", index, slot),
             audio=audio,
-            noise=self.staging.to_device(self._stage("noise", index), noise),
+            noise=self.staging.to_device(self._stage("noise", index, slot), noise),
             steps=steps,
         )
-        return x0.float().contiguous() if self.is_leader else None
 
     def close_session(self, msg: SessionClose) -> None:
         """Free session ``msg.session_id``'s caches."""
@@ -183,19 +221,22 @@ class ScoreRank:
     def _infinitetalk(self) -> bool:
         return isinstance(self.config.audio, InfiniteTalkAudioConfig)
 
-    def _stage(self, name: str, chunk_index: int) -> str:
+    def _stage(self, name: str, chunk_index: int, slot: int = 0) -> str:
         """The staging buffer of a per-chunk tensor: chunk 0 has its own when its size differs (LiveAct), so
-        the later chunks' buffers are not reallocated whenever a session starts."""
+        the later chunks' buffers are not reallocated whenever a session starts; a batch's request ``slot``
+        > 0 has its own too."""
+        if slot:
+            name = f"{name}#{slot}"
         if chunk_index == 0 and self.stream.frames_in_chunk(0) != self.stream.chunk_latent_frames:
             return f"{name}.first"
         return name
 
     def _optional(
-        self, tensors: Mapping[str, torch.Tensor], name: str, chunk_index: int = 1
+        self, tensors: Mapping[str, torch.Tensor], name: str, chunk_index: int = 1, slot: int = 0
     ) -> torch.Tensor | None:
         if name not in tensors:
             return None
-        return self.staging.to_device(self._stage(name, chunk_index), tensors[name])
+        return self.staging.to_device(self._stage(name, chunk_index, slot), tensors[name])
 
     @staticmethod
     def _check_tensors(

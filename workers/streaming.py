@@ -91,6 +91,7 @@ schedule written out uncached on `WanModel.forward`) within 1e-5 and reproduces 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
 
@@ -100,6 +101,7 @@ import torch.distributed as dist
 from proto.model_config import InfiniteTalkAudioConfig
 from proto.stream_config import StreamConfig
 from workers.audio import AudioConditioning, InfiniteTalkAudio
+from workers.batched import BatchItem, denoise_batch
 from workers.cuda_graphs import StepGraphs, check_cuda_graphs, step_graphs_for
 from workers.fp8 import KV_CACHE_DTYPES
 from workers.kv_cache import CONVKV_RATIO, WINDOW_FRAMES, ChunkKVCache, MemoryKVCache
@@ -497,6 +499,10 @@ class StreamingDiT:
             source = min(run, key=lambda e: (abs(self.sigmas[e] - self.sigmas[s]), self.sigmas[e]))
             cache.k[:, s, :, span].copy_(cache.k[:, source, :, span])
             cache.v[:, s, :, span].copy_(cache.v[:, source, :, span])
+    def denoise_batch(self, items: Sequence[BatchItem]) -> list[torch.Tensor]:
+        """Chunks of several sessions, compatible ones in one forward per pass (`workers.batched`): each
+        item's x0 `[16, F, h, w]`, equal to its `denoise_chunk` within float32 rounding."""
+        return denoise_batch(self, items)
 
     # ---- the convkv-memory window (SoulX-LiveAct) ---------------------------------------------------------
 

@@ -7,10 +7,10 @@ For every rank that is not the master (ranks 1..N dedicated, 1..N−1 colocated)
 2. the tensors the header declares arrive by broadcast on ``data`` — always, even for a header this rank
    will refuse, so the group never falls out of step; on CUDA on one side stream, which the compute stream
    then waits for by event (no device-wide synchronisation);
-3. dispatch: ``SessionOpen`` → ``open_session``, ``ChunkRequest`` → ``denoise``, ``SessionClose`` →
-   ``close_session``, ``Shutdown`` → return 0;
+3. dispatch: ``SessionOpen`` → ``open_session``, ``ChunkRequest`` → ``denoise``, ``ChunkBatchRequest`` →
+   ``denoise_batch``, ``SessionClose`` → ``close_session``, ``Shutdown`` → return 0;
 4. dedicated topology, SP leader only: for a ``ChunkRequest`` send ``ChunkResult`` (control) + ``latent``
-   (data, same side stream) to the master.
+   (data, same side stream) to the master; for a ``ChunkBatchRequest`` one such reply per request, in order.
 
 Failures. A ``WireError`` from the score rank (unknown session, wrong chunk index, shapes, dtypes) is raised
 by every worker alike before any SP collective, so the group is still in step: the SP leader of a dedicated
@@ -32,6 +32,7 @@ import torch
 from proto.chunk_specs import chunk_result_specs
 from proto.topology import ProcessGroups, Topology
 from proto.wire import (
+    ChunkBatchRequest,
     ChunkRequest,
     ChunkResult,
     Message,
@@ -47,7 +48,7 @@ from proto.wire import (
 )
 from workers.score_rank import ScoreRank
 
-MASTER_MESSAGES = (SessionOpen, ChunkRequest, SessionClose, Shutdown)
+MASTER_MESSAGES = (SessionOpen, ChunkRequest, SessionClose, Shutdown, ChunkBatchRequest)
 
 
 def run_worker_loop(score_rank: ScoreRank, groups: ProcessGroups, topology: Topology | None = None) -> int:
@@ -101,17 +102,39 @@ def _dispatch(
         if replies:
             if latent is None:
                 raise RuntimeError(f"rank {groups.rank} is the SP leader but ScoreRank returned no latent")
-            specs = chunk_result_specs(score_rank.stream, msg.chunk_index)  # chunk sizes may differ
-            # Host wall time of the denoise call; on CUDA it ends when the kernels are queued, and the
-            # master's receive of the latent is the honest end of the score stage.
-            result = ChunkResult(
-                session_id=msg.session_id,
-                chunk_index=msg.chunk_index,
-                score_seconds=time.perf_counter() - start,
-                tensors=specs,
-            )
-            send_header(result, groups.control, dst=master)
-            send_tensors(specs, {"latent": latent}, groups.data, dst=master, stream=data_stream)
+            _reply(score_rank, msg, latent, time.perf_counter() - start, groups, master, data_stream)
+    elif isinstance(msg, ChunkBatchRequest):  # one ChunkResult per request, in order (batched sessions)
+        start = time.perf_counter()
+        latents = score_rank.denoise_batch(msg, tensors)
+        if replies:
+            if latents is None:
+                raise RuntimeError(f"rank {groups.rank} is the SP leader but ScoreRank returned no latents")
+            seconds = time.perf_counter() - start  # the batch's, reported for each of its chunks
+            for request, latent in zip(msg.requests, latents, strict=True):
+                _reply(score_rank, request, latent, seconds, groups, master, data_stream)
+
+
+def _reply(
+    score_rank: ScoreRank,
+    msg: ChunkRequest,
+    latent: torch.Tensor,
+    seconds: float,
+    groups: ProcessGroups,
+    master: int,
+    data_stream: torch.cuda.Stream | None,
+) -> None:
+    """The SP leader's ``ChunkResult`` + latent for ``msg`` to the master."""
+    specs = chunk_result_specs(score_rank.stream, msg.chunk_index)  # chunk sizes may differ
+    # Host wall time of the denoise call; on CUDA it ends when the kernels are queued, and the
+    # master's receive of the latent is the honest end of the score stage.
+    result = ChunkResult(
+        session_id=msg.session_id,
+        chunk_index=msg.chunk_index,
+        score_seconds=seconds,
+        tensors=specs,
+    )
+    send_header(result, groups.control, dst=master)
+    send_tensors(specs, {"latent": latent}, groups.data, dst=master, stream=data_stream)
 
 
 def _fatal(groups: ProcessGroups, replies: bool, master: int, error: str, trace: str = "") -> int:
