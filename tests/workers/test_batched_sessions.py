@@ -178,3 +178,30 @@ def _sp_batched_equals_single(rank: int, world: int) -> None:
 
 def test_two_sp_workers_batch_sessions_as_one_worker_runs_them_alone(tmp_path) -> None:
     run_world(_sp_batched_equals_single, 2, tmp_path)
+
+
+def test_a_degraded_chunk_in_a_batch_runs_its_own_steps_alone(model, monkeypatch) -> None:
+    # engine.degrade gives one session's chunk fewer steps: that chunk leaves the shared forward and equals
+    # its degraded chunk alone; the full-schedule partner is unchanged.
+    stream = StreamConfig(height=32, width=32, train_latent_frames=9, denoising_steps=(1000, 500))
+    engine = StreamingDiT(model, stream)
+    sessions = [_session(stream, seed, 3) for seed in (11, 12)]
+    states = [engine.open_session(s["context"], s["clip_fea"]) for s in sessions]
+    refs = [engine.open_session(s["context"], s["clip_fea"]) for s in sessions]
+    for i in range(2):
+        engine.denoise_batch([_item(st, s, i) for st, s in zip(states, sessions, strict=True)])
+        for ref, s in zip(refs, sessions, strict=True):
+            item = _item(ref, s, i)
+            engine.denoise_chunk(ref, i, y=item.y, audio=item.audio, noise=item.noise)
+    full, degraded = _item(states[0], sessions[0], 2), _item(states[1], sessions[1], 2)
+    degraded.steps = (0,)
+    sizes = _count_forwards(monkeypatch, model)
+    out = engine.denoise_batch([full, degraded])
+    assert sizes == [1] * (engine.passes_per_chunk + 1)  # two passes alone for one, one pass for the other
+    ref_full, ref_degraded = _item(refs[0], sessions[0], 2), _item(refs[1], sessions[1], 2)
+    expect_full = engine.denoise_chunk(refs[0], 2, y=ref_full.y, audio=ref_full.audio, noise=ref_full.noise)
+    expect_degraded = engine.denoise_chunk(
+        refs[1], 2, y=ref_degraded.y, audio=ref_degraded.audio, noise=ref_degraded.noise, steps=(0,)
+    )
+    assert (out[0] - expect_full).abs().max().item() <= ATOL
+    assert (out[1] - expect_degraded).abs().max().item() <= ATOL
