@@ -82,10 +82,6 @@ class DecodeOptions:
 
     def prepare(self, vae: WanVAE) -> WanVAE:
         """The shared model, ready for these options (channels-last weights when asked for); call once."""
-        if self.fast_decoder is not None and self.channels_last:
-            from decoder.taehv import convert_to_channels_last as fast_channels_last
-
-            fast_channels_last(self.fast_decoder)
         return convert_to_channels_last(vae) if self.channels_last else vae
 
     def session(self, vae: WanVAE, height: int, width: int) -> DecodeSession | TAEHVSession:

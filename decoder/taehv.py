@@ -194,7 +194,10 @@ class TAEHVDecoder(nn.Module):
 
 def build_taehv(seed: int | None = None, device: torch.device | str = "cpu") -> TAEHVDecoder:
     """The decoder in eval mode without gradients; ``seed``: PyTorch's default initialisation under that seed
-    (the tiny presets' random weights, as ``server.master.build_master_vae`` seeds the tiny Wan VAE)."""
+    (the tiny presets' random weights, as ``server.master.build_master_vae`` seeds the tiny Wan VAE), with
+    the output bias raised by 0.5: taehv's pixels are [0, 1] and the default initialisation centres the
+    output at 0, which would clamp half of it to black (0.5 makes it mid-grey noise, visible in plumbing
+    tests and demos)."""
     if seed is None:
         with torch.device(device):
             model = TAEHVDecoder()
@@ -202,6 +205,8 @@ def build_taehv(seed: int | None = None, device: torch.device | str = "cpu") -> 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = TAEHVDecoder().to(device)
+        with torch.no_grad():
+            model.decoder[-1].bias += 0.5
     return model.eval().requires_grad_(False)
 
 
@@ -261,20 +266,11 @@ def check_taehv_state_dict(
             "not a taehv checkpoint (a prefixed wrapper, or a different model?)"
         )
     decoder = {k: v for k, v in state.items() if k.startswith("decoder.")}
-    missing = [k for k in expected if k not in decoder]
-    if missing:
-        raise TAEHVCheckpointError(
-            f"{source} lacks {len(missing)} of the {len(expected)} taew2.1 decoder tensors, e.g. "
-            f"{missing[0]} (expected shape {list(expected[missing[0]])}); an encoder-only or partial file?"
-        )
-    unexpected = [k for k in decoder if k not in expected]
-    if unexpected:
-        raise TAEHVCheckpointError(
-            f"{source} has decoder keys taew2.1 does not have, e.g. {unexpected[:3]} "
-            f"({list(decoder[unexpected[0]].shape)}); another taehv variant (taehv1_5, taew2_2, *_super)?"
-        )
     out = {}
+    # Shapes first: a file of another taehv variant is named as such, not as "partial".
     for key, shape in expected.items():
+        if key not in decoder:
+            continue
         tensor = decoder[key]
         if not tensor.is_floating_point():
             raise TAEHVCheckpointError(f"{source} key {key} has dtype {tensor.dtype}, expected a float dtype")
@@ -288,7 +284,27 @@ def check_taehv_state_dict(
                 "a checkpoint for another latent space (taew2_2: 48 channels, taehv1_5: 32)?"
             )
         out[key] = tensor
+    missing = [k for k in expected if k not in decoder]
+    if missing:
+        raise TAEHVCheckpointError(
+            f"{source} lacks {len(missing)} of the {len(expected)} taew2.1 decoder tensors, e.g. "
+            f"{missing[0]} (expected shape {list(expected[missing[0]])}); an encoder-only or partial file?"
+        )
+    unexpected = [k for k in decoder if k not in expected]
+    if unexpected:
+        raise TAEHVCheckpointError(
+            f"{source} has decoder keys taew2.1 does not have, e.g. {unexpected[:3]} "
+            f"({list(decoder[unexpected[0]].shape)}); another taehv variant (taehv1_5, taew2_2, *_super)?"
+        )
     return out
+
+
+def check_taehv_checkpoint(path: str | os.PathLike[str]) -> None:
+    """Raise ``TAEHVCheckpointError`` unless ``path`` holds the taew2.1 decoder's keys and shapes (start-up
+    check of ``--taehv-checkpoint``, before any rank starts; nothing is kept)."""
+    check_taehv_state_dict(
+        read_taehv_state_dict(path), build_taehv(device="meta"), source=f"taew2.1 checkpoint {path}"
+    )
 
 
 def load_taehv(
