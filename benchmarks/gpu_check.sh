@@ -5,14 +5,17 @@
 #      need more GPUs and are skipped with the reason) and the chunk {3,7} x steps {2,4} ablation, through
 #      run's rank entry, i.e. the engine serve uses (per-forward time, TTBC, and per rank the memory plan's
 #      figure beside torch.cuda.max_memory_allocated: results.json "peak_memory");
-#   3. the CUDA tests (pytest -m gpu): bf16 VAE decode on a side stream, the compiled decode step, pinned
+#   3. decode time per chunk, the Wan VAE vs the taew2.1 fast decoder (--vae-decoder taew2.1; random weights,
+#      the same latents, per latent and whole chunk; benchmarks/vae_decode.py) at the same size and dtype;
+#   4. the CUDA tests (pytest -m gpu): bf16 VAE decode on a side stream, the compiled decode step, pinned
 #      host-to-device staging of the per-chunk tensors, and
 #      `talkingmachines run` on the GPU (overlapped and serial) against the CPU.
 # Each step has its own time limit and writes what it has under $OUT (the TTBC study rewrites
 # results.partial.json after every run). Python packages the machine lacks come as wheels in .whl/.
 #
 #   TM_COMMIT=$(git rev-parse HEAD) OUT=/tmp/gpu bash benchmarks/gpu_check.sh
-# Knobs for a dry run on a CPU: PRESET=tiny RES=64x64 DEVICE=cpu DTYPE=fp32 CHUNKS=4.
+# Knobs for a dry run on a CPU: PRESET=tiny RES=64x64 DEVICE=cpu DTYPE=fp32 CHUNKS=4 (VAE_CHUNKS, VAE_LIMIT:
+# the decode comparison's chunks and time limit).
 set -u
 OUT=${OUT:-/tmp/gpu_check}
 PRESET=${PRESET:-talkingmachines-18b}
@@ -23,6 +26,8 @@ CHUNKS=${CHUNKS:-8}
 PY=${PY:-python3}
 TTBC_LIMIT=${TTBC_LIMIT:-330}
 TEST_LIMIT=${TEST_LIMIT:-150}
+VAE_LIMIT=${VAE_LIMIT:-90}
+VAE_CHUNKS=${VAE_CHUNKS:-5}
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=5
 mkdir -p "$OUT"
 log() { echo "[$(date +%H:%M:%S)] $*"; }
@@ -53,6 +58,17 @@ for f in results.json results.partial.json ttbc.png ablation.png; do
     [ -f "$TTBC_DIR/$f" ] && cp "$TTBC_DIR/$f" "$OUT/ttbc_$f"
 done
 tail -n 30 "$OUT/ttbc.txt"
+
+if [[ $RES == *x* ]]; then VAE_H=${RES%x*}; VAE_W=${RES#*x}; else VAE_H=$RES; VAE_W=$RES; fi
+VAE_PRESET=$("$PY" -c "from proto.vae_config import vae_preset_for; print(vae_preset_for('$PRESET'))")
+VAE_AUTOCAST=$([ "$DTYPE" = bf16 ] && echo bfloat16 || echo none)
+log "vae decode: Wan VAE ($VAE_PRESET) vs taew2.1 at ${VAE_H}x${VAE_W} on $DEVICE ($VAE_AUTOCAST), \
+$VAE_CHUNKS chunks, limit ${VAE_LIMIT}s"
+timeout "$VAE_LIMIT" "$PY" -m benchmarks.vae_decode --preset "$VAE_PRESET" --height "$VAE_H" --width "$VAE_W" \
+    --chunks "$VAE_CHUNKS" --decoders wan2.1,taew2.1 --device "$DEVICE" --autocast "$VAE_AUTOCAST" \
+    --out "$OUT/vae_decode_taew2_1.json" > "$OUT/vae_decode.txt" 2>&1
+log "vae decode rc=$?"
+tail -n 8 "$OUT/vae_decode.txt"
 
 log "pytest -m gpu, limit ${TEST_LIMIT}s"
 timeout "$TEST_LIMIT" "$PY" -m pytest -q -s -m gpu -p no:cacheprovider tests/decoder/test_vae_streaming.py tests/proto/test_staging.py \
