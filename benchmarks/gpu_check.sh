@@ -7,8 +7,8 @@
 #      figure beside torch.cuda.max_memory_allocated: results.json "peak_memory");
 #   3. decode time per chunk, the Wan VAE vs the taew2.1 fast decoder (--vae-decoder taew2.1; random weights,
 #      the same latents, per latent and whole chunk; benchmarks/vae_decode.py) at the same size and dtype;
-#   4. the CUDA tests (pytest -m gpu): bf16 VAE decode on a side stream, the compiled decode step, pinned
-#      host-to-device staging of the per-chunk tensors, and
+#   4. the CUDA tests (pytest -m gpu): bf16 VAE decode (Wan and taew2.1) on a side stream, the compiled
+#      decode step, pinned host-to-device staging of the per-chunk tensors, and
 #      `talkingmachines run` on the GPU (overlapped and serial) against the CPU.
 # Each step has its own time limit and writes what it has under $OUT (the TTBC study rewrites
 # results.partial.json after every run). Python packages the machine lacks come as wheels in .whl/.
@@ -72,6 +72,7 @@ tail -n 8 "$OUT/vae_decode.txt"
 
 log "pytest -m gpu, limit ${TEST_LIMIT}s"
 timeout "$TEST_LIMIT" "$PY" -m pytest -q -s -m gpu -p no:cacheprovider tests/decoder/test_vae_streaming.py tests/proto/test_staging.py \
+    tests/decoder/test_taehv.py \
     tests/runtime/test_cuda_run.py > "$OUT/pytest.txt" 2>&1
 log "pytest rc=$?"
 tail -n 15 "$OUT/pytest.txt"

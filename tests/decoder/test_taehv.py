@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from decoder.streaming import DecodeOptions, DecodeSession
+from decoder.streaming import DecodeOptions, DecodeSession, frames_to_uint8
 from decoder.taehv import (
     TAEHVCheckpointError,
     TAEHVDecoder,
@@ -193,3 +193,32 @@ def test_bad_latents_and_sizes_are_refused(model) -> None:
     session = TAEHVSession(model, 16, 16)
     with pytest.raises(ValueError, match=r"expects \[16, T>=1, 2, 2\]"):
         session.decode_chunk(torch.zeros(16, 3, 4, 4))
+
+
+def test_channels_last_and_bf16_autocast_change_rounding_only(model, fixture) -> None:
+    latents = _latents(fixture)
+    want = TAEHVSession(model, 40, 40).decode_latents(latents)
+    layout = TAEHVSession(model, 40, 40, channels_last=True).decode_latents(latents)
+    torch.testing.assert_close(layout, want, **TOLERANCE)
+    bf16 = TAEHVSession(model, 40, 40, autocast_dtype=torch.bfloat16)
+    got = torch.cat([bf16.decode_latents(latents[:, :2]), bf16.decode_latents(latents[:, 2:])], dim=2)
+    assert bf16.state.buffers[0].dtype == torch.bfloat16  # the state is kept in the autocast dtype
+    # bf16 keeps 8 bits of mantissa through ~40 convolutions: a few uint8 levels on average, no more.
+    levels = (frames_to_uint8(got).int() - frames_to_uint8(want).int()).abs().float()
+    assert levels.mean() < 3.0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bf16_decode_on_a_side_stream_matches_float32_cpu(model, fixture) -> None:
+    latents = _latents(fixture)
+    want = frames_to_uint8(TAEHVSession(model, 40, 40).decode_latents(latents))
+    gpu = build_taehv(device="cuda")
+    gpu.load_state_dict(model.state_dict())
+    session = TAEHVSession(gpu, 40, 40, autocast_dtype=torch.bfloat16, channels_last=True)
+    stream = torch.cuda.Stream()
+    got = torch.cat(
+        [session.decode_chunk(latents[:, i : i + 2].cuda(), stream=stream, synchronize=True) for i in (0, 2)]
+    )
+    assert got.shape == want.shape == (13, 40, 40, 3)
+    assert (got.cpu().int() - want.int()).abs().float().mean().item() < 3.0
