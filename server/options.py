@@ -497,8 +497,9 @@ def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
         choices=VAE_DECODER_CHOICES,
         default="wan2.1",
         help="what turns latents into frames: wan2.1, the Wan VAE (default), or taew2.1, the tiny streaming "
-        "decoder of madebyollin/taehv (about 9.8M parameters, much faster, lower quality; the Wan VAE "
-        "still encodes the reference image). The --vae-* options apply to either",
+        "decoder of madebyollin/taehv (9.8M parameters, 25x fewer FLOPs, lower quality, not measured on this "
+        "model yet; the Wan VAE still encodes the reference image). --vae-autocast, --vae-channels-last and "
+        "--vae-chunk-at-once apply to either",
     )
     parser.add_argument(
         "--taehv-checkpoint",
