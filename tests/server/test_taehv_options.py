@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from decoder.streaming import DecodeOptions, DecodeSession
 from decoder.taehv import TAEHVSession, build_taehv
@@ -16,6 +17,7 @@ from engine.memory_plan import plan_for_options, taehv_sizes, vae_sizes
 from proto.vae_config import get_vae_preset
 from server.master import build_decode_options
 from server.run_options import parse_run_options
+from server.serve import parse_serve_options
 
 RUN = ["--image", "a.png", "--audio", "a.wav", "--out", "a.mp4", "--device", "cpu", "--random-weights"]
 TAE = ["--vae-decoder", "taew2.1"]
@@ -84,3 +86,23 @@ def test_the_memory_plan_counts_the_fast_decoder_state_and_weights() -> None:
     y = wan.decode_cache_per_session - 4 * vae_sizes("tiny", 64, 64)["decode_cache_elements"]  # I2V share
     assert tae.decode_cache_per_session == session.cache_nbytes() + y
     assert tae.decode_activations >= sizes["decode_peak"] > 0
+
+
+def _serve_config(tmp_path: Path, table: str) -> list[str]:
+    config = tmp_path / "serve.toml"
+    config.write_text(f'[serve]\n{table}\n[api]\napi_key = "k"\n')
+    return ["--config", str(config), "--device", "cpu", "--random-weights"]
+
+
+def test_serve_takes_the_same_flags_and_its_config_table(tmp_path: Path) -> None:
+    path = tmp_path / "taew2_1.safetensors"
+    save_file(build_taehv(seed=0).state_dict(), path)
+    flags = [*TAE, "--taehv-checkpoint", str(path)]
+    serve = parse_serve_options([*_serve_config(tmp_path, ""), *flags])
+    run = parse_run_options([*RUN, *flags])
+    assert (serve.vae_decoder, serve.taehv_checkpoint) == (run.vae_decoder, run.taehv_checkpoint)
+    assert serve.group_fields() | {"chunk_timeout_s": 0} == run.group_fields() | {"chunk_timeout_s": 0}
+    table = parse_serve_options(_serve_config(tmp_path, 'vae_decoder = "taew2.1"'))
+    assert table.vae_decoder == "taew2.1"
+    with pytest.raises(ValueError, match=r"--vae-decoder must be one of wan2\.1, taew2\.1, got 'taesd'"):
+        parse_serve_options(_serve_config(tmp_path, 'vae_decoder = "taesd"'))
