@@ -1,6 +1,6 @@
 """The fast decoder option (``--vae-decoder taew2.1``): a streaming tiny video decoder for Wan 2.1 latents.
 
-Architecture: the decoder of madebyollin/taehv's ``taew2_1`` (MIT), about 9.4 M parameters, written here
+Architecture: the decoder of madebyollin/taehv's ``taew2_1`` (MIT), 9,844,611 parameters, written here
 from its description (no upstream code): 16 latent channels in, RGB out, 8x up in space and 4x in time.
 Frames travel as a batch ``[T, C, H, W]`` (one stream, time on the batch axis); the layers, by index in the
 ``decoder`` Sequential (the index is the state-dict key, ``decoder.<i>.…``, as in ``taew2_1.pth``):
@@ -19,9 +19,9 @@ Frames travel as a batch ``[T, C, H, W]`` (one stream, time on the batch axis); 
 
 The only memory across frames is the MemBlocks' "previous input" (9 frames' worth of activations at the
 three stage resolutions), so streaming carries exactly that (``TAEHVState``): its size is fixed by the
-frame size, constant over the stream (at 512x512: 22 M elements, 88 MB in float32, against 1.24 GB of
-the Wan VAE's bf16 cache). A decoder call over a chunk's latents is batched over time within the chunk
-(all frames of a layer at once, the previous-frame input shifted by one), which is what taehv's
+frame size, constant over the stream (at 512x512: 22 M elements, 88 MB in float32, 44 MB in bf16, against
+1.24 GB of the Wan VAE's bf16 cache). A decoder call over a chunk's latents is batched over time within
+the chunk (all frames of a layer at once, the previous-frame input shifted by one), which is what taehv's
 ``parallel=True`` computes; calling it one latent at a time gives the same frames up to float rounding.
 
 Latents: the diffusion model's own, i.e. the normalised ``z = (mu - mean) / std`` the score model outputs
@@ -38,10 +38,10 @@ rounded), so the rest of the pipeline does not know which decoder ran.
 Weights: ``taew2_1.pth`` (torch state dict) or ``taew2_1.safetensors`` from the taehv repository; the
 encoder's keys (``encoder.*``) are ignored, every ``decoder.*`` key must be there with its shape. Without a
 checkpoint (tiny presets only) the weights are PyTorch's default initialisation under a seed, as the tiny
-Wan VAE's are. Tested against upstream's own ``taehv.py`` (tests/oracles/make_taehv_fixtures.py,
-tests/decoder/test_taehv.py); the released weights themselves were not available here (unverified: that
-the published file's shapes are those above; a larger time-growing kernel at ``decoder.7`` is cut as
-upstream's loader cuts it, see ``check_taehv_state_dict``).
+Wan VAE's are (output bias raised by 0.5, ``build_taehv``). Tested against upstream's own ``taehv.py``
+(tests/oracles/make_taehv_fixtures.py, tests/decoder/test_taehv.py). The released weights themselves were
+not available here; unverified: that the published file's shapes are those above (a larger time-growing
+kernel at ``decoder.7`` is cut as upstream's loader cuts it, see ``check_taehv_state_dict``).
 """
 
 from __future__ import annotations
