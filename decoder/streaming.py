@@ -30,13 +30,17 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from decoder.feature_cache import FeatureCache
 from decoder.vae import WanVAE
+
+if TYPE_CHECKING:
+    from decoder.taehv import TAEHVDecoder, TAEHVSession
 
 
 def frames_to_uint8(video: torch.Tensor) -> torch.Tensor:
@@ -72,13 +76,31 @@ class DecodeOptions:
     channels_last: bool = False
     compile_step: bool = False
     chunk_at_once: bool = False
+    # --vae-decoder taew2.1: the shared fast decoder (decoder.taehv) sessions decode with instead of the Wan
+    # VAE, which then only encodes the reference image; None: the Wan VAE decodes.
+    fast_decoder: TAEHVDecoder | None = field(default=None, compare=False, repr=False)
 
     def prepare(self, vae: WanVAE) -> WanVAE:
         """The shared model, ready for these options (channels-last weights when asked for); call once."""
         return convert_to_channels_last(vae) if self.channels_last else vae
 
-    def session(self, vae: WanVAE, height: int, width: int) -> DecodeSession:
-        """A stream's session on the (prepared) shared model."""
+    def session(self, vae: WanVAE, height: int, width: int) -> DecodeSession | TAEHVSession:
+        """A stream's session on the (prepared) shared model, or on the fast decoder when one is set."""
+        if self.fast_decoder is not None:
+            from decoder.taehv import TAEHVSession
+
+            if self.compile_step:
+                raise ValueError(
+                    "--vae-compile compiles the Wan VAE's decoder step; taew2.1 has none to compile"
+                )
+            return TAEHVSession(
+                self.fast_decoder,
+                height,
+                width,
+                autocast_dtype=self.autocast_dtype,
+                channels_last=self.channels_last,
+                chunk_at_once=self.chunk_at_once,
+            )
         return DecodeSession(
             vae,
             height,

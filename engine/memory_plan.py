@@ -274,6 +274,29 @@ def vae_sizes(preset: str, height: int, width: int, latents_per_call: int = 1) -
     }
 
 
+@functools.lru_cache(maxsize=16)
+def taehv_sizes(height: int, width: int, latents_per_call: int = 1) -> dict[str, int]:
+    """``--vae-decoder taew2.1`` (``decoder.taehv``): its parameters, its stream state (elements) per session
+    at height x width and the activation peak (bytes, float32) of one decoder call over ``latents_per_call``
+    latents (meta device, as ``vae_sizes``)."""
+    from decoder.taehv import SPATIAL_STRIDE, TAEHVState, build_taehv
+
+    model = build_taehv(device="meta")
+    state = TAEHVState()
+    latent = torch.empty(
+        latents_per_call, 16, height // SPATIAL_STRIDE, width // SPATIAL_STRIDE, device="meta"
+    )
+    with torch.no_grad():
+        model.decode_step(latent, state)  # the first call allocates the state
+        with LiveTensorBytes() as decode:
+            model.decode_step(latent, state)
+    return {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "decode_cache_elements": sum(buf.numel() for buf in state.buffers),
+        "decode_peak": decode.peak,
+    }
+
+
 @dataclass(frozen=True)
 class EncoderSources:
     """Where the master's conditioning encoders come from (None: the tiny random ones)."""
@@ -468,6 +491,7 @@ def plan_memory(
     vae_chunk_at_once: bool = False,
     fp8_linear: bool = False,
     kv_cache_dtype: str = "auto",
+    vae_decoder: str = "wan2.1",
 ) -> MemoryPlan:
     """Bytes per rank of ``topology`` serving ``sessions`` streams of ``stream`` with the DiT of ``config``.
 
@@ -475,6 +499,9 @@ def plan_memory(
     dtype: the DiT's (default: ``default_dtype(topology.device)``). vae_preset: default ``tiny`` for the
     tiny preset, ``wan2.1`` otherwise (as ``run``/``serve`` choose). vae_chunk_at_once: the decoder takes
     a whole chunk per call (``--vae-chunk-at-once``), so its activation peak is a chunk's, not a latent's.
+    vae_decoder: ``taew2.1`` decodes with ``decoder.taehv`` (``taehv_sizes``): the master holds its weights
+    beside the Wan VAE (which still encodes the reference image), its stream state instead of the Wan decode
+    cache and its activation peak instead of the Wan decoder's.
     """
     if sessions < 1:
         raise ValueError(f"a memory plan needs at least one session, got {sessions}")
@@ -503,6 +530,15 @@ def plan_memory(
             vae["decode_peak"], vae["encode_peak"] + vae["encode_cache_elements"] * vae_bytes
         ),
     }
+    if vae_decoder == "taew2.1":
+        fast = taehv_sizes(
+            stream.height, stream.width, stream.chunk_latent_frames if vae_chunk_at_once else 1
+        )
+        master["vae_weights"] += fast["parameters"] * vae_bytes
+        master["decode_cache_per_session"] = fast["decode_cache_elements"] * vae_bytes + y
+        master["decode_activations"] = max(
+            fast["decode_peak"], vae["encode_peak"] + vae["encode_cache_elements"] * vae_bytes
+        )
     ranks = []
     for rank in range(topology.world_size):
         parts: dict[str, int] = {}
@@ -700,6 +736,7 @@ def options_plan_kwargs(options: Any) -> dict[str, Any]:
         "vae_chunk_at_once": bool(getattr(options, "vae_chunk_at_once", False)),
         "fp8_linear": getattr(options, "fp8", "off") == "linear",
         "kv_cache_dtype": str(getattr(options, "kv_cache_dtype", "auto")),
+        "vae_decoder": str(getattr(options, "vae_decoder", "wan2.1")),
         "encoders": EncoderSources(
             clip_checkpoint=options.clip_checkpoint,
             umt5_checkpoint=options.umt5_checkpoint,

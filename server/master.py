@@ -20,6 +20,7 @@ live front-end's instead), its reference image cropped to the video size before 
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +31,7 @@ import torch.distributed as dist
 
 from decoder.checkpoint import load_vae
 from decoder.encode import I2VConditioning
+from decoder.streaming import DecodeOptions
 from decoder.vae import WanVAE, build_vae
 from engine.executor import ColocatedExecutor, DedicatedExecutor, Executor, WorkerError
 from engine.file_stream import (
@@ -79,6 +81,25 @@ def build_master_vae(options: GroupOptions, device: torch.device) -> WanVAE:
             torch.manual_seed(options.seed)
             vae = build_vae(cfg).to(device)
     return options.decode_options().prepare(vae)
+
+
+def build_decode_options(options: GroupOptions, device: torch.device) -> DecodeOptions:
+    """The sessions' decode options (``--vae-*``), carrying the shared taew2.1 decoder under
+    ``--vae-decoder taew2.1``: ``--taehv-checkpoint``'s weights, or seeded random ones (``--seed``, tiny
+    presets; ``GroupOptions.check`` refuses the real presets without a checkpoint). Float32 weights, as the
+    Wan VAE's; ``--vae-channels-last`` lays them out channels-last."""
+    decode = options.decode_options()
+    if options.vae_decoder != "taew2.1":
+        return decode
+    from decoder.taehv import build_taehv, convert_to_channels_last, load_taehv
+
+    if options.taehv_checkpoint is not None:
+        fast = load_taehv(options.taehv_checkpoint, device=device)
+    else:
+        fast = build_taehv(seed=options.seed, device=device)
+    if decode.channels_last:
+        convert_to_channels_last(fast)
+    return dataclasses.replace(decode, fast_decoder=fast)
 
 
 def build_featurizer(options: RunOptions, model: ModelConfig, stream: StreamConfig) -> AudioFeaturizer:
@@ -224,7 +245,7 @@ def run_master(
     sink: FrameSink = publisher
     if options.save_frames is not None:
         sink = recorder = RecordingSink(publisher, options.save_frames)
-    decoder = options.decode_options().session(vae, stream.height, stream.width)
+    decoder = build_decode_options(options, device).session(vae, stream.height, stream.width)
     session = RunSession(scheduler, decoder, sink)
     print(
         f"talkingmachines run: {topology.name}, preset {options.preset}, dtype {options.dtype}, "

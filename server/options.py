@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import torch
 
 from decoder.streaming import DecodeOptions
+from decoder.taehv import VAE_DECODER_CHOICES, check_taehv_checkpoint
 from engine.degrade import MODES, DegradeConfig
 from frontends.model_bundle import ModelBundle, resolve_weights
 from proto.model_config import ModelConfig, get_model_preset, model_preset_names
@@ -98,6 +99,8 @@ class GroupOptions:
     # --degrade / --degrade-steps / --degrade-enter / --degrade-leave (engine.degrade; serve only)
     degrade: DegradeConfig = dataclasses.field(default_factory=DegradeConfig)
     max_batch_sessions: int = 1  # --max-batch-sessions: sessions' chunks scored in one forward (1: off)
+    vae_decoder: str = "wan2.1"  # --vae-decoder: "taew2.1" decodes with decoder.taehv (server.master)
+    taehv_checkpoint: str | None = None  # --taehv-checkpoint: taew2_1.pth; None: seeded random (tiny)
 
     @property
     def model_config(self) -> ModelConfig:
@@ -201,6 +204,7 @@ class GroupOptions:
         stream = self.stream_config()  # sizes, steps, chunk size vs the training window
         self.degrade.check(len(stream.denoising_steps), stream.window)
         get_vae_preset(self.vae_preset)
+        self._check_vae_decoder()
         tokens = (self.height // 16) * (self.width // 16)
         if tokens % self.score_workers:
             raise ValueError(
@@ -213,6 +217,7 @@ class GroupOptions:
             ("--wav2vec-checkpoint", self.wav2vec_checkpoint),
             ("--clip-checkpoint", self.clip_checkpoint),
             ("--umt5-checkpoint", self.umt5_checkpoint),
+            ("--taehv-checkpoint", self.taehv_checkpoint),
         ):
             if path is not None and not Path(path).exists():
                 raise ValueError(f"{flag} {path!r} does not exist")
@@ -227,6 +232,27 @@ class GroupOptions:
                 f"preset {self.preset!r} has no trained weights here: pass --checkpoint, or use one of the "
                 f"CPU-scale presets {', '.join(TINY_DIT_PRESETS)} (seeded random weights)"
             )
+
+    def _check_vae_decoder(self) -> None:
+        """--vae-decoder / --taehv-checkpoint: known decoder, weights for a real preset, no stray path."""
+        if self.vae_decoder not in VAE_DECODER_CHOICES:
+            raise ValueError(
+                f"--vae-decoder must be one of {', '.join(VAE_DECODER_CHOICES)}, got {self.vae_decoder!r}"
+            )
+        if self.vae_decoder != "taew2.1":
+            if self.taehv_checkpoint is not None:
+                raise ValueError("--taehv-checkpoint is the weights of --vae-decoder taew2.1; add that flag")
+            return
+        if self.taehv_checkpoint is None and self.preset not in TINY_DIT_PRESETS:
+            raise ValueError(
+                f"--vae-decoder taew2.1 on preset {self.preset!r} needs its weights: download taew2_1.pth "
+                "from github.com/madebyollin/taehv and pass --taehv-checkpoint PATH (random weights are for "
+                f"the CPU-scale presets {', '.join(TINY_DIT_PRESETS)} only)"
+            )
+        if self.vae_compile:
+            raise ValueError("--vae-compile compiles the Wan VAE's decoder step; leave it out with taew2.1")
+        if self.taehv_checkpoint is not None and Path(self.taehv_checkpoint).exists():
+            check_taehv_checkpoint(self.taehv_checkpoint)  # keys and shapes now, not after the ranks start
 
 
 Options = TypeVar("Options", bound=GroupOptions)
@@ -414,6 +440,8 @@ def _decode_settings(args: argparse.Namespace) -> dict[str, Any]:
         "vae_channels_last": bool(args.vae_channels_last),
         "vae_compile": bool(args.vae_compile),
         "vae_chunk_at_once": bool(args.vae_chunk_at_once),
+        "vae_decoder": str(args.vae_decoder),
+        "taehv_checkpoint": args.taehv_checkpoint,
     }
 
 
@@ -634,7 +662,24 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_decode_arguments(parser: argparse.ArgumentParser) -> None:
-    """--vae-autocast / --vae-channels-last / --vae-compile / --vae-chunk-at-once / --vae-per-latent."""
+    """--vae-autocast / --vae-channels-last / --vae-compile / --vae-chunk-at-once / --vae-per-latent /
+    --vae-decoder / --taehv-checkpoint."""
+    parser.add_argument(
+        "--vae-decoder",
+        choices=VAE_DECODER_CHOICES,
+        default="wan2.1",
+        help="what turns latents into frames: wan2.1, the Wan VAE (default), or taew2.1, the tiny streaming "
+        "decoder of madebyollin/taehv (9.8M parameters, 25x fewer FLOPs, lower quality, not measured on this "
+        "model yet; the Wan VAE still encodes the reference image). --vae-autocast, --vae-channels-last and "
+        "--vae-chunk-at-once apply to either",
+    )
+    parser.add_argument(
+        "--taehv-checkpoint",
+        default=None,
+        metavar="PATH",
+        help="taew2_1.pth or taew2_1.safetensors (github.com/madebyollin/taehv) for --vae-decoder taew2.1; "
+        "default: seeded random weights, tiny presets only",
+    )
     parser.add_argument(
         "--vae-autocast",
         choices=VAE_AUTOCAST,

@@ -246,7 +246,7 @@ def _serve_master(options: ServeOptions, groups: Any, store: dist.Store, score_r
     from server.api import create_app
     from server.launcher import local_workers
     from server.live_backend import LiveBackend, LiveConfig
-    from server.master import build_master_vae
+    from server.master import build_decode_options, build_master_vae
     from server.metrics import Metrics
     from server.score_group import ScoreGroup
 
@@ -295,7 +295,7 @@ def _serve_master(options: ServeOptions, groups: Any, store: dist.Store, score_r
         video_delay_frames=options.video_delay_frames,
         wav2vec_checkpoint=options.wav2vec_checkpoint,
         encoder_seed=options.tiny_encoder_seed,
-        decode=options.decode_options(),
+        decode=build_decode_options(options, device),
         degrade=options.degrade,
         max_batch_sessions=options.max_batch_sessions,
     )
