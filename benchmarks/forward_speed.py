@@ -23,16 +23,16 @@ kernel or CUDA graphs on a CPU, FlashAttention-3 off Hopper, a kernel that is no
 fails while running is written as failed with the error, and the others still run. The JSON is rewritten
 after every variant, so a run cut short keeps what it measured.
 
-Extension point (FP8): a `Variant` may carry a `transform` that returns the model to time (e.g. a copy
-with FP8 linear layers) and a `requires` check that returns a skip reason. A `workers.fp8` module that
-defines `forward_speed_variants() -> list[Variant]` has its variants appended to the table automatically
-(`variant_table`); nothing else here needs to change.
+FP8 (`fp8`, `fp8+compiled`, last in the table): the DiT's large linear layers converted to `Fp8Linear`
+(`workers.fp8.convert_to_fp8`, as `--fp8 linear` does on a score rank) and timed, eager and compiled. The
+conversion is in place (a copy of an 18B model would not fit beside it), so the FP8 variants run after
+every other one, and where FP8 matrix products are missing (the CPU, a GPU below sm_89) they are skipped
+with the reason. A `Variant` carries that as a `transform` (the model to time) and a `requires` check.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import statistics
 import sys
@@ -52,6 +52,7 @@ from workers import attention as attn
 from workers.audio import AudioConditioning
 from workers.cuda_graphs import check_cuda_graphs
 from workers.factory import build_score_model
+from workers.fp8 import Fp8Linear, convert_to_fp8, fp8_supported, granularity_for
 from workers.model import WanModel
 from workers.streaming import SessionState, StreamingDiT
 
@@ -63,8 +64,8 @@ class Variant:
     """One way of running the pass.
 
     attention: a `--attention-backend` name (refused → skipped). transform: the model to time, from the
-    benchmark's model (which it must leave unchanged: later variants reuse it). requires: a skip reason for
-    this device/dtype, or None.
+    benchmark's model (which later variants reuse: only the last variants may change it in place, as FP8
+    does). requires: a skip reason for this device/dtype, or None.
     """
 
     name: str
@@ -75,24 +76,36 @@ class Variant:
     requires: Callable[[torch.device, torch.dtype], str | None] | None = None
 
 
+def _to_fp8(model: WanModel) -> WanModel:
+    """The model with `--fp8 linear`'s layers, converted in place once (both FP8 variants time it)."""
+    if not any(isinstance(m, Fp8Linear) for m in model.modules()):
+        device = next(model.parameters()).device
+        convert_to_fp8(model, mode="scaled_mm", granularity=granularity_for(device))
+    return model
+
+
+def _fp8_requires(device: torch.device, dtype: torch.dtype) -> str | None:
+    ok, reason = fp8_supported(device)
+    if not ok:
+        return reason
+    return None if dtype == torch.bfloat16 else f"--fp8 linear runs under bfloat16, not {dtype}"
+
+
 VARIANTS: list[Variant] = [
     Variant("eager"),
     *(Variant(f"attn-{name}", attention=name) for name in attn.KERNELS),
     Variant("cuda-graphs", cuda_graphs=True),
     Variant("compiled", compile=True),
     Variant("compiled+graphs", compile=True, cuda_graphs=True),
+    # Last: they convert the benchmark's model in place (module docstring).
+    Variant("fp8", transform=_to_fp8, requires=_fp8_requires),
+    Variant("fp8+compiled", compile=True, transform=_to_fp8, requires=_fp8_requires),
 ]
 
 
 def variant_table() -> list[Variant]:
-    """`VARIANTS`, plus those of an optional `workers.fp8` module (`forward_speed_variants()`)."""
-    table = list(VARIANTS)
-    try:
-        fp8 = importlib.import_module("workers.fp8")
-    except ImportError:
-        return table
-    extra = getattr(fp8, "forward_speed_variants", None)
-    return table + (list(extra()) if extra is not None else [])
+    """The variants in the order they run (`VARIANTS`)."""
+    return list(VARIANTS)
 
 
 def _skip_reason(variant: Variant, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:

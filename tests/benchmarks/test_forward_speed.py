@@ -4,15 +4,15 @@ their reasons, and the variant table's extension point. Timings are recorded, ne
 from __future__ import annotations
 
 import json
-import sys
-import types
 from pathlib import Path
 
 import pytest
 import torch
 
 from benchmarks import forward_speed
-from benchmarks.forward_speed import Variant, variant_table
+from benchmarks.forward_speed import variant_table
+from workers.factory import build_score_model
+from workers.fp8 import Fp8Linear
 
 
 @pytest.fixture(autouse=True)
@@ -65,29 +65,21 @@ def test_the_cpu_run_times_what_it_can_and_skips_the_rest_with_the_reason(tmp_pa
     assert by_name["attn-math"]["max_abs_diff_vs_eager"] < 1e-5  # float32 softmax in another order
 
 
-def test_an_fp8_module_adds_its_variants_to_the_table(tmp_path, monkeypatch):
-    """The extension point another helper fills: workers.fp8.forward_speed_variants()."""
-    transformed = []
-
-    def transform(model):
-        transformed.append(model)
-        return model
-
-    fake = types.ModuleType("workers.fp8")
-    fake.forward_speed_variants = lambda: [  # type: ignore[attr-defined]
-        Variant("fp8-test", transform=transform),
-        Variant("fp8-gpu-only", requires=lambda device, dtype: f"needs a GPU, not {device.type}"),
-    ]
-    monkeypatch.setitem(sys.modules, "workers.fp8", fake)
-    assert [v.name for v in variant_table()][-2:] == ["fp8-test", "fp8-gpu-only"]
-    doc = _run(tmp_path, "eager,fp8-test,fp8-gpu-only")
+def test_fp8_variants_run_last_and_are_skipped_without_fp8_matrix_products(tmp_path):
+    names = [v.name for v in variant_table()]
+    assert names[-2:] == ["fp8", "fp8+compiled"]  # they convert the model in place: nothing may follow
+    doc = _run(tmp_path, "eager,fp8")
     by_name = {v["name"]: v for v in doc["variants"]}
-    assert by_name["fp8-test"]["status"] == "ok" and len(transformed) == 1
-    assert by_name["fp8-gpu-only"] == {
-        **by_name["fp8-gpu-only"],
-        "status": "skipped",
-        "reason": "needs a GPU, not cpu",
-    }
+    assert by_name["fp8"]["status"] == "skipped" and "compute capability" in by_name["fp8"]["reason"]
+
+
+def test_the_fp8_transform_converts_the_linears_once(monkeypatch):
+    model = build_score_model("tiny", seed=0)
+    converted = forward_speed._to_fp8(model)
+    layers = [m for m in converted.modules() if isinstance(m, Fp8Linear)]
+    assert converted is model and layers
+    assert forward_speed._to_fp8(model) is model
+    assert [m for m in model.modules() if isinstance(m, Fp8Linear)] == layers  # not converted twice
 
 
 def test_unknown_variants_are_named(tmp_path, capsys):
