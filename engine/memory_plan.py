@@ -454,9 +454,12 @@ def plan_memory(
     dtype = dtype or default_dtype(topology.device)
     vae_preset = vae_preset or vae_preset_for(config.name)
     p = topology.score_workers
+    kv = kv_cache_bytes(config, stream, p, dtype)
+    if topology.step_pipeline:  # a stage rank keeps its own step's self-attention cache only
+        kv["self_attn"] //= stream.num_kv_caches
     worker = {
         "dit_weights": dit_parameters(config) * _bytes(dtype),
-        "kv_cache_per_session": sum(kv_cache_bytes(config, stream, p, dtype).values()),
+        "kv_cache_per_session": sum(kv.values()),
         "dit_activations": dit_activation_bytes(config, stream, p, dtype),
     }
     vae = vae_sizes(

@@ -24,6 +24,7 @@ import torch
 from decoder.streaming import DecodeOptions
 from frontends.model_bundle import ModelBundle, resolve_weights
 from proto.model_config import ModelConfig, get_model_preset, model_preset_names
+from proto.step_pipeline import check_step_pipeline
 from proto.stream_config import STREAM_SCHEDULES, StreamConfig
 from proto.topology import Topology
 from proto.vae_config import TINY_DIT_PRESETS, get_vae_preset, vae_preset_for
@@ -89,6 +90,7 @@ class GroupOptions:
     vae_channels_last: bool = False
     vae_compile: bool = False
     vae_chunk_at_once: bool = False
+    step_pipeline: bool = False  # --step-pipeline: one stage of score_workers ranks per denoising step
 
     @property
     def model_config(self) -> ModelConfig:
@@ -107,7 +109,13 @@ class GroupOptions:
             device=self.device,  # type: ignore[arg-type]
             num_heads=self.model_config.num_heads,
             preset=self.preset,
+            step_stages=self.step_stages,
         )
+
+    @property
+    def step_stages(self) -> int:
+        """Step-pipeline stages: one per denoising step under ``--step-pipeline``, else 1."""
+        return self.stream_config().num_steps if self.step_pipeline else 1
 
     def stream_config(self) -> StreamConfig:
         """The model's stream schedule (``ModelConfig.stream_schedule``: chunk sizes, steps, window, fps) at
@@ -174,15 +182,20 @@ class GroupOptions:
         if self.device == "cuda":
             world = self.topology().world_size
             if torch.cuda.device_count() < world:
+                fix = "lower --score-workers or use --decoder colocated"
+                if self.step_pipeline:
+                    fix = "lower --score-workers or --steps, or leave out --step-pipeline"
                 raise ValueError(
                     f"{self.topology().name!r} needs {world} GPUs, {torch.cuda.device_count()} are visible; "
-                    "lower --score-workers or use --decoder colocated"
+                    + fix
                 )
 
     def check(self) -> None:
         """What the group's options must satisfy together; raises ``ValueError`` with the fix."""
         self.topology()  # worker count vs heads, decoder placement
-        self.stream_config()  # sizes, steps, chunk size vs the training window
+        stream = self.stream_config()  # sizes, steps, chunk size vs the training window
+        if self.step_pipeline:
+            check_step_pipeline(stream, self.step_stages, self.preset)
         get_vae_preset(self.vae_preset)
         tokens = (self.height // 16) * (self.width // 16)
         if tokens % self.score_workers:
@@ -217,7 +230,10 @@ def group_options(args: argparse.Namespace, cls: type[Options], **own: Any) -> O
     weights = resolve_weights(args.preset, args.checkpoint, args.vae_checkpoint, args.random_weights)
     height, width = _size(args, weights.bundle)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    step_pipeline = bool(getattr(args, "step_pipeline", False))
     decoder = args.decoder if args.decoder is not None else default_decoder(device, args.score_workers)
+    if step_pipeline and args.decoder is None:
+        decoder = "dedicated"  # the only placement it supports (proto.topology); an explicit one is checked
     world = args.score_workers + (1 if decoder == "dedicated" else 0)
     threads = args.threads if args.threads is not None else max(1, (os.cpu_count() or 1) // max(world, 1))
     if threads < 1:
@@ -251,11 +267,15 @@ def group_options(args: argparse.Namespace, cls: type[Options], **own: Any) -> O
         rank_report=None if args.rank_report is None else Path(args.rank_report),
         dtype=resolve_dtype(str(args.dtype), device),
         compile_score=bool(args.compile),
+        step_pipeline=step_pipeline,
         weights=weights.describe(),
         **_decode_settings(args),
         **fixed,
         **own,
     )
+    if step_pipeline and args.threads is None:  # cores / ranks for the pipeline's 1 + steps x N ranks
+        world = options.topology().world_size
+        options = dataclasses.replace(options, threads=max(1, (os.cpu_count() or 1) // world))
     options.check()
     return options
 
@@ -358,6 +378,14 @@ def add_group_arguments(parser: argparse.ArgumentParser, command: str, prompt_he
         default=None,
         help="dedicated: 1 master + N workers (disaggregated); colocated: N ranks, rank 0 also decodes "
         "(default: dedicated, or colocated on CUDA when there are fewer than N + 1 GPUs)",
+    )
+    parser.add_argument(
+        "--step-pipeline",
+        action="store_true",
+        help="step-pipeline parallelism: one stage of --score-workers ranks per denoising step, each with "
+        "its own step's KV cache, chunks handed stage to stage (up to one chunk in flight per stage: "
+        "throughput up to steps x, latency still a full pass); 1 + steps x score-workers ranks, --decoder "
+        "dedicated, per-step cache mode, the sparse-causal window (not SoulX-LiveAct)",
     )
     parser.add_argument("--seed", type=int, default=0, help="noise and random-weight seed")
     parser.add_argument(

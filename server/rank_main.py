@@ -24,6 +24,7 @@ from server.options import GroupOptions
 from server.rank_report import ForwardCounter, RankReport, pin_to_core, planned_memory
 from workers.factory import build_score_model
 from workers.score_rank import ScoreRank
+from workers.step_stage import build_stage_rank, run_stage_loop
 from workers.worker_loop import run_worker_loop
 
 Master = Callable[[ProcessGroups, dist.Store, ScoreRank | None], int]
@@ -39,6 +40,8 @@ def build_score_rank(
     )
     if report is not None:
         report.forwards = ForwardCounter(model)
+    if groups.topology.step_pipeline:  # one denoising step on its own cache slot (workers.step_stage)
+        return build_stage_rank(model, options.stream_config(), groups, compile=options.compile_score)
     return ScoreRank(model, options.stream_config(), groups, compile=options.compile_score)
 
 
@@ -63,6 +66,9 @@ def run_rank(options: GroupOptions, master: Master, plan_sessions: int = 1) -> i
         score_rank = build_score_rank(options, groups, report) if groups.is_worker else None
         if groups.is_master:
             code = master(groups, store, score_rank)
+        elif topology.step_pipeline:
+            assert score_rank is not None
+            code = run_stage_loop(score_rank, groups)
         else:
             assert score_rank is not None
             code = run_worker_loop(score_rank, groups, topology)
