@@ -27,8 +27,7 @@ from server.cli import main
 SIZE = ("--resolution", "32x32")
 
 
-@pytest.mark.slow
-@pytest.mark.equality
+@pytest.mark.slow  # not `equality`: tests/workers/test_step_pipeline.py compares latents per CPU cell
 def test_step_pipeline_frames_equal_the_disaggregated_1_plus_1_frames(tmp_path) -> None:
     image, audio = write_inputs(tmp_path, 2.0)
     frames = {}
