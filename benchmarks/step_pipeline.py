@@ -53,7 +53,7 @@ CASES: dict[str, list[str]] = {"disaggregated 1+1": [], "step-pipeline 2x1+1": [
 SESSION = "bench"
 
 
-class _Requests:
+class RandomRequests:
     """``RunSession``'s chunk source: ``chunks`` requests of random inputs (seeded), one character."""
 
     def __init__(self, model: ModelConfig, stream: StreamConfig, chunks: int, seed: int) -> None:
@@ -74,7 +74,7 @@ class _Requests:
             yield PreparedInputs(request, tensors, pcm, first_frame=0)
 
 
-class _BlankDecoder:
+class BlankDecoder:
     """A decoder that costs nothing: blank uint8 frames ``[T, H, W, 3]`` (the benchmark times the score)."""
 
     def __init__(self, stream: StreamConfig) -> None:
@@ -86,7 +86,7 @@ class _BlankDecoder:
         return self.frames
 
 
-class _NoSink:
+class NoSink:
     def write(self, frames: np.ndarray, audio: np.ndarray) -> None:
         pass
 
@@ -104,7 +104,7 @@ def _master(
     if "face_boxes" in tensors:
         tensors["face_boxes"] = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
     opening = SessionOpen(SESSION, stream.latent_height, stream.latent_width, 1, tensors=specs)
-    session = RunSession(_Requests(model, stream, chunks, options.seed), _BlankDecoder(stream), _NoSink())
+    session = RunSession(RandomRequests(model, stream, chunks, options.seed), BlankDecoder(stream), NoSink())
     stats = StreamStats(groups.topology.name, stream.chunk_duration_s(1))
     executor.open_session(opening, tensors)
     run_stream(executor, session, stream, stats, overlap=True, device=groups.device)
@@ -184,7 +184,7 @@ def split_cost(resolution: str, chunks: int, warm_up: int) -> dict[str, float]:
     for stage in stages[1:]:
         stage.engine.receive = lambda shape, device: handed[-1]  # type: ignore[attr-defined]
     times: dict[str, list[float]] = {"one_rank_s": [], **{f"stage{i}_s": [] for i in range(len(stages))}}
-    for prepared in _Requests(cfg, stream, chunks, seed=0):
+    for prepared in RandomRequests(cfg, stream, chunks, seed=0):
         start = time.perf_counter()
         whole.denoise(prepared.request, prepared.tensors)
         times["one_rank_s"].append(time.perf_counter() - start)
