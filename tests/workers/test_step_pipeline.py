@@ -1,10 +1,12 @@
-"""The step-pipeline topology in real gloo worlds: rank 0 drives a ``StepPipelineExecutor`` with two chunks
-in flight, ranks 1.. run ``workers.step_stage`` (2 steps on 2 stages, with 1 or 2 SP ranks per stage); the
-latents equal one ``ScoreRank``'s within float32 rounding over chunks that cross the point where the window
-stops moving; wire refusals come back as ``WorkerFailed`` and the pipeline stays in step."""
+"""The step-pipeline topology in real gloo worlds: rank 0 drives a ``StepPipelineExecutor`` with one chunk
+in flight per stage, ranks 1.. run ``workers.step_stage`` (2 steps on 2 stages with 1 or 2 SP ranks each,
+and 3 steps on 3 stages); the latents equal one ``ScoreRank``'s within float32 rounding over chunks that
+cross the point where the window stops moving; wire refusals come back as ``WorkerFailed`` and the pipeline
+stays in step."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -64,49 +66,61 @@ def request(session_id: str, index: int) -> tuple[ChunkRequest, dict[str, torch.
     return msg, tensors
 
 
-def _world(rank: int, world: int, sp: int, master: object) -> None:
-    topology = Topology(score_workers=sp, decoder="dedicated", num_heads=CFG.num_heads, step_stages=2)
+def _stream(steps: int) -> StreamConfig:
+    return dataclasses.replace(STREAM, denoising_steps=STEPS[steps])
+
+
+STEPS = {2: STREAM.denoising_steps, 3: (1000, 750, 500)}
+
+
+def _world(rank: int, world: int, sp: int, steps: int, master: object) -> None:
+    stream = _stream(steps)
+    topology = Topology(score_workers=sp, decoder="dedicated", num_heads=CFG.num_heads, step_stages=steps)
     groups = topology.build_groups()
     if rank == 0:
         from server.launcher import world_store
 
-        executor = StepPipelineExecutor(groups, world_store(), STREAM, result_timeout_s=TIMEOUT_S)
+        executor = StepPipelineExecutor(groups, world_store(), stream, result_timeout_s=TIMEOUT_S)
         master(executor, groups)  # type: ignore[operator]
         return
     model = build_score_model("tiny", seed=MODEL_SEED)
-    assert run_stage_loop(build_stage_rank(model, STREAM, groups), groups) == 0
+    assert run_stage_loop(build_stage_rank(model, stream, groups), groups) == 0
 
 
-def _reference() -> list[torch.Tensor]:
-    rank = ScoreRank(build_score_model("tiny", seed=MODEL_SEED), STREAM)
+def _reference(stream: StreamConfig) -> list[torch.Tensor]:
+    rank = ScoreRank(build_score_model("tiny", seed=MODEL_SEED), stream)
     rank.open_session(open_message("s1"), session_inputs())
     out = [rank.denoise(*request("s1", i)) for i in range(CHUNKS)]
     return [t for t in out if t is not None]
 
 
 def _master_pipelines_chunks(executor: StepPipelineExecutor, groups: ProcessGroups) -> None:
-    assert executor.max_in_flight == 2
+    depth = executor.max_in_flight
+    assert depth == groups.topology.step_stages
     executor.open_session(open_message("s1"), session_inputs())
     latents = []
     requests = [request("s1", i) for i in range(CHUNKS)]
-    executor.submit(*requests[0])
+    for i in range(depth - 1):
+        executor.submit(*requests[i])
     for i in range(CHUNKS):
-        if i + 1 < CHUNKS:  # chunk i + 1 goes out before chunk i is collected: two in flight
-            executor.submit(*requests[i + 1])
+        if i + depth - 1 < CHUNKS:  # one chunk per stage in flight before chunk i is collected
+            executor.submit(*requests[i + depth - 1])
         scored = executor.collect(requests[i][0])
         assert scored.score_s > 0 and scored.roundtrip_s >= 0
         latents.append(scored.latent)
     executor.close_session(SessionClose("s1"))
     executor.shutdown("test done")
-    for i, (got, want) in enumerate(zip(latents, _reference(), strict=True)):
+    for i, (got, want) in enumerate(zip(latents, _reference(executor.stream), strict=True)):
         err = (got - want).abs().max().item()
         assert err <= 1e-5, f"chunk {i}: the step pipeline differs from one ScoreRank by {err}"
         assert want.abs().max().item() > 0.1  # not a trivially zero latent
 
 
-@pytest.mark.parametrize("sp", [1, 2], ids=["2x1+1", "2x2+1"])
-def test_two_stages_give_the_latents_of_one_rank_with_two_chunks_in_flight(tmp_path, sp: int) -> None:
-    run_world(_world, 1 + 2 * sp, tmp_path, sp, _master_pipelines_chunks)
+@pytest.mark.parametrize(("sp", "steps"), [(1, 2), (2, 2), (1, 3)], ids=["2x1+1", "2x2+1", "3x1+1"])
+def test_stages_give_the_latents_of_one_rank_with_one_chunk_in_flight_per_stage(
+    tmp_path, sp: int, steps: int
+) -> None:
+    run_world(_world, 1 + steps * sp, tmp_path, sp, steps, _master_pipelines_chunks)
 
 
 def _master_sends_bad_requests(executor: StepPipelineExecutor, groups: ProcessGroups) -> None:
@@ -127,7 +141,7 @@ def _master_sends_bad_requests(executor: StepPipelineExecutor, groups: ProcessGr
 
 
 def test_a_refused_request_is_reported_once_and_the_pipeline_stays_in_step(tmp_path) -> None:
-    run_world(_world, 3, tmp_path, 1, _master_sends_bad_requests)
+    run_world(_world, 3, tmp_path, 1, 2, _master_sends_bad_requests)
 
 
 def test_a_stage_engine_holds_one_cache_slot() -> None:
