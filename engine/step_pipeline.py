@@ -21,7 +21,7 @@ while chunks are in flight and a stage is blocked handing its result to this ver
 Results and failures are the ``DedicatedExecutor``'s (the last stage's SP leader is the topology's
 ``sp_leader``): a ``ChunkResult`` + latent on ``data``, or ``WorkerFailed``; a deadline on each result; a
 broken wait is turned into a ``WorkerError`` naming the rank that died (from the rank registry), whichever
-stage it was in.
+stage it was in; a result that times out names the stage rank whose heartbeat stopped (a hung rank).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from engine.executor import DedicatedExecutor, ScoredChunk, WorkerError, _key
-from proto.liveness import PeerError, wait_with_timeout
+from proto.liveness import PeerError, stale_ranks, wait_with_timeout
 from proto.stream_config import StreamConfig
 from proto.topology import ProcessGroups
 from proto.wire import (
@@ -51,6 +51,8 @@ from proto.wire import (
 _DONE_WAIT_S = 5.0
 # Shutdown: the stages take it once they finished what is in flight.
 _SHUTDOWN_WAIT_S = 30.0
+# A rank whose heartbeat (every 0.5 s) is older than this when a result is overdue has hung.
+_HUNG_AFTER_S = 2.0
 
 
 @dataclass
@@ -97,9 +99,25 @@ class StepPipelineExecutor(DedicatedExecutor):
         self._post(request, tensors, key=_key(request))
 
     def collect(self, request: ChunkRequest) -> ScoredChunk:
-        scored = super().collect(request)
+        try:
+            scored = super().collect(request)
+        except WorkerError as exc:
+            raise self._name_hung(exc) from exc
         self._retire(_key(request))
         return scored
+
+    def _name_hung(self, exc: WorkerError) -> WorkerError:
+        """A result that never came with no rank dead: the master waits on the last stage, but the stage that
+        hung may be any; the one whose heartbeat stopped (``proto.liveness``) is named."""
+        if "nothing arrived within" not in str(exc):
+            return exc
+        hung = stale_ranks(self._out.store, self.topology.worker_ranks, _HUNG_AFTER_S)
+        if not hung:
+            return exc
+        return WorkerError(
+            f"{self._out.names(hung)} of {self.topology.name!r} stopped responding (no heartbeat for "
+            f"{_HUNG_AFTER_S:g} s); {exc}"
+        )
 
     def close_session(self, message: SessionClose) -> None:
         self._post(message)

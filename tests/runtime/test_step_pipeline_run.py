@@ -42,14 +42,14 @@ def test_step_pipeline_frames_equal_the_disaggregated_1_plus_1_frames(tmp_path) 
     assert_frames_match(frames["pipe"], frames["base"])
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    ("rank", "role"), [(1, "step stage 0 score worker 0"), (2, "step stage 1 score worker 0")]
-)
-def test_a_killed_stage_rank_is_named_and_no_process_is_left(tmp_path, rank: int, role: str) -> None:
+def _signal_after_chunk_2(
+    tmp_path, rank: int, sig: signal.Signals, *extra: str
+) -> tuple[int, float, str, str]:
+    """``run --step-pipeline``; ``sig`` goes to ``rank`` once chunk 2 was published. Returns (exit code,
+    seconds from the signal to the exit, stderr, the run's process marker)."""
     image, audio = write_inputs(tmp_path, 8.0)
     marker = uuid.uuid4().hex
-    command = run_command(image, audio, tmp_path / "out.mp4", *SIZE, "--step-pipeline")
+    command = run_command(image, audio, tmp_path / "out.mp4", *SIZE, "--step-pipeline", *extra)
     proc = subprocess.Popen(command, env=run_env(marker), cwd=REPO, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
     second_chunk = threading.Event()
@@ -67,24 +67,44 @@ def test_a_killed_stage_rank_is_named_and_no_process_is_left(tmp_path, rank: int
         assert second_chunk.wait(120), "".join(lines)
         victims = [pid for pid, env in marked_processes(marker).items() if env.get("RANK") == str(rank)]
         assert len(victims) == 1
-        os.kill(victims[0], signal.SIGKILL)
-        killed_at = time.monotonic()
-        code = proc.wait(timeout=30)
-        elapsed = time.monotonic() - killed_at
+        os.kill(victims[0], sig)
+        signalled_at = time.monotonic()
+        code = proc.wait(timeout=60)
+        elapsed = time.monotonic() - signalled_at
     finally:
         if proc.poll() is None:
             proc.kill()
     reader.join(5)
-    stderr = "".join(lines)
+    return code, elapsed, "".join(lines), marker
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("rank", "role"), [(1, "step stage 0 score worker 0"), (2, "step stage 1 score worker 0")]
+)
+def test_a_killed_stage_rank_is_named_and_no_process_is_left(tmp_path, rank: int, role: str) -> None:
+    code, elapsed, stderr, marker = _signal_after_chunk_2(tmp_path, rank, signal.SIGKILL)
     assert code != 0
     assert elapsed < 10, stderr
     # The master names the dead rank whichever stage it was in (stage 0's death reaches the master as the
     # last stage's failed hand-off), and so does the launcher.
-    assert (
-        f"talkingmachines run: error: score worker rank {rank} ({role}) of 'step-pipeline 2x1+1'" in stderr
-    ), stderr
+    expected = f"talkingmachines run: error: score worker rank {rank} ({role}) of 'step-pipeline 2x1+1'"
+    assert expected in stderr, stderr
     assert "died" in stderr
     assert f"rank {rank} ({role}) failed first: killed by SIGKILL" in stderr
+    assert marked_processes(marker) == {}
+
+
+@pytest.mark.slow
+def test_a_hung_first_stage_is_named_by_its_stopped_heartbeat(tmp_path) -> None:
+    # The master waits on the last stage; stage 0 (SIGSTOP: alive and silent) is named from the heartbeats.
+    code, _, stderr, marker = _signal_after_chunk_2(tmp_path, 1, signal.SIGSTOP, "--chunk-timeout", "3")
+    assert code != 0
+    expected = (
+        "talkingmachines run: error: score worker rank 1 (step stage 0 score worker 0) of "
+        "'step-pipeline 2x1+1' stopped responding"
+    )
+    assert expected in stderr, stderr
     assert marked_processes(marker) == {}
 
 
