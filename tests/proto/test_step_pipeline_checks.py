@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 
 import pytest
@@ -11,6 +12,7 @@ from proto.model_config import get_model_preset
 from proto.step_pipeline import check_step_pipeline
 from proto.stream_config import StreamConfig
 from proto.topology import Topology
+from server.options import GroupOptions, add_group_arguments, group_options
 from workers.factory import build_score_model
 from workers.step_stage import StepStageDiT
 
@@ -76,3 +78,19 @@ def test_the_memory_plan_gives_each_stage_rank_one_cache_slot() -> None:
         assert stage_rank.kv_cache_per_session == kv["self_attn"] // 3 + kv["cross_attn"]
     whole = plan_memory(config, stream, Topology(1, "dedicated"))
     assert whole.ranks[1].kv_cache_per_session == kv["self_attn"] + kv["cross_attn"]
+
+
+def _group(*argv: str) -> GroupOptions:
+    parser = argparse.ArgumentParser()
+    add_group_arguments(parser, "run", "prompt")
+    return group_options(parser.parse_args(["--device", "cpu", "--random-weights", *argv]), GroupOptions)
+
+
+def test_the_flag_gives_one_stage_per_step_and_a_dedicated_decoder() -> None:
+    options = _group("--step-pipeline")
+    topology = options.topology()
+    assert (options.decoder, options.step_stages, topology.world_size) == ("dedicated", 2, 3)
+    assert _group("--step-pipeline", "--steps", "3", "--score-workers", "2").topology().name == (
+        "step-pipeline 3x2+1"
+    )
+    assert _group().topology().step_stages == 1
