@@ -4,6 +4,8 @@ outputs).
 - ``engine.scheduler``: which session's chunk goes next (earliest deadline first, bounded ahead of playout);
 - ``engine.executor``: the transport to the score side, one interface for the disaggregated and the
   self-contained topologies (``DedicatedExecutor``, ``ColocatedExecutor``);
+- ``engine.step_pipeline``: ``StepPipelineExecutor``, the step-pipeline topology's (one stage per denoising
+  step, one chunk in flight per stage);
 - ``engine.pipeline``: ``ChunkEngine``, the pipelined loop (submit t+1, decode t, prepare t+2, collect t+1);
 - ``engine.publish``: the publish thread (outputs, TTBC and stage timings, late chunks);
 - ``engine.batching``: ``BatchChunkEngine``, the same loop over batches of sessions' chunks scored in one

@@ -10,10 +10,10 @@ master, which also denoises when the decoder is colocated):
 - **KV cache per session** (``workers.kv_cache.ChunkKVCache`` + ``workers.streaming.SessionState``): the
   self-attention cache ``layers × caches × window tokens × H/N × head_dim × 2 (K, V) × bytes``: caches =
   denoising steps in ``per-step`` mode, 1 in ``clean-context``, plus one per audio step with audio CFG
-  (LiveAct's null-audio caches); window tokens = 3 chunks (c_0, c_t−1, c_t: one preallocated view attention
-  reads) × L_chunk for the paper's window, LiveAct's 14 latent frames × L_frame for the ConvKV window (each
-  SP rank keeps its H/N heads), plus the text (+ CLIP) cross-attention K/V, which every rank keeps for all
-  heads:
+  (LiveAct's null-audio caches), 1 on a step-pipeline stage rank (its own step's); window tokens = 3 chunks
+  (c_0, c_t−1, c_t: one preallocated view attention reads) × L_chunk for the paper's window, LiveAct's 14
+  latent frames × L_frame for the ConvKV window (each SP rank keeps its H/N heads), plus the text (+ CLIP)
+  cross-attention K/V, which every rank keeps for all heads:
   ``layers × L_ctx × dim × 2 × bytes``. Exact: tests/workers/test_memory_plan.py compares it with the
   tensors a tiny session allocates. × sessions (1 for ``run``, ``max_sessions`` for ``serve``).
 - **DiT activations** of one forward of a steady-state chunk (t ≥ 2; the largest chunk: LiveAct's 8 latent
@@ -508,9 +508,12 @@ def plan_memory(
     dtype = dtype or default_dtype(topology.device)
     vae_preset = vae_preset or vae_preset_for(config.name)
     p = topology.score_workers
+    kv = kv_cache_bytes(config, stream, p, dtype, kv_cache_dtype)
+    if topology.step_pipeline:  # a stage rank keeps its own step's self-attention cache only
+        kv["self_attn"] //= stream.num_kv_caches
     worker = {
         "dit_weights": dit_weight_bytes(config, dtype, fp8_linear),
-        "kv_cache_per_session": sum(kv_cache_bytes(config, stream, p, dtype, kv_cache_dtype).values()),
+        "kv_cache_per_session": sum(kv.values()),
         "dit_activations": dit_activation_bytes(config, stream, p, dtype),
     }
     vae = vae_sizes(

@@ -9,6 +9,11 @@ steps run in turn. At most one chunk is in flight and one prepared ahead; ``idle
 in flight, the only time session opens and closes may go to the workers (a SessionClose before a chunk's
 reply could leave that reply to be read as another session's, so closes asked for meanwhile are deferred).
 
+An executor may hold more chunks in flight (``max_in_flight`` > 1: the step-pipeline topology,
+``engine.step_pipeline``): then ``turn`` keeps up to that many submitted and collects the oldest only when the
+pipe is full or nothing else can go out (``_pipelined_turn``); a session's close waits only for that
+session's own chunks in flight (the executor delivers messages to every stage in order).
+
 Which session goes next is the owner's choice (``EngineOwner.pick``, e.g. earliest deadline first,
 ``engine.scheduler``); a chunk in flight is passed to it so it can count that chunk as buffered. Failures:
 a ``WorkerError`` fails the whole group (``EngineOwner.group_failed``); anything else fails only the session
@@ -127,17 +132,23 @@ class ChunkEngine:
         self._policy = DegradePolicy(self.degrade)
         self._cost = ChunkCost()
         self._reduced = self.degrade.step_indices(len(stream.denoising_steps))
+        # Chunks the executor may hold at once (engine.step_pipeline: one per stage); with more than one,
+        # the submitted ones wait here, oldest first, and `in_flight` stays None.
+        self.depth = int(getattr(executor, "max_in_flight", 1))
+        self._flight: list[Work] = []
 
     def idle(self) -> bool:
-        return self.in_flight is None
+        return self.in_flight is None and not self._flight
 
     def busy(self) -> bool:
         """A chunk is prepared, in flight or scored and not yet decoded."""
-        return self.in_flight is not None or self._next is not None or self._scored is not None
+        in_flight = self.in_flight is not None or bool(self._flight)
+        return in_flight or self._next is not None or self._scored is not None
 
     def reset(self) -> None:
         """Drop the prepared and scored chunks (the group failed: nothing more goes out)."""
         self._next = self._scored = None
+        self._flight = []
 
     def turn(self) -> bool:
         """One turn of the pipeline. False when there was nothing to do."""
@@ -145,6 +156,8 @@ class ChunkEngine:
             self.fail_session(session_id, reason)
         if not self.overlap:
             return self._serial_turn()
+        if self.depth > 1:
+            return self._pipelined_turn()
         if self._next is None:
             self._next = self._guarded(None, lambda: self._prepare(self.owner.pick(None)))
         work, self._next = self._next, None
@@ -174,6 +187,49 @@ class ChunkEngine:
             self.publisher.wait_idle(timeout_s=float("inf"))
         return True
 
+    def _pipelined_turn(self) -> bool:
+        """``max_in_flight`` > 1: submit the prepared chunk while the pipe has room, decode the collected one,
+        prepare the next, and collect the oldest when the pipe is full or nothing more is ready to go."""
+        did = False
+        if self._next is None and len(self._flight) < self.depth:
+            newest = self._flight[-1] if self._flight else None
+            self._next = self._guarded(None, lambda: self._prepare(self.owner.pick(newest)))
+        if self._next is not None and len(self._flight) < self.depth:
+            work, self._next = self._next, None
+            if self.owner.schedulable(work.session) and self._guarded(
+                work.session, lambda: self._submit_pipelined(work)
+            ):
+                did = True
+        scored, self._scored = self._scored, None
+        if scored is not None:  # decoded while the stages score what is in flight
+            self._guarded(scored.session, lambda: self._decode(scored))
+            did = True
+        if self._next is None and self._flight:  # prepared while the stages still score
+            newest = self._flight[-1]
+            self._next = self._guarded(None, lambda: self._prepare(self.owner.pick(newest)))
+        if self._flight and (len(self._flight) >= self.depth or self._next is None):
+            oldest = self._flight[0]
+            self._guarded(oldest.session, lambda: self._collect_pipelined(oldest))
+            did = True
+        return did
+
+    def _submit_pipelined(self, work: Work) -> bool:
+        self.executor.submit(work.prepared.request, work.prepared.tensors)
+        self._flight.append(work)
+        return True
+
+    def _collect_pipelined(self, work: Work) -> None:
+        self._flight.remove(work)
+        try:
+            work.scored = self.executor.collect(work.prepared.request)
+        except BaseException:
+            self._reply_pending.add(work.session.id)  # as _collect
+            raise
+        self._scored = work
+        closes, self._deferred_closes = self._deferred_closes, []
+        for session_id in closes:
+            self.close_on_workers(session_id)
+
     def fail_session(self, session_id: str, reason: str) -> None:
         """Session ``session_id`` failed alone (its output or its own data, not the workers): finish it as
         failed and free its caches on the workers once nothing is in flight."""
@@ -186,7 +242,7 @@ class ChunkEngine:
             log.error("session %s failed with its chunk reply unread; its caches stay on the workers",
                       session_id)  # fmt: skip
             return
-        if self.in_flight is not None:
+        if self.in_flight is not None or any(w.session.id == session_id for w in self._flight):
             self._deferred_closes.append(session_id)
             return
         try:

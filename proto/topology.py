@@ -27,6 +27,13 @@ created by it):
   when the decoder is dedicated.
 
 Separate groups let their traffic overlap (NCCL serialises ops on one communicator).
+
+A fifth topology, step-pipeline parallelism (``step_stages`` = S > 1, ``--step-pipeline``; LiveAct's
+timestep-forcing pipeline): S stages of ``score_workers`` ranks each, stage s running denoising step s of
+every chunk on its own per-step KV cache slot and handing the re-noised latent to stage s + 1; the last stage
+returns x0 to the master. The decoder must be dedicated: world = 1 + S × N, stage s on ranks
+1 + s·N … 1 + (s + 1)·N − 1, each stage one SP group (``sp`` is this rank's stage's group), the last stage's
+SP leader the one that sends the latent (``sp_leader``). ``workers.step_stage`` has the data flow.
 """
 
 from __future__ import annotations
@@ -78,6 +85,8 @@ class Topology:
         device: ``"cpu"`` (gloo everywhere) or ``"cuda"`` (one GPU per rank, NCCL for data and sp).
         num_heads: the DiT's attention heads; when given, N must divide it.
         preset: the preset name, only used in error messages.
+        step_stages: S, step-pipeline stages (``--step-pipeline``: one per denoising step); 1 = none. Each
+            stage is an SP group of ``score_workers`` ranks; needs ``decoder="dedicated"``.
     """
 
     score_workers: int = 1
@@ -85,6 +94,7 @@ class Topology:
     device: DeviceType = "cpu"
     num_heads: int | None = None
     preset: str | None = None
+    step_stages: int = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.score_workers, int) or self.score_workers < 1:
@@ -95,12 +105,21 @@ class Topology:
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
         if self.num_heads is not None:
             check_heads_divisible(self.num_heads, self.score_workers, self.preset)
+        if not isinstance(self.step_stages, int) or self.step_stages < 1:
+            raise ValueError(f"step_stages must be a positive integer, got {self.step_stages!r}")
+        if self.step_stages > 1 and self.decoder != "dedicated":
+            # A colocated master would run stage 0 inline: its decode would stall the pipeline's first stage
+            # (and rank 0 would hold a stage's cache besides the VAE), which is what the pipeline removes.
+            raise ValueError(
+                f"--step-pipeline ({self.step_stages} stages) needs --decoder dedicated: the master only "
+                "decodes while the stages denoise; a colocated master is not supported"
+            )
 
     # ---- ranks -------------------------------------------------------------------------------------
 
     @property
     def world_size(self) -> int:
-        return self.score_workers + (1 if self.decoder == "dedicated" else 0)
+        return self.score_workers * self.step_stages + (1 if self.decoder == "dedicated" else 0)
 
     @property
     def master_rank(self) -> int:
@@ -108,9 +127,28 @@ class Topology:
 
     @property
     def worker_ranks(self) -> tuple[int, ...]:
-        """Global ranks of the score workers, in SP order (the first one is the SP leader)."""
+        """Global ranks of the score workers, in SP order (the first one is the SP leader); with step stages,
+        every stage's ranks, stage by stage."""
         first = 1 if self.decoder == "dedicated" else 0
+        return tuple(range(first, first + self.score_workers * self.step_stages))
+
+    @property
+    def step_pipeline(self) -> bool:
+        """True for the step-pipeline topology (``step_stages`` > 1)."""
+        return self.step_stages > 1
+
+    def stage_ranks(self, stage: int) -> tuple[int, ...]:
+        """Global ranks of step stage ``stage`` (0-based), in SP order: its SP group."""
+        if not 0 <= stage < self.step_stages:
+            raise ValueError(f"stage {stage} is outside {self.name!r} (stages 0..{self.step_stages - 1})")
+        first = self.worker_ranks[0] + stage * self.score_workers
         return tuple(range(first, first + self.score_workers))
+
+    def stage_of(self, rank: int) -> int | None:
+        """The step stage of score worker ``rank`` (0 without step stages); None for a dedicated master."""
+        if not self.is_worker(rank):
+            return None
+        return (rank - self.worker_ranks[0]) // self.score_workers
 
     @property
     def sp_degree(self) -> int:
@@ -118,8 +156,9 @@ class Topology:
 
     @property
     def sp_leader(self) -> int:
-        """The worker that holds the gathered clean latent and sends it to the master."""
-        return self.worker_ranks[0]
+        """The worker that holds the gathered clean latent and sends it to the master (with step stages: the
+        last stage's SP leader)."""
+        return self.stage_ranks(self.step_stages - 1)[0]
 
     @property
     def disaggregated(self) -> bool:
@@ -128,7 +167,10 @@ class Topology:
 
     @property
     def name(self) -> str:
-        """The paper's name for this topology, e.g. ``"disaggregated 2+1"``."""
+        """The paper's name for this topology, e.g. ``"disaggregated 2+1"``; ``"step-pipeline 2x1+1"`` for
+        2 stages of 1 rank and a dedicated master."""
+        if self.step_pipeline:
+            return f"step-pipeline {self.step_stages}x{self.score_workers}+1"
         if self.disaggregated:
             return f"disaggregated {self.score_workers}+1"
         if self.score_workers == 1:
@@ -144,7 +186,13 @@ class Topology:
         parts = []
         if rank == self.master_rank:
             parts.append("master")
-        if self.is_worker(rank):
+        if self.is_worker(rank) and self.step_pipeline:
+            stage = self.stage_of(rank)
+            assert stage is not None
+            sp_rank = self.stage_ranks(stage).index(rank)
+            leader = " (SP leader)" if sp_rank == 0 and self.score_workers > 1 else ""
+            parts.append(f"step stage {stage} score worker {sp_rank}{leader}")
+        elif self.is_worker(rank):
             sp_rank = self.worker_ranks.index(rank)
             parts.append(f"score worker {sp_rank}" + (" (SP leader)" if rank == self.sp_leader else ""))
         return " + ".join(parts)
@@ -190,13 +238,27 @@ class Topology:
         # rank, members or not.
         control = dist.new_group(everyone, backend=self.control_backend, timeout=CONTROL_TIMEOUT)
         data = dist.new_group(everyone, backend=self.data_backend, timeout=data_timeout)
-        sp = dist.new_group(list(self.worker_ranks), backend=self.data_backend, timeout=data_timeout)
+        if not self.step_pipeline:
+            sp = dist.new_group(list(self.worker_ranks), backend=self.data_backend, timeout=data_timeout)
+            return ProcessGroups(
+                topology=self,
+                rank=rank,
+                control=control,
+                data=data,
+                sp=sp if self.is_worker(rank) else None,
+            )
+        # One SP group per stage, every rank creating all of them in the same order.
+        stage_groups = [
+            dist.new_group(list(self.stage_ranks(s)), backend=self.data_backend, timeout=data_timeout)
+            for s in range(self.step_stages)
+        ]
+        stage = self.stage_of(rank)
         return ProcessGroups(
             topology=self,
             rank=rank,
             control=control,
             data=data,
-            sp=sp if self.is_worker(rank) else None,
+            sp=None if stage is None else stage_groups[stage],
         )
 
     def _check_rank(self, rank: int) -> None:
@@ -229,7 +291,13 @@ class ProcessGroups:
     @property
     def sp_rank(self) -> int | None:
         """This rank's index in the SP group (0 = leader), ``None`` on a dedicated master."""
-        return self.topology.worker_ranks.index(self.rank) if self.is_worker else None
+        stage = self.topology.stage_of(self.rank)
+        return None if stage is None else self.topology.stage_ranks(stage).index(self.rank)
+
+    @property
+    def stage(self) -> int | None:
+        """This rank's step stage (0 without step stages), ``None`` on a dedicated master."""
+        return self.topology.stage_of(self.rank)
 
     @property
     def role(self) -> str:

@@ -344,6 +344,13 @@ def send_header(message: Message, group: dist.ProcessGroup, dst: int) -> None:
     dist.send(body, dst=dst, group=group)
 
 
+def post_header(message: Message, group: dist.ProcessGroup, dst: int) -> list[dist.Work]:
+    """Start sending one header to global rank ``dst`` (``send_header`` without the wait); the caller keeps
+    the returned works and waits for them later. Sends to one rank are received in the order posted."""
+    length, body = _header_tensors(message)
+    return [dist.isend(length, dst=dst, group=group), dist.isend(body, dst=dst, group=group)]
+
+
 def recv_header(
     group: dist.ProcessGroup,
     src: int,

@@ -46,6 +46,7 @@ from engine.memory_plan import plan_for_options
 from engine.rank_registry import local_rss
 from engine.session_open import FULL_FRAME, reference_image, session_open
 from engine.stats import ChunkTiming, StreamStats
+from engine.step_pipeline import StepPipelineExecutor
 from frontends.audio_features import (
     AudioFeaturizer,
     AudioFeaturizerConfig,
@@ -180,6 +181,9 @@ def make_executor(
 ) -> Executor:
     """The transport for this topology; ``score_rank`` is rank 0's own score share (colocated only)."""
     topology = groups.topology
+    if topology.step_pipeline:
+        recv = torch.cuda.Stream() if groups.device.type == "cuda" else None
+        return StepPipelineExecutor(groups, store, stream, options.chunk_timeout_s, recv_stream=recv)
     if topology.disaggregated:
         cuda = groups.device.type == "cuda"
         return DedicatedExecutor(

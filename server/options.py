@@ -26,6 +26,7 @@ from decoder.taehv import VAE_DECODER_CHOICES, check_taehv_checkpoint
 from engine.degrade import MODES, DegradeConfig
 from frontends.model_bundle import ModelBundle, resolve_weights
 from proto.model_config import ModelConfig, get_model_preset, model_preset_names
+from proto.step_pipeline import check_step_pipeline
 from proto.stream_config import STREAM_SCHEDULES, StreamConfig
 from proto.topology import Topology
 from proto.vae_config import TINY_DIT_PRESETS, get_vae_preset, vae_preset_for
@@ -101,6 +102,7 @@ class GroupOptions:
     max_batch_sessions: int = 1  # --max-batch-sessions: sessions' chunks scored in one forward (1: off)
     vae_decoder: str = "wan2.1"  # --vae-decoder: "taew2.1" decodes with decoder.taehv (server.master)
     taehv_checkpoint: str | None = None  # --taehv-checkpoint: taew2_1.pth; None: seeded random (tiny)
+    step_pipeline: bool = False  # --step-pipeline: one stage of score_workers ranks per denoising step
 
     @property
     def model_config(self) -> ModelConfig:
@@ -119,7 +121,13 @@ class GroupOptions:
             device=self.device,  # type: ignore[arg-type]
             num_heads=self.model_config.num_heads,
             preset=self.preset,
+            step_stages=self.step_stages,
         )
+
+    @property
+    def step_stages(self) -> int:
+        """Step-pipeline stages: one per denoising step under ``--step-pipeline``, else 1."""
+        return self.stream_config().num_steps if self.step_pipeline else 1
 
     def stream_config(self) -> StreamConfig:
         """The model's stream schedule (``ModelConfig.stream_schedule``: chunk sizes, steps, window, fps) at
@@ -193,9 +201,12 @@ class GroupOptions:
         if self.device == "cuda":
             world = self.topology().world_size
             if torch.cuda.device_count() < world:
+                fix = "lower --score-workers or use --decoder colocated"
+                if self.step_pipeline:
+                    fix = "lower --score-workers or --steps, or leave out --step-pipeline"
                 raise ValueError(
                     f"{self.topology().name!r} needs {world} GPUs, {torch.cuda.device_count()} are visible; "
-                    "lower --score-workers or use --decoder colocated"
+                    + fix
                 )
 
     def check(self) -> None:
@@ -203,6 +214,18 @@ class GroupOptions:
         self.topology()  # worker count vs heads, decoder placement
         stream = self.stream_config()  # sizes, steps, chunk size vs the training window
         self.degrade.check(len(stream.denoising_steps), stream.window)
+        if self.step_pipeline:
+            check_step_pipeline(stream, self.step_stages, self.preset)
+            if self.degrade.mode != "off":
+                raise ValueError(
+                    "--degrade steps cannot be combined with --step-pipeline (every stage runs its one "
+                    "denoising step of every chunk); leave out one of them"
+                )
+            if self.max_batch_sessions > 1:
+                raise ValueError(
+                    "--max-batch-sessions > 1 cannot be combined with --step-pipeline (the stage ranks score "
+                    "one chunk at a time); use --max-batch-sessions 1"
+                )
         get_vae_preset(self.vae_preset)
         self._check_vae_decoder()
         tokens = (self.height // 16) * (self.width // 16)
@@ -266,7 +289,10 @@ def group_options(args: argparse.Namespace, cls: type[Options], **own: Any) -> O
     weights = resolve_weights(args.preset, args.checkpoint, args.vae_checkpoint, args.random_weights)
     height, width = _size(args, weights.bundle)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    step_pipeline = bool(getattr(args, "step_pipeline", False))
     decoder = args.decoder if args.decoder is not None else default_decoder(device, args.score_workers)
+    if step_pipeline and args.decoder is None:
+        decoder = "dedicated"  # the only placement it supports (proto.topology); an explicit one is checked
     world = args.score_workers + (1 if decoder == "dedicated" else 0)
     threads = args.threads if args.threads is not None else max(1, (os.cpu_count() or 1) // max(world, 1))
     if threads < 1:
@@ -303,6 +329,7 @@ def group_options(args: argparse.Namespace, cls: type[Options], **own: Any) -> O
         **_speed_settings(args, device, resolve_dtype(str(args.dtype), device)),
         fp8=str(args.fp8),
         kv_cache_dtype=str(args.kv_cache_dtype),
+        step_pipeline=step_pipeline,
         weights=weights.describe(),
         **_decode_settings(args),
         degrade=degrade_config(args),
@@ -310,6 +337,9 @@ def group_options(args: argparse.Namespace, cls: type[Options], **own: Any) -> O
         **fixed,
         **own,
     )
+    if step_pipeline and args.threads is None:  # cores / ranks for the pipeline's 1 + steps x N ranks
+        world = options.topology().world_size
+        options = dataclasses.replace(options, threads=max(1, (os.cpu_count() or 1) // world))
     options.check()
     return options
 
@@ -322,6 +352,8 @@ def degrade_config(args: argparse.Namespace) -> DegradeConfig:
         enter_s=float(args.degrade_enter),
         leave_s=float(args.degrade_leave),
     )
+
+
 def check_fp8_options(fp8: str, kv_cache_dtype: str, device: str) -> None:
     """``--fp8`` / ``--kv-cache-dtype`` values, and ``--fp8 linear`` only where FP8 matrix products run.
 
@@ -419,6 +451,8 @@ def _speed_settings(args: argparse.Namespace, device: str, dtype: str) -> dict[s
     if cuda_graphs:
         check_cuda_graphs(device, args.score_workers)
     return {"attention_backend": backend, "cuda_graphs": cuda_graphs}
+
+
 def _max_batch_sessions(args: argparse.Namespace) -> int:
     """``--max-batch-sessions`` (1 when the namespace has no such flag), at least 1."""
     value = getattr(args, "max_batch_sessions", 1)
@@ -464,6 +498,14 @@ def add_group_arguments(parser: argparse.ArgumentParser, command: str, prompt_he
         default=None,
         help="dedicated: 1 master + N workers (disaggregated); colocated: N ranks, rank 0 also decodes "
         "(default: dedicated, or colocated on CUDA when there are fewer than N + 1 GPUs)",
+    )
+    parser.add_argument(
+        "--step-pipeline",
+        action="store_true",
+        help="step-pipeline parallelism: one stage of --score-workers ranks per denoising step, each with "
+        "its own step's KV cache, chunks handed stage to stage (up to one chunk in flight per stage: "
+        "throughput up to steps x, latency still a full pass); 1 + steps x score-workers ranks, --decoder "
+        "dedicated, per-step cache mode, the sparse-causal window (not SoulX-LiveAct)",
     )
     parser.add_argument("--seed", type=int, default=0, help="noise and random-weight seed")
     parser.add_argument(

@@ -26,6 +26,7 @@ from workers.attention import configure_attention_backend
 from workers.factory import build_score_model
 from workers.fp8 import convert_to_fp8, granularity_for, require_fp8
 from workers.score_rank import ScoreRank
+from workers.step_stage import build_stage_rank, run_stage_loop
 from workers.worker_loop import run_worker_loop
 
 Master = Callable[[ProcessGroups, dist.Store, ScoreRank | None], int]
@@ -50,14 +51,14 @@ def build_score_rank(
     configure_attention_backend(
         options.attention_backend, groups.device, options.torch_dtype, model.config.head_dim
     )
-    return ScoreRank(
-        model,
-        options.stream_config(),
-        groups,
-        compile=options.compile_score,
-        cuda_graphs=options.cuda_graphs,
-        kv_cache_dtype=options.kv_cache_dtype,
-    )
+    speed = {
+        "compile": options.compile_score,
+        "cuda_graphs": options.cuda_graphs,
+        "kv_cache_dtype": options.kv_cache_dtype,
+    }
+    if groups.topology.step_pipeline:  # one denoising step on its own cache slot (workers.step_stage)
+        return build_stage_rank(model, options.stream_config(), groups, **speed)
+    return ScoreRank(model, options.stream_config(), groups, **speed)
 
 
 def run_rank(options: GroupOptions, master: Master, plan_sessions: int = 1) -> int:
@@ -81,6 +82,9 @@ def run_rank(options: GroupOptions, master: Master, plan_sessions: int = 1) -> i
         score_rank = build_score_rank(options, groups, report) if groups.is_worker else None
         if groups.is_master:
             code = master(groups, store, score_rank)
+        elif topology.step_pipeline:
+            assert score_rank is not None
+            code = run_stage_loop(score_rank, groups)
         else:
             assert score_rank is not None
             code = run_worker_loop(score_rank, groups, topology)

@@ -260,6 +260,10 @@ def _serve_master(options: ServeOptions, groups: Any, store: dist.Store, score_r
 
     def make_executor(world: Any, world_store: dist.Store, own_share: Any) -> Executor:
         """The transport to the workers of ``world`` (the first one, and each that replaces it)."""
+        if world.topology.step_pipeline:
+            from engine.step_pipeline import StepPipelineExecutor
+
+            return StepPipelineExecutor(world, world_store, stream, result_timeout_s=options.chunk_timeout_s)
         if world.topology.disaggregated:
             return DedicatedExecutor(
                 world, world_store, stream, result_timeout_s=options.chunk_timeout_s
