@@ -94,3 +94,16 @@ def test_the_flag_gives_one_stage_per_step_and_a_dedicated_decoder() -> None:
         "step-pipeline 3x2+1"
     )
     assert _group().topology().step_stages == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--degrade", "steps"], "--degrade steps cannot be combined with --step-pipeline"),
+        (["--max-batch-sessions", "2"], "--max-batch-sessions > 1 cannot be combined with --step-pipeline"),
+    ],
+)
+def test_degradation_and_batching_are_refused_in_a_step_pipeline(argv: list[str], needle: str) -> None:
+    with pytest.raises(ValueError, match=needle):
+        _group("--step-pipeline", *argv)
+    _group(*argv)  # each is fine without the pipeline

@@ -404,7 +404,8 @@ def test_fp8_check_insists_on_the_real_kernel_only_where_it_exists(capsys) -> No
 
 def _single_rank() -> SimpleNamespace:
     """What ``build_score_rank`` and ``ScoreRank`` read of a one-process group's ``ProcessGroups``."""
-    return SimpleNamespace(device=torch.device("cpu"), sp=None, rank=0, is_sp_leader=True)
+    topology = SimpleNamespace(step_pipeline=False)
+    return SimpleNamespace(device=torch.device("cpu"), sp=None, rank=0, is_sp_leader=True, topology=topology)
 
 
 def test_the_score_rank_is_built_with_the_fp8_cache_the_options_ask_for() -> None:
