@@ -21,6 +21,13 @@ Series:
 - ``tm_av_offset_seconds`` (gauge, last value) and ``tm_av_offset_observed_seconds`` (histogram): audio time
   minus video time at the publisher; positive = audio ahead.
 - ``tm_audio_received_seconds_total{transport}`` (counter): speech accepted by the API (http, websocket).
+- ``tm_audio_played_seconds_total`` (counter): accepted speech whose video frames played.
+- ``tm_audio_dropped_seconds_total{reason}`` (counter): accepted speech that never played: dropped by a
+  barge-in (``clear``) or because its session ended first (``session_end``).
+- ``tm_audio_refused_total{transport}`` (counter): pushes refused because the session's pending audio was at
+  its cap (HTTP 429; WebSocket frames past the client's credit).
+
+No audio series has a session label.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 STAGES = ("prepare", "score", "transfer", "decode", "publish")
 TRANSPORTS = ("http", "websocket")
+DROP_REASONS = ("clear", "session_end")
 CHUNK_SECONDS = 0.75  # 12 frames at 16 fps
 
 
@@ -110,10 +118,23 @@ class Metrics:
         self.audio_received = Counter(
             "tm_audio_received_seconds", "Speech accepted by the API", ["transport"], registry=r
         )
+        self.audio_played = Counter(
+            "tm_audio_played_seconds", "Accepted speech whose video frames played", registry=r
+        )
+        self.audio_dropped = Counter(
+            "tm_audio_dropped_seconds", "Accepted speech that never played", ["reason"], registry=r
+        )
+        self.audio_refused = Counter(
+            "tm_audio_refused", "Audio pushes refused at a session's cap on pending audio", ["transport"],
+            registry=r,
+        )
+        for reason in DROP_REASONS:
+            self.audio_dropped.labels(reason=reason)
         for stage in STAGES:  # export every stage from the start, so dashboards see zeros, not gaps
             self.stage.labels(stage=stage)
         for transport in TRANSPORTS:
             self.audio_received.labels(transport=transport)
+            self.audio_refused.labels(transport=transport)
         self._sessions: set[str] = set()
         self._lock = threading.Lock()
 
@@ -176,6 +197,23 @@ class Metrics:
         if transport not in TRANSPORTS:
             raise ValueError(f"unknown transport {transport!r}; expected one of {', '.join(TRANSPORTS)}")
         self.audio_received.labels(transport=transport).inc(_finite(seconds, "audio duration"))
+
+    def observe_audio_settled(self, what: str, seconds: float) -> None:
+        """Accepted speech settled (``server.audio_ledger``): ``played``, or dropped for a reason in
+        ``DROP_REASONS``."""
+        seconds = _finite(seconds, "audio duration")
+        if what == "played":
+            self.audio_played.inc(seconds)
+        elif what in DROP_REASONS:
+            self.audio_dropped.labels(reason=what).inc(seconds)
+        else:
+            raise ValueError(f"unknown audio outcome {what!r}; expected played or one of {DROP_REASONS}")
+
+    def observe_audio_refused(self, transport: str) -> None:
+        """A push over ``transport`` refused at its session's cap on pending audio."""
+        if transport not in TRANSPORTS:
+            raise ValueError(f"unknown transport {transport!r}; expected one of {', '.join(TRANSPORTS)}")
+        self.audio_refused.labels(transport=transport).inc()
 
     def session_started(self, session: str) -> None:
         """A session began; counted once per id."""
