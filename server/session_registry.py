@@ -19,6 +19,7 @@ from proto.stream_config import StreamConfig
 from server.audio_ledger import AudioAccount
 from server.backend import SessionEnded, UnknownSession
 from server.live_session import LiveSession
+from server.memory_trim import TRIMMER
 from server.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -137,6 +138,7 @@ class SessionRegistry:
             if session.id in self._ended:
                 self._ended[session.id] = info.model_copy(update={"audio": _accounting(final)})
         self.metrics.session_ended(session.id)
+        TRIMMER.request()  # its buffers are freed: hand the heap they leave back to the OS
         level = logging.ERROR if state == SessionState.failed else logging.INFO
         log.log(
             level,
