@@ -245,6 +245,19 @@ class TTBCStats(_Strict):
     deadline_misses: int = 0
 
 
+class AudioAccounting(_Strict):
+    """What became of a session's accepted audio, seconds at 16 kHz: ``accepted_s = played_s + dropped_s +
+    pending_s`` at every moment. *Pending* is accepted and not yet played (queued, being generated, or in the
+    playout buffer); it is capped at ``max_pending_s`` (pushes past it get 429). Audio is *dropped* by a
+    barge-in (``clear``) or when the session ends before it played; once ended, nothing is pending."""
+
+    accepted_s: float = 0.0
+    played_s: float = 0.0
+    dropped_s: float = 0.0
+    pending_s: float = 0.0
+    max_pending_s: float | None = Field(default=None, description="the cap on pending audio; None: no cap")
+
+
 class SessionInfo(_Strict):
     """State of one session, as ``POST /v1/sessions`` and ``GET /v1/sessions/{id}`` return it."""
 
@@ -262,6 +275,10 @@ class SessionInfo(_Strict):
         default=False, description="its latest chunk ran at reduced quality (--degrade; late playout)"
     )
     degraded_chunks: int = Field(default=0, description="chunks generated at reduced quality so far")
+    audio: AudioAccounting = Field(
+        default=AudioAccounting(), description="accepted audio played, dropped and pending (the final count "
+        "once the session ended: the DELETE answer says how much was dropped)"
+    )
 
 
 class SessionList(_Strict):
@@ -281,10 +298,14 @@ class SpeakersUpdate(_Strict):
 
 
 class AudioAccepted(_Strict):
-    """Answer of ``POST /v1/sessions/{id}/audio``: what was pushed to the session."""
+    """Answer of ``POST /v1/sessions/{id}/audio``: what was pushed to the session (all of the request)."""
 
     samples: int = Field(description="samples pushed, at 16 kHz")
     seconds: float
+    pending_s: float | None = Field(
+        default=None, description="the session's audio accepted and not yet played, after this push"
+    )
+    max_pending_s: float | None = Field(default=None, description="the session's cap on pending audio")
 
 
 class Readiness(_Strict):
@@ -298,3 +319,9 @@ class ErrorResponse(_Strict):
     code: str = Field(description="machine-readable error kind, e.g. unknown_session, no_capacity")
     detail: str = Field(description="what went wrong and how to fix it")
     retry_after_s: float | None = None
+    pending_s: float | None = Field(
+        default=None, description="429 audio_backlog_full: the session's pending audio (not yet played)"
+    )
+    max_pending_s: float | None = Field(
+        default=None, description="429/413: the session's cap on pending audio"
+    )

@@ -20,9 +20,11 @@ health, readiness, metrics (unless ``metrics_require_key``) and the OpenAPI docu
 behind the network policy). ``server.http_guard.RequestGuard`` checks the key from the headers before any
 of the body is read, and caps each route's body while it streams.
 Errors are ``ErrorResponse`` bodies: 401 no/wrong key, 404 unknown session, 409 session ended or output file
-in use by a live session, 413 body or audio over the limits, 422 malformed image/audio/request, unusable
-output path or unsupported sample rate, 503 no room (with ``Retry-After``) or backend failed, 507 no space
-left for the output file.
+in use by a live session, 413 body or audio over the limits (or one push longer than the session's cap on
+pending audio), 422 malformed image/audio/request, unusable output path or unsupported sample rate, 429 the
+session's pending audio (accepted, not yet played) would pass its cap (``Retry-After``: whole seconds until
+enough has played; nothing of the push was taken), 503 no room (with ``Retry-After``) or backend failed, 507
+no space left for the output file.
 """
 
 from __future__ import annotations
@@ -88,6 +90,10 @@ _Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse} for status in (401, 404, 409, 413, 422, 503)
 }
+_AUDIO_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **_ERROR_RESPONSES,
+    429: {"model": ErrorResponse, "description": "the session's pending audio is at its cap (Retry-After)"},
+}
 _STATUS_CODES = {
     401: "unauthorized",
     404: "not_found",
@@ -95,13 +101,19 @@ _STATUS_CODES = {
     409: "session_ended",
     413: "too_large",
     422: "invalid_input",
+    429: "too_many_requests",
     503: "unavailable",
     507: "insufficient_storage",
 }
 
 
 def _error_response(error: ApiError) -> JSONResponse:
-    body = ErrorResponse(code=error.code, detail=error.detail, retry_after_s=error.retry_after_s)
+    body = ErrorResponse(
+        code=error.code,
+        detail=error.detail,
+        retry_after_s=error.retry_after_s,
+        **error.extra,  # type: ignore[arg-type]
+    )
     return JSONResponse(body.model_dump(exclude_none=True), status_code=error.status, headers=error.headers)
 
 
@@ -462,7 +474,7 @@ def create_app(backend: SessionBackend, settings: ApiSettings, metrics: Metrics 
     @app.post(
         "/v1/sessions/{session_id}/audio",
         response_model=AudioAccepted,
-        responses=_ERROR_RESPONSES,
+        responses=_AUDIO_RESPONSES,
         dependencies=v1,
         max_body_size=settings.max_audio_bytes,
         tags=["audio"],
@@ -477,23 +489,36 @@ def create_app(backend: SessionBackend, settings: ApiSettings, metrics: Metrics 
         },
     )
     async def push_audio(session_id: str, request: Request) -> AudioAccepted:
-        """Append speech: an audio file, or raw int16 PCM with its rate in the Content-Type."""
+        """Append speech: an audio file, or raw int16 PCM with its rate in the Content-Type. All of it is
+        taken or none: past the session's cap on pending audio the answer is 429 with Retry-After."""
         info: SessionInfo = await call(backend.get, session_id)
         if info.state not in LIVE_STATES:
             raise backend_error(SessionEnded(session_id, info.reason))
         body = await request.body()
         pcm = await run_in_threadpool(ingest.decode_http_audio, body, request.headers.get("content-type", ""))
-        await call(backend.push_audio, session_id, pcm)
+        try:
+            account = await call(backend.push_audio, session_id, pcm)
+        except ApiError as exc:
+            if exc.status == 429:
+                metrics.observe_audio_refused("http")
+            raise
         seconds = pcm.size / TARGET_SAMPLE_RATE
         metrics.observe_audio("http", seconds)
-        return AudioAccepted(samples=int(pcm.size), seconds=seconds)
+        return AudioAccepted(
+            samples=int(pcm.size),
+            seconds=seconds,
+            pending_s=account.pending_s,
+            max_pending_s=account.max_pending_s,
+        )
 
     @app.websocket("/v1/sessions/{session_id}/audio")
-    async def audio_websocket(websocket: WebSocket, session_id: str, sample_rate: int | None = None) -> None:
-        """Streaming speech over a WebSocket (``server.audio_ws``)."""
+    async def audio_websocket(
+        websocket: WebSocket, session_id: str, sample_rate: int | None = None, flow_control: str | None = None
+    ) -> None:
+        """Streaming speech over a WebSocket (``server.audio_ws``), ``flow_control`` wait or credit."""
         await serve_audio_websocket(
             websocket, session_id, sample_rate, backend=backend, settings=settings, metrics=metrics,
-            check_rate=ingest.check_rate, call=call,
+            check_rate=ingest.check_rate, call=call, flow_control=flow_control,
         )  # fmt: skip
 
     @app.post(

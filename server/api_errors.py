@@ -9,6 +9,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from server.backend import (
+    AudioBacklogFull,
+    AudioTooLong,
     BackendError,
     BackendFailed,
     InvalidRequest,
@@ -24,19 +26,34 @@ WS_UNKNOWN_SESSION = 4404
 WS_SESSION_ENDED = 4409
 WS_TOO_LARGE = 4413
 WS_INVALID = 4422
+WS_TOO_MANY = 4429
 WS_BACKEND_FAILED = 4503
 
 
 class ApiError(Exception):
     """An error answer with its status, code and message (and headers, e.g. Retry-After)."""
 
-    def __init__(self, status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        detail: str,
+        headers: dict[str, str] | None = None,
+        extra: dict[str, float] | None = None,
+    ) -> None:
+        """extra: more fields of the error body (``ErrorResponse``'s optional ones, e.g. ``pending_s``)."""
         super().__init__(detail)
         self.status = status
         self.code = code
         self.detail = detail
         self.headers = headers or {}
+        self.extra = extra or {}
         self.retry_after_s = float(self.headers["Retry-After"]) if "Retry-After" in self.headers else None
+
+
+def retry_after(seconds: float) -> str:
+    """A ``Retry-After`` value: whole seconds, rounded up, at least 1."""
+    return str(max(1, math.ceil(seconds - 1e-9)))
 
 
 def backend_error(exc: BackendError) -> ApiError:
@@ -45,8 +62,14 @@ def backend_error(exc: BackendError) -> ApiError:
     if isinstance(exc, SessionEnded):
         return ApiError(409, "session_ended", str(exc))
     if isinstance(exc, NoCapacity):
-        retry = str(max(1, math.ceil(exc.retry_after_s)))
-        return ApiError(503, "no_capacity", str(exc), {"Retry-After": retry})
+        return ApiError(503, "no_capacity", str(exc), {"Retry-After": retry_after(exc.retry_after_s)})
+    if isinstance(exc, AudioBacklogFull):
+        extra = {"pending_s": round(exc.pending_s, 4), "max_pending_s": exc.max_pending_s}
+        return ApiError(
+            429, "audio_backlog_full", str(exc), {"Retry-After": retry_after(exc.retry_after_s)}, extra
+        )
+    if isinstance(exc, AudioTooLong):
+        return ApiError(413, "audio_too_long", str(exc), extra={"max_pending_s": exc.max_pending_s})
     if isinstance(exc, BackendFailed):
         return ApiError(503, "backend_failed", exc.reason)
     if isinstance(exc, InvalidRequest):

@@ -9,11 +9,14 @@ for long (session set-up: image encode, cache allocation); the others must retur
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 
 from proto.api import Face, SessionCreate, SessionInfo
+
+if TYPE_CHECKING:
+    from server.audio_ledger import AudioAccount, AudioLedger
 
 
 class BackendError(Exception):
@@ -55,6 +58,34 @@ class BackendFailed(BackendError):
         self.reason = reason
 
 
+class AudioBacklogFull(BackendError):
+    """The session's pending audio (accepted, not yet played) plus this push would pass its cap; nothing of
+    the push was taken. It fits once ``retry_after_s`` more seconds of audio have played. → 429"""
+
+    def __init__(self, seconds: float, pending_s: float, max_pending_s: float, retry_after_s: float) -> None:
+        super().__init__(
+            f"{pending_s:.2f} s of audio are pending (accepted, not yet played) and this push of "
+            f"{seconds:.2f} s would pass the session's cap of {max_pending_s:g} s; nothing was taken — "
+            f"retry in {retry_after_s:.2f} s, when enough has played, or send at real time"
+        )
+        self.seconds = seconds
+        self.pending_s = pending_s
+        self.max_pending_s = max_pending_s
+        self.retry_after_s = retry_after_s
+
+
+class AudioTooLong(BackendError):
+    """One push longer than the session's cap on pending audio: it can never be taken whole. → 413"""
+
+    def __init__(self, seconds: float, max_pending_s: float) -> None:
+        super().__init__(
+            f"this push of {seconds:.2f} s of audio is longer than the session's cap of {max_pending_s:g} s "
+            "of pending audio; send it in pieces of at most that"
+        )
+        self.seconds = seconds
+        self.max_pending_s = max_pending_s
+
+
 class InvalidRequest(BackendError):
     """Well-formed but not applicable to this session (e.g. a speaker index beyond its characters). → 422"""
 
@@ -92,9 +123,17 @@ class SessionBackend(Protocol):
         """Every session the backend still knows, in any state."""
         ...
 
-    def push_audio(self, session_id: str, pcm: np.ndarray) -> None:
+    def push_audio(self, session_id: str, pcm: np.ndarray, source: str | None = None) -> AudioAccount:
         """Append speech to the session's audio: ``[N]`` float32 in [-1, 1] at 16 kHz, for the characters that
-        are speaking. Raises UnknownSession, SessionEnded."""
+        are speaking; all of it or none (``server.audio_ledger``). ``source`` names the pusher (an audio
+        WebSocket connection) so the account counts its own audio. Returns the session's audio account after
+        the push. Raises UnknownSession, SessionEnded, AudioBacklogFull (pending audio would pass the cap),
+        AudioTooLong (longer than the cap by itself)."""
+        ...
+
+    def audio_ledger(self, session_id: str) -> AudioLedger:
+        """The session's audio accounting (thread-safe; it stays readable after the session ended).
+        Raises UnknownSession, SessionEnded."""
         ...
 
     def set_speakers(self, session_id: str, speaking: Sequence[int]) -> SessionInfo:

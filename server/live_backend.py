@@ -36,6 +36,7 @@ from decoder.vae import WanVAE
 from engine.executor import Executor, WorkerError
 from frontends.conditioning import ConditioningEncoders
 from proto.api import Face, SessionCreate, SessionInfo, SessionState
+from server.audio_ledger import AudioAccount, AudioLedger
 from server.backend import BackendFailed, InvalidRequest, NoCapacity
 from server.engine_thread import EngineThread
 from server.group_health import GroupHealth, Renewal
@@ -77,7 +78,9 @@ class LiveBackend:
         self.config = config
         self.metrics = metrics
         self._loop = AsyncLoopThread()
-        self.setup = SessionSetup(config, vae, encoders, self._loop)
+        self.setup = SessionSetup(
+            config, vae, encoders, self._loop, audio_observer=metrics.observe_audio_settled
+        )
         self._setup_lock = threading.Lock()
         self.sessions = SessionRegistry(config.stream, metrics)
         self.health = GroupHealth(self.sessions, faults, renewal)
@@ -146,8 +149,11 @@ class LiveBackend:
     def list_sessions(self) -> list[SessionInfo]:
         return self.sessions.infos()
 
-    def push_audio(self, session_id: str, pcm: np.ndarray) -> None:
-        self.sessions.live_entry(session_id).session.feed.push(pcm)
+    def push_audio(self, session_id: str, pcm: np.ndarray, source: str | None = None) -> AudioAccount:
+        return self.sessions.live_entry(session_id).session.feed.offer(pcm, source)
+
+    def audio_ledger(self, session_id: str) -> AudioLedger:
+        return self.sessions.live_entry(session_id).session.feed.ledger
 
     def set_speakers(self, session_id: str, speaking: Sequence[int]) -> SessionInfo:
         entry = self.sessions.live_entry(session_id)

@@ -109,9 +109,11 @@ class LiveSession:
     # ---- playout hooks (called by the output as frames play) --------------------------------------------
 
     def on_frame(self, index: int) -> None:
-        """Frame ``index`` (absolute) was just published: first-frame latency and protocol reports."""
+        """Frame ``index`` (absolute) was just published: first-frame latency, protocol reports, and the
+        accepted speech up to its end counted as played."""
         with self.feed.lock:
             self._report_played(index)
+            self.feed.mark_played(index + 1)
 
     def _report_played(self, index: int) -> None:
         frame_end = self.feed.frame_sample(index + 1)

@@ -38,6 +38,7 @@ from proto.model_config import InfiniteTalkAudioConfig as ModelAudio
 from proto.model_config import ModelConfig
 from proto.stream_config import StreamConfig
 from proto.wire import SessionOpen
+from server.audio_ledger import DEFAULT_MAX_PENDING_AUDIO_S, AudioLedger
 from server.backend import InvalidRequest
 from server.live_session import LiveSession
 from server.livekit.avatar_protocol import AvatarProtocol
@@ -58,6 +59,8 @@ class LiveConfig:
     video_delay_frames: LiveKit video sent this many frames after its audio (receive-path compensation).
     decode: the sessions' ``DecodeSession`` options (``--vae-*``; autocast follows ``--dtype`` by default).
     degrade: deadline-aware degradation (``--degrade*``, ``engine.degrade``).
+    max_pending_audio_s: a session's cap on pending audio (accepted, not yet played), seconds
+        (``--max-pending-audio-s``; ``server.audio_ledger``); None: no cap.
     """
 
     model: ModelConfig
@@ -75,6 +78,7 @@ class LiveConfig:
     # Deadline-aware degradation (engine.degrade; off by default).
     degrade: DegradeConfig = field(default_factory=DegradeConfig)
     max_batch_sessions: int = 1  # --max-batch-sessions: due sessions' chunks scored together (1: off)
+    max_pending_audio_s: float | None = DEFAULT_MAX_PENDING_AUDIO_S
 
 
 class SessionSetup:
@@ -82,9 +86,17 @@ class SessionSetup:
     encoders and asyncio loop."""
 
     def __init__(
-        self, config: LiveConfig, vae: WanVAE, encoders: ConditioningEncoders, loop: AsyncLoopThread
+        self,
+        config: LiveConfig,
+        vae: WanVAE,
+        encoders: ConditioningEncoders,
+        loop: AsyncLoopThread,
+        audio_observer: Callable[[str, float], None] | None = None,
     ) -> None:
+        """audio_observer: told how many seconds of each session's accepted audio played or were dropped
+        (``AudioLedger``'s observer: the server's metrics)."""
         self.config = config
+        self.audio_observer = audio_observer
         self.vae = vae
         self.encoders = encoders
         self.loop = loop
@@ -136,7 +148,8 @@ class SessionSetup:
         message, tensors = session_open(
             session_id, model, stream, self.encoders, prompt, image, [f.box_norm for f in faces]
         )
-        feed = SpeechFeed([self.featurizer() for _ in faces], list(speaking), fps=stream.fps)
+        ledger = AudioLedger(self.config.max_pending_audio_s, name=session_id, observer=self.audio_observer)
+        feed = SpeechFeed([self.featurizer() for _ in faces], list(speaking), fps=stream.fps, ledger=ledger)
         session = LiveSession(
             session_id,
             model,

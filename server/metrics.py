@@ -26,6 +26,13 @@ Series:
 - ``tm_degraded_sessions`` (gauge): live sessions whose latest chunk was degraded.
 - ``tm_engine_info{...}`` (info, once ``set_engine_info`` is called at start-up): how the score model runs,
   e.g. ``attention_backend`` (the backend ``--attention-backend`` resolved to) and ``cuda_graphs``.
+- ``tm_audio_played_seconds_total`` (counter): accepted speech whose video frames played.
+- ``tm_audio_dropped_seconds_total{reason}`` (counter): accepted speech that never played: dropped by a
+  barge-in (``clear``) or because its session ended first (``session_end``).
+- ``tm_audio_refused_total{transport}`` (counter): pushes refused because the session's pending audio was at
+  its cap (HTTP 429; WebSocket frames past the client's credit).
+
+No audio series has a session label.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 STAGES = ("prepare", "score", "transfer", "decode", "publish")
 TRANSPORTS = ("http", "websocket")
 DEGRADE_MODES = ("steps",)  # engine.degrade's modes other than off
+DROP_REASONS = ("clear", "session_end")
 CHUNK_SECONDS = 0.75  # 12 frames at 16 fps
 
 
@@ -116,10 +124,23 @@ class Metrics:
         self.audio_received = Counter(
             "tm_audio_received_seconds", "Speech accepted by the API", ["transport"], registry=r
         )
+        self.audio_played = Counter(
+            "tm_audio_played_seconds", "Accepted speech whose video frames played", registry=r
+        )
+        self.audio_dropped = Counter(
+            "tm_audio_dropped_seconds", "Accepted speech that never played", ["reason"], registry=r
+        )
+        self.audio_refused = Counter(
+            "tm_audio_refused", "Audio pushes refused at a session's cap on pending audio", ["transport"],
+            registry=r,
+        )
+        for reason in DROP_REASONS:
+            self.audio_dropped.labels(reason=reason)
         for stage in STAGES:  # export every stage from the start, so dashboards see zeros, not gaps
             self.stage.labels(stage=stage)
         for transport in TRANSPORTS:
             self.audio_received.labels(transport=transport)
+            self.audio_refused.labels(transport=transport)
         self.degraded_chunks = Counter(
             "tm_degraded_chunks", "Chunks generated at reduced quality (engine.degrade)", ["mode"], registry=r
         )
@@ -205,6 +226,23 @@ class Metrics:
         if transport not in TRANSPORTS:
             raise ValueError(f"unknown transport {transport!r}; expected one of {', '.join(TRANSPORTS)}")
         self.audio_received.labels(transport=transport).inc(_finite(seconds, "audio duration"))
+
+    def observe_audio_settled(self, what: str, seconds: float) -> None:
+        """Accepted speech settled (``server.audio_ledger``): ``played``, or dropped for a reason in
+        ``DROP_REASONS``."""
+        seconds = _finite(seconds, "audio duration")
+        if what == "played":
+            self.audio_played.inc(seconds)
+        elif what in DROP_REASONS:
+            self.audio_dropped.labels(reason=what).inc(seconds)
+        else:
+            raise ValueError(f"unknown audio outcome {what!r}; expected played or one of {DROP_REASONS}")
+
+    def observe_audio_refused(self, transport: str) -> None:
+        """A push over ``transport`` refused at its session's cap on pending audio."""
+        if transport not in TRANSPORTS:
+            raise ValueError(f"unknown transport {transport!r}; expected one of {', '.join(TRANSPORTS)}")
+        self.audio_refused.labels(transport=transport).inc()
 
     def session_started(self, session: str) -> None:
         """A session began; counted once per id."""

@@ -53,6 +53,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import signal
 import threading
 import time
@@ -64,6 +65,7 @@ from typing import Any
 
 import torch.distributed as dist
 
+from server.audio_ledger import DEFAULT_MAX_PENDING_AUDIO_S
 from server.options import GroupOptions, add_group_arguments, group_options
 from server.settings import ApiSettings
 
@@ -86,6 +88,7 @@ class ServeOptions(GroupOptions):
     heartbeat_timeout_s: float = 5.0
     max_worker_restarts: int = 3
     worker_restart_window_s: float = 600.0
+    max_pending_audio_s: float = DEFAULT_MAX_PENDING_AUDIO_S
 
     def api_settings(self) -> ApiSettings:
         # ApiSettings reads a file's [api] table, or the whole document when there is none (an API-only
@@ -120,6 +123,15 @@ def build_serve_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         default=1,
         help="send LiveKit video this many frames after its audio (the receive path holds audio ~1 frame "
         "longer; see server.session_outputs.LiveKitSessionOutput)",
+    )
+    parser.add_argument(
+        "--max-pending-audio-s",
+        type=float,
+        default=DEFAULT_MAX_PENDING_AUDIO_S,
+        metavar="S",
+        help="a session's cap on pending audio, accepted and not yet played (s; default "
+        f"{DEFAULT_MAX_PENDING_AUDIO_S:g}): an HTTP push past it gets 429 with Retry-After, a WebSocket "
+        "sender is slowed (server.audio_ws); at least --ahead + 3 chunks, what a real-time stream holds",
     )
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     parser.add_argument(
@@ -209,18 +221,34 @@ def parse_serve_options(argv: list[str], *, check_memory: bool = True) -> ServeO
         heartbeat_timeout_s=args.heartbeat_timeout,
         max_worker_restarts=args.max_worker_restarts,
         worker_restart_window_s=args.worker_restart_window,
+        max_pending_audio_s=args.max_pending_audio_s,
     )
     if options.degrade.enabled and options.degrade.leave_s >= options.ahead_s:
         raise ValueError(
             f"--degrade-leave {options.degrade.leave_s:g} is never reached: a session's buffer stays under "
             f"--ahead {options.ahead_s:g} s, so its slack does too; lower --degrade-leave or raise --ahead"
         )
+    check_max_pending_audio(options)
     settings = options.api_settings()  # a missing API key or a bad [api] table fails before any rank starts
     if check_memory:
         from engine.memory_plan import check_options_memory
 
         check_options_memory(options, sessions=settings.max_sessions, sessions_option="max_sessions")
     return options
+
+
+def check_max_pending_audio(options: ServeOptions) -> None:
+    """``--max-pending-audio-s`` must hold what a real-time stream keeps unplayed in the pipeline (the
+    featurizers' look-ahead, the chunk in flight, the playout buffer up to ``--ahead``): below that, a sender
+    at real time would be throttled and the video would go silent between its pushes. Raises ValueError."""
+    cap = options.max_pending_audio_s
+    floor = options.ahead_s + 3 * options.stream_config().chunk_duration_s(1)
+    if not math.isfinite(cap) or cap < floor:
+        raise ValueError(
+            f"--max-pending-audio-s {cap:g} is below {floor:g} s, what a real-time stream holds unplayed "
+            f"(--ahead {options.ahead_s:g} s + 3 chunks); give at least {math.ceil(floor)} (default "
+            f"{DEFAULT_MAX_PENDING_AUDIO_S:g})"
+        )
 
 
 # ---- ranks ---------------------------------------------------------------------------------------------
@@ -302,6 +330,7 @@ def _serve_master(options: ServeOptions, groups: Any, store: dist.Store, score_r
         decode=build_decode_options(options, device),
         degrade=options.degrade,
         max_batch_sessions=options.max_batch_sessions,
+        max_pending_audio_s=options.max_pending_audio_s,
     )
     backend = LiveBackend(
         config,

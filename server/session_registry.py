@@ -14,10 +14,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from proto.api import Face, SessionInfo, SessionState, TTBCStats
+from proto.api import AudioAccounting, Face, SessionInfo, SessionState, TTBCStats
 from proto.stream_config import StreamConfig
+from server.audio_ledger import AudioAccount
 from server.backend import SessionEnded, UnknownSession
 from server.live_session import LiveSession
+from server.memory_trim import TRIMMER
 from server.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -112,7 +114,10 @@ class SessionRegistry:
             return len(self._live)
 
     def finish(self, entry: Entry, state: SessionState, reason: str) -> None:
-        """Move a session to ``ended``/``failed``: release its output and decode state, keep its info."""
+        """Move a session to ``ended``/``failed``: release its output and decode state, keep its info.
+
+        The output stops playing first; then the audio it did not play is counted dropped (``SpeechFeed.
+        close``), and the kept info carries that final account."""
         session = entry.session
         with self._lock:
             if self._live.get(session.id) is not entry:
@@ -128,9 +133,23 @@ class SessionRegistry:
                 session.output.close()
             except Exception:  # the session is over either way; its output's failure is only logged
                 log.exception("closing the output of session %s failed", session.id)
+        final = session.feed.close(reason)
+        with self._lock:
+            if session.id in self._ended:
+                self._ended[session.id] = info.model_copy(update={"audio": _accounting(final)})
         self.metrics.session_ended(session.id)
+        TRIMMER.request()  # its buffers are freed: hand the heap they leave back to the OS
         level = logging.ERROR if state == SessionState.failed else logging.INFO
-        log.log(level, "session %s %s: %s", session.id, state.value, reason)
+        log.log(
+            level,
+            "session %s %s: %s (audio: %.2f s accepted, %.2f s played, %.2f s dropped)",
+            session.id,
+            state.value,
+            reason,
+            final.accepted_s,
+            final.played_s,
+            final.dropped_s,
+        )
 
     def snapshot(self, entry: Entry) -> SessionInfo:
         """The session's info now (one consistent read of the engine's counters)."""
@@ -167,4 +186,15 @@ class SessionRegistry:
             speaking=sorted(session.feed.speaking),
             degraded=degraded,
             degraded_chunks=degraded_chunks,
+            audio=_accounting(session.feed.ledger.account()),
         )
+
+
+def _accounting(account: AudioAccount) -> AudioAccounting:
+    return AudioAccounting(
+        accepted_s=account.accepted_s,
+        played_s=account.played_s,
+        dropped_s=account.dropped_s,
+        pending_s=account.pending_s,
+        max_pending_s=account.max_pending_s,
+    )

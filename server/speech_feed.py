@@ -21,6 +21,11 @@ generation; speech that trickles in slower than real time is split by silence ra
 
 Barge-in (``clear``): the pending speech is dropped and the look-ahead already fed to the featurizers is
 zeroed, so no old speech leaks into the next chunk.
+
+Accounting and the cap (``server.audio_ledger.AudioLedger``, ``ledger``): every accepted sample is pending
+until its frame plays (``mark_played``, from the output's playout) or it is dropped (``clear``, ``close``);
+``offer`` is the one place where a push is refused because the session's pending audio would pass its cap
+(``serve --max-pending-audio-s``): API pushes go through it, the LiveKit agent's audio through ``push``.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from frontends.audio_io import TARGET_SAMPLE_RATE, output_sample_rate, resample_span
+from server.audio_ledger import DROPPED_CLEAR, AudioAccount, AudioLedger
 
 # Input samples of the tape kept before a chunk's frames: the upsampling filter's support (48 kHz from 16 kHz
 # reads 70 samples on either side).
@@ -104,10 +110,16 @@ class SpeechFeed:
     """
 
     def __init__(
-        self, featurizers: list[ChunkFeaturizer], speaking: list[int], fps: int | None = None
+        self,
+        featurizers: list[ChunkFeaturizer],
+        speaking: list[int],
+        fps: int | None = None,
+        ledger: AudioLedger | None = None,
     ) -> None:
-        """fps: the video's frame rate (default: the featurizers' ``config.fps``)."""
+        """fps: the video's frame rate (default: the featurizers' ``config.fps``). ledger: the session's audio
+        accounting and cap (default: one without a cap)."""
         self.featurizers = featurizers
+        self.ledger = ledger if ledger is not None else AudioLedger()
         self.speaking = set(speaking)
         self.fps = int(fps if fps is not None else featurizers[0].config.fps)  # type: ignore[attr-defined]
         self.sample_rate = TARGET_SAMPLE_RATE
@@ -122,6 +134,9 @@ class SpeechFeed:
         self.next_chunk = 0
         self.utterances: collections.deque[_Utterance] = collections.deque()
         self.segments: collections.deque[Segment] = collections.deque()
+        # Where accepted speech was fed on the timeline and has not played yet: [start sample, length] runs.
+        self._speech_runs: collections.deque[list[int]] = collections.deque()
+        self._closed = False
 
     @property
     def lock(self) -> threading.RLock:
@@ -136,8 +151,28 @@ class SpeechFeed:
         """The first timeline (16 kHz) sample of video frame ``frame``."""
         return frame * self.sample_rate // self.fps
 
+    def offer(self, pcm: np.ndarray, source: str | None = None) -> AudioAccount:
+        """Queue an API caller's speech ``[N]`` float32 16 kHz, all of it or none: refused when the pending
+        audio would pass the cap. Returns the account after it.
+
+        Raises:
+            AudioBacklogFull, AudioTooLong: past the cap (nothing queued). SessionEnded: ``close``d.
+        """
+        with self._lock:
+            account = self.ledger.admit(int(pcm.size), source)
+            self._enqueue(pcm, None)
+            return account
+
     def push(self, pcm: np.ndarray, segment: Segment | None = None) -> None:
-        """Queue speech ``[N]`` float32 16 kHz (of ``segment`` when it came from the LiveKit protocol)."""
+        """Queue speech ``[N]`` float32 16 kHz (of ``segment`` when it came from the LiveKit protocol) without
+        the cap: the avatar protocol cannot refuse audio; it still counts as pending. Ignored once closed."""
+        with self._lock:
+            if self._closed:
+                return
+            self.ledger.admit(int(pcm.size), enforce=False)
+            self._enqueue(pcm, segment)
+
+    def _enqueue(self, pcm: np.ndarray, segment: Segment | None) -> None:
         if pcm.size == 0:
             return
         with self._lock:
@@ -164,10 +199,40 @@ class SpeechFeed:
         with self._lock:
             self.speaking = set(speaking)
 
+    def mark_played(self, frame_end: int) -> None:
+        """Every video frame before ``frame_end`` has played: the accepted speech fed before it is played."""
+        end = self.frame_sample(frame_end)
+        with self._lock:
+            played = 0
+            runs = self._speech_runs
+            while runs and runs[0][0] < end:
+                take = min(runs[0][1], end - runs[0][0])
+                played += take
+                if take == runs[0][1]:
+                    runs.popleft()
+                else:
+                    runs[0] = [runs[0][0] + take, runs[0][1] - take]
+            self.ledger.played(played)
+
+    def close(self, reason: str) -> AudioAccount:
+        """The session ended: what was not played is dropped (and counted so), nothing more is taken, and the
+        queued speech is freed. Idempotent; returns the final account."""
+        with self._lock:
+            self._closed = True
+            self._pending.clear()
+            self._pending_samples = 0
+            self._speech_runs.clear()
+            self.utterances.clear()
+            return self.ledger.end(reason)
+
     def clear(self, played_frame_end: int) -> list[Segment]:
         """Drop pending speech and zero what was fed past frame ``played_frame_end``; returns the segments
-        that were pending (they are all finished, interrupted)."""
+        that were pending (they are all finished, interrupted). The speech before the cut played; the rest
+        of the accepted speech is dropped (``ledger``)."""
         with self._lock:
+            self.mark_played(played_frame_end)
+            self.ledger.drop_pending(DROPPED_CLEAR)
+            self._speech_runs.clear()
             self._pending.clear()
             self._pending_samples = 0
             cut = self.frame_sample(played_frame_end)
@@ -216,6 +281,11 @@ class SpeechFeed:
             else:
                 self._pending[0] = (pcm[take:], segment)
             position = self._fed + got
+            runs = self._speech_runs
+            if runs and runs[-1][0] + runs[-1][1] == position:
+                runs[-1][1] += take
+            else:
+                runs.append([position, take])
             if segment is not None:
                 segment.record_fed(position, take)
             if self.utterances and self.utterances[-1].start_sample is None:

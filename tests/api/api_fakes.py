@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from proto.api import Face, SessionCreate, SessionInfo, SessionState
+from server.audio_ledger import AudioAccount, AudioLedger
 from server.backend import InvalidRequest, NoCapacity, SessionEnded, UnknownSession
 from server.settings import ApiSettings
 
@@ -27,7 +28,11 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 class FakeBackend:
     """Sessions in a dict; records (session, pushed samples), speakers and clears."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_pending_s: float | None = 30.0) -> None:
+        """max_pending_s: each session's cap on pending audio (its ``AudioLedger``, as the real feed keeps
+        one); the fake plays nothing unless a test calls ``play``."""
+        self.max_pending_s = max_pending_s
+        self.ledgers: dict[str, AudioLedger] = {}
         self.sessions: dict[str, SessionInfo] = {}
         self.created: list[tuple[SessionCreate, np.ndarray, list[Face]]] = []
         self.pushes: list[tuple[str, np.ndarray]] = []
@@ -59,6 +64,7 @@ class FakeBackend:
                 livekit_identity=identity,
             )
             self.sessions[session_id] = info
+            self.ledgers[session_id] = AudioLedger(self.max_pending_s, name=session_id)
             self.created.append((spec, image, list(faces)))
         return info
 
@@ -71,10 +77,26 @@ class FakeBackend:
     def list_sessions(self) -> list[SessionInfo]:
         return list(self.sessions.values())
 
-    def push_audio(self, session_id: str, pcm: np.ndarray) -> None:
+    def push_audio(self, session_id: str, pcm: np.ndarray, source: str | None = None) -> AudioAccount:
         self._live(session_id)
         assert pcm.dtype == np.float32 and pcm.ndim == 1
+        account = self.ledger(session_id).admit(int(pcm.size), source)
         self.pushes.append((session_id, pcm.copy()))
+        return account
+
+    def ledger(self, session_id: str) -> AudioLedger:
+        """The session's ledger (one is made for sessions a test put in ``sessions`` by hand)."""
+        if session_id not in self.ledgers:
+            self.ledgers[session_id] = AudioLedger(self.max_pending_s, name=session_id)
+        return self.ledgers[session_id]
+
+    def audio_ledger(self, session_id: str) -> AudioLedger:
+        self._live(session_id)
+        return self.ledger(session_id)
+
+    def play(self, session_id: str, seconds: float) -> None:
+        """The test's playout clock: ``seconds`` of the oldest pending audio play."""
+        self.ledger(session_id).played(round(seconds * 16000))
 
     def set_speakers(self, session_id: str, speaking: Sequence[int]) -> SessionInfo:
         info = self._live(session_id)
@@ -91,6 +113,7 @@ class FakeBackend:
     def close(self, session_id: str) -> SessionInfo:
         info = self.get(session_id)
         self.closed.append(session_id)
+        self.ledger(session_id).end("closed by client")
         self.sessions[session_id] = info.model_copy(
             update={"state": SessionState.ended, "reason": "closed by client"}
         )
@@ -101,6 +124,7 @@ class FakeBackend:
 
     def fail(self, session_id: str, reason: str) -> None:
         """What the runtime does when a worker dies: the session fails with a reason."""
+        self.ledger(session_id).end(reason)
         self.sessions[session_id] = self.sessions[session_id].model_copy(
             update={"state": SessionState.failed, "reason": reason}
         )

@@ -41,7 +41,7 @@ def test_pcm16_at_16k_reaches_the_backend_sample_exact(
         f"/v1/sessions/{session_id}/audio", content=pcm.tobytes(), headers=pcm_headers(16000)
     )
     assert response.status_code == 200
-    assert response.json() == {"samples": 8000, "seconds": 0.5}
+    assert response.json() == {"samples": 8000, "seconds": 0.5, "pending_s": 0.5, "max_pending_s": 30.0}
     np.testing.assert_array_equal(backend.pushed(session_id), pcm.astype(np.float32) / 32768)
 
 

@@ -12,6 +12,7 @@ from proto.wire import SessionClose
 from server.live_backend import LiveBackend, LiveConfig
 from server.metrics import Metrics
 from server.session_registry import Entry
+from server.speech_feed import SpeechFeed
 
 
 class _Executor:
@@ -52,7 +53,7 @@ def _session(session_id: str, end_reason: str | None) -> SimpleNamespace:
         output=_Output(end_reason),
         chunks_generated=0,
         times=SessionTimes(),
-        feed=SimpleNamespace(speaking=set()),
+        feed=SpeechFeed([], [], fps=16),  # no featurizer: no chunk is prepared here
     )
 
 
