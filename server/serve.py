@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -127,11 +128,12 @@ def build_serve_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument(
         "--max-pending-audio-s",
         type=float,
-        default=DEFAULT_MAX_PENDING_AUDIO_S,
+        default=None,
         metavar="S",
         help="a session's cap on pending audio, accepted and not yet played (s; default "
-        f"{DEFAULT_MAX_PENDING_AUDIO_S:g}): an HTTP push past it gets 429 with Retry-After, a WebSocket "
-        "sender is slowed (server.audio_ws); at least --ahead + 3 chunks, what a real-time stream holds",
+        f"{DEFAULT_MAX_PENDING_AUDIO_S:g}, or --ahead + 3 chunks rounded up when that is more): an HTTP push "
+        "past it gets 429 with Retry-After, a WebSocket sender is slowed (server.audio_ws); at least --ahead "
+        "+ 3 chunks, what a real-time stream holds",
     )
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     parser.add_argument(
@@ -221,8 +223,11 @@ def parse_serve_options(argv: list[str], *, check_memory: bool = True) -> ServeO
         heartbeat_timeout_s=args.heartbeat_timeout,
         max_worker_restarts=args.max_worker_restarts,
         worker_restart_window_s=args.worker_restart_window,
-        max_pending_audio_s=args.max_pending_audio_s,
+        max_pending_audio_s=args.max_pending_audio_s or DEFAULT_MAX_PENDING_AUDIO_S,
     )
+    if args.max_pending_audio_s is None:  # the default grows with --ahead, so that raising it just works
+        cap = max(DEFAULT_MAX_PENDING_AUDIO_S, math.ceil(pending_audio_floor(options)))
+        options = dataclasses.replace(options, max_pending_audio_s=float(cap))
     if options.degrade.enabled and options.degrade.leave_s >= options.ahead_s:
         raise ValueError(
             f"--degrade-leave {options.degrade.leave_s:g} is never reached: a session's buffer stays under "
@@ -237,12 +242,17 @@ def parse_serve_options(argv: list[str], *, check_memory: bool = True) -> ServeO
     return options
 
 
+def pending_audio_floor(options: ServeOptions) -> float:
+    """Seconds of audio a real-time stream holds unplayed: ``--ahead`` plus three chunks."""
+    return options.ahead_s + 3 * options.stream_config().chunk_duration_s(1)
+
+
 def check_max_pending_audio(options: ServeOptions) -> None:
     """``--max-pending-audio-s`` must hold what a real-time stream keeps unplayed in the pipeline (the
     featurizers' look-ahead, the chunk in flight, the playout buffer up to ``--ahead``): below that, a sender
     at real time would be throttled and the video would go silent between its pushes. Raises ValueError."""
     cap = options.max_pending_audio_s
-    floor = options.ahead_s + 3 * options.stream_config().chunk_duration_s(1)
+    floor = pending_audio_floor(options)
     if not math.isfinite(cap) or cap < floor:
         raise ValueError(
             f"--max-pending-audio-s {cap:g} is below {floor:g} s, what a real-time stream holds unplayed "

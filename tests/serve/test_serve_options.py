@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -176,3 +177,16 @@ def test_fault_handling_options_default_to_5_s_and_3_restarts_in_10_minutes(tmp_
     ):
         with pytest.raises(ValueError, match=bad[0]):
             parse_serve_options(["--config", str(_config(tmp_path, "")), "--device", "cpu", *bad])
+
+
+def test_the_default_audio_cap_grows_with_ahead_and_a_cap_too_small_is_refused(tmp_path: Path) -> None:
+    config = str(_config(tmp_path, ""))
+    plain = parse_serve_options(["--config", config, "--device", "cpu"])
+    assert plain.max_pending_audio_s == 30.0
+    far = parse_serve_options(["--config", config, "--device", "cpu", "--ahead", "40"])
+    floor = 40 + 3 * far.stream_config().chunk_duration_s(1)
+    assert far.max_pending_audio_s == math.ceil(floor) > 30  # a benchmark's large --ahead just works
+    with pytest.raises(ValueError, match="--max-pending-audio-s 35 is below"):
+        parse_serve_options(
+            ["--config", config, "--device", "cpu", "--ahead", "40", "--max-pending-audio-s", "35"]
+        )

@@ -20,6 +20,7 @@ from proto.wire import ChunkRequest
 from server.live_backend import LiveBackend, LiveConfig
 from server.metrics import Metrics
 from server.session_registry import Entry
+from server.speech_feed import SpeechFeed
 
 STREAM = StreamConfig(height=32, width=32)  # steps (1000, 500); chunks after the first last 0.75 s
 SLOW_SCORE_S = 2.0
@@ -81,7 +82,7 @@ def _session() -> _Session:
         decoder=decoder,
         chunks_generated=0,
         times=SessionTimes(),
-        feed=SimpleNamespace(speaking=set()),
+        feed=SpeechFeed([], [], fps=16),  # no featurizer: no chunk is prepared here
         prepare_chunk=prepare_chunk,
         probe=lambda frames, pcm: frames,
     )
