@@ -20,6 +20,7 @@ from proto.wire import SessionClose
 from server.live_backend import LiveBackend, LiveConfig
 from server.metrics import Metrics
 from server.session_registry import Entry
+from server.speech_feed import SpeechFeed
 
 STREAM = StreamConfig(height=32, width=32)
 
@@ -105,7 +106,7 @@ def _session(log: _Log, session_id: str) -> _Session:
         decoder=_Decoder(log, session_id),
         chunks_generated=0,
         times=SessionTimes(),
-        feed=SimpleNamespace(speaking=set()),
+        feed=SpeechFeed([], [], fps=16),  # no featurizer: no chunk is prepared here
         prepare_chunk=prepare_chunk,
         probe=lambda frames, pcm: frames,
     )
