@@ -37,6 +37,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -215,9 +216,26 @@ class Settings:
     seed: int
     chunk_timeout_s: float
     pin: bool = True
+    run_flags: tuple[str, ...] = ()  # --run-flags: more group options for every run (e.g. --fp8 linear)
 
     def stream(self) -> StreamConfig:
         return StreamConfig(height=self.height, width=self.width, chunk_latent_frames=self.chunk_frames)
+
+
+def check_run_flags(settings: Settings) -> None:
+    """``--run-flags`` parsed by ``run``'s own options (inputs are placeholders; nothing runs)."""
+    from server.run_options import parse_run_options
+
+    argv = ["--image", "x.png", "--audio", "x.wav", "--out", "x.mp4", "--preset", settings.preset,
+            "--device", settings.device, *settings.run_flags]
+    if settings.preset == "tiny":
+        argv.append("--random-weights")
+    try:
+        parse_run_options(argv)
+    except ValueError as exc:
+        raise SystemExit(f"--run-flags {' '.join(settings.run_flags)!r} is refused by run: {exc}") from exc
+    except SystemExit as exc:  # argparse printed its message
+        raise SystemExit(f"--run-flags {' '.join(settings.run_flags)!r} is refused by run (above)") from exc
 
 
 def skip_reason(case: Case, settings: Settings) -> str | None:
@@ -268,6 +286,7 @@ def run_case(case: Case, settings: Settings, folder: Path, cores: list[int]) -> 
         "--chunk-timeout", str(settings.chunk_timeout_s), "--stats-json", str(stats_path), "--quiet",
         "--chunk-frames", str(settings.chunk_frames), "--dtype", RUN_DTYPES[settings.dtype],
         "--rank-report", str(rank_dir),
+        *settings.run_flags,
     ]
     if settings.preset == "tiny":
         # timing only: seeded random weights (the trained tiny default fixes a 15-latent window, which a
@@ -386,6 +405,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-pin", dest="pin", action="store_false", help="CPU: leave ranks unpinned (threads still 1)"
     )
     parser.add_argument("--ablation", action="store_true", help="also run chunk {3,7} x steps {2,4}")
+    parser.add_argument(
+        "--run-flags",
+        default="",
+        help="more group options given to every run, as one string (e.g. \"--cuda-graphs --fp8 linear "
+        "--vae-decoder taew2.1\"), checked by run's own option parsing; recorded in results.json",
+    )
     parser.add_argument("--no-plots", dest="plots", action="store_false")
     return parser
 
@@ -403,8 +428,10 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings(
         preset=args.preset, height=height, width=width, steps=args.steps, chunk_frames=args.chunk_frames,
         chunks=args.chunks, dtype=args.dtype, device=args.device, warmup=args.warmup, seed=args.seed,
-        chunk_timeout_s=args.chunk_timeout, pin=args.pin,
+        chunk_timeout_s=args.chunk_timeout, pin=args.pin, run_flags=tuple(shlex.split(args.run_flags)),
     )
+    if settings.run_flags:  # a bad flag fails here, with run's message, before any rank starts
+        check_run_flags(settings)
     settings.stream()  # sizes and chunk size are valid before anything starts
     cores = sorted(os.sched_getaffinity(0))
     header = provenance("benchmarks.ttbc", argv)
@@ -446,6 +473,7 @@ def main(argv: list[str] | None = None) -> int:
             "cpu_cores": cores if args.device == "cpu" else None,
             "pinned": args.device == "cpu" and args.pin,
             "weights": "seeded random",
+            "run_flags": list(settings.run_flags),
         },
         "wall_s": time.perf_counter() - started,
         "cases": results,
