@@ -11,6 +11,8 @@ run this process's rank directly.
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -73,9 +75,17 @@ def _serve(argv: list[str], parser: argparse.ArgumentParser) -> int:
     if under_torchrun():
         from server.serve import main as rank_main
 
-        return rank_main(argv)
-    # Rank 0 serves in this process and outlives its workers (server.launcher, survive_workers).
-    return launch(options.topology(), "server.serve:main", argv, survive_workers=True)
+        code = rank_main(argv)
+    else:  # rank 0 serves in this process and outlives its workers (server.launcher, survive_workers)
+        code = launch(options.topology(), "server.serve:main", argv, survive_workers=True)
+    from server import engine_thread
+
+    if engine_thread.LEFT_BEHIND:  # see engine_thread.LEFT_BEHIND: finalisation would abort
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -64,6 +64,11 @@ _TICK_S = 0.005
 _ENGINE_CALL_TIMEOUT_S = 120.0
 _CLOSE_WAIT_S = 2.0  # a close waits this long for the current chunk, then stays queued
 _WAIT_SLICE_S = 0.05  # how often a waiting API thread looks at the group's health
+# Set when ``stop`` left the engine thread behind, blocked inside torch.distributed's native code (a hung
+# collective, a new world's rendezvous while the group heals). Interpreter finalisation would then destroy
+# native objects that thread still uses and abort (``terminate called without an active exception``), so the
+# CLI ends such a process with ``os._exit`` once the launcher has reaped the workers (``server.cli``).
+LEFT_BEHIND = False
 _RESTART_PAUSE_S = 2.0  # after a failed restart, before the next
 
 
@@ -129,8 +134,13 @@ class EngineThread:
                 except (BackendFailed, WorkerError, NoCapacity) as exc:
                     log.warning("the workers were not told to stop: %s", exc)
             self._stop.set()
-            # A thread blocked in a collective with a hung worker is left behind (it is a daemon).
+            # A thread blocked in a collective with a hung worker, or joining a new world while the group
+            # heals itself, is left behind (it is a daemon).
             self._thread.join(timeout=10 if self.health.failed is None else 2)
+            if self._thread.is_alive():
+                global LEFT_BEHIND
+                LEFT_BEHIND = True
+                log.warning("the engine thread did not stop in time (it waits inside torch.distributed)")
         self.publisher.stop()
 
     # ---- asked by the API threads ----------------------------------------------------------------------
